@@ -1,0 +1,144 @@
+#include "args.h"
+
+#include "validate.h"
+
+namespace fisheradaptune {
+
+namespace {
+
+// Common to every op over a list of state tensors: same device, state dtype, contiguous.
+std::vector<int64_t> check_state_list(const char* op, const char* arg, at::TensorList list,
+                                      const c10::Device& device) {
+  std::vector<int64_t> numels;
+  numels.reserve(list.size());
+  for (size_t i = 0; i < list.size(); ++i) {
+    const std::string where = item_name(arg, i);
+    check_device(op, where, list[i], device);
+    check_state(op, where, list[i]);
+    numels.push_back(list[i].numel());
+  }
+  return numels;
+}
+
+}  // namespace
+
+FisherAccumulateArgs validate_fisher_accumulate(
+    at::TensorList fisher, const c10::List<std::optional<at::Tensor>>& grads, double decay,
+    double scale, const std::optional<at::Tensor>& segments, const at::Tensor& group_sums,
+    const at::Tensor& nonfinite) {
+  constexpr const char* op = "fisher_accumulate_";
+  check_same_length(op, "fisher", fisher.size(), "grads", grads.size());
+  check_finite_scalar(op, "decay", decay);
+  check_finite_scalar(op, "scale", scale);
+  // The outputs decide the device, so that empty lists still have one.
+  const c10::Device device = nonfinite.device();
+  FAT_CHECK_TYPE(nonfinite.scalar_type() == at::kLong, op, "nonfinite", "expected int64, got ",
+                 nonfinite.scalar_type());
+  FAT_CHECK_VALUE(nonfinite.numel() == 1, op, "nonfinite", "expected one element, got ",
+                  nonfinite.numel());
+  check_device(op, "group_sums", group_sums, device);
+  FAT_CHECK_TYPE(group_sums.scalar_type() == at::kFloat, op, "group_sums",
+                 "expected float32, got ", group_sums.scalar_type());
+  FAT_CHECK_VALUE(group_sums.dim() == 1 && group_sums.is_contiguous(), op, "group_sums",
+                  "expected a contiguous 1-D tensor, got shape ", group_sums.sizes());
+
+  FisherAccumulateArgs out;
+  out.numels = check_state_list(op, "fisher", fisher, device);
+  out.fisher.assign(fisher.begin(), fisher.end());
+  out.grads.resize(fisher.size());
+  for (size_t i = 0; i < fisher.size(); ++i) {
+    const std::optional<at::Tensor> g = grads.get(i);
+    if (!g.has_value() || !g->defined()) continue;
+    const std::string where = item_name("grads", i);
+    check_device(op, where, *g, device);
+    check_same_shape(op, where, *g, fisher[i]);
+    check_grad_dtype(op, where, *g, fisher[i]);
+    out.grads[i] = g->contiguous();
+  }
+  out.num_groups = group_sums.numel();
+  if (segments.has_value() && segments->defined()) {
+    out.segments = read_segments(op, "segments", *segments, out.numels, out.num_groups);
+  } else {
+    FAT_CHECK_VALUE(out.num_groups == 0, op, "group_sums",
+                    "expected an empty tensor when no segments are given, got ",
+                    out.num_groups, " elements");
+  }
+  return out;
+}
+
+JsDriftArgs validate_js_drift(at::TensorList current, at::TensorList reference,
+                              const at::Tensor& segments, int64_t num_groups,
+                              c10::string_view mode, int64_t bins, double lower_q,
+                              double upper_q, double min_log_range,
+                              std::optional<double> update_reference) {
+  constexpr const char* op = "js_drift";
+  check_same_length(op, "current", current.size(), "reference", reference.size());
+  FAT_CHECK_VALUE(num_groups >= 0, op, "num_groups", "expected >= 0, got ", num_groups);
+  JsDriftArgs out;
+  if (mode == "mass") {
+    out.mode = DriftMode::kMass;
+  } else if (mode == "histogram") {
+    out.mode = DriftMode::kHistogram;
+  } else {
+    FAT_CHECK_VALUE(false, op, "mode", "expected \"mass\" or \"histogram\", got \"",
+                    std::string(mode), "\"");
+  }
+  FAT_CHECK_VALUE(bins >= 2, op, "bins", "expected >= 2, got ", bins);
+  FAT_CHECK_VALUE(0.0 <= lower_q && lower_q < upper_q && upper_q <= 1.0, op,
+                  "lower_q/upper_q", "expected 0 <= lower_q < upper_q <= 1, got ", lower_q,
+                  " and ", upper_q);
+  FAT_CHECK_VALUE(std::isfinite(min_log_range) && min_log_range > 0, op, "min_log_range",
+                  "expected a finite number > 0, got ", min_log_range);
+  if (update_reference.has_value()) {
+    const double rho = *update_reference;
+    FAT_CHECK_VALUE(0.0 <= rho && rho <= 1.0, op, "update_reference",
+                    "expected a decay in [0, 1], got ", rho);
+  }
+  const c10::Device device = segments.device().is_cpu() && !current.empty()
+                                 ? current[0].device()
+                                 : segments.device();
+  out.numels = check_state_list(op, "reference", reference, device);
+  for (size_t i = 0; i < current.size(); ++i) {
+    const std::string where = item_name("current", i);
+    check_device(op, where, current[i], device);
+    check_same_shape(op, where, current[i], reference[i]);
+    FAT_CHECK_TYPE(current[i].scalar_type() == reference[i].scalar_type(), op, where,
+                   "expected the dtype of reference[", i, "] (", reference[i].scalar_type(),
+                   "), got ", current[i].scalar_type());
+    out.current.push_back(current[i].contiguous());
+  }
+  for (size_t i = 1; i < reference.size(); ++i) {
+    FAT_CHECK_TYPE(reference[i].scalar_type() == reference[0].scalar_type(), op,
+                   item_name("reference", i), "expected every tensor to share the dtype of ",
+                   "reference[0] (", reference[0].scalar_type(), "), got ",
+                   reference[i].scalar_type());
+  }
+  out.reference.assign(reference.begin(), reference.end());
+  out.segments = read_segments(op, "segments", segments, out.numels, num_groups);
+  return out;
+}
+
+void validate_per_sample_grad_sq(const at::Tensor& fisher, const at::Tensor& x,
+                                 const at::Tensor& grad_out, double scale) {
+  constexpr const char* op = "per_sample_grad_sq_";
+  check_finite_scalar(op, "scale", scale);
+  check_state(op, "fisher", fisher);
+  check_device(op, "x", x, fisher.device());
+  check_device(op, "grad_out", grad_out, fisher.device());
+  FAT_CHECK_VALUE(x.dim() == 3, op, "x", "expected [N, T, in_features], got shape ", x.sizes());
+  FAT_CHECK_VALUE(grad_out.dim() == 3, op, "grad_out",
+                  "expected [N, T, out_features], got shape ", grad_out.sizes());
+  FAT_CHECK_VALUE(grad_out.size(0) == x.size(0) && grad_out.size(1) == x.size(1), op,
+                  "grad_out", "expected the same N and T as x ", x.sizes(), ", got ",
+                  grad_out.sizes());
+  FAT_CHECK_VALUE(fisher.dim() == 2 && fisher.size(0) == grad_out.size(2) &&
+                      fisher.size(1) == x.size(2),
+                  op, "fisher", "expected shape [", grad_out.size(2), ", ", x.size(2),
+                  "] (out_features, in_features), got ", fisher.sizes());
+  check_grad_dtype(op, "x", x, fisher);
+  FAT_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op, "grad_out",
+                 "expected the dtype of x (", x.scalar_type(), "), got ",
+                 grad_out.scalar_type());
+}
+
+}  // namespace fisheradaptune

@@ -1,0 +1,201 @@
+// CPU kernel of js_drift (SPEC section 3). Reductions are per chunk and then per group in plan
+// order, so results do not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "args.h"
+#include "drift_math.h"
+
+namespace fisheradaptune {
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;
+
+template <typename S>
+const S* cptr(const at::Tensor& t, const Chunk& c) {
+  return t.const_data_ptr<S>() + c.begin;
+}
+
+// Per chunk: sum |current| and sum |reference|.
+template <typename S>
+void mass_totals(const JsDriftArgs& a, const Plan& plan, std::vector<double>& tc,
+                 std::vector<double>& tr) {
+  const int64_t G = static_cast<int64_t>(tc.size());
+  std::vector<double> pc(plan.chunks.size()), pr(plan.chunks.size());
+  at::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const Chunk& c = plan.chunks[k];
+      const S* x = cptr<S>(a.current[c.tensor], c);
+      const S* y = cptr<S>(a.reference[c.tensor], c);
+      double sx = 0, sy = 0;
+      for (int64_t i = 0; i < c.end - c.begin; ++i) {
+        sx += std::abs(static_cast<double>(x[i]));
+        sy += std::abs(static_cast<double>(y[i]));
+      }
+      pc[k] = sx;
+      pr[k] = sy;
+    }
+  });
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t k = plan.group_offsets[g]; k < plan.group_offsets[g + 1]; ++k) {
+      tc[g] += pc[plan.group_chunks[k]];
+      tr[g] += pr[plan.group_chunks[k]];
+    }
+  }
+}
+
+template <typename S>
+void ema_chunk(S* ref, const S* cur, int64_t n, S rho) {
+  for (int64_t i = 0; i < n; ++i) ref[i] = rho * ref[i] + (S(1) - rho) * cur[i];
+}
+
+// Mass mode: p_i = |c_i| / sum|c|, q_i = |r_i| / sum|r| over each group's elements. The
+// reference update (if any) is fused into the scoring pass, after each element is read.
+template <typename S>
+void mass_drift(const JsDriftArgs& a, int64_t G, std::optional<double> rho, bool base2,
+                float* out) {
+  const Plan scored = make_plan(a.segments, a.numels, G, kChunk, /*cover_gaps=*/false);
+  std::vector<double> tc(G, 0.0), tr(G, 0.0);
+  mass_totals<S>(a, scored, tc, tr);
+  const Plan plan = rho ? make_plan(a.segments, a.numels, G, kChunk, /*cover_gaps=*/true) : scored;
+  std::vector<double> partial(plan.chunks.size(), 0.0);
+  at::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const Chunk& c = plan.chunks[k];
+      const int64_t n = c.end - c.begin;
+      const S* x = cptr<S>(a.current[c.tensor], c);
+      S* y = a.reference[c.tensor].data_ptr<S>() + c.begin;
+      if (c.group >= 0 && tc[c.group] > 0 && tr[c.group] > 0) {
+        const double ic = 1.0 / tc[c.group], ir = 1.0 / tr[c.group];
+        double s = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          s += js_term<double>(std::abs(static_cast<double>(x[i])) * ic,
+                               std::abs(static_cast<double>(y[i])) * ir);
+        }
+        partial[k] = s;
+      }
+      if (rho) ema_chunk<S>(y, x, n, static_cast<S>(*rho));
+    }
+  });
+  for (int64_t g = 0; g < G; ++g) {
+    double s = 0;
+    for (int64_t k = plan.group_offsets[g]; k < plan.group_offsets[g + 1]; ++k) {
+      s += partial[plan.group_chunks[k]];
+    }
+    out[g] = (tc[g] > 0 && tr[g] > 0) ? static_cast<float>(js_distance(s, base2)) : 0.f;
+  }
+}
+
+// The k-th smallest of v (0-based), after which v[k+1:] holds the larger values.
+double order_stat(std::vector<float>& v, int64_t k) {
+  std::nth_element(v.begin(), v.begin() + k, v.end());
+  return v[k];
+}
+
+// numpy.quantile(log_magnitude(values), q) with linear interpolation. log_magnitude is
+// monotone, so order statistics are taken on |x| and transformed afterwards.
+double log_quantile(std::vector<float>& absval, double q) {
+  const int64_t n = static_cast<int64_t>(absval.size());
+  const double h = static_cast<double>(n - 1) * q;
+  const int64_t i = static_cast<int64_t>(std::floor(h));
+  const double a = log_magnitude(order_stat(absval, i));
+  if (i + 1 >= n) return a;
+  const double b = log_magnitude(*std::min_element(absval.begin() + i + 1, absval.end()));
+  return lerp_numpy(a, b, h - static_cast<double>(i));
+}
+
+// Histogram mode (the paper's), one group at a time: percentiles of the union of both
+// snapshots' log-magnitudes give the bin range, then both snapshots are binned.
+template <typename S>
+void histogram_drift(const JsDriftArgs& a, int64_t G, int64_t bins, double lower_q,
+                     double upper_q, double min_log_range, bool base2, float* out) {
+  std::vector<std::vector<Segment>> by_group(G);
+  for (const Segment& s : a.segments) by_group[s.group].push_back(s);
+  at::parallel_for(0, G, 1, [&](int64_t glo, int64_t ghi) {
+    std::vector<float> absval;
+    std::vector<double> hc(bins), hr(bins);
+    for (int64_t g = glo; g < ghi; ++g) {
+      absval.clear();
+      double tc = 0, tr = 0;
+      for (const Segment& s : by_group[g]) {
+        const S* x = a.current[s.tensor].const_data_ptr<S>();
+        const S* y = a.reference[s.tensor].const_data_ptr<S>();
+        for (int64_t i = s.begin; i < s.end; ++i) {
+          absval.push_back(static_cast<float>(std::abs(x[i])));
+          absval.push_back(static_cast<float>(std::abs(y[i])));
+          tc += std::abs(static_cast<double>(x[i]));
+          tr += std::abs(static_cast<double>(y[i]));
+        }
+      }
+      if (!(tc > 0 && tr > 0)) {
+        out[g] = 0.f;
+        continue;
+      }
+      const double lo = log_quantile(absval, lower_q);
+      double hi = log_quantile(absval, upper_q);
+      if (hi - lo < min_log_range) hi = lo + min_log_range;
+      std::fill(hc.begin(), hc.end(), 0.0);
+      std::fill(hr.begin(), hr.end(), 0.0);
+      for (const Segment& s : by_group[g]) {
+        const S* x = a.current[s.tensor].const_data_ptr<S>();
+        const S* y = a.reference[s.tensor].const_data_ptr<S>();
+        for (int64_t i = s.begin; i < s.end; ++i) {
+          const int64_t bx = bin_of(log_magnitude(static_cast<double>(x[i])), lo, hi, bins);
+          const int64_t by = bin_of(log_magnitude(static_cast<double>(y[i])), lo, hi, bins);
+          if (bx >= 0) hc[bx] += 1.0;
+          if (by >= 0) hr[by] += 1.0;
+        }
+      }
+      double nc = 0, nr = 0;
+      for (int64_t b = 0; b < bins; ++b) {
+        nc += hc[b] + 1e-12;
+        nr += hr[b] + 1e-12;
+      }
+      double js = 0;
+      for (int64_t b = 0; b < bins; ++b) js += js_term<double>((hc[b] + 1e-12) / nc, (hr[b] + 1e-12) / nr);
+      out[g] = static_cast<float>(js_distance(js, base2));
+    }
+  });
+}
+
+at::Tensor js_drift_cpu(at::TensorList current, at::TensorList reference, const at::Tensor& segments,
+                        int64_t num_groups, c10::string_view mode, int64_t bins, double lower_q,
+                        double upper_q, double min_log_range, bool base2,
+                        std::optional<double> update_reference) {
+  const JsDriftArgs a = validate_js_drift(current, reference, segments, num_groups, mode, bins,
+                                          lower_q, upper_q, min_log_range, update_reference);
+  at::Tensor out = at::empty({num_groups}, segments.options().dtype(at::kFloat).device(at::kCPU));
+  float* o = out.data_ptr<float>();
+  const at::ScalarType dtype = a.reference.empty() ? at::kFloat : a.reference[0].scalar_type();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "js_drift_cpu", [&] {
+    if (a.mode == DriftMode::kMass) {
+      mass_drift<scalar_t>(a, num_groups, update_reference, base2, o);
+    } else {
+      histogram_drift<scalar_t>(a, num_groups, bins, lower_q, upper_q, min_log_range, base2, o);
+      if (update_reference) {
+        const Plan all = make_plan({}, a.numels, 0, kChunk, /*cover_gaps=*/true);
+        const auto rho = static_cast<scalar_t>(*update_reference);
+        at::parallel_for(0, static_cast<int64_t>(all.chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+          for (int64_t k = lo; k < hi; ++k) {
+            const Chunk& c = all.chunks[k];
+            ema_chunk<scalar_t>(a.reference[c.tensor].data_ptr<scalar_t>() + c.begin,
+                                cptr<scalar_t>(a.current[c.tensor], c), c.end - c.begin, rho);
+          }
+        });
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fisheradaptune, CPU, m) { m.impl("js_drift", &js_drift_cpu); }
+
+}  // namespace fisheradaptune

@@ -1,0 +1,53 @@
+// Scalar pieces of the JS distance shared by the CPU and CUDA kernels (host and device).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FAT_HD __host__ __device__ __forceinline__
+#else
+#define FAT_HD inline
+#endif
+
+namespace fisheradaptune {
+
+// Note [JS term]: with s = p + q and d = (p - q) / s,
+//   p log(2p / s) + q log(2q / s) = s/2 * f(d),  f(d) = (1+d) log1p(d) + (1-d) log1p(-d),
+// so JS^2 = 0.5 (KL(p||m) + KL(q||m)) = sum_i s_i f(d_i) / 4. Unlike the textbook form, f(d)
+// has no cancellation when p ~ q (f(d) ~ d^2), which is exactly the regime of settled groups.
+// A zero p_i (d = -1) contributes nothing for p, as SPEC requires (0 log 0 = 0).
+template <typename T>
+FAT_HD T js_term(T p, T q) {
+  const T s = p + q;
+  if (!(s > T(0))) return T(0);
+  const T d = (p - q) / s;
+  const T a = d <= T(-1) ? T(0) : (T(1) + d) * log1p(d);
+  const T b = d >= T(1) ? T(0) : (T(1) - d) * log1p(-d);
+  return s * (a + b) * T(0.25);
+}
+
+// JS^2 (in nats) -> distance, in nats or bits.
+FAT_HD double js_distance(double js_sq, bool base2) {
+  const double v = js_sq > 0 ? js_sq : 0.0;
+  return base2 ? sqrt(v / 0.69314718055994530942) : sqrt(v);
+}
+
+// numpy.quantile's default ("linear") interpolation between order statistics a <= b.
+FAT_HD double lerp_numpy(double a, double b, double t) {
+  const double diff = b - a;
+  return t >= 0.5 ? b - diff * (1.0 - t) : a + diff * t;
+}
+
+// The histogram mode's transform of a Fisher value (SPEC section 3).
+FAT_HD double log_magnitude(double x) { return log10(fabs(x) + 1e-12); }
+
+// Bin of v in `bins` equal bins over [lo, hi]; -1 outside. hi itself falls in the last bin, as
+// in numpy.histogram.
+FAT_HD int64_t bin_of(double v, double lo, double hi, int64_t bins) {
+  if (!(v >= lo && v <= hi)) return -1;
+  int64_t b = static_cast<int64_t>((v - lo) * (static_cast<double>(bins) / (hi - lo)));
+  return b >= bins ? bins - 1 : b;
+}
+
+}  // namespace fisheradaptune

@@ -1,0 +1,31 @@
+// The operator contract: every fisheradaptune op's schema, in one place. Kernels live in
+// cpu/<family>.cpp and cuda/<family>.cu; fake kernels and autograd in fisheradaptune/ops.py.
+// See DESIGN.md "Operators" and SPEC.md for the semantics of each op.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fisheradaptune, m) {
+  // fisher[i] = decay * fisher[i] + scale * grads[i]**2, fused over the whole list.
+  // Writes per-group sums of the updated Fisher into group_sums (float32 [num_groups]) and the
+  // number of skipped non-finite elements into nonfinite (int64, 0-d). See Note [Skipping].
+  m.def(
+      "fisher_accumulate_(Tensor(a!)[] fisher, Tensor?[] grads, float decay, float scale, "
+      "Tensor? segments, Tensor(b!) group_sums, Tensor(c!) nonfinite) -> ()");
+  // Jensen-Shannon distance per group between current and reference Fisher snapshots
+  // (SPEC section 3). mode: "mass" | "histogram". If update_reference is given, also does
+  // reference = rho * reference + (1 - rho) * current after scoring.
+  m.def(
+      "js_drift(Tensor[] current, Tensor(a!)[] reference, Tensor segments, int num_groups, "
+      "str mode, int bins, float lower_q, float upper_q, float min_log_range, bool base2, "
+      "float? update_reference) -> Tensor");
+  // fisher[out, in] += scale * sum_n (grad_out[n]^T x[n])**2 for a Linear layer with
+  // x [N, T, in] and grad_out [N, T, out]; per-sample gradients exist one tile at a time.
+  m.def("per_sample_grad_sq_(Tensor(a!) fisher, Tensor x, Tensor grad_out, float scale) -> ()");
+}
+
+// The extension is loaded as a Python module only so that `import fisheradaptune._C` runs the
+// static registrations above; it needs no Python bindings of its own.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,15 @@
+"""fisheradaptune: Fisher-guided, task-aware parameter-efficient fine-tuning as fast PyTorch ops.
+
+``import fisheradaptune`` loads the compiled operators (``torch.ops.fisheradaptune.*``) and
+exposes the Python API built on them.
+"""
+from ._loader import has_cuda_kernels, load as _load
+
+_load()
+
+from . import ops, reference, groups, fisher  # noqa: E402  (ops need the library loaded)
+from .groups import GroupLayout  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "reference", "groups", "fisher", "GroupLayout", "has_cuda_kernels", "__version__"]

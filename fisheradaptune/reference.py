@@ -1,0 +1,112 @@
+"""Pure-PyTorch twins of every operator: slow, obvious, and the oracle the tests compare with.
+
+Each function has the signature and semantics of its namesake in :mod:`fisheradaptune.ops`
+and works on CPU and CUDA tensors alike. Reductions are done in float64.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .groups import GroupLayout
+
+__all__ = ["fisher_accumulate_", "js_drift", "per_sample_grad_sq_", "js_distance", "log_quantile"]
+
+
+def _group_values(tensors: Sequence[Tensor], layout: GroupLayout, g: int) -> Tensor:
+    parts = [tensors[t].reshape(-1)[b:e] for t, b, e in layout.segments_of(g)]
+    if not parts:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.cat([p.to(torch.float64).cpu() for p in parts])
+
+
+def fisher_accumulate_(fisher: Sequence[Tensor], grads: Sequence[Optional[Tensor]], *,
+                       decay: float, scale: float,
+                       layout: Optional[GroupLayout] = None) -> Tuple[Optional[Tensor], Tensor]:
+    """Reference of :func:`fisheradaptune.ops.fisher_accumulate_`."""
+    skipped = 0
+    for f, g in zip(fisher, grads):
+        if g is None:
+            continue
+        g = g.to(f.dtype)
+        updated = decay * f + scale * g * g
+        ok = torch.isfinite(updated)
+        skipped += int((~ok).sum())
+        f.copy_(torch.where(ok, updated, f))
+    device = fisher[0].device if len(fisher) else torch.device("cpu")
+    nonfinite = torch.tensor(skipped, dtype=torch.int64, device=device)
+    if layout is None:
+        return None, nonfinite
+    sums = torch.tensor([float(_group_values(fisher, layout, g).sum())
+                         for g in range(layout.num_groups)], dtype=torch.float32, device=device)
+    return sums, nonfinite
+
+
+def js_distance(p: Tensor, q: Tensor, base: str = "e") -> float:
+    """JS distance of two probability vectors (float64), with 0 log 0 = 0."""
+    m = 0.5 * (p + q)
+    js = 0.5 * (torch.xlogy(p, p / m).nansum() + torch.xlogy(q, q / m).nansum())
+    js = max(float(js), 0.0)
+    return math.sqrt(js / math.log(2.0)) if base == "2" else math.sqrt(js)
+
+
+def log_quantile(values: Tensor, q: float) -> float:
+    """``numpy.quantile(values, q)`` (linear) with numpy's own interpolation formula."""
+    v, _ = torch.sort(values)
+    n = v.numel()
+    h = (n - 1) * q
+    i = math.floor(h)
+    a = float(v[i])
+    if i + 1 >= n:
+        return a
+    b = float(v[i + 1])
+    t = h - i
+    return b - (b - a) * (1.0 - t) if t >= 0.5 else a + (b - a) * t
+
+
+def _histogram(v: Tensor, lo: float, hi: float, bins: int) -> Tensor:
+    inside = (v >= lo) & (v <= hi)
+    idx = ((v[inside] - lo) * (bins / (hi - lo))).floor().clamp(max=bins - 1).long()
+    return torch.bincount(idx, minlength=bins).to(torch.float64)
+
+
+def js_drift(current: Sequence[Tensor], reference: Sequence[Tensor], layout: GroupLayout, *,
+             mode: str = "mass", bins: int = 64, lower_q: float = 0.01, upper_q: float = 0.99,
+             min_log_range: float = 1e-3, base: str = "e",
+             update_reference: Optional[float] = None) -> Tensor:
+    """Reference of :func:`fisheradaptune.ops.js_drift` (SPEC section 3)."""
+    out = []
+    for g in range(layout.num_groups):
+        c = _group_values(current, layout, g).abs()
+        r = _group_values(reference, layout, g).abs()
+        if not (c.sum() > 0 and r.sum() > 0):
+            out.append(0.0)
+            continue
+        if mode == "mass":
+            out.append(js_distance(c / c.sum(), r / r.sum(), base))
+            continue
+        lc, lr = torch.log10(c + 1e-12), torch.log10(r + 1e-12)
+        union = torch.cat([lc, lr])
+        lo, hi = log_quantile(union, lower_q), log_quantile(union, upper_q)
+        if hi - lo < min_log_range:
+            hi = lo + min_log_range
+        hc = _histogram(lc, lo, hi, bins) + 1e-12
+        hr = _histogram(lr, lo, hi, bins) + 1e-12
+        out.append(js_distance(hc / hc.sum(), hr / hr.sum(), base))
+    if update_reference is not None:
+        rho = float(update_reference)
+        for cur, ref in zip(current, reference):
+            ref.copy_(rho * ref + (1.0 - rho) * cur)
+    device = current[0].device if len(current) else torch.device("cpu")
+    return torch.tensor(out, dtype=torch.float32, device=device)
+
+
+def per_sample_grad_sq_(fisher: Tensor, x: Tensor, grad_out: Tensor, *, scale: float = 1.0) -> None:
+    """Reference of :func:`fisheradaptune.ops.per_sample_grad_sq_` (materialises every g_n)."""
+    if x.dim() == 2:
+        x, grad_out = x.unsqueeze(1), grad_out.unsqueeze(1)
+    g = torch.einsum("nto,nti->noi", grad_out.to(torch.float64), x.to(torch.float64))
+    fisher.add_((scale * (g * g).sum(0)).to(fisher.dtype))
