@@ -112,6 +112,18 @@ class GroupLayout:
         rows = sorted(r for r in self.segments.tolist() if r[0] == tensor_index)
         return list(dict.fromkeys(r[3] for r in rows))
 
+    def subset(self, tensor_indices: Sequence[int]) -> "GroupLayout":
+        """The layout restricted to ``tensor_indices`` (renumbered in the given order).
+
+        Group ids and names are kept, so per-group results stay aligned with this layout;
+        groups with no remaining elements simply have none (their sums and drifts are 0).
+        """
+        keep = {t: j for j, t in enumerate(tensor_indices)}
+        rows = [(keep[t], b, e, g) for t, b, e, g in self.segments.tolist() if t in keep]
+        return GroupLayout(tuple(self.tensor_names[t] for t in tensor_indices),
+                           tuple(self.shapes[t] for t in tensor_indices), self.names,
+                           torch.tensor(rows, dtype=torch.int64).reshape(-1, 4))
+
     def check_tensors(self, tensors: Sequence[torch.Tensor], arg: str = "tensors") -> None:
         """Raise ``ValueError`` naming ``arg`` unless ``tensors`` match this layout's shapes."""
         if len(tensors) != self.num_tensors:
