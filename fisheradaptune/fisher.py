@@ -98,6 +98,13 @@ class EmpiricalFisher:
         if self.layout is not None:
             self._active_layout = self.layout.subset(self.active())
 
+    def restore(self, indices: Iterable[int]) -> None:
+        """Track released tensors again, from a zero Fisher."""
+        for i in indices:
+            self._released.discard(int(i))
+        if self.layout is not None:
+            self._active_layout = self.layout.subset(self.active())
+
     def state_dict(self) -> dict:
         return {"fisher": list(self.fisher), "released": sorted(self._released),
                 "steps": self.steps, "decay": self.decay, "scale": self.scale}
@@ -234,6 +241,13 @@ class KFACFisher:
         self._released.update(indices)
         pos = {i: j for j, i in enumerate(self._other)}
         self._empirical.release([pos[i] for i in indices if i in pos])
+
+    def restore(self, indices: Iterable[int]) -> None:
+        """Track released tensors again (Linear factors were kept; others restart at zero)."""
+        indices = [int(i) for i in indices]
+        self._released.difference_update(indices)
+        pos = {i: j for j, i in enumerate(self._other)}
+        self._empirical.restore([pos[i] for i in indices if i in pos])
 
     def remove_hooks(self) -> None:
         for h in self._hooks:
