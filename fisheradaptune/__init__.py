@@ -8,11 +8,12 @@ from ._loader import has_cuda_kernels, load as _load
 _load()
 
 from . import ops, reference, groups, fisher  # noqa: E402  (ops need the library loaded)
+from . import adapters, models  # noqa: E402
 from .groups import GroupLayout  # noqa: E402
 from .adaptune import PaperPolicy, Policy, Threshold  # noqa: E402
 from .optim import FisherAdapTune  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "groups", "fisher", "GroupLayout", "FisherAdapTune", "Threshold",
+__all__ = ["ops", "reference", "groups", "fisher", "adapters", "models", "GroupLayout", "FisherAdapTune", "Threshold",
            "PaperPolicy", "Policy", "has_cuda_kernels", "__version__"]
