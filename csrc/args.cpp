@@ -68,20 +68,20 @@ FisherAccumulateArgs validate_fisher_accumulate(
 
 JsDriftArgs validate_js_drift(at::TensorList current, at::TensorList reference,
                               const at::Tensor& segments, int64_t num_groups,
-                              c10::string_view mode, int64_t bins, double lower_q,
+                              c10::string_view drift_mode, int64_t bins, double lower_q,
                               double upper_q, double min_log_range,
                               std::optional<double> update_reference) {
   constexpr const char* op = "js_drift";
   check_same_length(op, "current", current.size(), "reference", reference.size());
   FAT_CHECK_VALUE(num_groups >= 0, op, "num_groups", "expected >= 0, got ", num_groups);
   JsDriftArgs out;
-  if (mode == "mass") {
+  if (drift_mode == "mass") {
     out.mode = DriftMode::kMass;
-  } else if (mode == "histogram") {
+  } else if (drift_mode == "histogram") {
     out.mode = DriftMode::kHistogram;
   } else {
     FAT_CHECK_VALUE(false, op, "mode", "expected \"mass\" or \"histogram\", got \"",
-                    std::string(mode), "\"");
+                    std::string(drift_mode), "\"");
   }
   FAT_CHECK_VALUE(bins >= 2, op, "bins", "expected >= 2, got ", bins);
   FAT_CHECK_VALUE(0.0 <= lower_q && lower_q < upper_q && upper_q <= 1.0, op,

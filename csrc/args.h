@@ -39,7 +39,7 @@ struct JsDriftArgs {
 
 JsDriftArgs validate_js_drift(at::TensorList current, at::TensorList reference,
                               const at::Tensor& segments, int64_t num_groups,
-                              c10::string_view mode, int64_t bins, double lower_q,
+                              c10::string_view drift_mode, int64_t bins, double lower_q,
                               double upper_q, double min_log_range,
                               std::optional<double> update_reference);
 

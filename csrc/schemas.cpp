@@ -12,11 +12,12 @@ TORCH_LIBRARY(fisheradaptune, m) {
       "fisher_accumulate_(Tensor(a!)[] fisher, Tensor?[] grads, float decay, float scale, "
       "Tensor? segments, Tensor(b!) group_sums, Tensor(c!) nonfinite) -> ()");
   // Jensen-Shannon distance per group between current and reference Fisher snapshots
-  // (SPEC section 3). mode: "mass" | "histogram". If update_reference is given, also does
+  // (SPEC section 3). drift_mode: "mass" | "histogram". (Not "mode": functionalization
+  // passes a keyword of that name to its own helpers.) If update_reference is given, also does
   // reference = rho * reference + (1 - rho) * current after scoring.
   m.def(
       "js_drift(Tensor[] current, Tensor(a!)[] reference, Tensor segments, int num_groups, "
-      "str mode, int bins, float lower_q, float upper_q, float min_log_range, bool base2, "
+      "str drift_mode, int bins, float lower_q, float upper_q, float min_log_range, bool base2, "
       "float? update_reference) -> Tensor");
   // fisher[out, in] += scale * sum_n (grad_out[n]^T x[n])**2 for a Linear layer with
   // x [N, T, in] and grad_out [N, T, out]; per-sample gradients exist one tile at a time.

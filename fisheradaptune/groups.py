@@ -67,7 +67,8 @@ class GroupLayout:
             if not 0 <= g < len(self.names):
                 raise ValueError(f"GroupLayout: 'segments' row {r}: group_id {g} out of range for "
                                  f"{len(self.names)} groups")
-        ordered = sorted(rows)
+        # Empty segments hold no element, so they cannot overlap (the kernels drop them too).
+        ordered = sorted(r for r in rows if r[2] > r[1])
         for a, b in zip(ordered, ordered[1:]):
             if a[0] == b[0] and a[2] > b[1]:
                 raise ValueError(f"GroupLayout: 'segments' [{a[1]}, {a[2]}) and [{b[1]}, {b[2]}) of "

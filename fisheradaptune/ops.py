@@ -143,7 +143,7 @@ def _fisher_accumulate_fake(fisher, grads, decay, scale, segments, group_sums, n
 
 
 @torch.library.register_fake("fisheradaptune::js_drift")
-def _js_drift_fake(current, reference, segments, num_groups, mode, bins, lower_q, upper_q,
+def _js_drift_fake(current, reference, segments, num_groups, drift_mode, bins, lower_q, upper_q,
                    min_log_range, base2, update_reference):
     device = current[0].device if current else segments.device
     return torch.empty(num_groups, dtype=torch.float32, device=device)

@@ -331,11 +331,6 @@ def test_layout_rejects_bad_segments(rows, match):
         layout_of(rows)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "library inconsistency: GroupLayout's overlap check compares sorted rows including empty "
-    "segments, so an empty segment [2, 2) inside [0, 10) is reported as an overlap, while the "
-    "kernels' read_segments (csrc/plan.cpp) drops empty segments first and accepts the same "
-    "segments tensor"))
 def test_layout_accepts_an_empty_segment_inside_another_like_the_kernels():
     segments = torch.tensor([[0, 0, 10, 0], [0, 2, 2, 1]])
     sums = torch.empty(2)

@@ -121,7 +121,7 @@ def test_mass_matches_scipy_jensenshannon(base, shapes, kind, dtype, zeros, seed
        zeros=st.sampled_from([0.0, 0.2]), seed=st.integers(0, 2**20))
 def test_histogram_matches_numpy_spec(base, sizes, quantiles, bins, min_log_range, zeros, seed):
     # float32 snapshots: the kernel's float32 order statistics are exact for them (see the
-    # float64 xfail below).
+    # float64 test below).
     shapes = [(n,) for n in sizes]
     layout = make_layout(shapes, "slabs", seed)
     cur, ref = snapshots(shapes, seed, torch.float32, zeros=zeros, negative=True)
@@ -197,11 +197,6 @@ def test_long_list_of_300_small_tensors(mode):
     assert_ema_close(ref_op, ref_ref, cur, ref, 0.9)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library bug: the CPU histogram kernel takes order statistics on float32 copies of |x| "
-    "(csrc/cpu/drift.cpp, `std::vector<float> absval`), so for float64 snapshots a quantile that "
-    "lands exactly on an order statistic (lower_q=0 / upper_q=1, or ties) is the float32-rounded "
-    "value; the extreme elements then fall outside [lo, hi] and are silently dropped"))
 def test_float64_histogram_with_min_max_quantiles_matches_numpy():
     g = make_generator(0)
     cur = [torch.rand(50, generator=g, dtype=torch.float64) * 1.2345678901234]
@@ -464,11 +459,6 @@ def test_opcheck_schema_fake_and_autograd_registration(device):
         assert all(v == "SUCCESS" for v in result.values()), result
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason=(
-    "library bug: js_drift's schema names an argument `mode`; functionalizing the mutable op "
-    "(auto_functionalized_v2, used by AOTAutograd / torch.compile) calls "
-    "redirect_to_mode.<locals>.impl(mode, *args, **kwargs) and fails with 'got multiple values "
-    "for argument mode'. Renaming the schema argument (e.g. drift_mode) fixes it."))
 def test_opcheck_aot_dispatch_dynamic():
     args = next(_opcheck_cases("cpu"))
     opcheck(torch.ops.fisheradaptune.js_drift, args, test_utils="test_aot_dispatch_dynamic")

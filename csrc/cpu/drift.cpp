@@ -93,14 +93,18 @@ void mass_drift(const JsDriftArgs& a, int64_t G, std::optional<double> rho, bool
 }
 
 // The k-th smallest of v (0-based), after which v[k+1:] holds the larger values.
-double order_stat(std::vector<float>& v, int64_t k) {
+template <typename S>
+double order_stat(std::vector<S>& v, int64_t k) {
   std::nth_element(v.begin(), v.begin() + k, v.end());
   return v[k];
 }
 
 // numpy.quantile(log_magnitude(values), q) with linear interpolation. log_magnitude is
 // monotone, so order statistics are taken on |x| and transformed afterwards.
-double log_quantile(std::vector<float>& absval, double q) {
+// Values are kept in the state's own dtype: rounding them would move a quantile that falls
+// on a data value, and the extreme elements would then be binned outside [lo, hi].
+template <typename S>
+double log_quantile(std::vector<S>& absval, double q) {
   const int64_t n = static_cast<int64_t>(absval.size());
   const double h = static_cast<double>(n - 1) * q;
   const int64_t i = static_cast<int64_t>(std::floor(h));
@@ -118,7 +122,7 @@ void histogram_drift(const JsDriftArgs& a, int64_t G, int64_t bins, double lower
   std::vector<std::vector<Segment>> by_group(G);
   for (const Segment& s : a.segments) by_group[s.group].push_back(s);
   at::parallel_for(0, G, 1, [&](int64_t glo, int64_t ghi) {
-    std::vector<float> absval;
+    std::vector<S> absval;
     std::vector<double> hc(bins), hr(bins);
     for (int64_t g = glo; g < ghi; ++g) {
       absval.clear();
@@ -127,8 +131,8 @@ void histogram_drift(const JsDriftArgs& a, int64_t G, int64_t bins, double lower
         const S* x = a.current[s.tensor].const_data_ptr<S>();
         const S* y = a.reference[s.tensor].const_data_ptr<S>();
         for (int64_t i = s.begin; i < s.end; ++i) {
-          absval.push_back(static_cast<float>(std::abs(x[i])));
-          absval.push_back(static_cast<float>(std::abs(y[i])));
+          absval.push_back(std::abs(x[i]));
+          absval.push_back(std::abs(y[i]));
           tc += std::abs(static_cast<double>(x[i]));
           tr += std::abs(static_cast<double>(y[i]));
         }
@@ -165,10 +169,10 @@ void histogram_drift(const JsDriftArgs& a, int64_t G, int64_t bins, double lower
 }
 
 at::Tensor js_drift_cpu(at::TensorList current, at::TensorList reference, const at::Tensor& segments,
-                        int64_t num_groups, c10::string_view mode, int64_t bins, double lower_q,
+                        int64_t num_groups, c10::string_view drift_mode, int64_t bins, double lower_q,
                         double upper_q, double min_log_range, bool base2,
                         std::optional<double> update_reference) {
-  const JsDriftArgs a = validate_js_drift(current, reference, segments, num_groups, mode, bins,
+  const JsDriftArgs a = validate_js_drift(current, reference, segments, num_groups, drift_mode, bins,
                                           lower_q, upper_q, min_log_range, update_reference);
   at::Tensor out = at::empty({num_groups}, segments.options().dtype(at::kFloat).device(at::kCPU));
   float* o = out.data_ptr<float>();
