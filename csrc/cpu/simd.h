@@ -1,0 +1,21 @@
+// Portable vectorisation for the CPU kernels.
+//
+// Note [CPU vectorisation]: ATen's Vectorized<T> is only fast when a file is compiled once per
+// CPU capability with matching flags, which a setuptools extension cannot do per file; without
+// them it falls back to generic code that does not vectorise. Instead, hot loops are plain
+// `#pragma omp simd` loops in functions marked FAT_CPU_CLONES: GCC compiles each for AVX-512,
+// AVX2+FMA and baseline x86-64, and the loader picks one for the running CPU (ifunc). Results
+// are deterministic on a given machine; the lane count, and so the order of float additions
+// inside a block, can differ between machines.
+#pragma once
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define FAT_CPU_CLONES \
+  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define FAT_CPU_CLONES
+#endif
+
+#define FAT_PRAGMA(x) _Pragma(#x)
+#define FAT_SIMD_REDUCE(...) FAT_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
+#define FAT_SIMD FAT_PRAGMA(omp simd)
