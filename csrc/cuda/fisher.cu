@@ -1,0 +1,260 @@
+// CUDA kernel of fisher_accumulate_ (semantics: csrc/cpu/fisher.cpp). One launch over the chunk
+// table updates every Fisher element and writes one partial per grouped chunk; a second launch
+// adds each group's partials in plan order (Note [Group order], multi_tensor.cuh).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <cfloat>
+
+#include "args.h"
+#include "multi_tensor.cuh"
+
+namespace fisheradaptune {
+namespace {
+
+// 32K elements: with 256 threads, 128 elements (32 float4) per thread, and ViT-B's 86M
+// elements give ~2.7K blocks, several waves over an H100's ~1K resident blocks, so the blocks
+// cut short at segment ends and the last wave cost little. Tune on the device.
+constexpr int64_t kChunk = int64_t(1) << 15;
+
+// The gradient dtype of a chunk; grads may mix dtypes across the list, so it is per chunk and
+// the kernel branches on it (uniformly per block).
+enum GradKind : int32_t { kNoGrad = 0, kF32 = 1, kBF16 = 2, kF16 = 3 };
+
+struct FisherChunk {
+  float* fisher;     // offset to the chunk's first element
+  const void* grad;  // likewise; null for kNoGrad
+  int64_t n;
+  int32_t kind;
+  int32_t unused;
+};
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+// 16 bytes of gradient as floats (kVec = 16 / sizeof(G) of them); p is 16-byte aligned.
+// Little-endian: element 2w is the low half of 32-bit word w.
+__device__ __forceinline__ void load16(const float* p, float (&out)[4]) {
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  out[0] = v.x;
+  out[1] = v.y;
+  out[2] = v.z;
+  out[3] = v.w;
+}
+__device__ __forceinline__ void load16(const __nv_bfloat16* p, float (&out)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    // bfloat16 is the high half of a float32: widening is exact.
+    out[2 * k] = __uint_as_float(w[k] << 16);
+    out[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void load16(const __half* p, float (&out)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    out[2 * k] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[k] & 0xffffu)));
+    out[2 * k + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[k] >> 16)));
+  }
+}
+
+// One element, Note [Skipping] (cpu/fisher.cpp): an update that is not finite (NaN/Inf gradient,
+// or a square that overflows) leaves the element as it was and is counted. The rounding is
+// spelled out, fma(scale * g, g, decay * old), so the compiler cannot contract it differently;
+// it is the CPU kernel's vectorised formula.
+__device__ __forceinline__ float fisher_step(float old, float g, float decay, float scale,
+                                             float& acc, unsigned& bad) {
+  const float updated = __fmaf_rn(__fmul_rn(scale, g), g, __fmul_rn(decay, old));
+  const bool ok = fabsf(updated) <= FLT_MAX;  // false for NaN too
+  const float kept = ok ? updated : old;
+  acc += kept;
+  bad += ok ? 0u : 1u;
+  return kept;
+}
+
+struct FisherOp {
+  double* partials;               // one per grouped slot
+  unsigned long long* nonfinite;  // the op's int64 counter
+  int64_t num_grouped;            // slots [0, num_grouped) are grouped (Note [Group order])
+  float decay, scale;
+
+  template <typename G>
+  __device__ void update(const FisherChunk& c, float& acc, unsigned& bad) const {
+    constexpr int kVec = 16 / sizeof(G);
+    float* __restrict__ f = c.fisher;
+    const G* __restrict__ g = static_cast<const G*>(c.grad);
+    const int64_t head = mt::aligned_head(c.n, kVec, f, sizeof(float), g, sizeof(G));
+    mt::split_loop<kVec>(
+        c.n, head,
+        [&](int64_t i) { f[i] = fisher_step(f[i], to_float(g[i]), decay, scale, acc, bad); },
+        [&](int64_t i) {
+          float gv[kVec];
+          load16(g + i, gv);
+#pragma unroll
+          for (int q = 0; q < kVec / 4; ++q) {
+            float4 fv = *reinterpret_cast<const float4*>(f + i + 4 * q);
+            fv.x = fisher_step(fv.x, gv[4 * q + 0], decay, scale, acc, bad);
+            fv.y = fisher_step(fv.y, gv[4 * q + 1], decay, scale, acc, bad);
+            fv.z = fisher_step(fv.z, gv[4 * q + 2], decay, scale, acc, bad);
+            fv.w = fisher_step(fv.w, gv[4 * q + 3], decay, scale, acc, bad);
+            *reinterpret_cast<float4*>(f + i + 4 * q) = fv;
+          }
+        });
+  }
+
+  // A tensor without gradient still reports its Fisher in the group sums.
+  __device__ void sum_only(const FisherChunk& c, float& acc) const {
+    const float* __restrict__ f = c.fisher;
+    const int64_t head = mt::aligned_head(c.n, 4, f, sizeof(float));
+    mt::split_loop<4>(
+        c.n, head, [&](int64_t i) { acc += f[i]; },
+        [&](int64_t i) {
+          const float4 v = *reinterpret_cast<const float4*>(f + i);
+          acc += v.x;
+          acc += v.y;
+          acc += v.z;
+          acc += v.w;
+        });
+  }
+
+  __device__ void operator()(const FisherChunk& c, int64_t k) const {
+    // Per-thread float accumulation over at most kChunk / kThreads elements, as the CPU kernel
+    // accumulates float lanes over short blocks; the block tree runs in double.
+    float acc = 0.f;
+    unsigned bad = 0;
+    switch (c.kind) {  // uniform over the block
+      case kF32:
+        update<float>(c, acc, bad);
+        break;
+      case kBF16:
+        update<__nv_bfloat16>(c, acc, bad);
+        break;
+      case kF16:
+        update<__half>(c, acc, bad);
+        break;
+      default:
+        sum_only(c, acc);
+        break;
+    }
+    if (k < num_grouped) {
+      const double s = mt::block_sum(static_cast<double>(acc));
+      if (threadIdx.x == 0) partials[k] = s;
+    }
+    if (c.kind != kNoGrad) {
+      const unsigned b = mt::block_sum(bad);
+      // Integer addition is exact and order-independent: the count is deterministic.
+      if (threadIdx.x == 0 && b != 0) atomicAdd(nonfinite, static_cast<unsigned long long>(b));
+    }
+  }
+};
+
+struct GroupSumOp {
+  const double* partials;
+  const int64_t* offsets;  // Plan::group_offsets
+  float* group_sums;
+
+  __device__ void operator()(int64_t g) const {
+    const double s = mt::slot_sum(partials, offsets[g], offsets[g + 1]);
+    if (threadIdx.x == 0) group_sums[g] = static_cast<float>(s);
+  }
+};
+
+int32_t grad_kind(const at::Tensor& g) {
+  switch (g.scalar_type()) {
+    case at::kFloat:
+      return kF32;
+    case at::kBFloat16:
+      return kBF16;
+    case at::kHalf:
+      return kF16;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "fisher_accumulate_ (CUDA): unexpected gradient dtype ",
+                            g.scalar_type(), " passed validation");
+  }
+  return kNoGrad;
+}
+
+void fisher_accumulate_cuda(at::TensorList fisher,
+                            const c10::List<std::optional<at::Tensor>>& grads, double decay,
+                            double scale, const std::optional<at::Tensor>& segments,
+                            const at::Tensor& group_sums, const at::Tensor& nonfinite) {
+  const FisherAccumulateArgs args =
+      validate_fisher_accumulate(fisher, grads, decay, scale, segments, group_sums, nonfinite);
+  // Validation ties every tensor to nonfinite's device; only a CUDA `segments` could have
+  // routed CPU tensors here.
+  TORCH_CHECK_VALUE(nonfinite.is_cuda(), "fisheradaptune.fisher_accumulate_: argument ",
+                    "'nonfinite': expected a CUDA tensor for CUDA inputs, got ",
+                    nonfinite.device());
+  const c10::cuda::CUDAGuard guard(nonfinite.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  // The op overwrites the counter (as the CPU kernel's fill_), even when there is no work.
+  auto* counter = reinterpret_cast<unsigned long long*>(nonfinite.data_ptr<int64_t>());
+  C10_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof(int64_t), stream));
+
+  // cover_gaps: ungrouped elements with a gradient must be updated too.
+  const Plan plan =
+      make_plan(args.segments, args.numels, args.num_groups, kChunk, /*cover_gaps=*/true);
+  const int64_t num_grouped = static_cast<int64_t>(plan.group_chunks.size());
+
+  std::vector<float*> fisher_base(args.fisher.size(), nullptr);
+  std::vector<const char*> grad_base(args.fisher.size(), nullptr);
+  std::vector<int32_t> kinds(args.fisher.size(), kNoGrad);
+  for (size_t t = 0; t < args.fisher.size(); ++t) {
+    if (args.numels[t] == 0) continue;  // no chunks
+    fisher_base[t] = args.fisher[t].data_ptr<float>();
+    if (args.grads[t].defined()) {
+      grad_base[t] = static_cast<const char*>(args.grads[t].const_data_ptr());
+      kinds[t] = grad_kind(args.grads[t]);
+    }
+  }
+  std::vector<FisherChunk> table;
+  table.reserve(plan.chunks.size());
+  for (const int64_t k : mt::group_ordered(plan, /*with_ungrouped=*/true)) {
+    const Chunk& c = plan.chunks[k];
+    const int32_t kind = kinds[c.tensor];
+    // Nothing to update and nothing to report (slots of grouped chunks are all kept, so the
+    // grouped prefix of the table stays intact).
+    if (kind == kNoGrad && c.group < 0) continue;
+    const char* grad = nullptr;
+    if (kind != kNoGrad) grad = grad_base[c.tensor] + c.begin * args.grads[c.tensor].element_size();
+    table.push_back(FisherChunk{fisher_base[c.tensor] + c.begin, grad, c.end - c.begin, kind, 0});
+  }
+  if (table.empty() && args.num_groups == 0) return;
+
+  mt::DeviceBundle bundle;
+  const int64_t table_at = bundle.add(table);
+  const int64_t offsets_at = bundle.add(plan.group_offsets);
+  bundle.upload(nonfinite.device());
+
+  const at::Tensor partials =
+      at::empty({std::max<int64_t>(num_grouped, 1)},
+                at::TensorOptions().dtype(at::kDouble).device(nonfinite.device()));
+  FisherOp op{partials.data_ptr<double>(), counter, num_grouped, static_cast<float>(decay),
+              static_cast<float>(scale)};
+  mt::launch_chunks(bundle.get<FisherChunk>(table_at), static_cast<int64_t>(table.size()), op,
+                    stream);
+  // Every group gets a value, 0 for a group without elements.
+  mt::launch_groups(args.num_groups,
+                    GroupSumOp{partials.const_data_ptr<double>(),
+                               bundle.get<int64_t>(offsets_at), group_sums.data_ptr<float>()},
+                    stream);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) {
+  m.impl("fisher_accumulate_", &fisher_accumulate_cuda);
+}
+
+}  // namespace fisheradaptune
