@@ -46,7 +46,9 @@ FAT_HD double log_magnitude(double x) { return log10(fabs(x) + 1e-12); }
 // in numpy.histogram.
 FAT_HD int64_t bin_of(double v, double lo, double hi, int64_t bins) {
   if (!(v >= lo && v <= hi)) return -1;
-  int64_t b = static_cast<int64_t>((v - lo) * (static_cast<double>(bins) / (hi - lo)));
+  const double x = (v - lo) * (static_cast<double>(bins) / (hi - lo));
+  if (!(x >= 0)) return -1;  // NaN when an infinite range meets an infinite value
+  int64_t b = static_cast<int64_t>(x);
   return b >= bins ? bins - 1 : b;
 }
 
