@@ -54,7 +54,8 @@ class DriftTracker:
         self.last = torch.where(m, jsd, self.last)
         self.checks = self.checks + m.long()
         self.history.append({"step": step, "jsd": torch.where(m, jsd, torch.nan).float(),
-                             "jsema": self.jsema.float().clone(), "active": active.clone()})
+                             "jsema": self.jsema.float().clone(),
+                             "drift": self.corrected_jsema().float(), "active": active.clone()})
 
     def corrected_jsema(self) -> Tensor:
         """``jsema`` with the EMA's start-at-zero bias removed (``jsema / (1 - d**n)``)."""

@@ -436,13 +436,14 @@ class FisherAdapTune(torch.optim.Optimizer):
         fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
         if hist:
             steps = [h["step"] for h in hist]
-            jsema = torch.stack([h["jsema"] for h in hist]).numpy()
-            for g in range(jsema.shape[1]):
-                ax1.plot(steps, jsema[:, g], lw=0.6, alpha=0.5)
+            # The bias-corrected EMA: what Threshold compares with tau.
+            drift = torch.stack([torch.where(h["active"], h["drift"], torch.nan) for h in hist]).numpy()
+            for g in range(drift.shape[1]):
+                ax1.plot(steps, drift[:, g], lw=0.6, alpha=0.5)
             sizes = self.layout.group_sizes.double()
             frac = [float(sizes[h["active"]].sum() / max(self.total_elements, 1)) for h in hist]
             ax2.step(steps, frac, where="post", label="active fraction")
-        ax1.set_ylabel("jsema (smoothed JS drift)")
+        ax1.set_ylabel("smoothed JS drift (bias-corrected jsema)")
         ax1.set_title("Fisher drift per group")
         if isinstance(self.policy, Threshold):
             ax1.axhline(self.policy.tau, color="k", ls="--", lw=0.8, label="tau")
