@@ -22,6 +22,18 @@ TORCH_LIBRARY(fisheradaptune, m) {
   // fisher[out, in] += scale * sum_n (grad_out[n]^T x[n])**2 for a Linear layer with
   // x [N, T, in] and grad_out [N, T, out]; per-sample gradients exist one tile at a time.
   m.def("per_sample_grad_sq_(Tensor(a!) fisher, Tensor x, Tensor grad_out, float scale) -> ()");
+  // Token prune-merge (SPEC section 6): of the tokens after the first num_protected, keep the
+  // `keep` with the highest score (ties: lower index) in their original order and fuse the rest
+  // into one token sum_i w_i x_i [/ sum_i w_i], w_i = scores_i * sizes_i. Returns
+  // (out [B, P + keep (+1), C], kept_index int64 [B, keep], out_sizes float32 [B, P + keep (+1)]).
+  // See Note [Token prune-merge] (csrc/tokens.h).
+  m.def(
+      "token_prune_merge(Tensor x, Tensor scores, Tensor? sizes, int num_protected, int keep, "
+      "bool normalize) -> (Tensor, Tensor, Tensor)");
+  // Gradients of token_prune_merge's `out` with respect to x and scores.
+  m.def(
+      "token_prune_merge_backward(Tensor grad_out, Tensor x, Tensor scores, Tensor? sizes, "
+      "Tensor kept_index, int num_protected, bool normalize) -> (Tensor, Tensor)");
 }
 
 // The extension is loaded as a Python module only so that `import fisheradaptune._C` runs the

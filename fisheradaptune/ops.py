@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .groups import GroupLayout
 
-__all__ = ["fisher_accumulate_", "js_drift", "per_sample_grad_sq_"]
+__all__ = ["fisher_accumulate_", "js_drift", "per_sample_grad_sq_", "token_prune_merge"]
 
 _ops = torch.ops.fisheradaptune
 
@@ -152,3 +152,93 @@ def _js_drift_fake(current, reference, segments, num_groups, drift_mode, bins, l
 @torch.library.register_fake("fisheradaptune::per_sample_grad_sq_")
 def _per_sample_grad_sq_fake(fisher, x, grad_out, scale):
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Token prune-merge (SPEC section 6; Note [Token prune-merge] in csrc/tokens.h)
+
+
+def token_prune_merge(
+    x: Tensor,
+    scores: Tensor,
+    keep: int,
+    *,
+    num_protected: int = 1,
+    sizes: Optional[Tensor] = None,
+    normalize: bool = True,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Keep the ``keep`` highest-scoring tokens and fuse the others into one token.
+
+    Args:
+        x: tokens ``[B, N, C]``, float32, bfloat16, float16 or float64.
+        scores: ``[B, N - num_protected]``, one per non-protected token, of ``x``'s dtype or
+            float32 (e.g. the CLS attention row).
+        keep: how many non-protected tokens to keep, ``0 <= keep <= N - num_protected``.
+        num_protected: leading tokens that are always kept, first and unchanged (CLS,
+            distillation, register tokens); ``0 <= num_protected < N``.
+        sizes: float32 ``[B, N]``, how many original tokens each token stands for (default:
+            ones).
+        normalize: fused token ``sum_i w_i x_i / sum_i w_i`` (TR-PTS, default) or the plain
+            ``sum_i w_i x_i`` (EViT), with ``w_i = scores_i * sizes_i`` over the fused tokens.
+            When normalising and ``sum_i w_i == 0`` the fused token is zeros (with zero
+            gradients).
+
+    Returns:
+        ``(out, kept_index, out_sizes)``: ``out [B, num_protected + keep + 1, C]`` holds the
+        protected tokens, the kept tokens in their original order, then the fused token (no
+        fused token when ``keep == N - num_protected``); ``kept_index`` int64 ``[B, keep]``
+        indexes the non-protected tokens (increasing); ``out_sizes`` float32 ``[B, rows]``, the
+        fused token's size being the sum of the sizes it absorbed.
+
+    Selection picks the highest scores, ties to the lower index (NaN above every number). The
+    op is deterministic and differentiable in ``x`` and ``scores`` (kept tokens' scores get a
+    zero gradient: the selection is piecewise constant). Accumulation is in float32 (float64
+    for float64 inputs).
+    """
+    return _ops.token_prune_merge(x, scores, sizes, int(num_protected), int(keep),
+                                  bool(normalize))
+
+
+@torch.library.register_fake("fisheradaptune::token_prune_merge")
+def _token_prune_merge_fake(x, scores, sizes, num_protected, keep, normalize):
+    torch._check(x.dim() == 3, lambda: "fisheradaptune.token_prune_merge: argument 'x': "
+                 f"expected [B, N, C], got shape {tuple(x.shape)}")
+    for name, t in (("scores", scores), ("sizes", sizes)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"fisheradaptune.token_prune_merge: argument '{name}': expected a "
+                             f"tensor on {x.device}, got {t.device}")
+    b, n, c = x.shape
+    cand = n - num_protected
+    torch._check(0 <= keep <= cand, lambda: "fisheradaptune.token_prune_merge: argument "
+                 f"'keep': expected 0 <= keep <= N - num_protected = {cand}, got {keep}")
+    rows = num_protected + keep + (1 if keep < cand else 0)
+    return (x.new_empty(b, rows, c), x.new_empty(b, keep, dtype=torch.int64),
+            x.new_empty(b, rows, dtype=torch.float32))
+
+
+@torch.library.register_fake("fisheradaptune::token_prune_merge_backward")
+def _token_prune_merge_backward_fake(grad_out, x, scores, sizes, kept_index, num_protected,
+                                     normalize):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), \
+        torch.empty_like(scores, memory_format=torch.contiguous_format)
+
+
+def _token_prune_merge_setup(ctx, inputs, output):
+    x, scores, sizes, num_protected, keep, normalize = inputs
+    ctx.save_for_backward(x, scores, sizes, output[1])
+    ctx.num_protected = num_protected
+    ctx.normalize = normalize
+    ctx.has_sizes = sizes is not None
+
+
+def _token_prune_merge_backward(ctx, grad_out, grad_kept, grad_sizes):
+    x, scores, sizes, kept_index = ctx.saved_tensors
+    if not ctx.has_sizes:
+        sizes = None
+    grad_x, grad_scores = _ops.token_prune_merge_backward(
+        grad_out.contiguous(), x, scores, sizes, kept_index, ctx.num_protected, ctx.normalize)
+    return grad_x, grad_scores, None, None, None, None
+
+
+torch.library.register_autograd("fisheradaptune::token_prune_merge", _token_prune_merge_backward,
+                                setup_context=_token_prune_merge_setup)

@@ -13,7 +13,8 @@ from torch import Tensor
 
 from .groups import GroupLayout
 
-__all__ = ["fisher_accumulate_", "js_drift", "per_sample_grad_sq_", "js_distance", "log_quantile"]
+__all__ = ["fisher_accumulate_", "js_drift", "per_sample_grad_sq_", "js_distance", "log_quantile",
+           "token_prune_merge"]
 
 
 def _group_values(tensors: Sequence[Tensor], layout: GroupLayout, g: int) -> Tensor:
@@ -110,3 +111,43 @@ def per_sample_grad_sq_(fisher: Tensor, x: Tensor, grad_out: Tensor, *, scale: f
         x, grad_out = x.unsqueeze(1), grad_out.unsqueeze(1)
     g = torch.einsum("nto,nti->noi", grad_out.to(torch.float64), x.to(torch.float64))
     fisher.add_((scale * (g * g).sum(0)).to(fisher.dtype))
+
+
+def token_prune_merge(x: Tensor, scores: Tensor, keep: int, *, num_protected: int = 1,
+                      sizes: Optional[Tensor] = None,
+                      normalize: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+    """Reference of :func:`fisheradaptune.ops.token_prune_merge` (SPEC section 6).
+
+    Eager composition: a stable descending sort for the selection (ties to the lower index; NaN
+    first), gathers, and a weighted sum in float64. Differentiable through autograd.
+    """
+    b, n, c = x.shape
+    p = int(num_protected)
+    m = n - p
+    if not 0 <= p < n:
+        raise ValueError(f"argument 'num_protected': expected 0 <= num_protected < N = {n}, got {p}")
+    if not 0 <= keep <= m:
+        raise ValueError(f"argument 'keep': expected 0 <= keep <= {m}, got {keep}")
+    if sizes is None:
+        sizes = torch.ones(b, n, dtype=torch.float32, device=x.device)
+    order = torch.sort(scores.detach().to(torch.float64), dim=1, descending=True,
+                       stable=True).indices
+    kept = order[:, :keep].sort(dim=1).values
+    merged = order[:, keep:].sort(dim=1).values
+    cand = x[:, p:]
+    rows = [x[:, :p], torch.gather(cand, 1, kept.unsqueeze(-1).expand(b, keep, c))]
+    cand_sizes = sizes[:, p:]
+    out_sizes = [sizes[:, :p].float(), torch.gather(cand_sizes, 1, kept).float()]
+    if keep < m:
+        xm = torch.gather(cand, 1, merged.unsqueeze(-1).expand(b, m - keep, c)).to(torch.float64)
+        sm = torch.gather(cand_sizes, 1, merged).to(torch.float64)
+        w = torch.gather(scores, 1, merged).to(torch.float64) * sm
+        fused = (w.unsqueeze(-1) * xm).sum(1)
+        if normalize:
+            total = w.sum(1, keepdim=True)
+            zero = total == 0
+            fused = torch.where(zero, torch.zeros_like(fused),
+                                fused / torch.where(zero, torch.ones_like(total), total))
+        rows.append(fused.to(x.dtype).unsqueeze(1))
+        out_sizes.append(sm.sum(1, keepdim=True).float())
+    return torch.cat(rows, 1), kept, torch.cat(out_sizes, 1)

@@ -1,0 +1,278 @@
+// CPU kernels of token_prune_merge and token_prune_merge_backward (Note [Token prune-merge],
+// csrc/tokens.h). Selection runs per row (nth_element with an index tie-break); the copies and
+// the fused token run in parallel over (row, block of channels), the fused token's sum as an
+// omp-simd axpy per merged token (Note [CPU vectorisation]). Every output element is produced
+// by one thread in a fixed order: bitwise deterministic for any thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <tuple>
+#include <vector>
+
+#include "cpu/simd.h"
+#include "tokens.h"
+
+namespace fisheradaptune {
+namespace {
+
+constexpr int64_t kChannelBlock = 512;  // channels per unit of parallel work (forward)
+constexpr int64_t kDotBlock = 1024;     // float lanes are flushed into the accumulator every block
+
+// Selection order: higher score first, NaN above every number, ties to the lower index.
+template <typename A>
+struct Better {
+  const A* s;
+  bool operator()(int32_t i, int32_t j) const {
+    const A a = s[i], b = s[j];
+    const bool na = std::isnan(a), nb = std::isnan(b);
+    if (na != nb) return na;
+    if (!na && a != b) return a > b;
+    return i < j;
+  }
+};
+
+// Per-row result of the selection: kept and merged candidate indices, each in index order,
+// and the fused token's coefficients (coef_i = w_i / W or w_i) in merged order.
+template <typename A>
+struct Rows {
+  int64_t keep, merged;
+  std::vector<int32_t> kept_idx;    // [B, keep]
+  std::vector<int32_t> merged_idx;  // [B, M - keep]
+  std::vector<A> coef;              // [B, M - keep]
+  std::vector<A> total;             // [B]: W
+};
+
+template <typename S, typename A>
+void weights(const S* scores, const float* sizes, const int32_t* merged, int64_t count, bool normalize,
+             A* coef, A& total) {
+  A w_sum = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    const int32_t i = merged[j];
+    const A w = static_cast<A>(scores[i]) * (sizes ? static_cast<A>(sizes[i]) : A(1));
+    coef[j] = w;
+    w_sum += w;
+  }
+  total = w_sum;
+  if (normalize) {
+    for (int64_t j = 0; j < count; ++j) coef[j] = w_sum != A(0) ? coef[j] / w_sum : A(0);
+  }
+}
+
+template <typename T, typename A>
+FAT_CPU_CLONES void axpy(A* __restrict acc, const T* __restrict x, A w, int64_t n) {
+  FAT_SIMD
+  for (int64_t i = 0; i < n; ++i) acc[i] += w * static_cast<A>(x[i]);
+}
+
+template <typename T, typename A>
+FAT_CPU_CLONES void store(T* __restrict out, const A* __restrict acc, int64_t n) {
+  FAT_SIMD
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(acc[i]);
+}
+
+template <typename T, typename A>
+FAT_CPU_CLONES void scale_row(T* __restrict out, const T* __restrict g, A w, int64_t n) {
+  FAT_SIMD
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(w * static_cast<A>(g[i]));
+}
+
+template <typename T, typename A>
+FAT_CPU_CLONES A dot(const T* __restrict x, const T* __restrict g, int64_t n) {
+  double total = 0;
+  for (int64_t b = 0; b < n; b += kDotBlock) {
+    const int64_t e = std::min(n, b + kDotBlock);
+    A acc = 0;
+    FAT_SIMD_REDUCE(acc)
+    for (int64_t i = b; i < e; ++i) acc += static_cast<A>(x[i]) * static_cast<A>(g[i]);
+    total += static_cast<double>(acc);
+  }
+  return static_cast<A>(total);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_prune_merge_cpu(
+    const at::Tensor& x_in, const at::Tensor& scores_in, const std::optional<at::Tensor>& sizes_in,
+    int64_t num_protected, int64_t keep_in, bool normalize) {
+  const TokenPruneMergeArgs a =
+      validate_token_prune_merge(x_in, scores_in, sizes_in, num_protected, keep_in);
+  const int64_t B = a.batch, N = a.tokens, C = a.channels, P = a.protect, M = a.cand;
+  const int64_t keep = a.keep, R = a.rows(), nm = M - keep;
+  at::Tensor out = at::empty({B, R, C}, a.x.options());
+  at::Tensor kept_index = at::empty({B, keep}, a.x.options().dtype(at::kLong));
+  at::Tensor out_sizes = at::empty({B, R}, a.x.options().dtype(at::kFloat));
+  if (B == 0) return {out, kept_index, out_sizes};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.x.scalar_type(), "token_prune_merge_cpu", [&] {
+    using T = scalar_t;
+    using A = at::opmath_type<T>;
+    std::vector<int32_t> kept_idx(B * keep), merged_idx(B * nm);
+    std::vector<A> coef(B * nm);
+    const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
+    int64_t* kept_out = kept_index.data_ptr<int64_t>();
+    float* sizes_out = out_sizes.data_ptr<float>();
+
+    // 1. Selection, weights and sizes, one row at a time.
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<A> s(M);
+      std::vector<int32_t> idx(M);
+      for (int64_t b = b0; b < b1; ++b) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scores.scalar_type(), "token_scores", [&] {
+          const scalar_t* sc = a.scores.const_data_ptr<scalar_t>() + b * M;
+          for (int64_t i = 0; i < M; ++i) s[i] = static_cast<A>(sc[i]);
+        });
+        std::iota(idx.begin(), idx.end(), 0);
+        std::nth_element(idx.begin(), idx.begin() + keep, idx.end(), Better<A>{s.data()});
+        std::sort(idx.begin(), idx.begin() + keep);
+        std::sort(idx.begin() + keep, idx.end());
+        std::copy(idx.begin(), idx.begin() + keep, kept_idx.begin() + b * keep);
+        std::copy(idx.begin() + keep, idx.end(), merged_idx.begin() + b * nm);
+        const float* sz = sizes ? sizes + b * N : nullptr;
+        A total = 0;
+        weights<A, A>(s.data(), sz ? sz + P : nullptr, merged_idx.data() + b * nm, nm, normalize,
+                      coef.data() + b * nm, total);
+        for (int64_t j = 0; j < keep; ++j) kept_out[b * keep + j] = idx[j];
+        float* so = sizes_out + b * R;
+        for (int64_t r = 0; r < P; ++r) so[r] = sz ? sz[r] : 1.f;
+        for (int64_t j = 0; j < keep; ++j) so[P + j] = sz ? sz[P + idx[j]] : 1.f;
+        if (a.fused) {
+          double fused = 0;
+          for (int64_t j = keep; j < M; ++j) fused += sz ? sz[P + idx[j]] : 1.0;
+          so[R - 1] = static_cast<float>(fused);
+        }
+      }
+    });
+
+    // 2. Rows: copies of the protected and kept tokens, and the fused token, per channel block.
+    const int64_t blocks = std::max<int64_t>(1, (C + kChannelBlock - 1) / kChannelBlock);
+    const T* x = a.x.const_data_ptr<T>();
+    T* o = out.data_ptr<T>();
+    at::parallel_for(0, B * blocks, 1, [&](int64_t u0, int64_t u1) {
+      std::vector<A> acc(std::min(C, kChannelBlock));
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t b = u / blocks, c0 = (u % blocks) * kChannelBlock;
+        const int64_t n = std::min(C - c0, kChannelBlock);
+        if (n <= 0) continue;
+        const T* xb = x + b * N * C + c0;
+        T* ob = o + b * R * C + c0;
+        for (int64_t r = 0; r < P; ++r) std::memcpy(ob + r * C, xb + r * C, n * sizeof(T));
+        const int32_t* kb = kept_idx.data() + b * keep;
+        for (int64_t j = 0; j < keep; ++j) {
+          std::memcpy(ob + (P + j) * C, xb + (P + kb[j]) * C, n * sizeof(T));
+        }
+        if (!a.fused) continue;
+        std::fill(acc.begin(), acc.begin() + n, A(0));
+        const int32_t* mb = merged_idx.data() + b * nm;
+        const A* cb = coef.data() + b * nm;
+        for (int64_t j = 0; j < nm; ++j) axpy<T, A>(acc.data(), xb + (P + mb[j]) * C, cb[j], n);
+        store<T, A>(ob + (R - 1) * C, acc.data(), n);
+      }
+    });
+  });
+  return {out, kept_index, out_sizes};
+}
+
+std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& scores_in,
+    const std::optional<at::Tensor>& sizes_in, const at::Tensor& kept_index,
+    int64_t num_protected, bool normalize) {
+  at::Tensor kept_t, grad_t;
+  const TokenPruneMergeArgs a = validate_token_prune_merge_backward(
+      grad_out, x_in, scores_in, sizes_in, kept_index, num_protected, kept_t, grad_t);
+  const int64_t B = a.batch, N = a.tokens, C = a.channels, P = a.protect, M = a.cand;
+  const int64_t keep = a.keep, R = a.rows(), nm = M - keep;
+  at::Tensor grad_x = at::empty({B, N, C}, a.x.options());
+  at::Tensor grad_scores = at::empty({B, M}, a.scores.options());
+  if (B == 0) return {grad_x, grad_scores};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.x.scalar_type(), "token_prune_merge_backward_cpu", [&] {
+    using T = scalar_t;
+    using A = at::opmath_type<T>;
+    // row_of[b, i]: the out row of candidate i, or -1 when merged (then coef[b, i] applies).
+    std::vector<int32_t> row_of(B * M, -1);
+    std::vector<A> s(B * M), coef(B * M, A(0)), total(B), dots(B * M, A(0));
+    std::vector<int32_t> merged_idx(B * nm);
+    const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
+    const int64_t* kept = kept_t.const_data_ptr<int64_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scores.scalar_type(), "token_scores", [&] {
+      const scalar_t* sc = a.scores.const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < B * M; ++i) s[i] = static_cast<A>(sc[i]);
+    });
+    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+      std::vector<A> c(nm);
+      for (int64_t b = b0; b < b1; ++b) {
+        int32_t* rb = row_of.data() + b * M;
+        for (int64_t j = 0; j < keep; ++j) rb[kept[b * keep + j]] = static_cast<int32_t>(P + j);
+        int32_t* mb = merged_idx.data() + b * nm;
+        int64_t m = 0;
+        for (int64_t i = 0; i < M; ++i) {
+          if (rb[i] < 0) mb[m++] = static_cast<int32_t>(i);
+        }
+        weights<A, A>(s.data() + b * M, sizes ? sizes + b * N + P : nullptr, mb, nm, normalize,
+                      c.data(), total[b]);
+        for (int64_t j = 0; j < nm; ++j) coef[b * M + mb[j]] = c[j];
+      }
+    });
+    const T* x = a.x.const_data_ptr<T>();
+    const T* g = grad_t.const_data_ptr<T>();
+    T* gx = grad_x.data_ptr<T>();
+    // Token rows in parallel: copies for protected and kept tokens; coef * g_fused and the dot
+    // product x_i . g_fused for merged ones.
+    at::parallel_for(0, B * N, 8, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / N, i = t % N;
+        T* dst = gx + t * C;
+        const int32_t row = i < P ? static_cast<int32_t>(i) : row_of[b * M + i - P];
+        if (row >= 0) {
+          std::memcpy(dst, g + (b * R + row) * C, C * sizeof(T));
+          continue;
+        }
+        const T* gf = g + (b * R + R - 1) * C;
+        scale_row<T, A>(dst, gf, coef[b * M + i - P], C);
+        dots[b * M + i - P] = dot<T, A>(x + t * C, gf, C);
+      }
+    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scores.scalar_type(), "token_scores_grad", [&] {
+      scalar_t* gs = grad_scores.data_ptr<scalar_t>();
+      at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const int32_t* mb = merged_idx.data() + b * nm;
+          const float* sz = sizes ? sizes + b * N + P : nullptr;
+          const A W = total[b];
+          A fg = 0;  // fused . g (normalize)
+          if (normalize) {
+            for (int64_t j = 0; j < nm; ++j) fg += coef[b * M + mb[j]] * dots[b * M + mb[j]];
+          }
+          for (int64_t i = 0; i < M; ++i) gs[b * M + i] = static_cast<scalar_t>(0);
+          for (int64_t j = 0; j < nm; ++j) {
+            const int32_t i = mb[j];
+            const A size = sz ? static_cast<A>(sz[i]) : A(1);
+            A d;
+            if (normalize) {
+              d = W != A(0) ? size * (dots[b * M + i] - fg) / W : A(0);
+            } else {
+              d = size * dots[b * M + i];
+            }
+            gs[b * M + i] = static_cast<scalar_t>(d);
+          }
+        }
+      });
+    });
+  });
+  return {grad_x, grad_scores};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fisheradaptune, CPU, m) {
+  m.impl("token_prune_merge", &token_prune_merge_cpu);
+  m.impl("token_prune_merge_backward", &token_prune_merge_backward_cpu);
+}
+
+}  // namespace fisheradaptune

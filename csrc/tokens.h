@@ -1,0 +1,56 @@
+// token_prune_merge and its backward: argument validation shared by the CPU and CUDA kernels.
+//
+// Note [Token prune-merge]
+// x [B, N, C]; the first P = num_protected tokens of each row are protected; the other
+// M = N - P are candidates, scored by scores [B, M]. Per row:
+//   - selection: the `keep` candidates with the highest score, ties to the lower index, NaN
+//     above every number (torch.sort's order). Deterministic, also under ties.
+//   - out rows: the P protected tokens, then the kept tokens in their original order, then, when
+//     keep < M, one fused token of the M - keep others ("merged"), in index order:
+//       w_i = scores_i * sizes_{P+i},  W = sum_merged w_i,
+//       fused = sum_merged (w_i / W) x_i   (normalize; a zero token when W == 0)
+//       fused = sum_merged w_i x_i         (not normalize; EViT's)
+//   - out_sizes: the protected and kept tokens' sizes, then sum_merged sizes_{P+i}.
+// Sizes are float32 (default: ones) and out_sizes is float32 whatever x's dtype: sizes count
+// tokens and need no gradient. scores are x's dtype or float32. Accumulation is in float32 for
+// float32/bfloat16/float16 inputs and in float64 for float64 (at::opmath_type).
+//
+// Backward, with g the gradient of the fused row (coef_i = w_i / W or w_i):
+//   dx: protected and kept tokens get their out row's gradient; merged tokens coef_i * g.
+//   dscores_i (merged): size_i * (x_i . g - fused . g) / W (normalize; 0 when W == 0),
+//                       size_i * x_i . g (not normalize), with fused . g = sum_j coef_j x_j . g;
+//   dscores (kept): 0, the selection being piecewise constant in the scores.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace fisheradaptune {
+
+struct TokenPruneMergeArgs {
+  at::Tensor x;       // contiguous [B, N, C]
+  at::Tensor scores;  // contiguous [B, M]
+  at::Tensor sizes;   // contiguous float32 [B, N], or undefined (all ones)
+  int64_t batch = 0, tokens = 0, channels = 0;
+  int64_t protect = 0;  // P
+  int64_t cand = 0;     // M = N - P
+  int64_t keep = 0;
+  bool fused = false;   // keep < M: the out rows end with a fused token
+  int64_t rows() const { return protect + keep + (fused ? 1 : 0); }
+};
+
+TokenPruneMergeArgs validate_token_prune_merge(const at::Tensor& x, const at::Tensor& scores,
+                                               const std::optional<at::Tensor>& sizes,
+                                               int64_t num_protected, int64_t keep);
+
+// Also returns kept_index (contiguous) and grad_out (contiguous) in `kept` and `grad`. On CPU
+// kept_index's values are checked (strictly increasing, in [0, M)); on CUDA that would need a
+// synchronisation, so the kernels only guard against out-of-range values (never reading or
+// writing outside the tensors) and kept_index must come from the forward.
+TokenPruneMergeArgs validate_token_prune_merge_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores,
+    const std::optional<at::Tensor>& sizes, const at::Tensor& kept_index, int64_t num_protected,
+    at::Tensor& kept, at::Tensor& grad);
+
+}  // namespace fisheradaptune
