@@ -9,11 +9,12 @@ _load()
 
 from . import ops, reference, groups, fisher  # noqa: E402  (ops need the library loaded)
 from . import adapters, models  # noqa: E402
+from . import vit  # noqa: E402
 from .groups import GroupLayout  # noqa: E402
 from .adaptune import PaperPolicy, Policy, Threshold  # noqa: E402
 from .optim import FisherAdapTune  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "groups", "fisher", "adapters", "models", "GroupLayout", "FisherAdapTune", "Threshold",
+__all__ = ["ops", "reference", "groups", "fisher", "adapters", "models", "vit", "GroupLayout", "FisherAdapTune", "Threshold",
            "PaperPolicy", "Policy", "has_cuda_kernels", "__version__"]

@@ -226,6 +226,7 @@ def _token_prune_merge_backward_fake(grad_out, x, scores, sizes, kept_index, num
 def _token_prune_merge_setup(ctx, inputs, output):
     x, scores, sizes, num_protected, keep, normalize = inputs
     ctx.save_for_backward(x, scores, sizes, output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
     ctx.num_protected = num_protected
     ctx.normalize = normalize
     ctx.has_sizes = sizes is not None

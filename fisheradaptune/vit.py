@@ -1,0 +1,380 @@
+"""ViT hook: EViT / TR-PTS token prune-merge inside timm and torchvision Vision Transformers.
+
+    handle = fisheradaptune.vit.prune_merge(model, keep=0.7, layers=(3, 6, 9))
+    ...
+    fisheradaptune.vit.unpatch(model)        # or handle.remove()
+
+After each chosen block (SPEC section 6), the non-protected tokens are scored by the block's CLS
+attention row, the ``ceil(keep * (N - P))`` best are kept in their original order and the rest
+are fused into one token appended at the end (:func:`fisheradaptune.ops.token_prune_merge`).
+
+How it works (and what it changes in the model):
+
+- Each chosen block's ``forward`` is wrapped by an instance attribute (the class is untouched):
+  the block runs as before, main attention included (timm's fused SDPA path, torchvision's
+  ``nn.MultiheadAttention`` fast path), then its output is pruned and merged.
+- CLS attention row: ``mean_h softmax(q_cls K^T * scale)`` over all tokens, from the block's own
+  weights on its normed input: ``q`` for the class token only and ``K`` for all tokens (timm:
+  rows of ``attn.qkv`` plus ``attn.q_norm`` / ``attn.k_norm``; torchvision: rows of
+  ``self_attention.in_proj_weight``). This is one extra K projection per patched block (about
+  ``C**2`` multiply-adds per token, ~8% of a block; ~2% of a ViT-B with three patched blocks),
+  chosen over capturing K from inside the attention with hooks, which would depend on each
+  library's internals. Only a ``[B, heads, 1, N]`` logit row is formed; the ``N x N`` attention
+  is never materialised. Scores are computed in float32 (also under autocast).
+- Token sizes (how many patches each token stands for) are carried from block to block on the
+  handle: a forward pre-hook on the first block resets them, each patched block reads and
+  replaces them. ``handle.sizes`` holds the last forward's sizes.
+- timm ``global_pool="avg"``: the pooled token must be the size-weighted mean
+  ``sum_i s_i x_i / sum_i s_i``. ``forward_head`` is wrapped to rescale the pooled tokens by
+  ``s_i * n / sum(s)`` before timm's own pooling, whose plain mean then is that weighted mean
+  (fc_norm and head unchanged). ``"token"`` pooling needs nothing. Other pools are refused.
+- Protected tokens (``num_protected="auto"``): timm's ``num_prefix_tokens`` (class,
+  distillation and register tokens), 1 for torchvision. They are never pruned or merged.
+- ``keep`` is a fraction in [0, 1] of the current non-protected tokens, or a schedule
+  ``keep(step) -> fraction`` (EViT's warm-up): call ``handle.set_step(step)`` from the training
+  loop (the schedule is evaluated there, outside the model's forward). ``keep`` giving all
+  tokens at a block leaves that block's output untouched.
+- ``torch.compile``: the op has fake kernels and a registered autograd, the wrappers are plain
+  Python and the per-forward state is an attribute store on the handle, all of which dynamo
+  traces. The token count is a shape, so each distinct keep fraction compiles its own graph:
+  prefer a constant ``keep`` (or a schedule with few distinct values) under compile.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+
+__all__ = ["prune_merge", "unpatch", "PruneMergeHandle", "cls_attention"]
+
+_ATTR = "_fisheradaptune_prune_merge"
+_SUPPORTED_POOLS = ("token", "avg", "")
+
+KeepArg = Union[float, Callable[[int], float]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model families
+
+
+class _Family:
+    name = ""
+
+    def blocks(self, model: nn.Module) -> List[nn.Module]:
+        raise NotImplementedError
+
+    def num_protected(self, model: nn.Module) -> int:
+        raise NotImplementedError
+
+    def cls_logits(self, block: nn.Module, x: Tensor) -> Tensor:
+        """``q_cls K^T * scale`` as float32 ``[B, heads, N]``."""
+        raise NotImplementedError
+
+
+def _heads_row(q: Tensor, k: Tensor, heads: int) -> Tuple[Tensor, Tensor]:
+    b, n, d = k.shape
+    hd = d // heads
+    return q.reshape(b, 1, heads, hd).transpose(1, 2), k.reshape(b, n, heads, hd).transpose(1, 2)
+
+
+class _Timm(_Family):
+    name = "timm"
+
+    def blocks(self, model):
+        return list(model.blocks)
+
+    def num_protected(self, model):
+        return int(getattr(model, "num_prefix_tokens", 1))
+
+    def cls_logits(self, block, x):
+        attn = block.attn
+        xn = block.norm1(x)
+        w = attn.qkv.weight
+        d = w.shape[0] // 3
+        bias = attn.qkv.bias
+        q_bias = k_bias = None
+        if bias is not None:
+            q_bias, k_bias = bias[:d], bias[d:2 * d]
+        elif getattr(attn, "q_bias", None) is not None:  # BEiT-style separate biases, no k bias
+            q_bias = attn.q_bias
+        q = F.linear(xn[:, :1], w[:d], q_bias)
+        k = F.linear(xn, w[d:2 * d], k_bias)
+        heads = attn.num_heads
+        q, k = _heads_row(q, k, heads)
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        if q_norm is not None:
+            q = q_norm(q)
+        if k_norm is not None:
+            k = k_norm(k)
+        scale = float(getattr(attn, "scale", (d // heads) ** -0.5))
+        return (q.float() * scale @ k.float().transpose(-1, -2))[:, :, 0]
+
+
+class _Torchvision(_Family):
+    name = "torchvision"
+
+    def blocks(self, model):
+        return list(model.encoder.layers)
+
+    def num_protected(self, model):
+        return 1
+
+    def cls_logits(self, block, x):
+        mha = block.self_attention
+        if not getattr(mha, "batch_first", False) or getattr(mha, "in_proj_weight", None) is None:
+            raise TypeError("fisheradaptune.vit: expected torchvision's batch-first "
+                            "nn.MultiheadAttention with a packed in_proj_weight")
+        xn = block.ln_1(x)
+        w, bias = mha.in_proj_weight, mha.in_proj_bias
+        d = w.shape[0] // 3
+        q = F.linear(xn[:, :1], w[:d], None if bias is None else bias[:d])
+        k = F.linear(xn, w[d:2 * d], None if bias is None else bias[d:2 * d])
+        heads = mha.num_heads
+        q, k = _heads_row(q, k, heads)
+        scale = (d // heads) ** -0.5
+        return (q.float() * scale @ k.float().transpose(-1, -2))[:, :, 0]
+
+
+def _family(model: nn.Module) -> _Family:
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) > 0:
+        b0 = blocks[0]
+        if hasattr(b0, "norm1") and hasattr(getattr(b0, "attn", None), "qkv"):
+            return _Timm()
+    encoder = getattr(model, "encoder", None)
+    layers = getattr(encoder, "layers", None)
+    if isinstance(layers, (nn.Sequential, nn.ModuleList)) and len(layers) > 0:
+        b0 = layers[0]
+        if hasattr(b0, "ln_1") and isinstance(getattr(b0, "self_attention", None),
+                                              nn.MultiheadAttention):
+            return _Torchvision()
+    raise TypeError(
+        "fisheradaptune.vit.prune_merge: argument 'model': expected a timm VisionTransformer "
+        "(blocks[i].norm1, blocks[i].attn.qkv) or a torchvision VisionTransformer "
+        f"(encoder.layers[i].ln_1, .self_attention), got {type(model).__name__}")
+
+
+def cls_attention(model: nn.Module, block: nn.Module, x: Tensor) -> Tensor:
+    """The CLS attention row of ``block`` on its input ``x``: ``mean_h softmax(q_cls K^T /
+    sqrt(d))`` over all tokens, float32 ``[B, N]`` (SPEC section 6, step 1)."""
+    return _family(model).cls_logits(block, x).softmax(-1).mean(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The handle
+
+
+class PruneMergeHandle:
+    """What :func:`prune_merge` changed, and the per-forward state. ``remove()`` undoes it.
+
+    Attributes:
+        layers: the patched block indices.
+        num_protected: leading tokens never pruned.
+        keep_fraction: the fraction in use (the schedule's value at ``step``).
+        step: the step last given to :meth:`set_step` (0 at first).
+        sizes: float32 ``[B, N]`` token sizes after the last patched block of the last forward
+            (``None`` before one).
+    """
+
+    def __init__(self, model: nn.Module, family: _Family, keep: KeepArg, layers: Tuple[int, ...],
+                 normalize: bool, num_protected: int, detach_scores: bool):
+        self.model = model
+        self.family = family
+        self.layers = layers
+        self.normalize = bool(normalize)
+        self.num_protected = int(num_protected)
+        self.detach_scores = bool(detach_scores)
+        self._schedule = keep if callable(keep) else None
+        self.keep_fraction = 1.0
+        self.step = 0
+        self.sizes: Optional[Tensor] = None
+        self._saved: List[Tuple[nn.Module, str, bool, object]] = []  # (obj, attr, had, old)
+        self._hooks = []
+        self._removed = False
+        if self._schedule is None:
+            self.keep_fraction = _check_fraction(keep, "keep")
+        else:
+            self.set_step(0)
+
+    # -- schedule ---------------------------------------------------------------------------
+
+    def set_step(self, step: int) -> float:
+        """Sets the step of a ``keep`` schedule; returns the keep fraction now in use."""
+        self.step = int(step)
+        if self._schedule is not None:
+            self.keep_fraction = _check_fraction(self._schedule(self.step), "keep(step)")
+        return self.keep_fraction
+
+    def keep_count(self, candidates: int) -> int:
+        """Tokens kept out of ``candidates`` non-protected ones: ``ceil(keep * candidates)``."""
+        k = math.ceil(self.keep_fraction * candidates - 1e-9)
+        return min(max(k, 0), candidates)
+
+    # -- forward pieces -----------------------------------------------------------------------
+
+    def _reset(self, module, args):
+        self.sizes = None
+
+    def _reduce(self, block: nn.Module, x_in: Tensor, y: Tensor) -> Tensor:
+        b, n, _ = y.shape
+        p = self.num_protected
+        if n <= p:
+            return y
+        keep = self.keep_count(n - p)
+        if keep >= n - p:
+            return y
+        scores = self.family.cls_logits(block, x_in).softmax(-1).mean(1)[:, p:]
+        if self.detach_scores:
+            scores = scores.detach()
+        sizes = self.sizes
+        if sizes is not None and (sizes.shape[0] != b or sizes.shape[1] != n):
+            sizes = None
+        out, _, out_sizes = ops.token_prune_merge(y, scores.float(), keep, num_protected=p,
+                                                  sizes=sizes, normalize=self.normalize)
+        self.sizes = out_sizes
+        return out
+
+    def _pool_weights(self, x: Tensor) -> Tensor:
+        """timm avg pool: scale pooled tokens by ``s_i * n / sum(s)`` so that the plain mean
+        timm takes is the size-weighted mean."""
+        sizes = self.sizes
+        if sizes is None or x.dim() != 3 or sizes.shape[0] != x.shape[0] or \
+                sizes.shape[1] != x.shape[1]:
+            return x
+        start = 0 if getattr(self.model, "pool_include_prefix", False) else \
+            int(getattr(self.model, "num_prefix_tokens", self.num_protected))
+        s = sizes[:, start:]
+        factor = (s * (s.shape[1] / s.sum(1, keepdim=True))).unsqueeze(-1).to(x.dtype)
+        return torch.cat([x[:, :start], x[:, start:] * factor], 1)
+
+    # -- patching -----------------------------------------------------------------------------
+
+    def _set(self, obj, attr: str, value) -> None:
+        had = attr in obj.__dict__
+        self._saved.append((obj, attr, had, obj.__dict__.get(attr)))
+        setattr(obj, attr, value)
+
+    def _install(self, blocks: Sequence[nn.Module]) -> None:
+        self._hooks.append(blocks[0].register_forward_pre_hook(self._reset))
+        for i in self.layers:
+            block = blocks[i]
+            original = block.forward
+            self._set(block, "forward", _wrapped_block_forward(self, block, original))
+        if self.family.name == "timm" and getattr(self.model, "global_pool", "token") == "avg" \
+                and hasattr(self.model, "forward_head"):
+            self._set(self.model, "forward_head",
+                      _wrapped_forward_head(self, self.model.forward_head))
+        self._set(self.model, _ATTR, self)
+
+    def remove(self) -> None:
+        """Restores the model exactly as it was before :func:`prune_merge`."""
+        if self._removed:
+            return
+        for h in self._hooks:
+            h.remove()
+        for obj, attr, had, old in reversed(self._saved):
+            if had:
+                obj.__dict__[attr] = old
+            else:
+                obj.__dict__.pop(attr, None)
+        self._hooks.clear()
+        self._saved.clear()
+        self.sizes = None
+        self._removed = True
+
+    def __repr__(self) -> str:
+        keep = f"schedule(step={self.step}) -> {self.keep_fraction:g}" if self._schedule else \
+            f"{self.keep_fraction:g}"
+        return (f"PruneMergeHandle({self.family.name}, keep={keep}, layers={self.layers}, "
+                f"num_protected={self.num_protected}, normalize={self.normalize}, "
+                f"detach_scores={self.detach_scores})")
+
+
+def _wrapped_block_forward(handle: PruneMergeHandle, block: nn.Module, original):
+    def forward(x, *args, **kwargs):
+        return handle._reduce(block, x, original(x, *args, **kwargs))
+    return forward
+
+
+def _wrapped_forward_head(handle: PruneMergeHandle, original):
+    def forward_head(x, *args, **kwargs):
+        return original(handle._pool_weights(x), *args, **kwargs)
+    return forward_head
+
+
+def _check_fraction(v, where: str) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"fisheradaptune.vit.prune_merge: argument '{where}': expected a number "
+                        f"in [0, 1] or a callable of the step, got {type(v).__name__}") from None
+    if not (0.0 <= f <= 1.0):
+        raise ValueError(f"fisheradaptune.vit.prune_merge: argument '{where}': expected a "
+                         f"fraction in [0, 1], got {f}")
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def prune_merge(model: nn.Module, keep: KeepArg = 0.7, layers: Sequence[int] = (3, 6, 9), *,
+                normalize: bool = True, num_protected: Union[int, str] = "auto",
+                detach_scores: bool = False) -> PruneMergeHandle:
+    """Prune and merge tokens after the blocks ``layers`` of a timm or torchvision ViT.
+
+    Args:
+        model: a timm ``VisionTransformer`` (also ``fisheradaptune.models.TinyViT``) or a
+            torchvision ``VisionTransformer``.
+        keep: fraction of the current non-protected tokens kept at each chosen block
+            (``ceil(keep * (N - P))``), or a callable ``step -> fraction`` advanced with
+            ``handle.set_step``.
+        layers: indices of the blocks after which tokens are reduced (EViT: 3, 6, 9 of 12).
+        normalize: fused token ``sum w x / sum w`` (default) or EViT's plain ``sum w x``.
+        num_protected: leading tokens never pruned; ``"auto"`` = timm's
+            ``num_prefix_tokens`` (class + distillation + register tokens), 1 for torchvision.
+        detach_scores: stop gradients through the attention scores into q and k.
+
+    Returns:
+        A :class:`PruneMergeHandle`; ``handle.remove()`` or :func:`unpatch` undoes the patch.
+    """
+    if _ATTR in model.__dict__:
+        raise ValueError("fisheradaptune.vit.prune_merge: argument 'model': already patched; "
+                         "call fisheradaptune.vit.unpatch(model) first")
+    family = _family(model)
+    blocks = family.blocks(model)
+    try:
+        idx = tuple(sorted({int(i) for i in layers}))
+    except (TypeError, ValueError):
+        raise TypeError("fisheradaptune.vit.prune_merge: argument 'layers': expected a tuple of "
+                        f"block indices, got {layers!r}") from None
+    if any(not 0 <= i < len(blocks) for i in idx):
+        raise ValueError("fisheradaptune.vit.prune_merge: argument 'layers': expected block "
+                         f"indices in [0, {len(blocks)}), got {tuple(layers)}")
+    if num_protected == "auto":
+        num_protected = family.num_protected(model)
+    if isinstance(num_protected, bool) or not isinstance(num_protected, int) or num_protected < 0:
+        raise ValueError("fisheradaptune.vit.prune_merge: argument 'num_protected': expected "
+                         f"\"auto\" or an int >= 0, got {num_protected!r}")
+    if family.name == "timm":
+        pool = getattr(model, "global_pool", "token")
+        if getattr(model, "attn_pool", None) is not None or pool not in _SUPPORTED_POOLS:
+            raise ValueError("fisheradaptune.vit.prune_merge: argument 'model': global_pool "
+                             f"{pool!r} is not supported (expected one of {_SUPPORTED_POOLS})")
+    handle = PruneMergeHandle(model, family, keep, idx, normalize, num_protected, detach_scores)
+    handle._install(blocks)
+    return handle
+
+
+def unpatch(model: nn.Module) -> None:
+    """Undoes :func:`prune_merge` on ``model``, restoring it exactly."""
+    handle = model.__dict__.get(_ATTR)
+    if handle is None:
+        raise ValueError("fisheradaptune.vit.unpatch: argument 'model': not patched by "
+                         "fisheradaptune.vit.prune_merge")
+    handle.remove()
