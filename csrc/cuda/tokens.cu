@@ -1,0 +1,365 @@
+// CUDA kernels of token_prune_merge and token_prune_merge_backward (semantics: Note [Token
+// prune-merge], csrc/tokens.h; CPU twin: csrc/cpu/tokens.cpp).
+//
+// Forward, two launches on the current stream:
+//   1. select_kernel, one block per batch row: each candidate's rank is the number of
+//      candidates that beat it (higher score, NaN first, ties to the lower index), so candidate
+//      i is kept iff rank < keep; O(M^2 / kThreads) comparisons per thread-block, with the scores
+//      in shared memory when they fit (kSmemBytes) and read from global memory otherwise.
+//      A block scan in index order turns the kept flags into positions: kept_index, the source
+//      token of every out row, and the merged list with its weights; W and the fused size are
+//      fixed-tree block sums (Note [Fixed-shape reductions], multi_tensor.cuh).
+//   2. rows_kernel, one block per (out row, batch row): a (16-byte vectorised when aligned) row
+//      copy, or for the fused row a per-channel sum over the merged tokens in index order.
+// Backward, three launches: prep (row of each candidate, weights, W; one block per batch row),
+// rows (one block per token: a copy, or coef * g_fused and the dot x_i . g_fused by a fixed-tree
+// block sum), scores (one block per batch row). No float atomics: bitwise deterministic.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "multi_tensor.cuh"
+#include "tokens.h"
+
+namespace fisheradaptune {
+namespace {
+
+using mt::kThreads;
+
+// Scores kept in shared memory per block (up to 32 KiB, so that with the reductions' static
+// shared memory a block stays under the 48 KiB that needs no opt-in); longer rows read global
+// memory.
+constexpr int64_t kSmemBytes = 32 * 1024;
+
+template <typename A>
+__device__ __forceinline__ bool beats(A a, int64_t ia, A b, int64_t ib) {
+  const bool na = isnan(a), nb = isnan(b);
+  if (na != nb) return na;
+  if (!na && a != b) return a > b;
+  return ia < ib;
+}
+
+template <typename S, typename A>
+struct ScoreRow {
+  const S* global;  // this row's scores
+  const A* shared;  // or null
+  __device__ __forceinline__ A operator[](int64_t i) const {
+    return shared != nullptr ? shared[i] : static_cast<A>(global[i]);
+  }
+};
+
+template <typename S, typename A>
+__global__ void __launch_bounds__(kThreads)
+    select_kernel(const S* __restrict__ scores, const float* __restrict__ sizes,
+                  int64_t N, int64_t P, int64_t M, int64_t keep, bool normalize, bool use_smem,
+                  int64_t* __restrict__ kept_index, int32_t* __restrict__ src,
+                  int32_t* __restrict__ merged, A* __restrict__ coef,
+                  float* __restrict__ out_sizes) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  A* smem = reinterpret_cast<A*>(smem_raw);
+  const int64_t b = blockIdx.x;
+  const int64_t nm = M - keep;
+  const int64_t R = P + keep + (nm > 0 ? 1 : 0);
+  const S* srow = scores + b * M;
+  const float* zrow = sizes != nullptr ? sizes + b * N : nullptr;
+  if (use_smem) {
+    for (int64_t i = threadIdx.x; i < M; i += kThreads) smem[i] = static_cast<A>(srow[i]);
+    __syncthreads();
+  }
+  const ScoreRow<S, A> s{srow, use_smem ? smem : nullptr};
+  int64_t* krow = kept_index + b * keep;
+  int32_t* srcrow = src + b * (P + keep);
+  int32_t* mrow = merged + b * nm;
+  A* crow = coef + b * nm;
+  float* orow = out_sizes + b * R;
+  for (int64_t r = threadIdx.x; r < P; r += kThreads) {
+    srcrow[r] = static_cast<int32_t>(r);
+    orow[r] = zrow != nullptr ? zrow[r] : 1.f;
+  }
+  A w_sum = 0;
+  float size_sum = 0.f;
+  int64_t kept_before = 0;  // kept candidates in earlier chunks (uniform over the block)
+  for (int64_t base = 0; base < M; base += kThreads) {
+    const int64_t i = base + threadIdx.x;
+    bool kept = false;
+    if (i < M) {
+      const A si = s[i];
+      int64_t rank = 0;
+      for (int64_t j = 0; j < M && rank < keep; ++j) rank += beats(s[j], j, si, i) ? 1 : 0;
+      kept = rank < keep;
+    }
+    const int32_t flag = kept ? 1 : 0;
+    const int32_t pos = mt::block_exclusive_scan(flag);
+    if (i < M) {
+      const float size = zrow != nullptr ? zrow[P + i] : 1.f;
+      if (kept) {
+        const int64_t k = kept_before + pos;
+        krow[k] = i;
+        srcrow[P + k] = static_cast<int32_t>(P + i);
+        orow[P + k] = size;
+      } else {
+        const int64_t m = i - (kept_before + pos);
+        const A w = s[i] * static_cast<A>(size);
+        mrow[m] = static_cast<int32_t>(i);
+        crow[m] = w;
+        w_sum += w;
+        size_sum += size;
+      }
+    }
+    kept_before += mt::block_sum_all(flag);
+  }
+  if (nm == 0) return;
+  const A total = mt::block_sum_all(w_sum);
+  const float fused_size = mt::block_sum(size_sum);
+  if (threadIdx.x == 0) orow[R - 1] = fused_size;
+  if (normalize) {
+    // crow was written by other threads of this block: __syncthreads (inside block_sum_all)
+    // made those writes visible.
+    for (int64_t m = threadIdx.x; m < nm; m += kThreads) {
+      crow[m] = total != A(0) ? crow[m] / total : A(0);
+    }
+  }
+}
+
+// 16-byte row copy when both rows are aligned and the row is whole vectors, else scalar.
+template <typename T>
+__device__ __forceinline__ void copy_row(T* __restrict__ dst, const T* __restrict__ from,
+                                         int64_t C) {
+  const int64_t bytes = C * static_cast<int64_t>(sizeof(T));
+  if (bytes % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(from) % 16 == 0) {
+    const int64_t nv = bytes / 16;
+    uint4* d = reinterpret_cast<uint4*>(dst);
+    const uint4* f = reinterpret_cast<const uint4*>(from);
+    for (int64_t v = threadIdx.x; v < nv; v += kThreads) d[v] = f[v];
+  } else {
+    for (int64_t c = threadIdx.x; c < C; c += kThreads) dst[c] = from[c];
+  }
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+    rows_kernel(const T* __restrict__ x, T* __restrict__ out, const int32_t* __restrict__ src,
+                const int32_t* __restrict__ merged, const A* __restrict__ coef, int64_t N,
+                int64_t C, int64_t P, int64_t keep, int64_t nm) {
+  const int64_t b = blockIdx.x, r = blockIdx.y;
+  const int64_t R = P + keep + (nm > 0 ? 1 : 0);
+  const T* xb = x + b * N * C;
+  T* orow = out + (b * R + r) * C;
+  if (r < P + keep) {
+    copy_row(orow, xb + static_cast<int64_t>(src[b * (P + keep) + r]) * C, C);
+    return;
+  }
+  const int32_t* mrow = merged + b * nm;
+  const A* crow = coef + b * nm;
+  const T* cand = xb + P * C;
+  for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+    A acc = 0;
+    for (int64_t j = 0; j < nm; ++j) {
+      acc += crow[j] * static_cast<A>(cand[static_cast<int64_t>(mrow[j]) * C + c]);
+    }
+    orow[c] = static_cast<T>(acc);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_prune_merge_cuda(
+    const at::Tensor& x_in, const at::Tensor& scores_in, const std::optional<at::Tensor>& sizes_in,
+    int64_t num_protected, int64_t keep_in, bool normalize) {
+  const TokenPruneMergeArgs a =
+      validate_token_prune_merge(x_in, scores_in, sizes_in, num_protected, keep_in);
+  const c10::cuda::CUDAGuard guard(a.x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t B = a.batch, N = a.tokens, C = a.channels, P = a.protect, M = a.cand;
+  const int64_t keep = a.keep, R = a.rows(), nm = M - keep;
+  at::Tensor out = at::empty({B, R, C}, a.x.options());
+  at::Tensor kept_index = at::empty({B, keep}, a.x.options().dtype(at::kLong));
+  at::Tensor out_sizes = at::empty({B, R}, a.x.options().dtype(at::kFloat));
+  if (B == 0) return {out, kept_index, out_sizes};
+  TORCH_CHECK_VALUE(R <= 65535, "fisheradaptune.token_prune_merge: argument 'x': at most 65535 ",
+                    "output rows on CUDA, got ", R);
+  at::Tensor src = at::empty({B, P + keep}, a.x.options().dtype(at::kInt));
+  at::Tensor merged = at::empty({B, nm}, a.x.options().dtype(at::kInt));
+  const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.x.scalar_type(), "token_prune_merge_cuda", [&] {
+    using T = scalar_t;
+    using A = at::opmath_type<T>;
+    at::Tensor coef = at::empty({B, nm}, a.x.options().dtype(c10::CppTypeToScalarType<A>::value));
+    const bool use_smem = M * static_cast<int64_t>(sizeof(A)) <= kSmemBytes;
+    const size_t smem = use_smem ? static_cast<size_t>(M) * sizeof(A) : 0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scores.scalar_type(), "token_select_cuda", [&] {
+      select_kernel<scalar_t, A><<<static_cast<unsigned>(B), kThreads, smem, stream>>>(
+          a.scores.const_data_ptr<scalar_t>(), sizes, N, P, M, keep, normalize, use_smem,
+          kept_index.data_ptr<int64_t>(), src.data_ptr<int32_t>(), merged.data_ptr<int32_t>(),
+          coef.data_ptr<A>(), out_sizes.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (C > 0) {
+      const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(R));
+      rows_kernel<T, A><<<grid, kThreads, 0, stream>>>(
+          a.x.const_data_ptr<T>(), out.data_ptr<T>(), src.const_data_ptr<int32_t>(),
+          merged.const_data_ptr<int32_t>(), coef.const_data_ptr<A>(), N, C, P, keep, nm);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {out, kept_index, out_sizes};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+template <typename S, typename A>
+__global__ void __launch_bounds__(kThreads)
+    backward_prep_kernel(const S* __restrict__ scores, const float* __restrict__ sizes,
+                         const int64_t* __restrict__ kept_index, int64_t N, int64_t P, int64_t M,
+                         int64_t keep, bool normalize, int32_t* __restrict__ row_of,
+                         A* __restrict__ coef, A* __restrict__ total) {
+  const int64_t b = blockIdx.x;
+  int32_t* rrow = row_of + b * M;
+  A* crow = coef + b * M;
+  const S* srow = scores + b * M;
+  const float* zrow = sizes != nullptr ? sizes + b * N + P : nullptr;
+  for (int64_t i = threadIdx.x; i < M; i += kThreads) rrow[i] = -1;
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < keep; j += kThreads) {
+    const int64_t i = kept_index[b * keep + j];
+    if (0 <= i && i < M) rrow[i] = static_cast<int32_t>(P + j);  // out of range: ignored
+  }
+  __syncthreads();
+  A w_sum = 0;
+  for (int64_t i = threadIdx.x; i < M; i += kThreads) {
+    A w = 0;
+    if (rrow[i] < 0) {
+      w = static_cast<A>(srow[i]) * (zrow != nullptr ? static_cast<A>(zrow[i]) : A(1));
+      w_sum += w;
+    }
+    crow[i] = w;
+  }
+  const A W = mt::block_sum_all(w_sum);
+  if (threadIdx.x == 0) total[b] = W;
+  if (normalize) {
+    for (int64_t i = threadIdx.x; i < M; i += kThreads) {
+      crow[i] = W != A(0) ? crow[i] / W : A(0);  // each thread rescales what it wrote
+    }
+  }
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+    backward_rows_kernel(const T* __restrict__ grad_out, const T* __restrict__ x,
+                         const int32_t* __restrict__ row_of, const A* __restrict__ coef,
+                         int64_t N, int64_t C, int64_t P, int64_t M, int64_t R,
+                         T* __restrict__ grad_x, A* __restrict__ dots) {
+  const int64_t b = blockIdx.x, t = blockIdx.y;
+  T* dst = grad_x + (b * N + t) * C;
+  const int32_t row = t < P ? static_cast<int32_t>(t) : row_of[b * M + t - P];
+  if (row >= 0) {
+    copy_row(dst, grad_out + (b * R + row) * C, C);
+    return;
+  }
+  const T* gf = grad_out + (b * R + R - 1) * C;
+  const T* xr = x + (b * N + t) * C;
+  const A w = coef[b * M + t - P];
+  A d = 0;
+  for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+    const A g = static_cast<A>(gf[c]);
+    dst[c] = static_cast<T>(w * g);
+    d += static_cast<A>(xr[c]) * g;
+  }
+  d = mt::block_sum(d);
+  if (threadIdx.x == 0) dots[b * M + t - P] = d;
+}
+
+template <typename S, typename A>
+__global__ void __launch_bounds__(kThreads)
+    backward_scores_kernel(const float* __restrict__ sizes, const int32_t* __restrict__ row_of,
+                           const A* __restrict__ coef, const A* __restrict__ total,
+                           const A* __restrict__ dots, int64_t N, int64_t P, int64_t M,
+                           bool normalize, S* __restrict__ grad_scores) {
+  const int64_t b = blockIdx.x;
+  const int32_t* rrow = row_of + b * M;
+  const A* crow = coef + b * M;
+  const A* drow = dots + b * M;
+  const float* zrow = sizes != nullptr ? sizes + b * N + P : nullptr;
+  A fg = 0;
+  if (normalize) {
+    for (int64_t i = threadIdx.x; i < M; i += kThreads) {
+      if (rrow[i] < 0) fg += crow[i] * drow[i];
+    }
+    fg = mt::block_sum_all(fg);
+  }
+  const A W = total[b];
+  for (int64_t i = threadIdx.x; i < M; i += kThreads) {
+    A d = 0;
+    if (rrow[i] < 0) {
+      const A size = zrow != nullptr ? static_cast<A>(zrow[i]) : A(1);
+      d = normalize ? (W != A(0) ? size * (drow[i] - fg) / W : A(0)) : size * drow[i];
+    }
+    grad_scores[b * M + i] = static_cast<S>(d);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& scores_in,
+    const std::optional<at::Tensor>& sizes_in, const at::Tensor& kept_index,
+    int64_t num_protected, bool normalize) {
+  at::Tensor kept_t, grad_t;
+  const TokenPruneMergeArgs a = validate_token_prune_merge_backward(
+      grad_out, x_in, scores_in, sizes_in, kept_index, num_protected, kept_t, grad_t);
+  const c10::cuda::CUDAGuard guard(a.x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t B = a.batch, N = a.tokens, C = a.channels, P = a.protect, M = a.cand;
+  const int64_t keep = a.keep, R = a.rows();
+  at::Tensor grad_x = at::empty({B, N, C}, a.x.options());
+  at::Tensor grad_scores = at::empty({B, M}, a.scores.options());
+  if (B == 0) return {grad_x, grad_scores};
+  TORCH_CHECK_VALUE(N <= 65535, "fisheradaptune.token_prune_merge_backward: argument 'x': at ",
+                    "most 65535 tokens on CUDA, got ", N);
+  at::Tensor row_of = at::empty({B, M}, a.x.options().dtype(at::kInt));
+  const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.x.scalar_type(), "token_prune_merge_backward_cuda", [&] {
+    using T = scalar_t;
+    using A = at::opmath_type<T>;
+    const auto acc = a.x.options().dtype(c10::CppTypeToScalarType<A>::value);
+    at::Tensor coef = at::empty({B, M}, acc);
+    at::Tensor total = at::empty({B}, acc);
+    at::Tensor dots = at::zeros({B, M}, acc);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scores.scalar_type(), "token_prep_cuda", [&] {
+      backward_prep_kernel<scalar_t, A><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+          a.scores.const_data_ptr<scalar_t>(), sizes, kept_t.const_data_ptr<int64_t>(), N, P, M,
+          keep, normalize, row_of.data_ptr<int32_t>(), coef.data_ptr<A>(), total.data_ptr<A>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (C > 0) {
+      const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(N));
+      backward_rows_kernel<T, A><<<grid, kThreads, 0, stream>>>(
+          grad_t.const_data_ptr<T>(), a.x.const_data_ptr<T>(), row_of.const_data_ptr<int32_t>(),
+          coef.const_data_ptr<A>(), N, C, P, M, R, grad_x.data_ptr<T>(), dots.data_ptr<A>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scores.scalar_type(), "token_scores_cuda", [&] {
+      backward_scores_kernel<scalar_t, A><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+          sizes, row_of.const_data_ptr<int32_t>(), coef.const_data_ptr<A>(),
+          total.const_data_ptr<A>(), dots.const_data_ptr<A>(), N, P, M, normalize,
+          grad_scores.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {grad_x, grad_scores};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) {
+  m.impl("token_prune_merge", &token_prune_merge_cuda);
+  m.impl("token_prune_merge_backward", &token_prune_merge_backward_cuda);
+}
+
+}  // namespace fisheradaptune
