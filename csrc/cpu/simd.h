@@ -10,8 +10,11 @@
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+// ISA levels, not CPU models: an "arch=<model>" clone is chosen by CPU model, so an AMD CPU with
+// AVX-512 would silently run the baseline clone. x86-64-v4 is AVX-512 (F/BW/CD/DQ/VL),
+// x86-64-v3 is AVX2 + FMA.
 #define FAT_CPU_CLONES \
-  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FAT_CPU_CLONES
 #endif
