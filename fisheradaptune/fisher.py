@@ -309,8 +309,6 @@ def per_sample_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable, *,
     linears = _linear_modules(model, modules)
     fisher = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device)
               for n, m in linears.items()}
-    state = {"n": 0}
-
     def hook_for(name):
         def hook(module, inputs, output):
             if not (torch.is_grad_enabled() and output.requires_grad):
@@ -329,24 +327,36 @@ def per_sample_fisher(model: nn.Module, batches: Iterable, loss_fn: Callable, *,
         return hook
 
     hooks = [m.register_forward_hook(hook_for(n)) for n, m in linears.items()]
+    try:
+        samples = _backward_each(model, batches, loss_fn)
+    finally:
+        for h in hooks:
+            h.remove()
+    if samples > 0:
+        for f in fisher.values():
+            f.div_(samples)
+    return fisher
+
+
+def _backward_each(model: nn.Module, batches: Iterable, loss_fn: Callable,
+                   after: Optional[Callable[[], object]] = None) -> int:
+    """Back-propagate ``loss_fn(model, batch)`` for each batch from a clean ``.grad`` (calling
+    ``after()`` after each), then put every ``.grad`` back as it was. Returns the sample count."""
     params = [p for p in model.parameters() if p.requires_grad]
     old_grads = [p.grad for p in params]
+    samples = 0
     try:
         for batch in batches:
             for p in params:
                 p.grad = None
-            loss = loss_fn(model, batch)
-            state["n"] += _batch_size(batch)
-            loss.backward()
+            loss_fn(model, batch).backward()
+            samples += _batch_size(batch)
+            if after is not None:
+                after()
     finally:
-        for h in hooks:
-            h.remove()
         for p, g in zip(params, old_grads):
             p.grad = g
-    if state["n"] > 0:
-        for f in fisher.values():
-            f.div_(state["n"])
-    return fisher
+    return samples
 
 
 def _batch_size(batch) -> int:
@@ -373,19 +383,11 @@ def estimate(model: nn.Module, batches: Iterable, loss_fn: Callable, *,
     linears = _linear_modules(model, modules)
     weights = [m.weight for m in linears.values()]
     est = make_estimator(estimator, weights, None, model, decay=1.0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    old_grads = [p.grad for p in params]
     try:
-        for batch in batches:
-            for p in params:
-                p.grad = None
-            loss_fn(model, batch).backward()
-            est.update()
+        _backward_each(model, batches, loss_fn, after=est.update)
     finally:
         if isinstance(est, KFACFisher):
             est.remove_hooks()
-        for p, g in zip(params, old_grads):
-            p.grad = g
     snap = est.snapshot()
     steps = max(est.steps, 1)
     return {n: (f / steps if estimator == "empirical" else f)
