@@ -32,7 +32,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--check-every", type=int, default=20)
-    ap.add_argument("--tau", type=float, default=0.02)
+    ap.add_argument("--tau", type=float, default=0.1,
+                    help="drift below which a group counts as settled (see the plot to choose it)")
     ap.add_argument("--out", default="results/adaptune_vit.png")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -51,7 +52,7 @@ def main():
 
     # Fine-tune: wrap any optimizer; the model gives readable group names.
     opt = fat.FisherAdapTune(torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05), model,
-                             check_every=args.check_every,
+                             check_every=args.check_every, fisher_decay=0.98,
                              policy=fat.Threshold(tau=args.tau, patience=2, min_active_fraction=0.1))
     x, y = task.train
     start = time.perf_counter()
