@@ -58,6 +58,7 @@ head; pass ``train_head=False`` to train adapters alone). An adapted head keeps 
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import re
@@ -255,7 +256,7 @@ def _validate_common(cfg) -> None:
 # Adapter modules
 
 
-class FeatureAdapter(nn.Module):
+class FeatureAdapter(nn.Module, abc.ABC):
     """Base class of the adapters (use it with isinstance): holds the frozen ``base`` Linear."""
 
     method = ""
@@ -276,15 +277,17 @@ class FeatureAdapter(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
+    @abc.abstractmethod
     def adapter_parameters(self) -> List[nn.Parameter]:
-        raise NotImplementedError
+        """The trainable adapter tensors."""
 
+    @abc.abstractmethod
     def adapter_config(self) -> Dict[str, Any]:
-        raise NotImplementedError
+        """What is needed to rebuild this adapter (method, shapes, hyper-parameters)."""
 
+    @abc.abstractmethod
     def merged_weight(self) -> Tensor:
         """The effective weight, computed in float64 and cast to ``W0``'s dtype."""
-        raise NotImplementedError
 
 
 class VeFALinear(FeatureAdapter):

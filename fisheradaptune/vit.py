@@ -41,6 +41,8 @@ How it works (and what it changes in the model):
 """
 from __future__ import annotations
 
+import abc
+
 import math
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -62,18 +64,20 @@ KeepArg = Union[float, Callable[[int], float]]
 # Model families
 
 
-class _Family:
+class _Family(abc.ABC):
     name = ""
 
+    @abc.abstractmethod
     def blocks(self, model: nn.Module) -> List[nn.Module]:
-        raise NotImplementedError
+        """The transformer blocks, in order."""
 
+    @abc.abstractmethod
     def num_protected(self, model: nn.Module) -> int:
-        raise NotImplementedError
+        """Leading tokens that are never pruned (class, register, distillation)."""
 
+    @abc.abstractmethod
     def cls_logits(self, block: nn.Module, x: Tensor) -> Tensor:
         """``q_cls K^T * scale`` as float32 ``[B, heads, N]``."""
-        raise NotImplementedError
 
 
 def _heads_row(q: Tensor, k: Tensor, heads: int) -> Tuple[Tensor, Tensor]:
