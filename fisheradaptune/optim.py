@@ -88,6 +88,9 @@ class _PartialFreeze:
             torch._foreach_zero_(views)
 
     def save(self) -> None:
+        # Saved every step rather than once at the freeze: a user who loads weights into the
+        # model later (model.load_state_dict copies in place) must not see them overwritten by
+        # values captured before.
         self._fresh()
         if self.param_views:
             torch._foreach_copy_(self.buffer_views, self.param_views)
@@ -225,7 +228,6 @@ class FisherAdapTune(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._partial.mask_grads()
-        active = [i for i in range(len(self.params)) if i not in self.released]
         sums, bad = self.estimator.update([p.grad for p in self.params])
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
         if self.step_count == 0:
