@@ -369,3 +369,28 @@ def test_bad_paper_policy_and_foreign_params():
         opt.freeze("no.such.group")
     with pytest.raises(ValueError, match="param"):
         opt.frozen_mask(other.weight)
+
+
+@pytest.mark.parametrize("method", ["vefa", "lorfa"])
+def test_adapter_parameters_freeze_progressively(method):
+    torch.manual_seed(0)
+    model = Tiny()
+    if method == "vefa":
+        fat.adapters.add_vefa(model)
+    else:
+        fat.adapters.add_lorfa(model, rank=2)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = fat.FisherAdapTune(torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1), model,
+                             check_every=3,
+                             policy=fat.Threshold(tau=0.6, patience=1, min_active_fraction=0.2))
+    assert all(n.split(".")[-1].startswith(("vefa", "lorfa")) or n.startswith("head")
+               for n in opt.names)
+    x, y = data()
+    train(model, opt, 9, x, y)
+    assert opt.frozen.any() and opt.active_fraction >= 0.2
+    before = {n: (opt.frozen_mask(p).clone(), p.detach().clone())
+              for n, p in zip(opt.names, opt.params)}
+    train(model, opt, 3, x, y)
+    for n, p in zip(opt.names, opt.params):
+        mask, old = before[n]
+        assert torch.equal(p.detach()[mask], old[mask]), n
