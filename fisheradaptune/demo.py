@@ -127,9 +127,39 @@ def lorfa(model, cfg, task):
     return _adamw(model.parameters(), cfg, lr_scale=4.0), lambda: _trainable(model)
 
 
+class _LoRALinear(nn.Module):
+    """Minimal LoRA baseline (weight space): ``y = W0 x + b + (alpha / r) B A x``, B zero-init."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.scaling = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+
+def lora(model, cfg, task):
+    """LoRA (rank 4) on every Linear of the blocks; head trained densely."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.blocks:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, _LoRALinear(child, rank=4, alpha=4.0))
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    return _adamw(model.parameters(), cfg, lr_scale=4.0), lambda: _trainable(model)
+
+
 METHODS: Dict[str, Callable] = {
     "linear probe": linear_probe,
     "full fine-tuning": full_finetune,
+    "LoRA (r=4)": lora,
     "FisherAdapTune (paper preset)": adaptune_paper,
     "FisherAdapTune (Threshold)": adaptune_threshold,
     "VeFA": vefa,
