@@ -1,0 +1,339 @@
+"""TR-PTS parameter selection (SPEC section 5): Fisher-ranked, row-balanced sparse fine-tuning.
+
+Usage::
+
+    sel = selection.select_connections(model, batches, loss_fn, budget=0.005)
+    print(sel.summary())
+    params = sel.apply(model, mode="mask")
+    opt = MaskedOptimizer(torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05), sel)
+
+Algorithm (:func:`select_from_fisher`), over the weights of the chosen Linear modules:
+
+1. ``F`` is a diagonal Fisher over calibration batches (:func:`fisheradaptune.fisher.estimate`).
+2. The global top ``budget`` fraction of all their entries, ``k = max(1, round(budget * total))``
+   entries, ties to the earlier entry (module order, then row-major index).
+3. ``w_l`` = the fraction of layer ``l``'s entries in that set.
+4. ``C_l = clamp(round(c_min * w_l / min_{w>0} w), 1, in_features)`` (round half up); a layer
+   with ``w_l = 0`` gets ``min(c_min, in_features)``, or 0 with ``skip_empty=True``.
+5. Each output row of layer ``l`` keeps its top ``C_l`` input connections by ``F`` (ties: lower
+   index). ``index[l]`` is int64 ``[out, C_l]``, each row sorted ascending.
+
+Trainability (:meth:`Selection.apply`): the selected entries of the chosen weights; the chosen
+modules' biases (``train_bias``) and the head's parameters (``train_head``) densely; everything
+else (norms, embeddings, other modules) frozen.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import fisher as fisher_mod
+from .adapters import find_head
+
+__all__ = ["Selection", "select_connections", "select_from_fisher", "MODES"]
+
+MODES = ("mask",)
+_FORMAT = "fisheradaptune.selection"
+_VERSION = 1
+
+
+def _check_budget(budget) -> float:
+    b = float(budget)
+    if not (0.0 < b <= 1.0) or math.isnan(b):
+        raise ValueError(f"argument 'budget': expected a fraction in (0, 1], got {budget!r}")
+    return b
+
+
+def _check_c_min(c_min) -> int:
+    if isinstance(c_min, bool) or int(c_min) != c_min or int(c_min) < 1:
+        raise ValueError(f"argument 'c_min': expected an integer >= 1, got {c_min!r}")
+    return int(c_min)
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def select_from_fisher(fisher: Dict[str, Tensor], budget: float = 0.005, c_min: int = 1,
+                       skip_empty: bool = False) -> Tuple[Dict[str, Tensor], Dict[str, int]]:
+    """Steps 2-5 of the algorithm on a given Fisher ``{name: [out, in]}`` (see the module doc).
+
+    Returns ``(index, c)``: ``{name: int64 [out, C_l]}`` (rows sorted ascending, on the Fisher's
+    device) and ``{name: C_l}``.
+    """
+    budget = _check_budget(budget)
+    c_min = _check_c_min(c_min)
+    if not fisher:
+        raise ValueError("argument 'fisher': expected at least one layer, got none")
+    flats = []
+    for name, f in fisher.items():
+        if not isinstance(f, Tensor) or f.dim() != 2:
+            raise ValueError(f"argument 'fisher': {name!r}: expected a 2-D tensor [out, in], got "
+                             f"{tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__}")
+        if not f.is_floating_point():
+            raise TypeError(f"argument 'fisher': {name!r}: expected a floating tensor, got {f.dtype}")
+        if f.numel() and not bool(torch.isfinite(f).all()):
+            raise ValueError(f"argument 'fisher': {name!r}: contains non-finite values")
+        flats.append(f.detach().reshape(-1).to(torch.float64))
+    names = list(fisher)
+    numels = [f.numel() for f in flats]
+    total = sum(numels)
+    if total == 0:
+        raise ValueError("argument 'fisher': every layer is empty")
+    k = min(total, max(1, _round_half_up(budget * total)))
+
+    # Step 2: the k-th largest value is the threshold; entries above it are in, ties at it are
+    # taken in flat order (module order, then row-major) until k are in.
+    allv = torch.cat([f.cpu() for f in flats])
+    thresh = float(torch.kthvalue(-allv, k).values.neg())
+    counts = []
+    need = k - int((allv > thresh).sum())
+    for f in flats:
+        above = int((f > thresh).sum())
+        ties = int((f == thresh).sum())
+        take = min(ties, need)
+        need -= take
+        counts.append(above + take)
+
+    # Steps 3-4.
+    w = [c / n if n else 0.0 for c, n in zip(counts, numels)]
+    w_min = min(x for x in w if x > 0)
+    index: Dict[str, Tensor] = {}
+    c: Dict[str, int] = {}
+    for name, wl in zip(names, w):
+        f = fisher[name]
+        out_f, in_f = f.shape
+        if wl > 0:
+            cl = max(1, min(in_f, _round_half_up(c_min * wl / w_min)))
+        else:
+            cl = 0 if skip_empty else min(c_min, in_f)
+        c[name] = cl
+        # Step 5: stable sort on -F, so ties go to the lower index.
+        if cl == 0 or out_f == 0:
+            idx = torch.empty(out_f, cl, dtype=torch.int64, device=f.device)
+        else:
+            order = torch.sort(-f.detach().to(torch.float64), dim=1, stable=True).indices
+            idx = order[:, :cl].sort(dim=1).values.contiguous()
+        index[name] = idx
+    return index, c
+
+
+@dataclass
+class Selection:
+    """A TR-PTS selection: per chosen Linear module, the int64 ``[out, C_l]`` kept input indices.
+
+    Fields:
+        index: ``{module name: int64 [out, C_l]}``, each row sorted ascending.
+        c: ``{module name: C_l}``.
+        shapes: ``{module name: (out_features, in_features)}``.
+        budget, c_min, estimator, skip_empty, train_bias, train_head: the configuration.
+        head: the head module's name (None: no head).
+        counts: parameter counts of the model at selection time: ``"total"`` (all parameters),
+            ``"bias"`` (biases of the chosen modules), ``"head"`` (head parameters).
+    """
+    index: Dict[str, Tensor]
+    c: Dict[str, int]
+    shapes: Dict[str, Tuple[int, int]]
+    budget: float
+    c_min: int = 1
+    estimator: str = "per_sample"
+    skip_empty: bool = False
+    train_bias: bool = True
+    train_head: bool = True
+    head: Optional[str] = None
+    counts: Dict[str, int] = field(default_factory=dict)
+    # Set by apply(): {module name: weight Parameter} for MaskedOptimizer. Not saved.
+    _weights: Dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    # ------------------------------------------------------------------ counts and summary
+    @property
+    def selected(self) -> int:
+        """Selected weight entries over all chosen modules."""
+        return sum(self.shapes[n][0] * self.c[n] for n in self.index)
+
+    def trainable_parameters(self) -> int:
+        """Selected entries plus the dense biases and head (per the flags)."""
+        n = self.selected
+        if self.train_bias:
+            n += self.counts.get("bias", 0)
+        if self.train_head:
+            n += self.counts.get("head", 0)
+        return n
+
+    def summary(self, per_layer: bool = True) -> str:
+        """Per layer ``C_l`` and selected counts, then peft's
+        ``trainable params: X || all params: Y || trainable%: Z``."""
+        lines = []
+        if per_layer:
+            width = max([len(n) for n in self.index] + [5])
+            lines.append(f"{'layer':<{width}}  {'shape':>13}  {'C_l':>5}  {'selected':>10}  {'%':>7}")
+            for n, idx in self.index.items():
+                out_f, in_f = self.shapes[n]
+                sel = out_f * self.c[n]
+                pct = 100.0 * sel / (out_f * in_f) if out_f * in_f else 0.0
+                lines.append(f"{n:<{width}}  {f'[{out_f}, {in_f}]':>13}  {self.c[n]:>5d}  "
+                             f"{sel:>10,d}  {pct:>7.3f}")
+            lines.append(f"selected weight entries: {self.selected:,d} (budget {self.budget:g}, "
+                         f"c_min {self.c_min}); head: {self.head} (dense: {self.train_head}); "
+                         f"biases dense: {self.train_bias}")
+        trainable = self.trainable_parameters()
+        total = self.counts.get("total", 0)
+        pct = 100.0 * trainable / total if total else 0.0
+        lines.append(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+                     f"trainable%: {pct:.4f}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"Selection({len(self.index)} layers, selected={self.selected}, "
+                f"budget={self.budget:g}, c_min={self.c_min}, head={self.head!r})")
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        return {
+            "format": _FORMAT, "version": _VERSION,
+            "index": {n: t.detach().cpu().clone() for n, t in self.index.items()},
+            "c": dict(self.c),
+            "shapes": {n: [int(s) for s in v] for n, v in self.shapes.items()},
+            "config": {"budget": self.budget, "c_min": self.c_min, "estimator": self.estimator,
+                       "skip_empty": self.skip_empty, "train_bias": self.train_bias,
+                       "train_head": self.train_head, "head": self.head},
+            "counts": dict(self.counts),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "Selection":
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError("argument 'state': not a fisheradaptune selection")
+        if state.get("version") != _VERSION:
+            raise ValueError(f"argument 'state': unsupported version {state.get('version')!r}")
+        cfg = state["config"]
+        return cls(index=dict(state["index"]), c={n: int(v) for n, v in state["c"].items()},
+                   shapes={n: (int(v[0]), int(v[1])) for n, v in state["shapes"].items()},
+                   counts={n: int(v) for n, v in state["counts"].items()}, **cfg)
+
+    def save(self, path) -> None:
+        """Write plain tensors and Python values (loadable with ``weights_only=True``)."""
+        torch.save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path, map_location=None) -> "Selection":
+        return cls.from_state_dict(torch.load(path, map_location=map_location, weights_only=True))
+
+    # ------------------------------------------------------------------ training
+    def _modules(self, model: nn.Module) -> Dict[str, nn.Linear]:
+        mods = dict(model.named_modules())
+        out = {}
+        for n in self.index:
+            m = mods.get(n)
+            if not isinstance(m, nn.Linear):
+                raise ValueError(f"argument 'model': {n!r} is not an nn.Linear of the model")
+            if tuple(m.weight.shape) != tuple(self.shapes[n]):
+                raise ValueError(f"argument 'model': {n!r} has weight shape "
+                                 f"{list(m.weight.shape)}, the selection {list(self.shapes[n])}")
+            out[n] = m
+        return out
+
+    def apply(self, model: nn.Module, mode: str = "mask") -> List[Tensor]:
+        """Make the model trainable per the selection and return the trainable parameters.
+
+        ``mode="mask"``: every parameter gets ``requires_grad=False`` except the weights of the
+        chosen modules with ``C_l > 0`` (train them through :class:`MaskedOptimizer`, which keeps
+        their unselected entries fixed), their biases (``train_bias``) and the head's
+        parameters (``train_head``).
+        """
+        if mode not in MODES:
+            raise ValueError(f"argument 'mode': expected one of {MODES}, got {mode!r}")
+        mods = self._modules(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params: List[Tensor] = []
+        seen = set()
+
+        def add(p):
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                p.requires_grad_(True)
+                params.append(p)
+
+        self._weights = {}
+        for n, m in mods.items():
+            if self.c[n] > 0:
+                self._weights[n] = m.weight
+                add(m.weight)
+            if self.train_bias:
+                add(m.bias)
+        if self.train_head and self.head is not None:
+            head = dict(model.named_modules()).get(self.head)
+            if head is None:
+                raise ValueError(f"argument 'model': it has no head module {self.head!r}")
+            for p in head.parameters():
+                add(p)
+        return params
+
+
+def _counts(model: nn.Module, linears: Dict[str, nn.Linear], head: Optional[str]) -> Dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    bias = sum(m.bias.numel() for m in linears.values() if m.bias is not None)
+    head_n = 0
+    if head is not None:
+        head_n = sum(p.numel() for p in dict(model.named_modules())[head].parameters())
+    return {"total": total, "bias": bias, "head": head_n}
+
+
+def select_connections(model: nn.Module, batches: Iterable, loss_fn: Callable, *,
+                       budget: float = 0.005, c_min: int = 1, estimator: str = "per_sample",
+                       modules: Optional[Sequence[str]] = None, train_bias: bool = True,
+                       train_head: bool = True, skip_empty: bool = False,
+                       loss_reduction: str = "mean") -> Selection:
+    """TR-PTS selection of ``model``'s Linear connections (SPEC section 5; see the module doc).
+
+    ``modules``: names of ``nn.Linear`` modules (default: every ``nn.Linear`` except the head,
+    :func:`fisheradaptune.adapters.find_head`). ``loss_fn(model, batch)`` returns the scalar
+    loss; ``estimator`` is one of :data:`fisheradaptune.fisher.ESTIMATORS`.
+    """
+    budget = _check_budget(budget)
+    c_min = _check_c_min(c_min)
+    if estimator not in fisher_mod.ESTIMATORS:
+        raise ValueError(f"argument 'estimator': expected one of {fisher_mod.ESTIMATORS}, "
+                         f"got {estimator!r}")
+    head = find_head(model)
+    all_mods = dict(model.named_modules())
+    if modules is None:
+        names = [n for n, m in all_mods.items() if isinstance(m, nn.Linear) and n != head]
+        if not names:
+            raise ValueError("argument 'modules': the model has no nn.Linear besides the head")
+    else:
+        names = [modules] if isinstance(modules, str) else list(modules)
+        if not names:
+            raise ValueError("argument 'modules': expected at least one module name")
+        for n in names:
+            if n not in all_mods:
+                raise ValueError(f"argument 'modules': the model has no module {n!r}")
+            if not isinstance(all_mods[n], nn.Linear):
+                raise ValueError(f"argument 'modules': {n!r} is a {type(all_mods[n]).__name__}, "
+                                 f"expected an nn.Linear")
+        if len(set(names)) != len(names):
+            raise ValueError("argument 'modules': contains duplicates")
+    linears = {n: all_mods[n] for n in names}
+    if head in linears:   # a chosen head is trained sparsely like the other chosen modules
+        head = None
+    # The Fisher needs gradients of the chosen weights; restore requires_grad afterwards.
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        for m in linears.values():
+            m.weight.requires_grad_(True)
+        fisher = fisher_mod.estimate(model, batches, loss_fn, estimator=estimator, modules=names,
+                                     loss_reduction=loss_reduction)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+    index, c = select_from_fisher({n: fisher[n] for n in names}, budget, c_min, skip_empty)
+    return Selection(index=index, c=c,
+                     shapes={n: tuple(int(s) for s in m.weight.shape) for n, m in linears.items()},
+                     budget=budget, c_min=c_min, estimator=estimator, skip_empty=skip_empty,
+                     train_bias=bool(train_bias), train_head=bool(train_head), head=head,
+                     counts=_counts(model, linears, head))
