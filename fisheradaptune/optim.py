@@ -138,6 +138,13 @@ class FisherAdapTune(torch.optim.Optimizer):
             raise ValueError("argument 'optimizer': already a FisherAdapTune")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"argument 'model': expected an nn.Module, got {type(model).__name__}")
+        if isinstance(model, nn.parallel.DistributedDataParallel) and \
+                not model.find_unused_parameters:
+            # A tensor frozen whole stops receiving gradients; DDP's reducer then waits for it
+            # forever unless it looks for unused parameters.
+            raise ValueError("argument 'model': wrap the model with DistributedDataParallel(..., "
+                             "find_unused_parameters=True) so that tensors frozen whole can stop "
+                             "receiving gradients")
         if drift not in ("mass", "histogram"):
             raise ValueError(f"argument 'drift': expected \"mass\" or \"histogram\", got {drift!r}")
         if not (isinstance(check_every, int) and check_every >= 1):
@@ -232,7 +239,7 @@ class FisherAdapTune(torch.optim.Optimizer):
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
         if self.step_count == 0:
             zero = self._group_fisher_sums(sums) == 0
-            self._apply(self.policy.initial(self._context(zero_fisher=zero)))
+            self._apply(_agreed(self.policy.initial(self._context(zero_fisher=zero)), self.params))
         self._partial.save()
         self.optimizer.step()
         self._partial.restore()
@@ -278,7 +285,7 @@ class FisherAdapTune(torch.optim.Optimizer):
         for i in active:
             in_active[self._tensor_groups[i]] = True
         self.tracker.record(self.step_count, jsd, measured & in_active, ~self.frozen)
-        self._apply(self.policy.decide(self._context()))
+        self._apply(_agreed(self.policy.decide(self._context()), self.params))
 
     # ------------------------------------------------------------------ freezing
     def _apply(self, to_freeze: Tensor) -> None:
@@ -505,6 +512,22 @@ class FisherAdapTune(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (f"FisherAdapTune({type(self.optimizer).__name__}, {self.layout}, "
                 f"active_fraction={self.active_fraction:.3f}, policy={self.policy})")
+
+
+def _agreed(decision: Tensor, params: List[Tensor]) -> Tensor:
+    """The policy's decision as rank 0 made it, on every rank of an initialised process group.
+
+    Under DDP every rank sees the same averaged gradients and so computes the same decision;
+    broadcasting it anyway (a few bytes, only at decision steps) makes agreement a guarantee
+    rather than a consequence of bitwise-identical arithmetic on every rank.
+    """
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decision
+    device = params[0].device if dist.get_backend() == "nccl" else torch.device("cpu")
+    flags = decision.to(device=device, dtype=torch.uint8)
+    dist.broadcast(flags, src=0)
+    return flags.to("cpu", torch.bool)
 
 
 def _merge(ranges: List[Tuple[int, int]]) -> List[Tuple[int, int]]:

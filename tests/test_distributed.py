@@ -1,0 +1,107 @@
+"""FisherAdapTune under DistributedDataParallel: 2 processes on gloo (CPU) equal one process
+with the same global batch, and every rank makes the same freeze decisions."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fisheradaptune as fat
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+STEPS, WORLD, GLOBAL_BATCH = 12, 2, 16
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 3))
+
+
+def make_data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)
+
+
+def make_opt(model, wrapped):
+    return fat.FisherAdapTune(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05),
+                              wrapped, check_every=3,
+                              policy=fat.Threshold(tau=0.3, patience=1, min_active_fraction=0.2))
+
+
+def train(forward, opt, x, y):
+    for _ in range(STEPS):
+        nn.functional.cross_entropy(forward(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _worker(rank, port, out_dir):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        model = make_model()
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        opt = make_opt(model, ddp)
+        x, y = make_data()
+        shard = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
+        train(ddp, opt, x[shard], y[shard])
+        torch.save({"params": [p.detach().clone() for p in model.parameters()],
+                    "requires_grad": [p.requires_grad for p in model.parameters()],
+                    "frozen": opt.frozen.clone(), "frozen_at": opt.frozen_at.clone()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_matches_single_process_and_ranks_agree(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    model = make_model()
+    opt = make_opt(model, model)
+    x, y = make_data()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(model, opt, x, y)
+    finally:
+        torch.set_num_threads(threads)
+
+    assert opt.frozen.any() and not opt.frozen.all(), "the run should freeze some groups"
+    assert not all(p.requires_grad for p in model.parameters()), \
+        "some tensor should be frozen whole, the case DDP's reducer has to tolerate"
+    for r in ranks:
+        # Identical decisions on every rank, and the same as one process with the whole batch.
+        assert torch.equal(r["frozen"], ranks[0]["frozen"])
+        assert torch.equal(r["frozen_at"], ranks[0]["frozen_at"])
+        assert torch.equal(r["frozen"], opt.frozen)
+        assert r["requires_grad"] == [p.requires_grad for p in model.parameters()]
+        for a, b in zip(r["params"], model.parameters()):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(a, b)  # DDP keeps replicas bitwise identical
+
+
+def test_ddp_without_find_unused_parameters_is_refused(tmp_path):
+    port = _free_port()
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        model = make_model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        with pytest.raises(ValueError, match="find_unused_parameters=True"):
+            make_opt(model, ddp)
+    finally:
+        dist.destroy_process_group()
