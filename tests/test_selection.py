@@ -184,3 +184,61 @@ def test_apply_mask_trainability():
         sel.apply(model, mode="dense")
     with pytest.raises(ValueError, match="model"):
         sel.apply(nn.Sequential(nn.Linear(2, 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# mode="mask" with MaskedOptimizer
+
+from fisheradaptune.masked import MaskedOptimizer  # noqa: E402
+
+
+def _selected_mask(sel, name, shape):
+    m = torch.zeros(shape, dtype=torch.bool)
+    m.scatter_(1, sel.index[name], True)
+    return m
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, weight_decay=0.1),
+], ids=["adamw", "sgd"])
+def test_masked_optimizer_keeps_unselected(make_opt):
+    torch.manual_seed(0)
+    model = Net()
+    sel = select_connections(model, _data(), _loss, budget=0.05, c_min=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = MaskedOptimizer(make_opt(sel.apply(model, mode="mask")), sel)
+    for batch in _data(5, seed=1):
+        _loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    for name in ("fc1", "fc2"):
+        w = dict(model.named_parameters())[name + ".weight"].detach()
+        keep = _selected_mask(sel, name, w.shape)
+        w0 = before[name + ".weight"]
+        assert torch.equal(w[~keep], w0[~keep])   # bit-identical
+        assert not torch.equal(w[keep], w0[keep])
+    for name in ("fc1.bias", "head.weight"):
+        assert not torch.equal(dict(model.named_parameters())[name].detach(), before[name])
+    for name in ("emb.weight", "norm.weight"):
+        assert torch.equal(dict(model.named_parameters())[name].detach(), before[name])
+
+
+def test_masked_optimizer_grads_and_model_arg():
+    torch.manual_seed(0)
+    model = Net()
+    sel = select_connections(model, _data(), _loss, budget=0.05)
+    params = sel.apply(model)
+    opt = MaskedOptimizer(torch.optim.SGD(params, lr=0.1), Selection.from_state_dict(sel.state_dict()),
+                          model=model)
+    _loss(model, _data(1)[0]).backward()
+    opt.step()
+    g = model.fc1.weight.grad
+    keep = _selected_mask(sel, "fc1", g.shape)
+    assert (g[~keep] == 0).all() and (g[keep] != 0).any()
+    with pytest.raises(ValueError, match="apply"):
+        MaskedOptimizer(torch.optim.SGD(params, lr=0.1), Selection.from_state_dict(sel.state_dict()))
+    with pytest.raises(TypeError, match="selection"):
+        MaskedOptimizer(torch.optim.SGD(params, lr=0.1), {})
+    # state_dict round trip through the wrapper
+    opt.load_state_dict(opt.state_dict())
