@@ -13,8 +13,10 @@ from . import vit  # noqa: E402
 from .groups import GroupLayout  # noqa: E402
 from .adaptune import PaperPolicy, Policy, Threshold  # noqa: E402
 from .optim import FisherAdapTune  # noqa: E402
+from . import selection  # noqa: E402
+from .masked import MaskedOptimizer  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "groups", "fisher", "adapters", "models", "vit", "GroupLayout", "FisherAdapTune", "Threshold",
+__all__ = ["ops", "reference", "groups", "fisher", "adapters", "models", "vit", "GroupLayout", "FisherAdapTune", "MaskedOptimizer", "selection", "Threshold",
            "PaperPolicy", "Policy", "has_cuda_kernels", "__version__"]
