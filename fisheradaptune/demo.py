@@ -179,8 +179,10 @@ def tr_pts(model, cfg, task, tokens: bool = False):
     sel = fat.selection.select_connections(model, _calibration(task, cfg), _ce, budget=0.02, c_min=1)
     params = sel.apply(model, mode="mask")
     if tokens:
-        # EViT places reduction after blocks 3, 6, 9 of 12; here after blocks 1 and 2 of 4.
-        fat.vit.prune_merge(model, keep=0.7, layers=(1, 2))
+        # EViT reduces after blocks 3, 6 and 9 of 12: the same relative depths here.
+        depth = len(model.blocks)
+        layers = sorted({round(i * depth / 12) for i in (3, 6, 9)} & set(range(depth)))
+        fat.vit.prune_merge(model, keep=0.7, layers=tuple(layers))
     opt = fat.MaskedOptimizer(_adamw(params, cfg, lr_scale=4.0), sel)
     return opt, sel.trainable_parameters
 
