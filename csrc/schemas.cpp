@@ -34,6 +34,10 @@ TORCH_LIBRARY(fisheradaptune, m) {
   m.def(
       "token_prune_merge_backward(Tensor grad_out, Tensor x, Tensor scores, Tensor? sizes, "
       "Tensor kept_index, int num_protected, bool normalize) -> (Tensor, Tensor)");
+  // TR-PTS sampled weight gradient (SDDMM): out[i, c] = sum_t grad_out[t, i] * x[t, index[i, c]]
+  // with grad_out [T, out], x [T, in], index int64 [out, C]; float32 out (float64 for float64
+  // inputs). See Note [Sampled gradient] (csrc/sparse.h).
+  m.def("sampled_grad(Tensor grad_out, Tensor x, Tensor index) -> Tensor");
 }
 
 // The extension is loaded as a Python module only so that `import fisheradaptune._C` runs the

@@ -243,3 +243,33 @@ def _token_prune_merge_backward(ctx, grad_out, grad_kept, grad_sizes):
 
 torch.library.register_autograd("fisheradaptune::token_prune_merge", _token_prune_merge_backward,
                                 setup_context=_token_prune_merge_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampled_grad (TR-PTS compact training; Note [Sampled gradient] in csrc/sparse.h)
+
+__all__.append("sampled_grad")
+
+
+def sampled_grad(grad_out: Tensor, x: Tensor, index: Tensor) -> Tensor:
+    """Sampled weight gradient (SDDMM) of a Linear layer with a row-balanced index.
+
+    ``out[i, c] = sum_t grad_out[t, i] * x[t, index[i, c]]`` for ``grad_out [T, out]``,
+    ``x [T, in]`` (same dtype: float32, bfloat16, float16 or float64) and ``index`` int64
+    ``[out, C]`` with values in ``[0, in)``: the entries of ``grad_out.T @ x`` that the index
+    picks, without forming the dense gradient. Returns float32 ``[out, C]`` (float64 for float64
+    inputs). Bitwise deterministic. On CUDA an out-of-range index gives NaN (not checked, as that
+    would synchronise); on CPU it is an error.
+    """
+    return _ops.sampled_grad.default(grad_out, x, index)
+
+
+@torch.library.register_fake("fisheradaptune::sampled_grad")
+def _sampled_grad_fake(grad_out, x, index):
+    torch._check(grad_out.dim() == 2, lambda: "sampled_grad: argument 'grad_out': expected [T, out]")
+    torch._check(x.dim() == 2 and x.shape[0] == grad_out.shape[0],
+                 lambda: "sampled_grad: argument 'x': expected [T, in]")
+    torch._check(index.dim() == 2 and index.shape[0] == grad_out.shape[1],
+                 lambda: "sampled_grad: argument 'index': expected [out, C]")
+    dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    return grad_out.new_empty((index.shape[0], index.shape[1]), dtype=dtype)

@@ -151,3 +151,13 @@ def token_prune_merge(x: Tensor, scores: Tensor, keep: int, *, num_protected: in
         rows.append(fused.to(x.dtype).unsqueeze(1))
         out_sizes.append(sm.sum(1, keepdim=True).float())
     return torch.cat(rows, 1), kept, torch.cat(out_sizes, 1)
+
+
+__all__.append("sampled_grad")
+
+
+def sampled_grad(grad_out: Tensor, x: Tensor, index: Tensor) -> Tensor:
+    """Reference of :func:`fisheradaptune.ops.sampled_grad`: the dense gradient, then gather."""
+    dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    dense = grad_out.to(torch.float64).T @ x.to(torch.float64)
+    return dense.gather(1, index).to(dtype)

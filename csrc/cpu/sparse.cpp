@@ -1,0 +1,85 @@
+// CPU kernel of sampled_grad (Note [Sampled gradient], csrc/sparse.h). grad_out and x are
+// transposed once to [out, T] and [in, T] in the accumulation type, so every output element is
+// one contiguous dot product over T (an omp-simd reduction flushed into a double every block,
+// Note [CPU vectorisation]); rows run in parallel, each element computed by one thread in a
+// fixed order: bitwise deterministic for any thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "cpu/simd.h"
+#include "sparse.h"
+#include "validate.h"
+
+namespace fisheradaptune {
+namespace {
+
+constexpr int64_t kDotBlock = 1024;  // lanes are flushed into a double accumulator every block
+
+template <typename A>
+FAT_CPU_CLONES A dot(const A* __restrict a, const A* __restrict b, int64_t n) {
+  double total = 0;
+  for (int64_t s = 0; s < n; s += kDotBlock) {
+    const int64_t e = std::min(n, s + kDotBlock);
+    A acc = 0;
+    FAT_SIMD_REDUCE(acc)
+    for (int64_t i = s; i < e; ++i) acc += a[i] * b[i];
+    total += static_cast<double>(acc);
+  }
+  return static_cast<A>(total);
+}
+
+at::Tensor sampled_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                            const at::Tensor& index) {
+  const SampledGradArgs a = validate_sampled_grad(grad_out, x, index);
+  const int64_t T = a.tokens, R = a.rows, K = a.cols, C = a.picks;
+  const int64_t* idx = a.index.data_ptr<int64_t>();
+  if (R * C > 0) {
+    int64_t lo = idx[0], hi = idx[0];
+    for (int64_t j = 1; j < R * C; ++j) {
+      lo = std::min(lo, idx[j]);
+      hi = std::max(hi, idx[j]);
+    }
+    FAT_CHECK_VALUE(lo >= 0 && hi < K, "sampled_grad", "index",
+                    "expected values in [0, in) = [0, ", K, "), got values in [", lo, ", ", hi,
+                    "]");
+  }
+  if (T == 0 || R * C == 0) {
+    return at::zeros({R, C}, a.grad_out.options().dtype(a.out_dtype));
+  }
+  at::Tensor out = at::empty({R, C}, a.grad_out.options().dtype(a.out_dtype));
+  // [out, T] and [in, T] in the accumulation type: each dot below reads two contiguous rows.
+  const at::Tensor gt = a.grad_out.t().to(a.out_dtype).contiguous();
+  const at::Tensor xt = a.x.t().to(a.out_dtype).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(a.out_dtype == at::kDouble ? at::kDouble : at::kFloat,
+                             "sampled_grad_cpu", [&] {
+    using A = scalar_t;
+    const A* g = gt.data_ptr<A>();
+    const A* xs = xt.data_ptr<A>();
+    A* o = out.data_ptr<A>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, C * T));
+    at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const A* gi = g + i * T;
+        for (int64_t c = 0; c < C; ++c) {
+          o[i * C + c] = dot<A>(gi, xs + idx[i * C + c] * T, T);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fisheradaptune, CPU, m) {
+  m.impl("sampled_grad", &sampled_grad_cpu);
+}
+
+}  // namespace fisheradaptune

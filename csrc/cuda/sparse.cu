@@ -1,0 +1,84 @@
+// CUDA kernel of sampled_grad (Note [Sampled gradient], csrc/sparse.h; CPU twin:
+// csrc/cpu/sparse.cpp). grad_out and x are transposed once to [out, T] and [in, T] in the
+// accumulation type, so each output element is a dot product of two contiguous rows. One warp
+// per output element (grid-stride over the out * C elements): the lanes read coalesced strides
+// of the two rows, accumulate their share in index order and combine by a fixed-tree warp sum
+// (warp_sum, multi_tensor.cuh). No atomics: bitwise deterministic. An out-of-range index gives
+// NaN for that element and reads nothing.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "multi_tensor.cuh"
+#include "sparse.h"
+
+namespace fisheradaptune {
+namespace {
+
+using mt::kThreads;
+using mt::kWarps;
+
+constexpr int64_t kMaxBlocks = 1 << 16;
+
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    sampled_grad_kernel(const A* __restrict__ g, const A* __restrict__ xs,
+                        const int64_t* __restrict__ index, A* __restrict__ out, int64_t T,
+                        int64_t K, int64_t C, int64_t count) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t e = warp; e < count; e += stride) {  // uniform per warp
+    const int64_t i = e / C;
+    const int64_t col = index[e];
+    if (col < 0 || col >= K) {
+      if (lane == 0) out[e] = std::numeric_limits<A>::quiet_NaN();
+      continue;
+    }
+    const A* gi = g + i * T;
+    const A* xc = xs + col * T;
+    A acc = 0;
+    for (int64_t t = lane; t < T; t += 32) acc += gi[t] * xc[t];
+    acc = mt::warp_sum(acc);
+    if (lane == 0) out[e] = acc;
+  }
+}
+
+at::Tensor sampled_grad_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                             const at::Tensor& index) {
+  const SampledGradArgs a = validate_sampled_grad(grad_out, x, index);
+  const c10::cuda::CUDAGuard guard(a.grad_out.device());
+  const int64_t T = a.tokens, R = a.rows, K = a.cols, C = a.picks;
+  if (T == 0 || R * C == 0) {
+    return at::zeros({R, C}, a.grad_out.options().dtype(a.out_dtype));
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor out = at::empty({R, C}, a.grad_out.options().dtype(a.out_dtype));
+  const at::Tensor gt = a.grad_out.t().to(a.out_dtype).contiguous();
+  const at::Tensor xt = a.x.t().to(a.out_dtype).contiguous();
+  const int64_t count = R * C;
+  const int64_t blocks = std::min<int64_t>(kMaxBlocks, (count + kWarps - 1) / kWarps);
+  AT_DISPATCH_FLOATING_TYPES(a.out_dtype, "sampled_grad_cuda", [&] {
+    sampled_grad_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        gt.const_data_ptr<scalar_t>(), xt.const_data_ptr<scalar_t>(),
+        a.index.const_data_ptr<int64_t>(), out.data_ptr<scalar_t>(), T, K, C, count);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) {
+  m.impl("sampled_grad", &sampled_grad_cuda);
+}
+
+}  // namespace fisheradaptune
