@@ -32,11 +32,12 @@ import torch
 from torch import Tensor, nn
 
 from . import fisher as fisher_mod
+from . import ops
 from .adapters import find_head
 
-__all__ = ["Selection", "select_connections", "select_from_fisher", "MODES"]
+__all__ = ["Selection", "SparseLinear", "select_connections", "select_from_fisher", "MODES"]
 
-MODES = ("mask",)
+MODES = ("mask", "compact")
 _FORMAT = "fisheradaptune.selection"
 _VERSION = 1
 
@@ -244,9 +245,16 @@ class Selection:
         chosen modules with ``C_l > 0`` (train them through :class:`MaskedOptimizer`, which keeps
         their unselected entries fixed), their biases (``train_bias``) and the head's
         parameters (``train_head``).
+
+        ``mode="compact"``: each chosen Linear is replaced by a :class:`SparseLinear` whose
+        trainable ``values [out, C_l]`` are the selected entries (any optimizer; no wrapper
+        needed); the returned parameters are those values, biases and head parameters per the
+        flags. :meth:`merge` turns them back into plain ``nn.Linear`` modules.
         """
         if mode not in MODES:
             raise ValueError(f"argument 'mode': expected one of {MODES}, got {mode!r}")
+        if mode == "compact":
+            return self._apply_compact(model)
         mods = self._modules(model)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -273,6 +281,124 @@ class Selection:
             for p in head.parameters():
                 add(p)
         return params
+
+
+    def _apply_compact(self, model: nn.Module) -> List[Tensor]:
+        mods = self._modules(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params: List[Tensor] = []
+        seen = set()
+
+        def add(p):
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                p.requires_grad_(True)
+                params.append(p)
+
+        self._weights = {}
+        for n, m in mods.items():
+            sparse = SparseLinear.from_linear(m, self.index[n])
+            _set_module(model, n, sparse)
+            if self.c[n] > 0:
+                add(sparse.values)
+            if self.train_bias:
+                add(sparse.bias)
+        if self.train_head and self.head is not None:
+            head = dict(model.named_modules()).get(self.head)
+            if head is None:
+                raise ValueError(f"argument 'model': it has no head module {self.head!r}")
+            for p in head.parameters():
+                add(p)
+        return params
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Write compact values back into dense weights: every :class:`SparseLinear` of the
+        selection becomes a plain ``nn.Linear`` again (mask mode: nothing to do). Returns
+        ``model``."""
+        mods = dict(model.named_modules())
+        for n in self.index:
+            m = mods.get(n)
+            if isinstance(m, SparseLinear):
+                _set_module(model, n, m.to_linear())
+            elif not isinstance(m, nn.Linear):
+                raise ValueError(f"argument 'model': {n!r} is not a SparseLinear or nn.Linear")
+        return model
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+class _SparseLinearFn(torch.autograd.Function):
+    """``y = x W'^T + b`` with ``W' = weight`` except ``W'[i, index[i, c]] = values[i, c]``.
+    The gradient of ``values`` is the sampled weight gradient (``ops.sampled_grad``); the frozen
+    dense ``weight`` gets none."""
+
+    @staticmethod
+    def forward(ctx, x, weight, values, index, bias):
+        w = weight.scatter(1, index, values.to(weight.dtype))
+        ctx.save_for_backward(x, w, index)
+        ctx.values_dtype = values.dtype
+        return nn.functional.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, index = ctx.saved_tensors
+        gx = gv = gb = None
+        g2 = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[0]:
+            gx = grad @ w.to(grad.dtype)
+        if ctx.needs_input_grad[2]:
+            x2 = x.reshape(-1, x.shape[-1])
+            gv = ops.sampled_grad(g2.to(x2.dtype), x2, index).to(ctx.values_dtype)
+        if ctx.needs_input_grad[4]:
+            gb = g2.sum(0)
+        return gx, None, gv, None, gb
+
+
+class SparseLinear(nn.Module):
+    """A Linear layer that trains only ``values [out, C]`` at ``index [out, C]`` of its weight.
+
+    ``weight`` (buffer) holds the frozen dense pretrained weight, ``values`` (Parameter) the
+    trainable selected entries (optimizer state exists only for them), ``bias`` the usual bias.
+    The backward computes only the sampled weight gradient (SDDMM, ``ops.sampled_grad``).
+    """
+
+    def __init__(self, weight: Tensor, index: Tensor, bias: Optional[Tensor] = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("index", index.to(weight.device, torch.int64).contiguous())
+        self.values = nn.Parameter(self.weight.gather(1, self.index))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, index: Tensor) -> "SparseLinear":
+        return cls(linear.weight, index, linear.bias)
+
+    def dense_weight(self) -> Tensor:
+        return self.weight.scatter(1, self.index, self.values.detach().to(self.weight.dtype))
+
+    def to_linear(self) -> nn.Linear:
+        w = self.weight
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+                lin.bias.requires_grad_(self.bias.requires_grad)
+        return lin
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _SparseLinearFn.apply(x, self.weight, self.values, self.index, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"connections={self.index.shape[1]}, bias={self.bias is not None}")
 
 
 def _counts(model: nn.Module, linears: Dict[str, nn.Linear], head: Optional[str]) -> Dict[str, int]:

@@ -242,3 +242,64 @@ def test_masked_optimizer_grads_and_model_arg():
         MaskedOptimizer(torch.optim.SGD(params, lr=0.1), {})
     # state_dict round trip through the wrapper
     opt.load_state_dict(opt.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# mode="compact": SparseLinear (sampled gradient) and merge
+
+from fisheradaptune.selection import SparseLinear, _SparseLinearFn  # noqa: E402
+
+
+def test_sparse_linear_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(6, 4).double()
+    index = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(4)])
+    sp = SparseLinear.from_linear(lin, index)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, v, b):
+        return _SparseLinearFn.apply(x, sp.weight, v, sp.index, b)
+
+    v = sp.values.detach().clone().requires_grad_(True)
+    b = sp.bias.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(f, (x, v, b))
+    # forward equals the dense Linear before any training
+    torch.testing.assert_close(sp(x), lin(x))
+
+
+def test_compact_matches_mask_and_merge():
+    torch.manual_seed(0)
+    base = Net()
+    sel = select_connections(base, _data(), _loss, budget=0.05, c_min=2)
+    models = {}
+    for mode in ("mask", "compact"):
+        model = Net()
+        model.load_state_dict(base.state_dict())
+        params = sel.apply(model, mode=mode)
+        inner = torch.optim.SGD(params, lr=0.05)
+        opt = MaskedOptimizer(inner, sel) if mode == "mask" else inner
+        for batch in _data(4, seed=2):
+            _loss(model, batch).backward()
+            opt.step()
+            opt.zero_grad()
+        models[mode] = model
+    compact = models["compact"]
+    assert isinstance(compact.fc1, SparseLinear)
+    assert {n for n, p in compact.named_parameters() if p.requires_grad} == {
+        "fc1.values", "fc1.bias", "fc2.values", "fc2.bias", "head.weight", "head.bias"}
+    x = _data(1, seed=5)[0][0]
+    out_compact = compact(x)
+    sel.merge(compact)
+    assert type(compact.fc1) is nn.Linear and type(compact.fc2) is nn.Linear
+    torch.testing.assert_close(compact(x), out_compact)
+    for name in ("fc1", "fc2"):
+        w = getattr(compact, name).weight.detach()
+        keep = _selected_mask(sel, name, w.shape)
+        w0 = getattr(base, name).weight.detach()
+        assert torch.equal(w[~keep], w0[~keep])
+        assert not torch.equal(w[keep], w0[keep])
+        torch.testing.assert_close(w, getattr(models["mask"], name).weight.detach(),
+                                   rtol=1e-5, atol=1e-6)
+    sd = compact.state_dict()
+    assert set(sd) == set(base.state_dict())
+    sel.merge(models["mask"])   # mask mode: nothing to do
