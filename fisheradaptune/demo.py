@@ -48,7 +48,7 @@ class Config:
     labels_per_class: int = 20
 
 
-QUICK = Config(pretrain_steps=250, finetune_steps=150, check_every=15)
+QUICK = Config(pretrain_steps=200, finetune_steps=120, check_every=12)
 LARGE = Config(pretrain_steps=1500, finetune_steps=800, dim=192, depth=6, batch=64, check_every=40)
 
 
