@@ -18,12 +18,12 @@ themselves (buffers are built once, and again only if a weight's storage is repl
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ._wrapping import check_optimizer, share_optimizer
 from .selection import Selection
 
 __all__ = ["MaskedOptimizer"]
@@ -78,9 +78,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, selection: Selection,
                  model: Optional[nn.Module] = None):
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"argument 'optimizer': expected a torch.optim.Optimizer, got "
-                            f"{type(optimizer).__name__}")
+        check_optimizer(optimizer)
         if not isinstance(selection, Selection):
             raise TypeError(f"argument 'selection': expected a Selection, got "
                             f"{type(selection).__name__}")
@@ -94,15 +92,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
                                  "first, or pass model=")
         self.optimizer = optimizer
         self.selection = selection
-        # Shared, not copied: schedulers and users see one set of param_groups.
-        self.defaults = optimizer.defaults
-        self.state = optimizer.state
-        self.param_groups = optimizer.param_groups
-        for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
-                      "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
-                      "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
-            setattr(self, hooks, OrderedDict())
-        self._patch_step_function()
+        share_optimizer(self, optimizer)
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self.masked: List[_Masked] = [
             _Masked(n, w, selection.index[n]) for n, w in weights.items() if id(w) in in_opt]

@@ -16,7 +16,6 @@ Fisher and a reference EMA), and a policy freezes the groups that have settled (
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from . import fisher as fisher_mod
 from . import groups as groups_mod
 from . import ops
+from ._wrapping import check_optimizer, share_optimizer
 from .adaptune import Context, DriftTracker, PaperPolicy, Policy, Threshold
 from .groups import GroupLayout
 
@@ -131,9 +131,7 @@ class FisherAdapTune(torch.optim.Optimizer):
                  drift: str = "mass", fisher_decay: float = 0.9, reference_decay: float = 0.9,
                  score_decay: float = 0.9, check_every: int = 100,
                  policy: Optional[Policy] = None, drift_kwargs: Optional[dict] = None):
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError("argument 'optimizer': expected a torch.optim.Optimizer, got "
-                            f"{type(optimizer).__name__}")
+        check_optimizer(optimizer)
         if isinstance(optimizer, FisherAdapTune):
             raise ValueError("argument 'optimizer': already a FisherAdapTune")
         if model is not None and not isinstance(model, nn.Module):
@@ -161,15 +159,7 @@ class FisherAdapTune(torch.optim.Optimizer):
                             f"{type(policy).__name__}")
 
         self.optimizer = optimizer
-        # Shared, not copied: schedulers and users see one set of param_groups.
-        self.defaults = optimizer.defaults
-        self.state = optimizer.state
-        self.param_groups = optimizer.param_groups
-        for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
-                      "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
-                      "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
-            setattr(self, hooks, OrderedDict())
-        self._patch_step_function()
+        share_optimizer(self, optimizer)
 
         named = self._named_params(optimizer, model)
         self.names = [n for n, _ in named]
