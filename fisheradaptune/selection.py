@@ -258,9 +258,13 @@ class Selection:
         """
         if mode not in MODES:
             raise ValueError(f"argument 'mode': expected one of {MODES}, got {mode!r}")
-        if mode == "compact":
-            return self._apply_compact(model)
         mods = self._modules(model)
+        head = None
+        if self.train_head and self.head is not None:
+            # Checked before anything is changed.
+            head = dict(model.named_modules()).get(self.head)
+            if head is None:
+                raise ValueError(f"argument 'model': it has no head module {self.head!r}")
         for p in model.parameters():
             p.requires_grad_(False)
         params: List[Tensor] = []
@@ -274,45 +278,19 @@ class Selection:
 
         self._weights = {}
         for n, m in mods.items():
+            if mode == "compact":
+                m = SparseLinear.from_linear(m, self.index[n])
+                _set_module(model, n, m)
+                trained = m.values
+            else:
+                trained = m.weight
+                if self.c[n] > 0:
+                    self._weights[n] = m.weight
             if self.c[n] > 0:
-                self._weights[n] = m.weight
-                add(m.weight)
+                add(trained)
             if self.train_bias:
                 add(m.bias)
-        if self.train_head and self.head is not None:
-            head = dict(model.named_modules()).get(self.head)
-            if head is None:
-                raise ValueError(f"argument 'model': it has no head module {self.head!r}")
-            for p in head.parameters():
-                add(p)
-        return params
-
-
-    def _apply_compact(self, model: nn.Module) -> List[Tensor]:
-        mods = self._modules(model)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        params: List[Tensor] = []
-        seen = set()
-
-        def add(p):
-            if p is not None and id(p) not in seen:
-                seen.add(id(p))
-                p.requires_grad_(True)
-                params.append(p)
-
-        self._weights = {}
-        for n, m in mods.items():
-            sparse = SparseLinear.from_linear(m, self.index[n])
-            _set_module(model, n, sparse)
-            if self.c[n] > 0:
-                add(sparse.values)
-            if self.train_bias:
-                add(sparse.bias)
-        if self.train_head and self.head is not None:
-            head = dict(model.named_modules()).get(self.head)
-            if head is None:
-                raise ValueError(f"argument 'model': it has no head module {self.head!r}")
+        if head is not None:
             for p in head.parameters():
                 add(p)
         return params
