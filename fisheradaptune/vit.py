@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["prune_merge", "unpatch", "PruneMergeHandle", "cls_attention"]
+__all__ = ["prune_merge", "unpatch", "sparse_layers", "PruneMergeHandle", "cls_attention"]
 
 _ATTR = "_fisheradaptune_prune_merge"
 _SUPPORTED_POOLS = ("token", "avg", "")
@@ -327,9 +327,37 @@ def _check_fraction(v, where: str) -> float:
 # Public API
 
 
-def prune_merge(model: nn.Module, keep: KeepArg = 0.7, layers: Sequence[int] = (3, 6, 9), *,
-                normalize: bool = True, num_protected: Union[int, str] = "auto",
-                detach_scores: bool = False) -> PruneMergeHandle:
+def sparse_layers(model: nn.Module, selection, count: int = 3) -> Tuple[int, ...]:
+    """TR-PTS "sparse insertion" (SPEC section 6): the ``count`` blocks holding the fewest
+    selected parameters of ``selection`` (a :class:`fisheradaptune.selection.Selection`), ties
+    to the earlier block. The last block is never chosen: reducing tokens after it saves no
+    block computation."""
+    if not (isinstance(count, int) and count >= 1):
+        raise ValueError(f"fisheradaptune.vit.sparse_layers: argument 'count': expected an int >= 1, "
+                         f"got {count!r}")
+    index = getattr(selection, "index", None)
+    if not isinstance(index, dict):
+        raise TypeError("fisheradaptune.vit.sparse_layers: argument 'selection': expected a "
+                        f"fisheradaptune.selection.Selection, got {type(selection).__name__}")
+    blocks = _family(model).blocks(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    prefixes = [names[id(b)] + "." for b in blocks]
+    selected = [0] * len(blocks)
+    for module, idx in index.items():
+        for i, prefix in enumerate(prefixes):
+            if module.startswith(prefix):
+                selected[i] += idx.numel()
+    candidates = list(range(len(blocks) - 1))
+    if count > len(candidates):
+        raise ValueError(f"fisheradaptune.vit.sparse_layers: argument 'count': the model has "
+                         f"{len(candidates)} blocks before its last, got {count}")
+    return tuple(sorted(sorted(candidates, key=lambda i: (selected[i], i))[:count]))
+
+
+def prune_merge(model: nn.Module, keep: KeepArg = 0.7,
+                layers: Union[Sequence[int], str] = (3, 6, 9), *, normalize: bool = True,
+                num_protected: Union[int, str] = "auto", detach_scores: bool = False,
+                selection=None, sparse_count: int = 3) -> PruneMergeHandle:
     """Prune and merge tokens after the blocks ``layers`` of a timm or torchvision ViT.
 
     Args:
@@ -338,7 +366,9 @@ def prune_merge(model: nn.Module, keep: KeepArg = 0.7, layers: Sequence[int] = (
         keep: fraction of the current non-protected tokens kept at each chosen block
             (``ceil(keep * (N - P))``), or a callable ``step -> fraction`` advanced with
             ``handle.set_step``.
-        layers: indices of the blocks after which tokens are reduced (EViT: 3, 6, 9 of 12).
+        layers: indices of the blocks after which tokens are reduced (EViT: 3, 6, 9 of 12),
+            or ``"sparse"``: the ``sparse_count`` blocks with the fewest parameters selected by
+            ``selection`` (TR-PTS; see :func:`sparse_layers`).
         normalize: fused token ``sum w x / sum w`` (default) or EViT's plain ``sum w x``.
         num_protected: leading tokens never pruned; ``"auto"`` = timm's
             ``num_prefix_tokens`` (class + distillation + register tokens), 1 for torchvision.
@@ -352,6 +382,14 @@ def prune_merge(model: nn.Module, keep: KeepArg = 0.7, layers: Sequence[int] = (
                          "call fisheradaptune.vit.unpatch(model) first")
     family = _family(model)
     blocks = family.blocks(model)
+    if isinstance(layers, str):
+        if layers != "sparse":
+            raise ValueError("fisheradaptune.vit.prune_merge: argument 'layers': expected block "
+                             f"indices or \"sparse\", got {layers!r}")
+        if selection is None:
+            raise ValueError("fisheradaptune.vit.prune_merge: argument 'selection': "
+                             "layers=\"sparse\" needs the TR-PTS selection")
+        layers = sparse_layers(model, selection, sparse_count)
     try:
         idx = tuple(sorted({int(i) for i in layers}))
     except (TypeError, ValueError):
