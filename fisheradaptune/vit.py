@@ -52,7 +52,8 @@ from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["prune_merge", "unpatch", "sparse_layers", "PruneMergeHandle", "cls_attention"]
+__all__ = ["prune_merge", "unpatch", "handle_of", "sparse_layers", "PruneMergeHandle",
+           "cls_attention"]
 
 _ATTR = "_fisheradaptune_prune_merge"
 _SUPPORTED_POOLS = ("token", "avg", "")
@@ -197,6 +198,11 @@ class PruneMergeHandle:
         self.keep_fraction = 1.0
         self.step = 0
         self.sizes: Optional[Tensor] = None
+        # Opt-in (for inspection, e.g. plotting which patches survive): with record=True, each
+        # forward leaves in `kept_patches` the original patch index of every non-protected token
+        # still present at the end, [B, tokens], -1 for fused tokens.
+        self.record = False
+        self.kept_patches: Optional[Tensor] = None
         self._saved: List[Tuple[nn.Module, str, bool, object]] = []  # (obj, attr, had, old)
         self._hooks = []
         self._removed = False
@@ -223,6 +229,7 @@ class PruneMergeHandle:
 
     def _reset(self, module, args):
         self.sizes = None
+        self.kept_patches = None
 
     def _reduce(self, block: nn.Module, x_in: Tensor, y: Tensor) -> Tensor:
         b, n, _ = y.shape
@@ -238,9 +245,16 @@ class PruneMergeHandle:
         sizes = self.sizes
         if sizes is not None and (sizes.shape[0] != b or sizes.shape[1] != n):
             sizes = None
-        out, _, out_sizes = ops.token_prune_merge(y, scores.float(), keep, num_protected=p,
-                                                  sizes=sizes, normalize=self.normalize)
+        out, kept, out_sizes = ops.token_prune_merge(y, scores.float(), keep, num_protected=p,
+                                                     sizes=sizes, normalize=self.normalize)
         self.sizes = out_sizes
+        if self.record:
+            origin = self.kept_patches
+            if origin is None or origin.shape != (b, n - p):
+                origin = torch.arange(n - p, device=y.device).expand(b, n - p)
+            survivors = origin.gather(1, kept)
+            fused = survivors.new_full((b, out.shape[1] - p - keep), -1)
+            self.kept_patches = torch.cat([survivors, fused], dim=1)
         return out
 
     def _pool_weights(self, x: Tensor) -> Tensor:
@@ -411,6 +425,11 @@ def prune_merge(model: nn.Module, keep: KeepArg = 0.7,
     handle = PruneMergeHandle(model, family, keep, idx, normalize, num_protected, detach_scores)
     handle._install(blocks)
     return handle
+
+
+def handle_of(model: nn.Module) -> Optional[PruneMergeHandle]:
+    """The :class:`PruneMergeHandle` patching ``model``, or None."""
+    return model.__dict__.get(_ATTR)
 
 
 def unpatch(model: nn.Module) -> None:

@@ -68,3 +68,35 @@ def test_sparse_layers_errors():
         fat.vit.sparse_layers(model, sel, count=4)
     with pytest.raises(TypeError, match="selection"):
         fat.vit.sparse_layers(model, {"blocks.0.mlp.fc1": torch.zeros(1, 1)}, count=1)
+
+
+def test_record_kept_patches_follows_tokens_through_reductions():
+    torch.manual_seed(0)
+    model = TinyViT(depth=4).eval()
+    x = torch.randn(3, 1, 16, 16)
+    handle = fat.vit.prune_merge(model, keep=0.5, layers=(1,))
+    assert fat.vit.handle_of(model) is handle
+    handle.record = True
+    with torch.no_grad():
+        # The scores the hook uses after block 1: the CLS row of block 1 on its input.
+        feats = model.patch_embed(x)
+        feats = torch.cat([model.cls_token.expand(3, -1, -1), feats], 1) + model.pos_embed
+        block_in = model.blocks[0](feats)
+        row = fat.vit.cls_attention(model, model.blocks[1], block_in)[:, 1:]
+        model(x)
+    kept = handle.kept_patches
+    assert kept.shape == (3, 8 + 1) and bool((kept[:, -1] == -1).all())
+    expected = torch.sort(torch.topk(row, 8, dim=1).indices, dim=1).values
+    assert torch.equal(kept[:, :8], expected)
+    # A second reduction keeps a subset of the survivors (or the fused token, -1).
+    handle.remove()
+    handle = fat.vit.prune_merge(model, keep=0.5, layers=(1, 2))
+    handle.record = True
+    with torch.no_grad():
+        model(x)
+    second = handle.kept_patches
+    assert second.shape == (3, 5 + 1)
+    for b in range(3):
+        assert set(second[b].tolist()) <= set(kept[b].tolist())
+    handle.remove()
+    assert fat.vit.handle_of(model) is None
