@@ -7,7 +7,8 @@ fine-tuned on a shifted style with few labels (see :mod:`fisheradaptune.data`). 
 scored on in-distribution (ID) accuracy and zero-shot transfer accuracy under held-out shifts
 (mean over noise, blur, rotation, inversion), with trainable or active parameters, wall time
 and training-state memory, as mean ± std over seeds. Writes a JSON of every figure, the
-drift/freeze plot of a FisherAdapTune run and prints the table.
+drift/freeze plot of a FisherAdapTune run and the patches kept by TR-PTS token reduction on a
+few test images, and prints the table.
 """
 from __future__ import annotations
 
@@ -293,7 +294,42 @@ def finetune(name: str, base: TinyViT, cfg: Config, task, seed: int, device: tor
     if isinstance(opt, fat.FisherAdapTune):
         out["active_fraction"] = opt.active_fraction
         out["_opt"] = opt
+    out["_model"] = model
     return out
+
+
+def plot_kept_tokens(model: nn.Module, task, path: str, n_images: int = 6) -> None:
+    """Show which patches survive the token reductions on a few test images (red = merged)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    handle = fat.vit.handle_of(model)
+    device = next(model.parameters()).device
+    x = task.test[0][:n_images].to(device)
+    handle.record = True
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    model.train()
+    handle.record = False
+    kept = handle.kept_patches.cpu()
+    patch = model.patch_embed.proj.kernel_size[0]
+    side = x.shape[-1] // patch
+    fig, axes = plt.subplots(1, n_images, figsize=(2 * n_images, 2.3))
+    for i, ax in enumerate(axes):
+        merged = torch.ones(side * side, dtype=torch.bool)
+        merged[kept[i][kept[i] >= 0]] = False
+        merged = merged.view(side, side).repeat_interleave(patch, 0).repeat_interleave(patch, 1)
+        rgb = x[i, 0].cpu().clamp(0, 1).unsqueeze(-1).repeat(1, 1, 3)
+        tint = torch.tensor([0.8, 0.1, 0.1])
+        rgb[merged] = 0.45 * rgb[merged] + 0.55 * tint  # merged patches in red
+        ax.imshow(rgb.numpy())
+        ax.set_title(f"{int((kept[i] >= 0).sum())}/{side * side} kept", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"patches kept after blocks {handle.layers} (keep {handle.keep_fraction})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _fmt(values: List[float], scale: float = 1.0, digits: int = 1) -> str:
@@ -316,7 +352,11 @@ def run(cfg: Config, seeds: int, device: torch.device, out_dir: str,
             if seed == 0 and "_opt" in r and m == "FisherAdapTune (Threshold)":
                 os.makedirs(out_dir, exist_ok=True)
                 r["_opt"].plot(os.path.join(out_dir, "adaptune_drift.png"))
+            if seed == 0 and "_model" in r and fat.vit.handle_of(r["_model"]) is not None:
+                os.makedirs(out_dir, exist_ok=True)
+                plot_kept_tokens(r["_model"], task, os.path.join(out_dir, "kept_tokens.png"))
             r.pop("_opt", None)
+            r.pop("_model", None)
             results[m].append(r)
     return {"results": results, "pretrained_no_finetune": pretrained}
 
@@ -368,7 +408,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     path = os.path.join(args.out, "demo.json")
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
-    print(f"wrote {path} and {os.path.join(args.out, 'adaptune_drift.png')}")
+    print(f"wrote {path}, and the drift/freeze and kept-token plots in {args.out}")
     return record
 
 
