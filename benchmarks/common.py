@@ -139,7 +139,8 @@ def _git(*args: str) -> Optional[str]:
                              timeout=20)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    # Only trailing whitespace: porcelain lines start with a status column that may be a space.
+    return out.stdout.rstrip() if out.returncode == 0 else None
 
 
 def _cpu_name() -> str:
