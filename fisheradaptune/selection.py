@@ -393,6 +393,37 @@ def _counts(model: nn.Module, linears: Dict[str, nn.Linear], head: Optional[str]
     return {"total": total, "bias": bias, "head": head_n}
 
 
+def _process_group_size() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _average_across_ranks(fisher: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """Under an initialised process group, each layer's Fisher averaged over the ranks, so
+    that every rank ranks the same values. Exact for the global Fisher when every rank saw as
+    many calibration samples."""
+    world = _process_group_size()
+    if world == 1:
+        return fisher
+    import torch.distributed as dist
+    out = {}
+    for n in sorted(fisher):  # one order on every rank
+        f = fisher[n].clone()
+        dist.all_reduce(f)
+        out[n] = f / world
+    return {n: out[n] for n in fisher}
+
+
+def _broadcast_from_rank0(index: Dict[str, Tensor]) -> None:
+    """Make rank 0's selection every rank's. The ranks rank identical all-reduced values, so
+    their C_l (the shapes) agree; the broadcast guarantees the indices do too."""
+    if _process_group_size() == 1:
+        return
+    import torch.distributed as dist
+    for n in sorted(index):
+        dist.broadcast(index[n], src=0)
+
+
 def select_connections(model: nn.Module, batches: Iterable, loss_fn: Callable, *,
                        budget: float = 0.005, c_min: int = 1, estimator: str = "per_sample",
                        modules: Optional[Sequence[str]] = None, train_bias: bool = True,
@@ -403,6 +434,10 @@ def select_connections(model: nn.Module, batches: Iterable, loss_fn: Callable, *
     ``modules``: names of ``nn.Linear`` modules (default: every ``nn.Linear`` except the head,
     :func:`fisheradaptune.adapters.find_head`). ``loss_fn(model, batch)`` returns the scalar
     loss; ``estimator`` is one of :data:`fisheradaptune.fisher.ESTIMATORS`.
+
+    Distributed: under an initialised process group (e.g. a DDP-wrapped ``model`` with each
+    rank calibrating on its own shard), the Fisher is averaged over ranks before the top-k and
+    rank 0's indices are broadcast, so every rank trains the same connections.
     """
     budget = _check_budget(budget)
     c_min = _check_c_min(c_min)
@@ -440,7 +475,9 @@ def select_connections(model: nn.Module, batches: Iterable, loss_fn: Callable, *
     finally:
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
-    index, c = select_from_fisher({n: fisher[n] for n in names}, budget, c_min, skip_empty)
+    fisher = _average_across_ranks({n: fisher[n] for n in names})
+    index, c = select_from_fisher(fisher, budget, c_min, skip_empty)
+    _broadcast_from_rank0(index)
     return Selection(index=index, c=c,
                      shapes={n: tuple(int(s) for s in m.weight.shape) for n, m in linears.items()},
                      budget=budget, c_min=c_min, estimator=estimator, skip_empty=skip_empty,

@@ -105,3 +105,44 @@ def test_ddp_without_find_unused_parameters_is_refused(tmp_path):
             make_opt(model, ddp)
     finally:
         dist.destroy_process_group()
+
+
+def make_token_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 12), nn.GELU(), nn.Linear(12, 3))
+
+
+def calibration():
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(8, 5, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(2)]
+
+
+def token_loss(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x).mean(1), y)
+
+
+def _selection_worker(rank, port, out_dir):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        model = make_token_model()
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        half = [(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]) for x, y in calibration()]
+        sel = fat.selection.select_connections(ddp, half, token_loss, budget=0.1, c_min=1)
+        torch.save({n.removeprefix("module."): i for n, i in sel.index.items()},
+                   os.path.join(out_dir, f"sel{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_select_connections_under_ddp_equals_one_process_over_all_shards(tmp_path):
+    mp.spawn(_selection_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    got = [torch.load(tmp_path / f"sel{r}.pt") for r in range(WORLD)]
+    single = fat.selection.select_connections(make_token_model(), calibration(), token_loss,
+                                              budget=0.1, c_min=1)
+    assert set(got[0]) == set(single.index)
+    for n, idx in single.index.items():
+        assert torch.equal(got[0][n], got[1][n]), n      # every rank selects the same
+        assert torch.equal(got[0][n], idx), n            # as one process over all shards
