@@ -455,7 +455,8 @@ class FisherAdapTune(torch.optim.Optimizer):
         ax2.set_xlabel("step")
         ax2.set_ylabel("fraction")
         ax2.set_ylim(0, 1.05)
-        ax2.legend(loc="upper right")
+        if ax2.get_legend_handles_labels()[0]:  # nothing to label before the first check
+            ax2.legend(loc="upper right")
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
