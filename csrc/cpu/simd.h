@@ -9,6 +9,9 @@
 // inside a block, can differ between machines.
 #pragma once
 
+#include <algorithm>
+#include <cstdint>
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 // ISA levels, not CPU models: an "arch=<model>" clone is chosen by CPU model, so an AMD CPU with
 // AVX-512 would silently run the baseline clone. x86-64-v4 is AVX-512 (F/BW/CD/DQ/VL),
@@ -22,3 +25,23 @@
 #define FAT_PRAGMA(x) _Pragma(#x)
 #define FAT_SIMD_REDUCE(...) FAT_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
 #define FAT_SIMD FAT_PRAGMA(omp simd)
+
+namespace fisheradaptune {
+
+// sum_i x[i] * y[i], inputs read as A: A-lanes within blocks of 1024 elements (vectorised),
+// blocks added in double so long rows keep their precision. Deterministic on a given machine.
+template <typename T, typename A>
+FAT_CPU_CLONES A blocked_dot(const T* __restrict x, const T* __restrict y, int64_t n) {
+  constexpr int64_t kBlock = 1024;
+  double total = 0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    A acc = 0;
+    FAT_SIMD_REDUCE(acc)
+    for (int64_t i = b; i < e; ++i) acc += static_cast<A>(x[i]) * static_cast<A>(y[i]);
+    total += static_cast<double>(acc);
+  }
+  return static_cast<A>(total);
+}
+
+}  // namespace fisheradaptune

@@ -20,20 +20,6 @@
 namespace fisheradaptune {
 namespace {
 
-constexpr int64_t kDotBlock = 1024;  // lanes are flushed into a double accumulator every block
-
-template <typename A>
-FAT_CPU_CLONES A dot(const A* __restrict a, const A* __restrict b, int64_t n) {
-  double total = 0;
-  for (int64_t s = 0; s < n; s += kDotBlock) {
-    const int64_t e = std::min(n, s + kDotBlock);
-    A acc = 0;
-    FAT_SIMD_REDUCE(acc)
-    for (int64_t i = s; i < e; ++i) acc += a[i] * b[i];
-    total += static_cast<double>(acc);
-  }
-  return static_cast<A>(total);
-}
 
 at::Tensor sampled_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                             const at::Tensor& index) {
@@ -68,7 +54,7 @@ at::Tensor sampled_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x,
       for (int64_t i = begin; i < end; ++i) {
         const A* gi = g + i * T;
         for (int64_t c = 0; c < C; ++c) {
-          o[i * C + c] = dot<A>(gi, xs + idx[i * C + c] * T, T);
+          o[i * C + c] = blocked_dot<A, A>(gi, xs + idx[i * C + c] * T, T);
         }
       }
     });

@@ -24,7 +24,6 @@ namespace fisheradaptune {
 namespace {
 
 constexpr int64_t kChannelBlock = 512;  // channels per unit of parallel work (forward)
-constexpr int64_t kDotBlock = 1024;     // float lanes are flushed into the accumulator every block
 
 // Selection order: higher score first, NaN above every number, ties to the lower index.
 template <typename A>
@@ -82,19 +81,6 @@ template <typename T, typename A>
 FAT_CPU_CLONES void scale_row(T* __restrict out, const T* __restrict g, A w, int64_t n) {
   FAT_SIMD
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(w * static_cast<A>(g[i]));
-}
-
-template <typename T, typename A>
-FAT_CPU_CLONES A dot(const T* __restrict x, const T* __restrict g, int64_t n) {
-  double total = 0;
-  for (int64_t b = 0; b < n; b += kDotBlock) {
-    const int64_t e = std::min(n, b + kDotBlock);
-    A acc = 0;
-    FAT_SIMD_REDUCE(acc)
-    for (int64_t i = b; i < e; ++i) acc += static_cast<A>(x[i]) * static_cast<A>(g[i]);
-    total += static_cast<double>(acc);
-  }
-  return static_cast<A>(total);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_prune_merge_cpu(
@@ -235,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cpu(
         }
         const T* gf = g + (b * R + R - 1) * C;
         scale_row<T, A>(dst, gf, coef[b * M + i - P], C);
-        dots[b * M + i - P] = dot<T, A>(x + t * C, gf, C);
+        dots[b * M + i - P] = blocked_dot<T, A>(x + t * C, gf, C);
       }
     });
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scores.scalar_type(), "token_scores_grad", [&] {
