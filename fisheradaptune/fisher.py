@@ -63,6 +63,7 @@ class EmpiricalFisher:
         self.fisher: List[Optional[Tensor]] = [None] * len(self.params)
         self._released: set = set()
         self._active_layout: Optional[GroupLayout] = layout
+        self._active = list(range(len(self.params)))
         self.steps = 0
 
     def _buffer(self, i: int) -> Tensor:
@@ -72,12 +73,19 @@ class EmpiricalFisher:
         return self.fisher[i]
 
     def active(self) -> List[int]:
-        return [i for i in range(len(self.params)) if i not in self._released]
+        """Indices of the tensors still tracked (a copy)."""
+        return list(self._active)
+
+    def _released_changed(self) -> None:
+        # Derived once per release/restore rather than on every update.
+        self._active = [i for i in range(len(self.params)) if i not in self._released]
+        if self.layout is not None:
+            self._active_layout = self.layout.subset(self._active)
 
     def update(self, grads: Optional[Sequence[Optional[Tensor]]] = None
                ) -> Tuple[Optional[Tensor], Tensor]:
         """Fold the current gradients in. Returns ``(group_sums, nonfinite)`` (see the op)."""
-        idx = self.active()
+        idx = self._active
         if grads is None:
             grads = [p.grad for p in self.params]
         fisher = [self._buffer(i) for i in idx]
@@ -95,15 +103,13 @@ class EmpiricalFisher:
         for i in indices:
             self._released.add(int(i))
             self.fisher[int(i)] = None
-        if self.layout is not None:
-            self._active_layout = self.layout.subset(self.active())
+        self._released_changed()
 
     def restore(self, indices: Iterable[int]) -> None:
         """Track released tensors again, from a zero Fisher."""
         for i in indices:
             self._released.discard(int(i))
-        if self.layout is not None:
-            self._active_layout = self.layout.subset(self.active())
+        self._released_changed()
 
     def state_dict(self) -> dict:
         return {"fisher": list(self.fisher), "released": sorted(self._released),

@@ -187,6 +187,7 @@ class FisherAdapTune(torch.optim.Optimizer):
         self._partial = _PartialFreeze(self.params, {})
         self._tensor_groups = [self.layout.groups_of(i) for i in range(len(self.params))]
         self._group_segments = [self.layout.segments_of(g) for g in range(G)]
+        self._refresh_active()
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
@@ -226,7 +227,10 @@ class FisherAdapTune(torch.optim.Optimizer):
                 loss = closure()
         self._partial.mask_grads()
         sums, bad = self.estimator.update([p.grad for p in self.params])
-        self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
+        if self._nonfinite is None:
+            self._nonfinite = bad.clone()
+        else:
+            self._nonfinite.add_(bad)  # in place: no allocation per step
         if self.step_count == 0:
             zero = self._group_fisher_sums(sums) == 0
             self._apply(_agreed(self.policy.initial(self._context(zero_fisher=zero)), self.params))
@@ -255,9 +259,18 @@ class FisherAdapTune(torch.optim.Optimizer):
                        group_sizes=self.layout.group_sizes, total_elements=self.total_elements,
                        zero_fisher=zero_fisher)
 
+    def _refresh_active(self) -> None:
+        """What derives from the released set, rebuilt only when it changes: the tensors still
+        tracked, their sub-layout for js_drift, and the groups with elements in them."""
+        self._active = [i for i in range(len(self.params)) if i not in self.released]
+        self._active_layout = self.layout.subset(self._active)
+        self._in_active = torch.zeros(self.layout.num_groups, dtype=torch.bool)
+        for i in self._active:
+            self._in_active[self._tensor_groups[i]] = True
+
     def _check(self) -> None:
         """Score drift of the active tensors' groups, update references, apply the policy."""
-        active = [i for i in range(len(self.params)) if i not in self.released]
+        active = self._active
         snap = self.estimator.snapshot()
         measured = torch.ones(self.layout.num_groups, dtype=torch.bool)
         for i in active:
@@ -267,14 +280,10 @@ class FisherAdapTune(torch.optim.Optimizer):
                 measured[self._tensor_groups[i]] = False
         jsd = torch.zeros(self.layout.num_groups, dtype=torch.float32)
         if active:
-            sub = self.layout.subset(active)
-            jsd = ops.js_drift([snap[i] for i in active], [self.references[i] for i in active], sub,
-                               mode=self.drift_mode, update_reference=self.reference_decay,
-                               **self.drift_kwargs).cpu()
-        in_active = torch.zeros(self.layout.num_groups, dtype=torch.bool)
-        for i in active:
-            in_active[self._tensor_groups[i]] = True
-        self.tracker.record(self.step_count, jsd, measured & in_active, ~self.frozen)
+            jsd = ops.js_drift([snap[i] for i in active], [self.references[i] for i in active],
+                               self._active_layout, mode=self.drift_mode,
+                               update_reference=self.reference_decay, **self.drift_kwargs).cpu()
+        self.tracker.record(self.step_count, jsd, measured & self._in_active, ~self.frozen)
         self._apply(_agreed(self.policy.decide(self._context()), self.params))
 
     # ------------------------------------------------------------------ freezing
@@ -317,6 +326,7 @@ class FisherAdapTune(torch.optim.Optimizer):
                     for b, e in rs:
                         flat[b:e].zero_()
         self._partial = _PartialFreeze(self.params, ranges)
+        self._refresh_active()
 
     def _resolve(self, names: Union[str, Iterable[str]], arg: str) -> Tensor:
         if isinstance(names, str):
@@ -497,7 +507,8 @@ class FisherAdapTune(torch.optim.Optimizer):
                            for i, r in enumerate(a["references"])]
         self.tracker.load_state_dict(a["tracker"])
         self.policy.load_state_dict(a["policy"])
-        self._nonfinite = torch.tensor(int(a["nonfinite"]), dtype=torch.int64)
+        self._nonfinite = torch.tensor(int(a["nonfinite"]), dtype=torch.int64,
+                                       device=self.params[0].device)
         self.optimizer.load_state_dict(state_dict["optimizer"])
 
     def __repr__(self) -> str:
