@@ -66,29 +66,14 @@ FisherAccumulateArgs validate_fisher_accumulate(
   return out;
 }
 
-JsDriftArgs validate_js_drift(at::TensorList current, at::TensorList reference,
-                              const at::Tensor& segments, int64_t num_groups,
-                              c10::string_view drift_mode, int64_t bins, double lower_q,
-                              double upper_q, double min_log_range,
-                              std::optional<double> update_reference) {
-  constexpr const char* op = "js_drift";
+namespace {
+
+// The checks js_drift and the sharded mass ops share: two lists of like tensors and a layout.
+void check_drift_lists(const char* op, at::TensorList current, at::TensorList reference,
+                       const at::Tensor& segments, int64_t num_groups,
+                       std::optional<double> update_reference, JsDriftArgs& out) {
   check_same_length(op, "current", current.size(), "reference", reference.size());
   FAT_CHECK_VALUE(num_groups >= 0, op, "num_groups", "expected >= 0, got ", num_groups);
-  JsDriftArgs out;
-  if (drift_mode == "mass") {
-    out.mode = DriftMode::kMass;
-  } else if (drift_mode == "histogram") {
-    out.mode = DriftMode::kHistogram;
-  } else {
-    FAT_CHECK_VALUE(false, op, "mode", "expected \"mass\" or \"histogram\", got \"",
-                    std::string(drift_mode), "\"");
-  }
-  FAT_CHECK_VALUE(bins >= 2, op, "bins", "expected >= 2, got ", bins);
-  FAT_CHECK_VALUE(0.0 <= lower_q && lower_q < upper_q && upper_q <= 1.0, op,
-                  "lower_q/upper_q", "expected 0 <= lower_q < upper_q <= 1, got ", lower_q,
-                  " and ", upper_q);
-  FAT_CHECK_VALUE(std::isfinite(min_log_range) && min_log_range > 0, op, "min_log_range",
-                  "expected a finite number > 0, got ", min_log_range);
   if (update_reference.has_value()) {
     const double rho = *update_reference;
     FAT_CHECK_VALUE(0.0 <= rho && rho <= 1.0, op, "update_reference",
@@ -115,6 +100,50 @@ JsDriftArgs validate_js_drift(at::TensorList current, at::TensorList reference,
   }
   out.reference.assign(reference.begin(), reference.end());
   out.segments = read_segments(op, "segments", segments, out.numels, num_groups);
+}
+
+}  // namespace
+
+JsDriftArgs validate_js_drift(at::TensorList current, at::TensorList reference,
+                              const at::Tensor& segments, int64_t num_groups,
+                              c10::string_view drift_mode, int64_t bins, double lower_q,
+                              double upper_q, double min_log_range,
+                              std::optional<double> update_reference) {
+  constexpr const char* op = "js_drift";
+  JsDriftArgs out;
+  if (drift_mode == "mass") {
+    out.mode = DriftMode::kMass;
+  } else if (drift_mode == "histogram") {
+    out.mode = DriftMode::kHistogram;
+  } else {
+    FAT_CHECK_VALUE(false, op, "mode", "expected \"mass\" or \"histogram\", got \"",
+                    std::string(drift_mode), "\"");
+  }
+  FAT_CHECK_VALUE(bins >= 2, op, "bins", "expected >= 2, got ", bins);
+  FAT_CHECK_VALUE(0.0 <= lower_q && lower_q < upper_q && upper_q <= 1.0, op,
+                  "lower_q/upper_q", "expected 0 <= lower_q < upper_q <= 1, got ", lower_q,
+                  " and ", upper_q);
+  FAT_CHECK_VALUE(std::isfinite(min_log_range) && min_log_range > 0, op, "min_log_range",
+                  "expected a finite number > 0, got ", min_log_range);
+  check_drift_lists(op, current, reference, segments, num_groups, update_reference, out);
+  return out;
+}
+
+JsDriftArgs validate_js_mass(const char* op, at::TensorList current, at::TensorList reference,
+                             const at::Tensor& segments, int64_t num_groups,
+                             const std::optional<at::Tensor>& totals,
+                             std::optional<double> update_reference) {
+  JsDriftArgs out;
+  check_drift_lists(op, current, reference, segments, num_groups, update_reference, out);
+  if (totals.has_value()) {
+    const at::Tensor& t = *totals;
+    const c10::Device device = current.empty() ? segments.device() : current[0].device();
+    FAT_CHECK_TYPE(t.scalar_type() == at::kDouble, op, "totals", "expected float64, got ",
+                   t.scalar_type());
+    FAT_CHECK_VALUE(t.dim() == 2 && t.size(0) == 2 && t.size(1) == num_groups, op, "totals",
+                    "expected shape [2, ", num_groups, "], got ", t.sizes());
+    check_device(op, "totals", t, device);
+  }
   return out;
 }
 

@@ -43,6 +43,13 @@ JsDriftArgs validate_js_drift(at::TensorList current, at::TensorList reference,
                               double upper_q, double min_log_range,
                               std::optional<double> update_reference);
 
+// js_mass_totals (totals undefined) and js_mass_partial: js_drift's checks in mode "mass", and
+// totals float64 [2, num_groups] on the tensors' device.
+JsDriftArgs validate_js_mass(const char* op, at::TensorList current, at::TensorList reference,
+                             const at::Tensor& segments, int64_t num_groups,
+                             const std::optional<at::Tensor>& totals,
+                             std::optional<double> update_reference);
+
 void validate_per_sample_grad_sq(const at::Tensor& fisher, const at::Tensor& x,
                                  const at::Tensor& grad_out, double scale);
 

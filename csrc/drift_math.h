@@ -27,6 +27,11 @@ FAT_HD T js_term(T p, T q) {
   return s * (a + b) * T(0.25);
 }
 
+// Note [Sharded drift]: the mass distance of a group is sqrt(sum_i js_term(|c_i|/C, |r_i|/R))
+// with C = sum|c|, R = sum|r| over the group. Both sums add over any split of the group's
+// elements, so a group whose elements are spread over ranks (FSDP shards) is scored exactly by
+// all-reducing the totals, then all-reducing the js_term sums computed with the global totals,
+// then taking the root: ops js_mass_totals and js_mass_partial are those two halves.
 // JS^2 (in nats) -> distance, in nats or bits.
 FAT_HD double js_distance(double js_sq, bool base2) {
   const double v = js_sq > 0 ? js_sq : 0.0;

@@ -19,6 +19,18 @@ TORCH_LIBRARY(fisheradaptune, m) {
       "js_drift(Tensor[] current, Tensor(a!)[] reference, Tensor segments, int num_groups, "
       "str drift_mode, int bins, float lower_q, float upper_q, float min_log_range, bool base2, "
       "float? update_reference) -> Tensor");
+  // Sharded mass drift (Note [Sharded drift], csrc/drift_math.h): js_drift's "mass" mode in two
+  // halves whose results add over shards. js_mass_totals gives float64 [2, num_groups]: per
+  // group, sum |current| and sum |reference| over the elements given. js_mass_partial gives
+  // float64 [num_groups]: per group, the sum of JS^2 terms (nats) of the elements given, with
+  // p = |current| / totals[0], q = |reference| / totals[1] (0 where a total is 0), and applies
+  // the reference update as js_drift does.
+  m.def(
+      "js_mass_totals(Tensor[] current, Tensor[] reference, Tensor segments, int num_groups) "
+      "-> Tensor");
+  m.def(
+      "js_mass_partial(Tensor[] current, Tensor(a!)[] reference, Tensor segments, "
+      "int num_groups, Tensor totals, float? update_reference) -> Tensor");
   // fisher[out, in] += scale * sum_n (grad_out[n]^T x[n])**2 for a Linear layer with
   // x [N, T, in] and grad_out [N, T, out]; per-sample gradients exist one tile at a time.
   m.def("per_sample_grad_sq_(Tensor(a!) fisher, Tensor x, Tensor grad_out, float scale) -> ()");

@@ -13,7 +13,8 @@ from torch import Tensor
 
 from .groups import GroupLayout
 
-__all__ = ["fisher_accumulate_", "js_drift", "per_sample_grad_sq_", "token_prune_merge"]
+__all__ = ["fisher_accumulate_", "js_drift", "js_mass_totals", "js_mass_partial", "per_sample_grad_sq_",
+           "token_prune_merge"]
 
 _ops = torch.ops.fisheradaptune
 
@@ -117,6 +118,48 @@ def js_drift(
                          None if update_reference is None else float(update_reference))
 
 
+def js_mass_totals(current: Sequence[Tensor], reference: Sequence[Tensor],
+                   layout: GroupLayout) -> Tensor:
+    """Per group, ``sum |current|`` and ``sum |reference|`` over the elements given: float64
+    ``[2, layout.num_groups]``. The first half of :func:`js_drift`'s ``"mass"`` mode.
+
+    With :func:`js_mass_partial` it scores a group whose elements are spread over several
+    tensors or processes (FSDP shards): both results add over any split of the elements, so
+    sum (all-reduce) the totals, pass them to :func:`js_mass_partial`, sum its results, and
+    ``sqrt`` gives the distance (see Note [Sharded drift] in csrc/drift_math.h and
+    :func:`fisheradaptune.distributed.js_drift`).
+    """
+    current, reference = list(current), list(reference)
+    if not isinstance(layout, GroupLayout):
+        raise TypeError(f"argument 'layout': expected a GroupLayout, got {type(layout).__name__}")
+    layout.check_tensors(current, arg="current")
+    return _ops.js_mass_totals(current, reference, layout.segments, layout.num_groups)
+
+
+def js_mass_partial(current: Sequence[Tensor], reference: Sequence[Tensor], layout: GroupLayout,
+                    totals: Tensor, *, update_reference: Optional[float] = None) -> Tensor:
+    """Per group, the sum of the JS^2 terms (nats) of the elements given, float64
+    ``[layout.num_groups]``, with ``p = |current| / totals[0]`` and
+    ``q = |reference| / totals[1]``; a group with a zero total gives 0. The second half of
+    :func:`js_drift`'s ``"mass"`` mode: with ``totals = js_mass_totals(...)`` over the same
+    tensors, ``sqrt`` of the result is ``js_drift(..., mode="mass")``.
+
+    Args:
+        totals: float64 ``[2, layout.num_groups]`` on the tensors' device, typically
+            :func:`js_mass_totals` summed over shards.
+        update_reference: as in :func:`js_drift`: ``reference = rho * reference +
+            (1 - rho) * current`` after scoring, in the same pass.
+    """
+    current, reference = list(current), list(reference)
+    if not isinstance(layout, GroupLayout):
+        raise TypeError(f"argument 'layout': expected a GroupLayout, got {type(layout).__name__}")
+    if not isinstance(totals, Tensor):
+        raise TypeError(f"argument 'totals': expected a Tensor, got {type(totals).__name__}")
+    layout.check_tensors(current, arg="current")
+    return _ops.js_mass_partial(current, reference, layout.segments, layout.num_groups, totals,
+                                None if update_reference is None else float(update_reference))
+
+
 def per_sample_grad_sq_(fisher: Tensor, x: Tensor, grad_out: Tensor, *, scale: float = 1.0) -> None:
     """Per-sample Fisher of a Linear weight: ``fisher += scale * sum_n (grad_out[n]^T x[n])**2``.
 
@@ -147,6 +190,18 @@ def _js_drift_fake(current, reference, segments, num_groups, drift_mode, bins, l
                    min_log_range, base2, update_reference):
     device = current[0].device if current else segments.device
     return torch.empty(num_groups, dtype=torch.float32, device=device)
+
+
+@torch.library.register_fake("fisheradaptune::js_mass_totals")
+def _js_mass_totals_fake(current, reference, segments, num_groups):
+    device = current[0].device if current else segments.device
+    return torch.empty(2, num_groups, dtype=torch.float64, device=device)
+
+
+@torch.library.register_fake("fisheradaptune::js_mass_partial")
+def _js_mass_partial_fake(current, reference, segments, num_groups, totals, update_reference):
+    device = current[0].device if current else segments.device
+    return torch.empty(num_groups, dtype=torch.float64, device=device)
 
 
 @torch.library.register_fake("fisheradaptune::per_sample_grad_sq_")

@@ -21,9 +21,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from . import fisher as fisher_mod
 from . import groups as groups_mod
-from . import ops
 from ._wrapping import check_optimizer, share_optimizer
 from .adaptune import Context, DriftTracker, PaperPolicy, Policy, Threshold
 from .groups import GroupLayout
@@ -52,13 +52,13 @@ class _PartialFreeze:
         offsets: Dict[Tuple[torch.device, torch.dtype], int] = {}
         sizes: Dict[Tuple[torch.device, torch.dtype], int] = {}
         for i in self.index:
-            p = self.params[i]
+            p = distributed.local(self.params[i])
             key = (p.device, p.dtype)
             sizes[key] = sizes.get(key, 0) + sum(e - b for b, e in self.ranges[i])
         self.buffers = {k: torch.empty(n, dtype=k[1], device=k[0]) for k, n in sizes.items()}
         self._ptrs = []
         for i in self.index:
-            p = self.params[i]
+            p = distributed.local(self.params[i])
             flat = p.detach().view(-1)
             key = (p.device, p.dtype)
             for b, e in self.ranges[i]:
@@ -71,13 +71,13 @@ class _PartialFreeze:
     def _fresh(self) -> None:
         # A user may replace a parameter's storage (e.g. model.to(), load_state_dict(assign)):
         # then the cached views would point at the old storage.
-        if [self.params[i].data_ptr() for i in self.index] != self._ptrs:
+        if [distributed.local(self.params[i]).data_ptr() for i in self.index] != self._ptrs:
             self._build()
 
     def mask_grads(self) -> None:
         views = []
         for i in self.index:
-            g = self.params[i].grad
+            g = distributed.local(self.params[i].grad)
             if g is None:
                 continue
             if not g.is_contiguous():
@@ -124,6 +124,15 @@ class FisherAdapTune(torch.optim.Optimizer):
             ``upper_q``, ``min_log_range``, ``base``).
 
     Only parameters with ``requires_grad`` at construction are tracked.
+
+    Distributed training (see README "Distributed"): under ``DistributedDataParallel`` the
+    gradients are already averaged, so every rank holds the same Fisher; wrap the model with
+    ``find_unused_parameters=True`` (tensors frozen whole stop receiving gradients) and pass it
+    as ``model``. Under FSDP2 (``fully_shard``) each rank tracks its own shards; per-group sums
+    and the JS partial sums are all-reduced, so every rank scores the unsharded drift. In both
+    cases decisions are broadcast from the first rank, so all ranks freeze the same groups.
+    :func:`fisheradaptune.distributed.save` / ``load`` checkpoint the wrapper with
+    ``torch.distributed.checkpoint``.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: Optional[nn.Module] = None, *,
@@ -164,17 +173,24 @@ class FisherAdapTune(torch.optim.Optimizer):
         named = self._named_params(optimizer, model)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        self.sharding = distributed.sharding_of(self.params, self.names)
+        if self.sharding is not None and estimator != "empirical":
+            raise ValueError(f"argument 'estimator': {estimator!r} does not support sharded "
+                             "(FSDP2) parameters; use \"empirical\"")
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self.model = model
         self.layout = groups_mod.build(groups, named, model)
+        # The layout over this rank's shards (the layout itself when nothing is sharded).
+        self.local_layout = distributed.local_layout(self.layout, self.sharding)
         self.drift_mode = drift
         self.drift_kwargs = dict(drift_kwargs or {})
         self.reference_decay = float(reference_decay)
         self.check_every = check_every
         self.policy = policy
         self.estimator_name = estimator
-        self.estimator = fisher_mod.make_estimator(estimator, self.params, self.layout, model,
-                                                   float(fisher_decay))
+        local_params = [distributed.local(p) for p in self.params]
+        self.estimator = fisher_mod.make_estimator(estimator, local_params, self.local_layout,
+                                                   model, float(fisher_decay))
         G = self.layout.num_groups
         self.tracker = DriftTracker(G, float(score_decay))
         self.frozen = torch.zeros(G, dtype=torch.bool)
@@ -187,6 +203,7 @@ class FisherAdapTune(torch.optim.Optimizer):
         self._partial = _PartialFreeze(self.params, {})
         self._tensor_groups = [self.layout.groups_of(i) for i in range(len(self.params))]
         self._group_segments = [self.layout.segments_of(g) for g in range(G)]
+        self._local_segments = [self.local_layout.segments_of(g) for g in range(G)]
         self._refresh_active()
 
     # ------------------------------------------------------------------ construction helpers
@@ -226,14 +243,18 @@ class FisherAdapTune(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._partial.mask_grads()
-        sums, bad = self.estimator.update([p.grad for p in self.params])
+        if self.sharding is None:
+            grads = [p.grad for p in self.params]
+        else:
+            grads = [distributed.local(p.grad) for p in self.params]
+        sums, bad = self.estimator.update(grads)
         if self._nonfinite is None:
             self._nonfinite = bad.clone()
         else:
             self._nonfinite.add_(bad)  # in place: no allocation per step
         if self.step_count == 0:
             zero = self._group_fisher_sums(sums) == 0
-            self._apply(_agreed(self.policy.initial(self._context(zero_fisher=zero)), self.params))
+            self._apply(self._agreed(self.policy.initial(self._context(zero_fisher=zero))))
         self._partial.save()
         self.optimizer.step()
         self._partial.restore()
@@ -244,7 +265,7 @@ class FisherAdapTune(torch.optim.Optimizer):
 
     def _group_fisher_sums(self, sums: Optional[Tensor]) -> Tensor:
         if sums is not None:
-            return sums.detach().cpu()
+            return distributed.all_reduce_(sums.detach().clone(), self.sharding).cpu()
         # kfac: compute from the materialised Fisher.
         snap = self.estimator.snapshot()
         out = torch.zeros(self.layout.num_groups, dtype=torch.float64)
@@ -263,7 +284,8 @@ class FisherAdapTune(torch.optim.Optimizer):
         """What derives from the released set, rebuilt only when it changes: the tensors still
         tracked, their sub-layout for js_drift, and the groups with elements in them."""
         self._active = [i for i in range(len(self.params)) if i not in self.released]
-        self._active_layout = self.layout.subset(self._active)
+        self._active_layout = self.local_layout.subset(self._active)
+        self._active_global_layout = self.layout.subset(self._active)
         self._in_active = torch.zeros(self.layout.num_groups, dtype=torch.bool)
         for i in self._active:
             self._in_active[self._tensor_groups[i]] = True
@@ -280,11 +302,17 @@ class FisherAdapTune(torch.optim.Optimizer):
                 measured[self._tensor_groups[i]] = False
         jsd = torch.zeros(self.layout.num_groups, dtype=torch.float32)
         if active:
-            jsd = ops.js_drift([snap[i] for i in active], [self.references[i] for i in active],
-                               self._active_layout, mode=self.drift_mode,
-                               update_reference=self.reference_decay, **self.drift_kwargs).cpu()
+            jsd = distributed.js_drift(
+                [snap[i] for i in active], [self.references[i] for i in active],
+                self._active_layout, self.sharding, mode=self.drift_mode,
+                update_reference=self.reference_decay, global_layout=self._active_global_layout,
+                tensors=active, **self.drift_kwargs).cpu()
         self.tracker.record(self.step_count, jsd, measured & self._in_active, ~self.frozen)
-        self._apply(_agreed(self.policy.decide(self._context()), self.params))
+        self._apply(self._agreed(self.policy.decide(self._context())))
+
+    def _agreed(self, decision: Tensor) -> Tensor:
+        return distributed.agreed(decision, distributed.local(self.params[0]).device,
+                                  self.sharding)
 
     # ------------------------------------------------------------------ freezing
     def _apply(self, to_freeze: Tensor) -> None:
@@ -300,14 +328,18 @@ class FisherAdapTune(torch.optim.Optimizer):
         ranges: Dict[int, List[Tuple[int, int]]] = {}
         newly_whole = []
         for i, p in enumerate(self.params):
-            frozen_ranges = sorted((b, e) for g in self._tensor_groups[i] if self.frozen[g]
-                                   for t, b, e in self._group_segments[g] if t == i)
-            covered = sum(e - b for b, e in frozen_ranges)
-            if frozen_ranges and covered == p.numel():
+            frozen_groups = [g for g in self._tensor_groups[i] if self.frozen[g]]
+            covered = sum(e - b for g in frozen_groups for t, b, e in self._group_segments[g]
+                          if t == i)
+            if frozen_groups and covered == p.numel():
                 if i not in self.released:
                     newly_whole.append(i)
-            elif frozen_ranges:
-                ranges[i] = _merge(frozen_ranges)
+            elif frozen_groups:
+                # In this rank's coordinates (its shard of the tensor under FSDP2).
+                local_ranges = sorted((b, e) for g in frozen_groups
+                                      for t, b, e in self._local_segments[g] if t == i)
+                if local_ranges:
+                    ranges[i] = _merge(local_ranges)
         for i in newly_whole:
             p = self.params[i]
             p.requires_grad_(False)
@@ -322,7 +354,7 @@ class FisherAdapTune(torch.optim.Optimizer):
             p = self.params[i]
             for v in self.optimizer.state.get(p, {}).values():
                 if isinstance(v, Tensor) and v.shape == p.shape:
-                    flat = v.view(-1)
+                    flat = distributed.local(v).view(-1)
                     for b, e in rs:
                         flat[b:e].zero_()
         self._partial = _PartialFreeze(self.params, ranges)
@@ -372,17 +404,19 @@ class FisherAdapTune(torch.optim.Optimizer):
         return float(self.layout.group_sizes[~self.frozen].sum()) / self.total_elements
 
     def frozen_mask(self, param: Tensor) -> Tensor:
-        """Bool tensor shaped like ``param``: True where frozen."""
+        """Bool tensor shaped like ``param``: True where frozen. For a sharded (FSDP2)
+        parameter, shaped like this rank's shard of it (``param.to_local()``)."""
         i = self._index.get(id(param))
         if i is None:
             raise ValueError("argument 'param': not a parameter tracked by this FisherAdapTune")
-        mask = torch.zeros(param.numel(), dtype=torch.bool, device=param.device)
+        part = distributed.local(param)
+        mask = torch.zeros(part.numel(), dtype=torch.bool, device=part.device)
         for g in self._tensor_groups[i]:
             if self.frozen[g]:
-                for t, b, e in self._group_segments[g]:
+                for t, b, e in self._local_segments[g]:
                     if t == i:
                         mask[b:e] = True
-        return mask.view(param.shape)
+        return mask.view(part.shape)
 
     @property
     def nonfinite(self) -> int:
@@ -472,64 +506,129 @@ class FisherAdapTune(torch.optim.Optimizer):
         plt.close(fig)
 
     # ------------------------------------------------------------------ checkpointing
+    def _meta(self) -> dict:
+        """Everything but the per-tensor Fisher and reference buffers."""
+        est = self.estimator.state_dict()
+        if isinstance(self.estimator, fisher_mod.EmpiricalFisher):
+            est = {k: v for k, v in est.items() if k != "fisher"}  # travels as buffers
+        return {
+            "names": list(self.names),
+            "group_names": list(self.layout.names),
+            "step": self.step_count,
+            "frozen": self.frozen.clone(),
+            "frozen_at": self.frozen_at.clone(),
+            "estimator": est,
+            "tracker": self.tracker.state_dict(),
+            "policy": self.policy.state_dict(),
+            "nonfinite": self.nonfinite,
+        }
+
+    def _fisher_buffers(self) -> List[Optional[Tensor]]:
+        if isinstance(self.estimator, fisher_mod.EmpiricalFisher):
+            return list(self.estimator.fisher)
+        return [None] * len(self.params)
+
+    def _check_meta(self, meta: dict) -> None:
+        if list(meta["group_names"]) != list(self.layout.names) or list(meta["names"]) != self.names:
+            raise ValueError("argument 'state_dict': saved by a FisherAdapTune with other "
+                             "parameters or groups")
+
+    def _set_frozen(self, frozen: Tensor) -> None:
+        """Make exactly ``frozen`` frozen (groups frozen now but not in it are unfrozen)."""
+        thaw = self.frozen & ~frozen
+        if bool(thaw.any()):
+            self.unfreeze([self.layout.names[g] for g in torch.nonzero(thaw).flatten().tolist()])
+        self._apply(frozen.clone())
+
+    def _load(self, meta: dict, fisher: List[Optional[Tensor]],
+              references: List[Optional[Tensor]]) -> None:
+        self._check_meta(meta)
+        self._set_frozen(meta["frozen"])
+        self.frozen_at = meta["frozen_at"].clone()
+        self.step_count = int(meta["step"])
+        est = dict(meta["estimator"])
+        if isinstance(self.estimator, fisher_mod.EmpiricalFisher):
+            est["fisher"] = fisher
+        self.estimator.load_state_dict(est)
+        self.references = [None if (r is None or i in self.released) else
+                           r.to(distributed.local(self.params[i]).device).clone()
+                           for i, r in enumerate(references)]
+        self.tracker.load_state_dict(meta["tracker"])
+        self.policy.load_state_dict(meta["policy"])
+        self._nonfinite = torch.tensor(int(meta["nonfinite"]), dtype=torch.int64,
+                                       device=distributed.local(self.params[0]).device)
+
     def state_dict(self) -> dict:
         """The wrapped optimizer's state plus Fisher, references, scores, history and the
-        frozen set."""
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "adaptune": {
-                "names": list(self.names),
-                "group_names": list(self.layout.names),
-                "step": self.step_count,
-                "frozen": self.frozen.clone(),
-                "frozen_at": self.frozen_at.clone(),
-                "estimator": self.estimator.state_dict(),
-                "references": [None if r is None else r.clone() for r in self.references],
-                "tracker": self.tracker.state_dict(),
-                "policy": self.policy.state_dict(),
-                "nonfinite": self.nonfinite,
-            },
-        }
+        frozen set, for ``torch.save``. Under FSDP2 the Fisher and references are this rank's
+        shards: save one file per rank, or use :func:`fisheradaptune.distributed.save`."""
+        meta = self._meta()
+        est = dict(meta.pop("estimator"))
+        if isinstance(self.estimator, fisher_mod.EmpiricalFisher):
+            est["fisher"] = [None if f is None else f.clone() for f in self._fisher_buffers()]
+        meta["estimator"] = est
+        meta["references"] = [None if r is None else r.clone() for r in self.references]
+        return {"optimizer": self.optimizer.state_dict(), "adaptune": meta}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a :meth:`state_dict`; the model's parameter values are loaded separately."""
-        a = state_dict["adaptune"]
-        if list(a["group_names"]) != list(self.layout.names) or list(a["names"]) != self.names:
-            raise ValueError("argument 'state_dict': saved by a FisherAdapTune with other "
-                             "parameters or groups")
-        self.frozen = torch.zeros_like(self.frozen)
-        self._apply(a["frozen"].clone())
-        self.frozen_at = a["frozen_at"].clone()
-        self.step_count = int(a["step"])
-        self.estimator.load_state_dict(a["estimator"])
-        self.references = [None if (r is None or i in self.released) else
-                           r.to(self.params[i].device).clone()
-                           for i, r in enumerate(a["references"])]
-        self.tracker.load_state_dict(a["tracker"])
-        self.policy.load_state_dict(a["policy"])
-        self._nonfinite = torch.tensor(int(a["nonfinite"]), dtype=torch.int64,
-                                       device=self.params[0].device)
+        a = dict(state_dict["adaptune"])
+        self._check_meta(a)
+        est = a["estimator"]
+        fisher = list(est.get("fisher", [None] * len(self.params)))
+        self._load(a, fisher, list(a["references"]))
         self.optimizer.load_state_dict(state_dict["optimizer"])
+
+    # The three methods below serve fisheradaptune.distributed.save/load: per-tensor buffers are
+    # keyed by parameter name (DTensors under FSDP2, so DCP saves each shard once and can
+    # reshard), the rest travels as one opaque item.
+    def distributed_state_dict(self) -> dict:
+        """This wrapper's state (not the wrapped optimizer's) for ``torch.distributed.checkpoint``."""
+        def named(buffers):
+            return {self.names[i]: self._global(i, b) for i, b in enumerate(buffers)
+                    if b is not None}
+        meta = self._meta()
+        meta["has_fisher"] = [b is not None for b in self._fisher_buffers()]
+        meta["has_reference"] = [r is not None for r in self.references]
+        return {"meta": distributed._pack(meta), "fisher": named(self._fisher_buffers()),
+                "reference": named(self.references)}
+
+    def distributed_template(self, packed_meta: bytes) -> dict:
+        """Apply the saved frozen set, and return a template shaped like the saved
+        :meth:`distributed_state_dict` for DCP to fill."""
+        meta = distributed._unpack(packed_meta)
+        self._check_meta(meta)
+        self._set_frozen(meta["frozen"])
+
+        def zeros(flags):
+            out = {}
+            for i, present in enumerate(flags):
+                if present:
+                    part = distributed.local(self.params[i])
+                    out[self.names[i]] = self._global(
+                        i, torch.zeros(part.shape, dtype=torch.float32, device=part.device))
+            return out
+        return {"meta": b"", "fisher": zeros(meta["has_fisher"]),
+                "reference": zeros(meta["has_reference"])}
+
+    def load_distributed_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`distributed_state_dict` gave (after DCP filled a template)."""
+        meta = distributed._unpack(state["meta"])
+
+        def buffers(named):
+            return [None if n not in named else self._local(i, named[n])
+                    for i, n in enumerate(self.names)]
+        self._load(meta, buffers(state["fisher"]), buffers(state["reference"]))
+
+    def _global(self, i: int, buffer: Tensor) -> Tensor:
+        return buffer if self.sharding is None else self.sharding.to_global(i, buffer)
+
+    def _local(self, i: int, value: Tensor) -> Tensor:
+        return value if self.sharding is None else self.sharding.to_local(i, value)
 
     def __repr__(self) -> str:
         return (f"FisherAdapTune({type(self.optimizer).__name__}, {self.layout}, "
                 f"active_fraction={self.active_fraction:.3f}, policy={self.policy})")
-
-
-def _agreed(decision: Tensor, params: List[Tensor]) -> Tensor:
-    """The policy's decision as rank 0 made it, on every rank of an initialised process group.
-
-    Under DDP every rank sees the same averaged gradients and so computes the same decision;
-    broadcasting it anyway (a few bytes, only at decision steps) makes agreement a guarantee
-    rather than a consequence of bitwise-identical arithmetic on every rank.
-    """
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return decision
-    device = params[0].device if dist.get_backend() == "nccl" else torch.device("cpu")
-    flags = decision.to(device=device, dtype=torch.uint8)
-    dist.broadcast(flags, src=0)
-    return flags.to("cpu", torch.bool)
 
 
 def _merge(ranges: List[Tuple[int, int]]) -> List[Tuple[int, int]]:

@@ -13,8 +13,8 @@ from torch import Tensor
 
 from .groups import GroupLayout
 
-__all__ = ["fisher_accumulate_", "js_drift", "per_sample_grad_sq_", "js_distance", "log_quantile",
-           "token_prune_merge"]
+__all__ = ["fisher_accumulate_", "js_drift", "js_mass_totals", "js_mass_partial",
+           "per_sample_grad_sq_", "js_distance", "log_quantile", "token_prune_merge"]
 
 
 def _group_values(tensors: Sequence[Tensor], layout: GroupLayout, g: int) -> Tensor:
@@ -103,6 +103,37 @@ def js_drift(current: Sequence[Tensor], reference: Sequence[Tensor], layout: Gro
             ref.copy_(rho * ref + (1.0 - rho) * cur)
     device = current[0].device if len(current) else torch.device("cpu")
     return torch.tensor(out, dtype=torch.float32, device=device)
+
+
+def js_mass_totals(current: Sequence[Tensor], reference: Sequence[Tensor],
+                   layout: GroupLayout) -> Tensor:
+    """Reference of :func:`fisheradaptune.ops.js_mass_totals`."""
+    rows = [[float(_group_values(side, layout, g).abs().sum()) for g in range(layout.num_groups)]
+            for side in (current, reference)]
+    device = current[0].device if len(current) else torch.device("cpu")
+    return torch.tensor(rows, dtype=torch.float64, device=device).reshape(2, layout.num_groups)
+
+
+def js_mass_partial(current: Sequence[Tensor], reference: Sequence[Tensor], layout: GroupLayout,
+                    totals: Tensor, *, update_reference: Optional[float] = None) -> Tensor:
+    """Reference of :func:`fisheradaptune.ops.js_mass_partial`: per group, the sum over the
+    given elements of ``p log(2p/(p+q)) / 2 + q log(2q/(p+q)) / 2`` (JS^2 terms, nats)."""
+    t = totals.detach().double().cpu()
+    out = []
+    for g in range(layout.num_groups):
+        if not (t[0, g] > 0 and t[1, g] > 0):
+            out.append(0.0)
+            continue
+        p = _group_values(current, layout, g).abs() / t[0, g]
+        q = _group_values(reference, layout, g).abs() / t[1, g]
+        m = 0.5 * (p + q)
+        out.append(float(0.5 * (torch.xlogy(p, p / m).nansum() + torch.xlogy(q, q / m).nansum())))
+    if update_reference is not None:
+        rho = float(update_reference)
+        for cur, ref in zip(current, reference):
+            ref.copy_(rho * ref + (1.0 - rho) * cur)
+    device = current[0].device if len(current) else torch.device("cpu")
+    return torch.tensor(out, dtype=torch.float64, device=device)
 
 
 def per_sample_grad_sq_(fisher: Tensor, x: Tensor, grad_out: Tensor, *, scale: float = 1.0) -> None:

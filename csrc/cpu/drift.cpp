@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -132,15 +133,13 @@ FAT_CPU_CLONES void ema_chunk(S* ref, const S* cur, int64_t n, S rho) {
   for (int64_t i = 0; i < n; ++i) ref[i] = rho * ref[i] + (S(1) - rho) * cur[i];
 }
 
-// Mass mode: p_i = |c_i| / sum|c|, q_i = |r_i| / sum|r| over each group's elements. The
-// reference update (if any) is fused into the scoring pass, after each element is read.
+// Mass mode, second half: per group, the sum of js_term over the given elements with
+// p_i = |c_i| * ic[g], q_i = |r_i| * ir[g] (groups with a zero total score 0). The reference update
+// (if any) is fused into the scoring pass, after each element is read.
 template <typename S>
-void mass_drift(const JsDriftArgs& a, int64_t G, std::optional<double> rho, bool base2,
-                float* out) {
-  const Plan scored = make_plan(a.segments, a.numels, G, kChunk, /*cover_gaps=*/false);
-  std::vector<double> tc(G, 0.0), tr(G, 0.0);
-  mass_totals<S>(a, scored, tc, tr);
-  const Plan plan = rho ? make_plan(a.segments, a.numels, G, kChunk, /*cover_gaps=*/true) : scored;
+void mass_partial(const JsDriftArgs& a, int64_t G, const double* tc, const double* tr,
+                  std::optional<double> rho, double* out) {
+  const Plan plan = make_plan(a.segments, a.numels, G, kChunk, /*cover_gaps=*/rho.has_value());
   std::vector<double> partial(plan.chunks.size(), 0.0);
   at::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
@@ -149,8 +148,7 @@ void mass_drift(const JsDriftArgs& a, int64_t G, std::optional<double> rho, bool
       const S* x = cptr<S>(a.current[c.tensor], c);
       S* y = a.reference[c.tensor].data_ptr<S>() + c.begin;
       if (c.group >= 0 && tc[c.group] > 0 && tr[c.group] > 0) {
-        const double ic = 1.0 / tc[c.group], ir = 1.0 / tr[c.group];
-        partial[k] = js_sum(x, y, n, ic, ir);
+        partial[k] = js_sum(x, y, n, 1.0 / tc[c.group], 1.0 / tr[c.group]);
       }
       if (rho) ema_chunk<S>(y, x, n, static_cast<S>(*rho));
     }
@@ -160,7 +158,21 @@ void mass_drift(const JsDriftArgs& a, int64_t G, std::optional<double> rho, bool
     for (int64_t k = plan.group_offsets[g]; k < plan.group_offsets[g + 1]; ++k) {
       s += partial[plan.group_chunks[k]];
     }
-    out[g] = (tc[g] > 0 && tr[g] > 0) ? static_cast<float>(js_distance(s, base2)) : 0.f;
+    out[g] = s;
+  }
+}
+
+// Mass mode: p_i = |c_i| / sum|c|, q_i = |r_i| / sum|r| over each group's elements: the two
+// halves the sharded ops expose, then the distance.
+template <typename S>
+void mass_drift(const JsDriftArgs& a, int64_t G, std::optional<double> rho, bool base2,
+                float* out) {
+  const Plan scored = make_plan(a.segments, a.numels, G, kChunk, /*cover_gaps=*/false);
+  std::vector<double> tc(G, 0.0), tr(G, 0.0), js(G, 0.0);
+  mass_totals<S>(a, scored, tc, tr);
+  mass_partial<S>(a, G, tc.data(), tr.data(), rho, js.data());
+  for (int64_t g = 0; g < G; ++g) {
+    out[g] = (tc[g] > 0 && tr[g] > 0) ? static_cast<float>(js_distance(js[g], base2)) : 0.f;
   }
 }
 
@@ -240,6 +252,10 @@ void histogram_drift(const JsDriftArgs& a, int64_t G, int64_t bins, double lower
   });
 }
 
+at::ScalarType state_dtype(const JsDriftArgs& a) {
+  return a.reference.empty() ? at::kFloat : a.reference[0].scalar_type();
+}
+
 at::Tensor js_drift_cpu(at::TensorList current, at::TensorList reference, const at::Tensor& segments,
                         int64_t num_groups, c10::string_view drift_mode, int64_t bins, double lower_q,
                         double upper_q, double min_log_range, bool base2,
@@ -248,8 +264,7 @@ at::Tensor js_drift_cpu(at::TensorList current, at::TensorList reference, const 
                                           lower_q, upper_q, min_log_range, update_reference);
   at::Tensor out = at::empty({num_groups}, segments.options().dtype(at::kFloat).device(at::kCPU));
   float* o = out.data_ptr<float>();
-  const at::ScalarType dtype = a.reference.empty() ? at::kFloat : a.reference[0].scalar_type();
-  AT_DISPATCH_FLOATING_TYPES(dtype, "js_drift_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(state_dtype(a), "js_drift_cpu", [&] {
     if (a.mode == DriftMode::kMass) {
       mass_drift<scalar_t>(a, num_groups, update_reference, base2, o);
     } else {
@@ -270,8 +285,42 @@ at::Tensor js_drift_cpu(at::TensorList current, at::TensorList reference, const 
   return out;
 }
 
+at::Tensor js_mass_totals_cpu(at::TensorList current, at::TensorList reference,
+                              const at::Tensor& segments, int64_t num_groups) {
+  const JsDriftArgs a = validate_js_mass("js_mass_totals", current, reference, segments,
+                                         num_groups, std::nullopt, std::nullopt);
+  at::Tensor out = at::zeros({2, num_groups}, segments.options().dtype(at::kDouble).device(at::kCPU));
+  std::vector<double> tc(num_groups, 0.0), tr(num_groups, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(state_dtype(a), "js_mass_totals_cpu", [&] {
+    mass_totals<scalar_t>(a, make_plan(a.segments, a.numels, num_groups, kChunk, false), tc, tr);
+  });
+  double* o = out.data_ptr<double>();
+  std::copy(tc.begin(), tc.end(), o);
+  std::copy(tr.begin(), tr.end(), o + num_groups);
+  return out;
+}
+
+at::Tensor js_mass_partial_cpu(at::TensorList current, at::TensorList reference,
+                               const at::Tensor& segments, int64_t num_groups,
+                               const at::Tensor& totals, std::optional<double> update_reference) {
+  const JsDriftArgs a = validate_js_mass("js_mass_partial", current, reference, segments,
+                                         num_groups, totals, update_reference);
+  const at::Tensor t = totals.contiguous();
+  at::Tensor out = at::empty({num_groups}, segments.options().dtype(at::kDouble).device(at::kCPU));
+  const double* tc = t.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(state_dtype(a), "js_mass_partial_cpu", [&] {
+    mass_partial<scalar_t>(a, num_groups, tc, tc + num_groups, update_reference,
+                           out.data_ptr<double>());
+  });
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisheradaptune, CPU, m) { m.impl("js_drift", &js_drift_cpu); }
+TORCH_LIBRARY_IMPL(fisheradaptune, CPU, m) {
+  m.impl("js_drift", &js_drift_cpu);
+  m.impl("js_mass_totals", &js_mass_totals_cpu);
+  m.impl("js_mass_partial", &js_mass_partial_cpu);
+}
 
 }  // namespace fisheradaptune

@@ -201,63 +201,105 @@ struct MassScoreOp {
   }
 };
 
-struct MassFinishOp {
+// Per group: the sum of its chunks' js_term partials (the sharded ops' second half).
+struct MassGroupSumOp {
   const double* partials;
   const int64_t* offsets;
+  double* js;
+  __device__ void operator()(int64_t g) const {
+    const double s = mt::slot_sum(partials, offsets[g], offsets[g + 1]);
+    if (threadIdx.x == 0) js[g] = s;
+  }
+};
+
+struct MassFinishOp {
+  const double* js;
   const double* tc;
   const double* tr;
   float* out;
   bool base2;
   __device__ void operator()(int64_t g) const {
-    const double s = mt::slot_sum(partials, offsets[g], offsets[g + 1]);
     if (threadIdx.x == 0) {
-      out[g] = (tc[g] > 0 && tr[g] > 0) ? static_cast<float>(js_distance(s, base2)) : 0.f;
+      out[g] = (tc[g] > 0 && tr[g] > 0) ? static_cast<float>(js_distance(js[g], base2)) : 0.f;
     }
   }
 };
 
-void mass_drift(const JsDriftArgs& a, int64_t G, std::optional<double> rho, bool base2,
-                const at::Tensor& out, cudaStream_t stream) {
-  const c10::Device device = out.device();
-  const bool update = rho.has_value();
-  // With an update, gap chunks (group -1) follow the grouped ones; the grouped prefix is the
-  // same either way, so pass 1 runs on that prefix.
-  const Plan plan = make_plan(a.segments, a.numels, G, kChunk, /*cover_gaps=*/update);
+// The chunk table of the mass passes on the device: the grouped chunks in group order, then
+// (with `gaps`, for the reference update) the ungrouped ones. Calls
+// body(table, group_offsets, num_grouped, count) while the table is alive.
+template <typename Body>
+void with_mass_table(const JsDriftArgs& a, int64_t G, bool gaps, const c10::Device& device,
+                     Body body) {
+  const Plan plan = make_plan(a.segments, a.numels, G, kChunk, /*cover_gaps=*/gaps);
   const int64_t num_grouped = static_cast<int64_t>(plan.group_chunks.size());
   std::vector<DriftChunk> table;
-  for (const int64_t k : mt::group_ordered(plan, /*with_ungrouped=*/update)) {
+  for (const int64_t k : mt::group_ordered(plan, /*with_ungrouped=*/gaps)) {
     const Chunk& c = plan.chunks[k];
     table.push_back(DriftChunk{a.current[c.tensor].const_data_ptr<float>() + c.begin,
                                a.reference[c.tensor].data_ptr<float>() + c.begin,
                                c.end - c.begin, c.group});
   }
-  const int64_t count = static_cast<int64_t>(table.size());
-  if (count == 0 && G == 0) return;
-
   mt::DeviceBundle bundle;
   const int64_t table_at = bundle.add(table);
   const int64_t offsets_at = bundle.add(plan.group_offsets);
   bundle.upload(device);
-  const DriftChunk* tbl = bundle.get<DriftChunk>(table_at);
-  const int64_t* offsets = bundle.get<int64_t>(offsets_at);
+  body(bundle.get<DriftChunk>(table_at), bundle.get<int64_t>(offsets_at), num_grouped,
+       static_cast<int64_t>(table.size()));
+}
 
-  // pc, pr, partials: one per grouped slot; tc, tr: one per group.
-  const at::Tensor scratch = at::empty({3 * num_grouped + 2 * G + 1},
-                                       at::TensorOptions().dtype(at::kDouble).device(device));
-  double* pc = scratch.data_ptr<double>();
-  double* pr = pc + num_grouped;
-  double* partials = pr + num_grouped;
-  double* tc = partials + num_grouped;
+// Mass mode, first half: tc[g] = sum |current|, tr[g] = sum |reference| over each group.
+void mass_totals(const JsDriftArgs& a, int64_t G, double* tc, double* tr,
+                 const c10::Device& device, cudaStream_t stream) {
+  if (G == 0) return;
+  with_mass_table(a, G, /*gaps=*/false, device,
+                  [&](const DriftChunk* tbl, const int64_t* offsets, int64_t num_grouped,
+                      int64_t) {
+    const at::Tensor scratch = at::empty({2 * num_grouped + 1},
+                                         at::TensorOptions().dtype(at::kDouble).device(device));
+    double* pc = scratch.data_ptr<double>();
+    double* pr = pc + num_grouped;
+    mt::launch_chunks(tbl, num_grouped, MassTotalsOp{pc, pr}, stream);
+    mt::launch_groups(G, MassGroupTotalsOp{pc, pr, offsets, tc, tr}, stream);
+  });
+}
+
+// Mass mode, second half: js[g] = the sum of js_term over the group's elements with the
+// totals tc, tr; with rho, also the reference update (every element, after it is scored).
+void mass_partial(const JsDriftArgs& a, int64_t G, const double* tc, const double* tr,
+                  std::optional<double> rho, double* js, const c10::Device& device,
+                  cudaStream_t stream) {
+  const bool update = rho.has_value();
+  with_mass_table(a, G, /*gaps=*/update, device,
+                  [&](const DriftChunk* tbl, const int64_t* offsets, int64_t num_grouped,
+                      int64_t count) {
+    if (count == 0 && G == 0) return;
+    const at::Tensor scratch = at::empty({num_grouped + 1},
+                                         at::TensorOptions().dtype(at::kDouble).device(device));
+    double* partials = scratch.data_ptr<double>();
+    const float rho_f = update ? static_cast<float>(*rho) : 0.f;
+    const float one_minus = 1.f - rho_f;  // in float, as the CPU's (S(1) - rho)
+    mt::launch_chunks(tbl, update ? count : num_grouped,
+                      MassScoreOp{tc, tr, partials, num_grouped, rho_f, one_minus, update},
+                      stream);
+    mt::launch_groups(G, MassGroupSumOp{partials, offsets, js}, stream);
+  });
+}
+
+void mass_drift(const JsDriftArgs& a, int64_t G, std::optional<double> rho, bool base2,
+                const at::Tensor& out, cudaStream_t stream) {
+  const c10::Device device = out.device();
+  // tc, tr, js: one per group.
+  const at::Tensor scratch =
+      at::zeros({3 * G + 1}, at::TensorOptions().dtype(at::kDouble).device(device));
+  double* tc = scratch.data_ptr<double>();
   double* tr = tc + G;
-
-  const float rho_f = update ? static_cast<float>(*rho) : 0.f;
-  const float one_minus = 1.f - rho_f;  // in float, as the CPU's (S(1) - rho)
-  mt::launch_chunks(tbl, num_grouped, MassTotalsOp{pc, pr}, stream);
-  mt::launch_groups(G, MassGroupTotalsOp{pc, pr, offsets, tc, tr}, stream);
-  mt::launch_chunks(tbl, update ? count : num_grouped,
-                    MassScoreOp{tc, tr, partials, num_grouped, rho_f, one_minus, update}, stream);
-  mt::launch_groups(G, MassFinishOp{partials, offsets, tc, tr, out.data_ptr<float>(), base2},
-                    stream);
+  double* js = tr + G;
+  mass_totals(a, G, tc, tr, device, stream);
+  mass_partial(a, G, tc, tr, rho, js, device, stream);
+  if (G > 0) {
+    mt::launch_groups(G, MassFinishOp{js, tc, tr, out.data_ptr<float>(), base2}, stream);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -656,8 +698,49 @@ at::Tensor js_drift_cuda(at::TensorList current, at::TensorList reference,
   return out;
 }
 
+// The device validate_js_mass checked every tensor against, made current.
+c10::Device mass_device(at::TensorList current, const at::Tensor& segments, const char* op) {
+  const c10::Device device = current.empty() ? segments.device() : current[0].device();
+  TORCH_CHECK(device.is_cuda(), "fisheradaptune.", op, ": the CUDA kernel got tensors on ",
+              device);
+  return device;
+}
+
+at::Tensor js_mass_totals_cuda(at::TensorList current, at::TensorList reference,
+                               const at::Tensor& segments, int64_t num_groups) {
+  const JsDriftArgs a = validate_js_mass("js_mass_totals", current, reference, segments,
+                                         num_groups, std::nullopt, std::nullopt);
+  const c10::Device device = mass_device(current, segments, "js_mass_totals");
+  const c10::cuda::CUDAGuard guard(device);
+  at::Tensor out =
+      at::zeros({2, num_groups}, at::TensorOptions().dtype(at::kDouble).device(device));
+  double* o = out.data_ptr<double>();
+  mass_totals(a, num_groups, o, o + num_groups, device, c10::cuda::getCurrentCUDAStream());
+  return out;
+}
+
+at::Tensor js_mass_partial_cuda(at::TensorList current, at::TensorList reference,
+                                const at::Tensor& segments, int64_t num_groups,
+                                const at::Tensor& totals,
+                                std::optional<double> update_reference) {
+  const JsDriftArgs a = validate_js_mass("js_mass_partial", current, reference, segments,
+                                         num_groups, totals, update_reference);
+  const c10::Device device = mass_device(current, segments, "js_mass_partial");
+  const c10::cuda::CUDAGuard guard(device);
+  const at::Tensor t = totals.contiguous();
+  at::Tensor out = at::zeros({num_groups}, at::TensorOptions().dtype(at::kDouble).device(device));
+  const double* tc = t.const_data_ptr<double>();
+  mass_partial(a, num_groups, tc, tc + num_groups, update_reference, out.data_ptr<double>(),
+               device, c10::cuda::getCurrentCUDAStream());
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) { m.impl("js_drift", &js_drift_cuda); }
+TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) {
+  m.impl("js_drift", &js_drift_cuda);
+  m.impl("js_mass_totals", &js_mass_totals_cuda);
+  m.impl("js_mass_partial", &js_mass_partial_cuda);
+}
 
 }  // namespace fisheradaptune

@@ -1,0 +1,301 @@
+"""FisherAdapTune under FSDP2 (``fully_shard``) and checkpoint/resume with
+torch.distributed.checkpoint, with 2 processes on gloo (CPU).
+
+- the sharded drift equals the unsharded drift (mass: all-reduced partial sums; histogram:
+  gathered), for layouts whose groups straddle shard boundaries and span tensors;
+- training under FSDP2 equals one process with the same global batch, and every rank freezes
+  the same groups; shards split unevenly (3 rows over 2 ranks) and slabs cross the boundary;
+- a run saved with ``fisheradaptune.distributed.save`` and resumed with ``load`` into a fresh
+  model and wrapper continues exactly as the uninterrupted run, under DDP and FSDP2.
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fisheradaptune as fat
+from fisheradaptune import distributed as fdist
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available()
+                                or not hasattr(fsdp, "fully_shard"),
+                                reason="needs torch.distributed with gloo and FSDP2")
+
+WORLD, GLOBAL_BATCH = 2, 16
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank, port):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+
+
+def _finish():
+    dist.barrier()  # no rank may tear down gloo while another still talks to it
+    dist.destroy_process_group()
+
+
+def make_model():
+    # 18 rows split in 4 slabs of 5, 5, 4, 4 rows: the slab [5, 10) straddles the shard
+    # boundary at row 9; the head's 3 rows split 2 + 1.
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 18), nn.GELU(), nn.Linear(18, 18), nn.GELU(),
+                         nn.Linear(18, 3))
+
+
+def shard(model):
+    for m in model:
+        if isinstance(m, nn.Linear):
+            fsdp.fully_shard(m)
+    fsdp.fully_shard(model)
+    return model
+
+
+def make_data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)
+
+
+TAU = {"mass": 0.3, "histogram": 0.7}  # histogram distances run higher on this tiny model
+
+
+def make_opt(model, wrapped, drift="mass"):
+    return fat.FisherAdapTune(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05),
+                              wrapped, check_every=3, drift=drift,
+                              policy=fat.Threshold(tau=TAU[drift], patience=1,
+                                                   min_active_fraction=0.2))
+
+
+def train(forward, opt, x, y, steps):
+    for _ in range(steps):
+        nn.functional.cross_entropy(forward(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def full_params(model):
+    out = []
+    for p in model.parameters():
+        out.append((p.full_tensor() if fdist.is_dtensor(p) else p).detach().clone())
+    return out
+
+
+def record(model, opt):
+    return {"params": full_params(model), "frozen": opt.frozen.clone(),
+            "frozen_at": opt.frozen_at.clone(), "jsema": opt.tracker.jsema.clone(),
+            "requires_grad": [p.requires_grad for p in model.parameters()]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The sharded drift equals the unsharded drift
+
+
+def _drift_worker(rank, port, out_dir):
+    _init(rank, port)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+        mesh = init_device_mesh("cpu", (WORLD,))
+        g = torch.Generator().manual_seed(3)
+        shapes = [(18, 5), (3,), (7, 4), (1, 9), (5,)]
+        full_c = [torch.rand(s, generator=g) * torch.exp(2 * torch.randn(s, generator=g))
+                  for s in shapes]
+        full_r = [torch.rand(s, generator=g) for s in shapes]
+        full_r[4].zero_()  # a zero-sum group scores 0
+        named = [(f"t{i}", c) for i, c in enumerate(full_c)]
+        results = {}
+        for kind, layout in (("slabs", fat.groups.slabs(named, k=4)),
+                             ("per_tensor", fat.groups.per_tensor(named))):
+            for mode in ("mass", "histogram"):
+                params = [distribute_tensor(c, mesh, [Shard(0)]) for c in full_c]
+                sharding = fdist.sharding_of(params)
+                local = fdist.local_layout(layout, sharding)
+                cur = [p.to_local().clone() for p in params]
+                ref = [distribute_tensor(r, mesh, [Shard(0)]).to_local().clone() for r in full_r]
+                d = fdist.js_drift(cur, ref, local, sharding, mode=mode, update_reference=0.9,
+                                   global_layout=layout, tensors=list(range(len(shapes))))
+                refs_full = [sharding.to_global(i, r).full_tensor() for i, r in enumerate(ref)]
+                results[(kind, mode)] = (d, refs_full)
+        torch.save(results, os.path.join(out_dir, f"drift{rank}.pt"))
+    finally:
+        _finish()
+
+
+def test_sharded_drift_equals_unsharded_drift(tmp_path):
+    mp.spawn(_drift_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"drift{r}.pt") for r in range(WORLD)]
+    g = torch.Generator().manual_seed(3)
+    shapes = [(18, 5), (3,), (7, 4), (1, 9), (5,)]
+    full_c = [torch.rand(s, generator=g) * torch.exp(2 * torch.randn(s, generator=g)) for s in shapes]
+    full_r = [torch.rand(s, generator=g) for s in shapes]
+    full_r[4].zero_()
+    named = [(f"t{i}", c) for i, c in enumerate(full_c)]
+    for kind, layout in (("slabs", fat.groups.slabs(named, k=4)),
+                         ("per_tensor", fat.groups.per_tensor(named))):
+        for mode in ("mass", "histogram"):
+            ref = [r.clone() for r in full_r]
+            want = fat.ops.js_drift(full_c, ref, layout, mode=mode, update_reference=0.9)
+            assert want.abs().sum() > 0
+            for r in ranks:
+                got, refs = r[(kind, mode)]
+                assert torch.equal(got, ranks[0][(kind, mode)][0]), "ranks must agree exactly"
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+                for a, b in zip(refs, ref):
+                    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+            assert float(want[-1]) == 0.0 and float(ranks[0][(kind, mode)][0][-1]) == 0.0
+
+
+def test_unsupported_sharding_is_refused_with_the_parameter_named():
+    port = _free_port()
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+        mesh = init_device_mesh("cpu", (1,))
+        a = nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)]))
+        b = nn.Parameter(torch.zeros(3))
+        with pytest.raises(ValueError, match="argument 'optimizer': parameter 'param_groups.0.1' "
+                                             "is a plain tensor"):
+            fat.FisherAdapTune(torch.optim.SGD([a, b], lr=0.1))
+        c = nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Shard(1)]))
+        with pytest.raises(ValueError, match="is placed Shard\\(dim=1\\)"):
+            fat.FisherAdapTune(torch.optim.SGD([c], lr=0.1))
+        model = shard(make_model())
+        with pytest.raises(ValueError, match="argument 'estimator'"):
+            fat.FisherAdapTune(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                               estimator="kfac")
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training under FSDP2 equals one process
+
+
+STEPS = 12
+
+
+def _fsdp_worker(rank, port, out_dir, drift):
+    _init(rank, port)
+    try:
+        model = shard(make_model())
+        opt = make_opt(model, model, drift)
+        x, y = make_data()
+        half = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
+        train(model, opt, x[half], y[half], STEPS)
+        torch.save(record(model, opt), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        _finish()
+
+
+@pytest.mark.parametrize("drift", ["mass", "histogram"])
+def test_fsdp2_matches_single_process_and_ranks_agree(tmp_path, drift):
+    mp.spawn(_fsdp_worker, args=(_free_port(), str(tmp_path), drift), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    model = make_model()
+    opt = make_opt(model, model, drift)
+    x, y = make_data()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(model, opt, x, y, STEPS)
+    finally:
+        torch.set_num_threads(threads)
+    single = record(model, opt)
+
+    assert single["frozen"].any() and not single["frozen"].all(), "the run should freeze some groups"
+    assert not all(single["requires_grad"]), "some tensor should be frozen whole"
+    partial = [i for i, p in enumerate(model.parameters())
+               if p.requires_grad and opt.frozen_mask(p).any()]
+    assert partial, "some tensor should be frozen in part (slabs across the shard boundary)"
+    for r in ranks:
+        assert torch.equal(r["frozen"], single["frozen"])
+        assert torch.equal(r["frozen_at"], single["frozen_at"])
+        assert r["requires_grad"] == single["requires_grad"]
+        torch.testing.assert_close(r["jsema"], single["jsema"], rtol=1e-4, atol=1e-6)
+        for a, b in zip(r["params"], single["params"]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint and resume (torch.distributed.checkpoint)
+
+
+RESUME_AT = 10  # between the freezes at steps 6 and 14, 18 of this configuration
+
+
+def make_resume_opt(model, wrapped):
+    return fat.FisherAdapTune(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05),
+                              wrapped, check_every=2,
+                              policy=fat.Threshold(tau=0.15, patience=2, min_active_fraction=0.1))
+
+
+def _wrap(kind, model):
+    if kind == "fsdp":
+        return shard(model), None
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    return model, ddp
+
+
+def _resume_worker(rank, port, out_dir, kind):
+    _init(rank, port)
+    try:
+        x, y = make_data()
+        half = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
+        x, y = x[half], y[half]
+        ckpt = os.path.join(out_dir, "ckpt")
+
+        # Uninterrupted: 2 * RESUME_AT steps.
+        model, ddp = _wrap(kind, make_model())
+        opt = make_resume_opt(model, ddp or model)
+        train(ddp or model, opt, x, y, 2 * RESUME_AT)
+        straight = record(model, opt)
+
+        # RESUME_AT steps, saved ...
+        model, ddp = _wrap(kind, make_model())
+        opt = make_resume_opt(model, ddp or model)
+        train(ddp or model, opt, x, y, RESUME_AT)
+        saved_frozen = opt.frozen.clone()
+        fdist.save(ckpt, ddp or model, opt)
+
+        # ... loaded into a fresh model and wrapper, and RESUME_AT more.
+        model, ddp = _wrap(kind, make_model())
+        opt = make_resume_opt(model, ddp or model)
+        fdist.load(ckpt, ddp or model, opt)
+        loaded_frozen = opt.frozen.clone()
+        train(ddp or model, opt, x, y, RESUME_AT)
+        resumed = record(model, opt)
+        torch.save({"straight": straight, "resumed": resumed, "saved_frozen": saved_frozen,
+                    "loaded_frozen": loaded_frozen}, os.path.join(out_dir, f"resume{rank}.pt"))
+    finally:
+        _finish()
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_checkpoint_resume_gives_the_same_decisions_and_weights(tmp_path, kind):
+    mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path), kind), nprocs=WORLD, join=True)
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"resume{r}.pt")
+        a, b = got["straight"], got["resumed"]
+        assert got["saved_frozen"].any(), "the checkpoint should hold frozen groups"
+        assert torch.equal(got["loaded_frozen"], got["saved_frozen"])
+        assert (a["frozen"] & ~got["saved_frozen"]).any(), "groups should freeze after resuming"
+        assert torch.equal(a["frozen"], b["frozen"])
+        assert torch.equal(a["frozen_at"], b["frozen_at"])
+        assert a["requires_grad"] == b["requires_grad"]
+        assert torch.equal(a["jsema"], b["jsema"])
+        for p, q in zip(a["params"], b["params"]):
+            assert torch.equal(p, q)  # resuming is exact
