@@ -135,6 +135,11 @@ class KFACFisher:
     ``delta`` is the gradient reaching the layer output, so it carries the loss reduction and
     any AMP loss scale; pass ``grad_scale`` to :meth:`update` to remove the latter.
     Forward passes made without grad (evaluation) are not recorded.
+
+    With ``model`` a ``DistributedDataParallel`` module, each step's factor statistics are
+    summed over its process group (one all-reduce of ``sum(in + out)`` floats) and ``delta`` is
+    divided by the world size, as DDP's gradient averaging divides the gradient: every rank
+    then holds the factors of one process that saw the global batch.
     """
 
     def __init__(self, model: nn.Module, params: Sequence[Tensor],
@@ -164,6 +169,9 @@ class KFACFisher:
                                           decay=decay)
         self._released: set = set()
         self.steps = 0
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        self._group = model.process_group if ddp else None
+        self._world = torch.distributed.get_world_size(self._group) if ddp else 1
 
     def _forward_hook(self, module, inputs, output):
         # Forward passes without grad (evaluation) are not part of training: not recorded.
@@ -191,7 +199,10 @@ class KFACFisher:
         """
         self.steps += 1
         beta = self.decay
-        inv = 1.0 / (float(grad_scale) ** 2)
+        if self._world > 1:
+            self._all_reduce_statistics()
+        # DDP averages gradients over ranks; the factors must see that average's delta.
+        inv = 1.0 / (float(grad_scale) * self._world) ** 2
         for module, f in self._factors.items():
             if f["h_acc"] is None or f["s_acc"] is None:
                 f["h_acc"] = f["s_acc"] = None
@@ -217,6 +228,33 @@ class KFACFisher:
             grads = [p.grad for p in self.params]
         _, bad = self._empirical.update([grads[i] for i in self._other])
         return None, bad
+
+    def _all_reduce_statistics(self) -> None:
+        """Sum this step's h/s accumulators and sample counts over the DDP group, in one call.
+        Every rank packs every layer (zeros where a layer did not run), so shapes agree."""
+        parts = []
+        for module, f in self._factors.items():
+            device = module.weight.device
+            for key, n in (("h_acc", module.in_features), ("s_acc", module.out_features)):
+                v = f[key]
+                parts.append(v.float() if v is not None else
+                             torch.zeros(n, dtype=torch.float32, device=device))
+            parts.append(torch.tensor([float(f["nh"]), float(f["ns"])], device=device))
+        if not parts:
+            return
+        flat = torch.cat(parts)
+        if torch.distributed.get_backend(self._group) != "nccl":
+            flat = flat.cpu()
+        torch.distributed.all_reduce(flat, group=self._group)
+        at = 0
+        for module, f in self._factors.items():
+            device = module.weight.device
+            a, b = module.in_features, module.out_features
+            nh, ns = int(flat[at + a + b]), int(flat[at + a + b + 1])
+            f["h_acc"] = flat[at:at + a].to(device) if nh else None
+            f["s_acc"] = flat[at + a:at + a + b].to(device) if ns else None
+            f["nh"], f["ns"] = nh, ns
+            at += a + b + 2
 
     def _corrected(self, f: dict, key: str) -> Optional[Tensor]:
         if f[key] is None:

@@ -27,9 +27,9 @@ def make_data():
     return torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)
 
 
-def make_opt(model, wrapped):
+def make_opt(model, wrapped, estimator="empirical"):
     return fat.FisherAdapTune(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05),
-                              wrapped, check_every=3,
+                              wrapped, check_every=3, estimator=estimator,
                               policy=fat.Threshold(tau=0.3, patience=1, min_active_fraction=0.2))
 
 
@@ -40,14 +40,14 @@ def train(forward, opt, x, y):
         opt.zero_grad(set_to_none=True)
 
 
-def _worker(rank, port, out_dir):
+def _worker(rank, port, out_dir, estimator):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
         model = make_model()
         ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        opt = make_opt(model, ddp)
+        opt = make_opt(model, ddp, estimator)
         x, y = make_data()
         shard = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
         train(ddp, opt, x[shard], y[shard])
@@ -65,12 +65,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_matches_single_process_and_ranks_agree(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("estimator", ["empirical", "kfac"])
+def test_ddp_matches_single_process_and_ranks_agree(tmp_path, estimator):
+    # empirical: DDP's averaged gradient is the global batch's; kfac: the factor statistics are
+    # all-reduced and delta rescaled, so both equal one process with the global batch.
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), estimator), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     model = make_model()
-    opt = make_opt(model, model)
+    opt = make_opt(model, model, estimator)
     x, y = make_data()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
