@@ -13,7 +13,7 @@ from . import vit  # noqa: E402
 from .groups import GroupLayout  # noqa: E402
 from .adaptune import PaperPolicy, Policy, Threshold  # noqa: E402
 from .optim import FisherAdapTune  # noqa: E402
-from . import selection  # noqa: E402
+from . import distributed, selection  # noqa: E402
 from .masked import MaskedOptimizer  # noqa: E402
 
 __version__ = "0.1.0"
