@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import distributed, ops
 from .groups import GroupLayout
 
 __all__ = ["EmpiricalFisher", "KFACFisher", "per_sample_fisher", "estimate", "make_estimator",
@@ -426,13 +426,24 @@ def estimate(model: nn.Module, batches: Iterable, loss_fn: Callable, *,
         raise ValueError(f"argument 'estimator': expected one of {ESTIMATORS}, got {estimator!r}")
     linears = _linear_modules(model, modules)
     weights = [m.weight for m in linears.values()]
-    est = make_estimator(estimator, weights, None, model, decay=1.0)
+    # FSDP2: the empirical Fisher is accumulated on each rank's shards and gathered at the end
+    # (kfac and per_sample read full activations from hooks and need nothing of the kind).
+    sharding = (distributed.sharding_of(weights, list(linears), arg="model")
+                if estimator == "empirical" else None)
+    if sharding is not None:
+        est = EmpiricalFisher([distributed.local(w) for w in weights], decay=1.0)
+        update = lambda: est.update([distributed.local(w.grad) for w in weights])  # noqa: E731
+    else:
+        est = make_estimator(estimator, weights, None, model, decay=1.0)
+        update = est.update
     try:
-        _backward_each(model, batches, loss_fn, after=est.update)
+        _backward_each(model, batches, loss_fn, after=update)
     finally:
         if isinstance(est, KFACFisher):
             est.remove_hooks()
     snap = est.snapshot()
+    if sharding is not None:
+        snap = [sharding.to_global(i, f).full_tensor() for i, f in enumerate(snap)]
     steps = max(est.steps, 1)
     return {n: (f / steps if estimator == "empirical" else f)
             for n, f in zip(linears, snap)}

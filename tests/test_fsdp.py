@@ -299,3 +299,47 @@ def test_checkpoint_resume_gives_the_same_decisions_and_weights(tmp_path, kind):
         assert torch.equal(a["jsema"], b["jsema"])
         for p, q in zip(a["params"], b["params"]):
             assert torch.equal(p, q)  # resuming is exact
+
+
+# ---------------------------------------------------------------------------------------------
+# TR-PTS selection of an FSDP2 model
+
+
+def make_token_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 12), nn.GELU(), nn.Linear(12, 3))
+
+
+def calibration():
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(8, 5, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(2)]
+
+
+def token_loss(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x).mean(1), y)
+
+
+def _selection_worker(rank, port, out_dir, estimator):
+    _init(rank, port)
+    try:
+        model = shard(make_token_model())
+        half = [(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]) for x, y in calibration()]
+        sel = fat.selection.select_connections(model, half, token_loss, budget=0.1, c_min=1,
+                                               estimator=estimator)
+        torch.save(dict(sel.index), os.path.join(out_dir, f"sel{rank}.pt"))
+    finally:
+        _finish()
+
+
+@pytest.mark.parametrize("estimator", ["per_sample", "empirical"])
+def test_select_connections_under_fsdp2_equals_one_process_over_all_shards(tmp_path, estimator):
+    mp.spawn(_selection_worker, args=(_free_port(), str(tmp_path), estimator), nprocs=WORLD,
+             join=True)
+    got = [torch.load(tmp_path / f"sel{r}.pt") for r in range(WORLD)]
+    single = fat.selection.select_connections(make_token_model(), calibration(), token_loss,
+                                              budget=0.1, c_min=1, estimator=estimator)
+    assert set(got[0]) == set(single.index)
+    for n, idx in single.index.items():
+        assert torch.equal(got[0][n], got[1][n]), n      # every rank selects the same
+        assert torch.equal(got[0][n], idx), n            # as one process over all shards
