@@ -11,8 +11,9 @@
   with ``torch.distributed.checkpoint``, sharded or not.
 
 Supported sharding: every tracked parameter a DTensor on one 1-D device mesh, placed
-``Shard(0)`` (FSDP2's default) or ``Replicate()``. Other placements (``Shard(1)`` from a
-``shard_placement_fn``, HSDP's 2-D meshes, tensor parallelism) are refused with an error.
+``Shard(0)`` (FSDP2's default). Other placements (``Shard(1)`` from a ``shard_placement_fn``,
+``Replicate()``, HSDP's 2-D meshes, tensor parallelism) are refused with an error naming the
+parameter: the all-reduced sums would count replicated elements once per rank.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class Sharding:
 
     Each rank holds, of tensor ``i``, the elements ``[offsets[i], offsets[i] + numel)`` of the
     flattened global tensor, shaped ``local_shapes[i]`` (a ``Shard(0)`` DTensor's local part is
-    a contiguous range of its flattened elements; ``Replicate()`` holds all of them).
+    a contiguous range of its flattened elements); the parts of all ranks tile the tensor.
 
     Attributes:
         mesh: the DTensors' 1-D device mesh.
@@ -116,12 +117,12 @@ def sharding_of(params: Sequence[Tensor], names: Optional[Sequence[str]] = None,
 
     Raises ValueError (naming ``arg`` and the parameter) for a mix of DTensors and plain
     tensors, several meshes, a mesh with more than one dimension, or a placement other than
-    ``Shard(0)`` / ``Replicate()``.
+    ``Shard(0)``.
     """
     types = _dtensor_types()
     if types is None or not any(isinstance(p, types[0]) for p in params):
         return None
-    DTensor, Replicate, Shard = types
+    DTensor, _, Shard = types
     names = list(names) if names is not None else [f"params[{i}]" for i in range(len(params))]
     mesh = None
     offsets, local_shapes, global_shapes, placements = [], [], [], []
@@ -142,21 +143,19 @@ def sharding_of(params: Sequence[Tensor], names: Optional[Sequence[str]] = None,
         (place,) = tuple(p.placements)
         full = p.shape
         loc = p.to_local()
-        if isinstance(place, Replicate):
-            offset = 0
-        elif isinstance(place, Shard) and (place.dim == 0 or full.numel() == 0):
+        if isinstance(place, Shard) and place.dim == 0 and len(full) > 0:
             # torch.chunk's split, as DTensor and FSDP2 use: ceil(rows / world) rows per rank.
-            rows, world = (full[0] if len(full) else 1), mesh.size()
+            rows, world = full[0], mesh.size()
             per = -(-rows // world)
             start = min(mesh.get_local_rank() * per, rows)
             expect = max(0, min(rows, start + per) - start)
-            if len(full) and loc.shape[0] != expect:
+            if loc.shape[0] != expect:
                 raise ValueError(f"argument '{arg}': parameter {name!r}: local shard has "
                                  f"{loc.shape[0]} rows, expected {expect} (uneven padding?)")
             offset = start * (full.numel() // rows if rows else 0)
         else:
             raise ValueError(f"argument '{arg}': parameter {name!r} is placed {place!r}; "
-                             "FisherAdapTune supports Shard(0) and Replicate()")
+                             "FisherAdapTune supports Shard(0) (FSDP2's default)")
         offsets.append(int(offset))
         local_shapes.append(loc.shape)
         global_shapes.append(full)

@@ -45,12 +45,19 @@ def _finish():
     dist.destroy_process_group()
 
 
-def make_model():
+def make_model(classes=3):
     # 18 rows split in 4 slabs of 5, 5, 4, 4 rows: the slab [5, 10) straddles the shard
-    # boundary at row 9; the head's 3 rows split 2 + 1.
+    # boundary at row 9; a 3-class head's rows split 2 + 1, a 1-output head's 1 + 0 (an empty
+    # shard on rank 1).
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 18), nn.GELU(), nn.Linear(18, 18), nn.GELU(),
-                         nn.Linear(18, 3))
+                         nn.Linear(18, classes))
+
+
+def loss_of(out, y):
+    if out.shape[-1] == 1:  # regression onto the label
+        return nn.functional.mse_loss(out.squeeze(-1), y.float())
+    return nn.functional.cross_entropy(out, y)
 
 
 def shard(model):
@@ -78,7 +85,7 @@ def make_opt(model, wrapped, drift="mass"):
 
 def train(forward, opt, x, y, steps):
     for _ in range(steps):
-        nn.functional.cross_entropy(forward(x), y).backward()
+        loss_of(forward(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -160,7 +167,7 @@ def test_unsupported_sharding_is_refused_with_the_parameter_named():
     dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Shard, distribute_tensor
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
         mesh = init_device_mesh("cpu", (1,))
         a = nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)]))
         b = nn.Parameter(torch.zeros(3))
@@ -170,6 +177,9 @@ def test_unsupported_sharding_is_refused_with_the_parameter_named():
         c = nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Shard(1)]))
         with pytest.raises(ValueError, match="is placed Shard\\(dim=1\\)"):
             fat.FisherAdapTune(torch.optim.SGD([c], lr=0.1))
+        d = nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Replicate()]))
+        with pytest.raises(ValueError, match="is placed Replicate\\(\\)"):
+            fat.FisherAdapTune(torch.optim.SGD([d], lr=0.1))
         model = shard(make_model())
         with pytest.raises(ValueError, match="argument 'estimator'"):
             fat.FisherAdapTune(torch.optim.SGD(model.parameters(), lr=0.1), model,
@@ -185,10 +195,10 @@ def test_unsupported_sharding_is_refused_with_the_parameter_named():
 STEPS = 12
 
 
-def _fsdp_worker(rank, port, out_dir, drift):
+def _fsdp_worker(rank, port, out_dir, drift, classes):
     _init(rank, port)
     try:
-        model = shard(make_model())
+        model = shard(make_model(classes))
         opt = make_opt(model, model, drift)
         x, y = make_data()
         half = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
@@ -198,12 +208,13 @@ def _fsdp_worker(rank, port, out_dir, drift):
         _finish()
 
 
-@pytest.mark.parametrize("drift", ["mass", "histogram"])
-def test_fsdp2_matches_single_process_and_ranks_agree(tmp_path, drift):
-    mp.spawn(_fsdp_worker, args=(_free_port(), str(tmp_path), drift), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("drift,classes", [("mass", 3), ("histogram", 3), ("mass", 1)])
+def test_fsdp2_matches_single_process_and_ranks_agree(tmp_path, drift, classes):
+    mp.spawn(_fsdp_worker, args=(_free_port(), str(tmp_path), drift, classes), nprocs=WORLD,
+             join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
-    model = make_model()
+    model = make_model(classes)
     opt = make_opt(model, model, drift)
     x, y = make_data()
     threads = torch.get_num_threads()
