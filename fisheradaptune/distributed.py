@@ -31,8 +31,8 @@ from .groups import GroupLayout
 if TYPE_CHECKING:  # pragma: no cover
     from .optim import FisherAdapTune
 
-__all__ = ["Sharding", "sharding_of", "local", "local_layout", "js_drift", "agreed",
-           "all_reduce_", "save", "load"]
+__all__ = ["Sharding", "sharding_of", "row_sharding", "local", "local_layout", "js_drift",
+           "agreed", "all_reduce_", "save", "load"]
 
 
 def _dtensor_types():
@@ -144,15 +144,10 @@ def sharding_of(params: Sequence[Tensor], names: Optional[Sequence[str]] = None,
         full = p.shape
         loc = p.to_local()
         if isinstance(place, Shard) and place.dim == 0 and len(full) > 0:
-            # torch.chunk's split, as DTensor and FSDP2 use: ceil(rows / world) rows per rank.
-            rows, world = full[0], mesh.size()
-            per = -(-rows // world)
-            start = min(mesh.get_local_rank() * per, rows)
-            expect = max(0, min(rows, start + per) - start)
-            if loc.shape[0] != expect:
-                raise ValueError(f"argument '{arg}': parameter {name!r}: local shard has "
-                                 f"{loc.shape[0]} rows, expected {expect} (uneven padding?)")
-            offset = start * (full.numel() // rows if rows else 0)
+            offset, shape = _row_part(full, mesh.size(), mesh.get_local_rank())
+            if loc.shape != shape:
+                raise ValueError(f"argument '{arg}': parameter {name!r}: local shard has shape "
+                                 f"{tuple(loc.shape)}, expected {tuple(shape)} (uneven padding?)")
         else:
             raise ValueError(f"argument '{arg}': parameter {name!r} is placed {place!r}; "
                              "FisherAdapTune supports Shard(0) (FSDP2's default)")
@@ -163,6 +158,37 @@ def sharding_of(params: Sequence[Tensor], names: Optional[Sequence[str]] = None,
     return Sharding(mesh=mesh, group=mesh.get_group(), offsets=tuple(offsets),
                     local_shapes=tuple(local_shapes), global_shapes=tuple(global_shapes),
                     placements=tuple(placements))
+
+
+def _row_part(shape: torch.Size, world: int, rank: int) -> Tuple[int, torch.Size]:
+    """Flat offset and shape of part ``rank`` of a ``Shard(0)`` split: torch.chunk's, as
+    DTensor and FSDP2 use (``ceil(rows / world)`` rows per rank, the last parts short or empty)."""
+    rows = shape[0]
+    per = -(-rows // world)
+    start = min(rank * per, rows)
+    count = max(0, min(rows, start + per) - start)
+    row_numel = shape.numel() // rows if rows else 0
+    return start * row_numel, torch.Size((count,) + tuple(shape[1:]))
+
+
+def row_sharding(params: Sequence[Tensor], group=None) -> Optional[Sharding]:
+    """A :class:`Sharding` that gives each rank of ``group`` a ``Shard(0)`` part of every
+    (replicated, plain) tensor in ``params``: how FisherAdapTune splits the Fisher state under
+    DDP, where every rank holds the same averaged gradients, so that each keeps and updates
+    ``1/world`` of it. None with a single rank, or when a tensor is 0-d (no rows to split).
+    """
+    if not initialized() or dist.get_world_size(group) == 1 or any(p.dim() == 0 for p in params):
+        return None
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard
+    device = params[0].device if params else torch.device("cpu")
+    mesh = DeviceMesh.from_group(group if group is not None else dist.group.WORLD, device.type)
+    world, rank = mesh.size(), mesh.get_local_rank()
+    parts = [_row_part(p.shape, world, rank) for p in params]
+    return Sharding(mesh=mesh, group=mesh.get_group(), offsets=tuple(o for o, _ in parts),
+                    local_shapes=tuple(s for _, s in parts),
+                    global_shapes=tuple(p.shape for p in params),
+                    placements=tuple((Shard(0),) for _ in params))
 
 
 def local_layout(layout: GroupLayout, sharding: Optional[Sharding]) -> GroupLayout:

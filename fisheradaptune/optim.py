@@ -122,15 +122,21 @@ class FisherAdapTune(torch.optim.Optimizer):
         policy: a :class:`Threshold` (default) or :class:`PaperPolicy`.
         drift_kwargs: extra keyword arguments of ``ops.js_drift`` (``bins``, ``lower_q``,
             ``upper_q``, ``min_log_range``, ``base``).
+        shard_state: under DDP (``model`` a ``DistributedDataParallel``, empirical
+            estimator), each rank keeps and updates the Fisher and drift references of only
+            ``1/world`` of every tensor's rows (a ``Shard(0)`` split), dividing that work and
+            memory by the world size; sums are all-reduced as under FSDP2. ``False`` keeps a
+            full replica on every rank.
 
     Only parameters with ``requires_grad`` at construction are tracked.
 
     Distributed training (see README "Distributed"): under ``DistributedDataParallel`` the
-    gradients are already averaged, so every rank holds the same Fisher; wrap the model with
+    gradients are already averaged, so the Fisher is the global batch's; wrap the model with
     ``find_unused_parameters=True`` (tensors frozen whole stop receiving gradients) and pass it
-    as ``model``. Under FSDP2 (``fully_shard``) each rank tracks its own shards; per-group sums
-    and the JS partial sums are all-reduced, so every rank scores the unsharded drift. In both
-    cases decisions are broadcast from the first rank, so all ranks freeze the same groups.
+    as ``model``. Under FSDP2 (``fully_shard``) each rank tracks its own shards. In both cases
+    (see ``shard_state``) per-group sums and the JS partial sums are all-reduced, so every rank
+    scores the unsharded drift, and decisions are broadcast from the first rank, so all ranks
+    freeze the same groups.
     :func:`fisheradaptune.distributed.save` / ``load`` checkpoint the wrapper with
     ``torch.distributed.checkpoint``.
     """
@@ -139,7 +145,8 @@ class FisherAdapTune(torch.optim.Optimizer):
                  groups: groups_mod.GroupSpec = "slabs", estimator: str = "empirical",
                  drift: str = "mass", fisher_decay: float = 0.9, reference_decay: float = 0.9,
                  score_decay: float = 0.9, check_every: int = 100,
-                 policy: Optional[Policy] = None, drift_kwargs: Optional[dict] = None):
+                 policy: Optional[Policy] = None, drift_kwargs: Optional[dict] = None,
+                 shard_state: bool = True):
         check_optimizer(optimizer)
         if isinstance(optimizer, FisherAdapTune):
             raise ValueError("argument 'optimizer': already a FisherAdapTune")
@@ -173,22 +180,31 @@ class FisherAdapTune(torch.optim.Optimizer):
         named = self._named_params(optimizer, model)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        # Which part of each tensor this rank's Fisher covers: its FSDP2 shard, a row split
+        # under DDP (shard_state), or all of it.
         self.sharding = distributed.sharding_of(self.params, self.names)
-        if self.sharding is not None and estimator != "empirical":
+        self._dtensor_params = self.sharding is not None
+        if self._dtensor_params and estimator != "empirical":
             raise ValueError(f"argument 'estimator': {estimator!r} does not support sharded "
                              "(FSDP2) parameters; use \"empirical\"")
+        if (self.sharding is None and shard_state and estimator == "empirical"
+                and isinstance(model, nn.parallel.DistributedDataParallel)):
+            self.sharding = distributed.row_sharding(self.params, model.process_group)
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self.model = model
         self.layout = groups_mod.build(groups, named, model)
-        # The layout over this rank's shards (the layout itself when nothing is sharded).
+        # The layout over this rank's part of the Fisher (the layout itself when unsharded) ...
         self.local_layout = distributed.local_layout(self.layout, self.sharding)
+        # ... and over the part of each parameter this rank updates, where frozen ranges are
+        # masked: its shard under FSDP2, the whole (replicated) tensor otherwise.
+        self.mask_layout = self.local_layout if self._dtensor_params else self.layout
         self.drift_mode = drift
         self.drift_kwargs = dict(drift_kwargs or {})
         self.reference_decay = float(reference_decay)
         self.check_every = check_every
         self.policy = policy
         self.estimator_name = estimator
-        local_params = [distributed.local(p) for p in self.params]
+        local_params = [self._part(i, p.detach()) for i, p in enumerate(self.params)]
         self.estimator = fisher_mod.make_estimator(estimator, local_params, self.local_layout,
                                                    model, float(fisher_decay))
         G = self.layout.num_groups
@@ -203,7 +219,7 @@ class FisherAdapTune(torch.optim.Optimizer):
         self._partial = _PartialFreeze(self.params, {})
         self._tensor_groups = [self.layout.groups_of(i) for i in range(len(self.params))]
         self._group_segments = [self.layout.segments_of(g) for g in range(G)]
-        self._local_segments = [self.local_layout.segments_of(g) for g in range(G)]
+        self._mask_segments = [self.mask_layout.segments_of(g) for g in range(G)]
         self._refresh_active()
 
     # ------------------------------------------------------------------ construction helpers
@@ -246,7 +262,7 @@ class FisherAdapTune(torch.optim.Optimizer):
         if self.sharding is None:
             grads = [p.grad for p in self.params]
         else:
-            grads = [distributed.local(p.grad) for p in self.params]
+            grads = [self._part(i, p.grad) for i, p in enumerate(self.params)]
         sums, bad = self.estimator.update(grads)
         if self._nonfinite is None:
             self._nonfinite = bad.clone()
@@ -337,7 +353,7 @@ class FisherAdapTune(torch.optim.Optimizer):
             elif frozen_groups:
                 # In this rank's coordinates (its shard of the tensor under FSDP2).
                 local_ranges = sorted((b, e) for g in frozen_groups
-                                      for t, b, e in self._local_segments[g] if t == i)
+                                      for t, b, e in self._mask_segments[g] if t == i)
                 if local_ranges:
                     ranges[i] = _merge(local_ranges)
         for i in newly_whole:
@@ -413,7 +429,7 @@ class FisherAdapTune(torch.optim.Optimizer):
         mask = torch.zeros(part.numel(), dtype=torch.bool, device=part.device)
         for g in self._tensor_groups[i]:
             if self.frozen[g]:
-                for t, b, e in self._local_segments[g]:
+                for t, b, e in self._mask_segments[g]:
                     if t == i:
                         mask[b:e] = True
         return mask.view(part.shape)
@@ -604,7 +620,7 @@ class FisherAdapTune(torch.optim.Optimizer):
             out = {}
             for i, present in enumerate(flags):
                 if present:
-                    part = distributed.local(self.params[i])
+                    part = self._part(i, self.params[i].detach())
                     out[self.names[i]] = self._global(
                         i, torch.zeros(part.shape, dtype=torch.float32, device=part.device))
             return out
@@ -619,6 +635,12 @@ class FisherAdapTune(torch.optim.Optimizer):
             return [None if n not in named else self._local(i, named[n])
                     for i, n in enumerate(self.names)]
         self._load(meta, buffers(state["fisher"]), buffers(state["reference"]))
+
+    def _part(self, i: int, t: Optional[Tensor]) -> Optional[Tensor]:
+        """The part of parameter ``i`` (or of its gradient) that this rank's Fisher covers."""
+        if t is None or self.sharding is None:
+            return t
+        return self.sharding.to_local(i, t)
 
     def _global(self, i: int, buffer: Tensor) -> Tensor:
         return buffer if self.sharding is None else self.sharding.to_global(i, buffer)

@@ -27,9 +27,9 @@ def make_data():
     return torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)
 
 
-def make_opt(model, wrapped, estimator="empirical"):
+def make_opt(model, wrapped, estimator="empirical", shard_state=True):
     return fat.FisherAdapTune(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05),
-                              wrapped, check_every=3, estimator=estimator,
+                              wrapped, check_every=3, estimator=estimator, shard_state=shard_state,
                               policy=fat.Threshold(tau=0.3, patience=1, min_active_fraction=0.2))
 
 
@@ -40,20 +40,25 @@ def train(forward, opt, x, y):
         opt.zero_grad(set_to_none=True)
 
 
-def _worker(rank, port, out_dir, estimator):
+def fisher_elements(opt):
+    return sum(f.numel() for f in opt._fisher_buffers() if f is not None)
+
+
+def _worker(rank, port, out_dir, estimator, shard_state):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
         model = make_model()
         ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        opt = make_opt(model, ddp, estimator)
+        opt = make_opt(model, ddp, estimator, shard_state)
         x, y = make_data()
         shard = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
         train(ddp, opt, x[shard], y[shard])
         torch.save({"params": [p.detach().clone() for p in model.parameters()],
                     "requires_grad": [p.requires_grad for p in model.parameters()],
-                    "frozen": opt.frozen.clone(), "frozen_at": opt.frozen_at.clone()},
+                    "frozen": opt.frozen.clone(), "frozen_at": opt.frozen_at.clone(),
+                    "fisher_elements": fisher_elements(opt)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -65,11 +70,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("estimator", ["empirical", "kfac"])
-def test_ddp_matches_single_process_and_ranks_agree(tmp_path, estimator):
-    # empirical: DDP's averaged gradient is the global batch's; kfac: the factor statistics are
-    # all-reduced and delta rescaled, so both equal one process with the global batch.
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), estimator), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("estimator,shard_state", [("empirical", True), ("empirical", False),
+                                                   ("kfac", True)])
+def test_ddp_matches_single_process_and_ranks_agree(tmp_path, estimator, shard_state):
+    # empirical: DDP's averaged gradient is the global batch's (each rank keeping the Fisher of
+    # half the rows with shard_state); kfac: the factor statistics are all-reduced and delta
+    # rescaled. All equal one process with the global batch.
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), estimator, shard_state), nprocs=WORLD,
+             join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     model = make_model()
@@ -95,6 +103,11 @@ def test_ddp_matches_single_process_and_ranks_agree(tmp_path, estimator):
             torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
     for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
         assert torch.equal(a, b)  # DDP keeps replicas bitwise identical
+    held = [r["fisher_elements"] for r in ranks]
+    if estimator == "empirical" and shard_state:  # the ranks split the Fisher between them
+        assert sum(held) == fisher_elements(opt) and max(held) < fisher_elements(opt)
+    else:
+        assert held == [fisher_elements(opt)] * WORLD
 
 
 def test_ddp_without_find_unused_parameters_is_refused(tmp_path):
