@@ -74,6 +74,13 @@ def _histogram(v: Tensor, lo: float, hi: float, bins: int) -> Tensor:
     return torch.bincount(idx, minlength=bins).to(torch.float64)
 
 
+def _update_reference(current: Sequence[Tensor], reference: Sequence[Tensor],
+                      rho: Optional[float]) -> None:
+    if rho is not None:
+        for cur, ref in zip(current, reference):
+            ref.copy_(float(rho) * ref + (1.0 - float(rho)) * cur)
+
+
 def js_drift(current: Sequence[Tensor], reference: Sequence[Tensor], layout: GroupLayout, *,
              mode: str = "mass", bins: int = 64, lower_q: float = 0.01, upper_q: float = 0.99,
              min_log_range: float = 1e-3, base: str = "e",
@@ -97,10 +104,7 @@ def js_drift(current: Sequence[Tensor], reference: Sequence[Tensor], layout: Gro
         hc = _histogram(lc, lo, hi, bins) + 1e-12
         hr = _histogram(lr, lo, hi, bins) + 1e-12
         out.append(js_distance(hc / hc.sum(), hr / hr.sum(), base))
-    if update_reference is not None:
-        rho = float(update_reference)
-        for cur, ref in zip(current, reference):
-            ref.copy_(rho * ref + (1.0 - rho) * cur)
+    _update_reference(current, reference, update_reference)
     device = current[0].device if len(current) else torch.device("cpu")
     return torch.tensor(out, dtype=torch.float32, device=device)
 
@@ -128,10 +132,7 @@ def js_mass_partial(current: Sequence[Tensor], reference: Sequence[Tensor], layo
         q = _group_values(reference, layout, g).abs() / t[1, g]
         m = 0.5 * (p + q)
         out.append(float(0.5 * (torch.xlogy(p, p / m).nansum() + torch.xlogy(q, q / m).nansum())))
-    if update_reference is not None:
-        rho = float(update_reference)
-        for cur, ref in zip(current, reference):
-            ref.copy_(rho * ref + (1.0 - rho) * cur)
+    _update_reference(current, reference, update_reference)
     device = current[0].device if len(current) else torch.device("cpu")
     return torch.tensor(out, dtype=torch.float64, device=device)
 

@@ -8,6 +8,7 @@ Hypothesis profiles: ``ci`` (the default: few, derandomized examples so CI is re
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
@@ -225,3 +226,78 @@ def set_threads(n: int):
         def __exit__(self, *exc):
             torch.set_num_threads(self.old)
     return _Threads()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fisher-like data
+
+
+def random_snapshots(shapes, seed, dtype=torch.float32, device="cpu", zeros=0.0, negative=False):
+    """Two independent Fisher-like snapshots (wide dynamic range; optionally some exact zeros
+    and negative entries, which the drift ops take by magnitude)."""
+    g = make_generator(seed)
+    out = []
+    for _ in range(2):
+        side = []
+        for s in shapes:
+            x = torch.rand(s, generator=g, dtype=torch.float64) * torch.exp(
+                3 * torch.randn(s, generator=g, dtype=torch.float64))
+            if zeros:
+                x = torch.where(torch.rand(s, generator=g, dtype=torch.float64) < zeros, 0.0, x)
+            if negative:
+                x = torch.where(torch.rand(s, generator=g, dtype=torch.float64) < 0.5, -x, x)
+            side.append(x.to(dtype).to(device))
+        out.append(side)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-process (torch.distributed, gloo) tests
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a process group's rendezvous."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo(rank: int, world: int, port: int):
+    """A ``world``-rank gloo process group on 127.0.0.1:``port`` (one thread per rank) for the
+    ``with`` block. On success the ranks meet at a barrier before tearing down (a rank that
+    destroys gloo while another still talks to it aborts the other); after an error the group
+    is destroyed at once, so the failure surfaces instead of a hang."""
+    import torch.distributed as dist
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            init_method=f"tcp://127.0.0.1:{port}")
+    torch.set_num_threads(1)
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    if world > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def make_token_model():
+    """A small token-wise MLP for selection tests: inputs [B, T, 6], outputs [B, T, 3]."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.GELU(), torch.nn.Linear(12, 12),
+                               torch.nn.GELU(), torch.nn.Linear(12, 3))
+
+
+def token_calibration():
+    """Two calibration batches of 8 samples for :func:`make_token_model`."""
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(8, 5, 6, generator=g), torch.randint(0, 3, (8,), generator=g))
+            for _ in range(2)]
+
+
+def token_loss(model, batch):
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x).mean(1), y)

@@ -1,7 +1,6 @@
 """FisherAdapTune under DistributedDataParallel: 2 processes on gloo (CPU) equal one process
 with the same global batch, and every rank makes the same freeze decisions."""
 import os
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import free_port, gloo, make_token_model, token_calibration, token_loss
 import fisheradaptune as fat
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -45,10 +45,7 @@ def fisher_elements(opt):
 
 
 def _worker(rank, port, out_dir, estimator, shard_state):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
-    try:
+    with gloo(rank, WORLD, port):
         model = make_model()
         ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         opt = make_opt(model, ddp, estimator, shard_state)
@@ -60,14 +57,6 @@ def _worker(rank, port, out_dir, estimator, shard_state):
                     "frozen": opt.frozen.clone(), "frozen_at": opt.frozen_at.clone(),
                     "fisher_elements": fisher_elements(opt)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("estimator,shard_state", [("empirical", True), ("empirical", False),
@@ -76,7 +65,7 @@ def test_ddp_matches_single_process_and_ranks_agree(tmp_path, estimator, shard_s
     # empirical: DDP's averaged gradient is the global batch's (each rank keeping the Fisher of
     # half the rows with shard_state); kfac: the factor statistics are all-reduced and delta
     # rescaled. All equal one process with the global batch.
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), estimator, shard_state), nprocs=WORLD,
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), estimator, shard_state), nprocs=WORLD,
              join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
@@ -111,52 +100,28 @@ def test_ddp_matches_single_process_and_ranks_agree(tmp_path, estimator, shard_s
 
 
 def test_ddp_without_find_unused_parameters_is_refused(tmp_path):
-    port = _free_port()
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
-    try:
+    port = free_port()
+    with gloo(0, 1, port):
         model = make_model()
         ddp = nn.parallel.DistributedDataParallel(model)
         with pytest.raises(ValueError, match="find_unused_parameters=True"):
             make_opt(model, ddp)
-    finally:
-        dist.destroy_process_group()
-
-
-def make_token_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 12), nn.GELU(), nn.Linear(12, 3))
-
-
-def calibration():
-    g = torch.Generator().manual_seed(2)
-    return [(torch.randn(8, 5, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(2)]
-
-
-def token_loss(model, batch):
-    x, y = batch
-    return nn.functional.cross_entropy(model(x).mean(1), y)
 
 
 def _selection_worker(rank, port, out_dir):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
-    try:
+    with gloo(rank, WORLD, port):
         model = make_token_model()
         ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        half = [(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]) for x, y in calibration()]
+        half = [(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]) for x, y in token_calibration()]
         sel = fat.selection.select_connections(ddp, half, token_loss, budget=0.1, c_min=1)
         torch.save({n.removeprefix("module."): i for n, i in sel.index.items()},
                    os.path.join(out_dir, f"sel{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_select_connections_under_ddp_equals_one_process_over_all_shards(tmp_path):
-    mp.spawn(_selection_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_selection_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     got = [torch.load(tmp_path / f"sel{r}.pt") for r in range(WORLD)]
-    single = fat.selection.select_connections(make_token_model(), calibration(), token_loss,
+    single = fat.selection.select_connections(make_token_model(), token_calibration(), token_loss,
                                               budget=0.1, c_min=1)
     assert set(got[0]) == set(single.index)
     for n, idx in single.index.items():

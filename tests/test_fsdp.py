@@ -9,7 +9,6 @@ torch.distributed.checkpoint, with 2 processes on gloo (CPU).
   model and wrapper continues exactly as the uninterrupted run, under DDP and FSDP2.
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import free_port, gloo, make_token_model, token_calibration, token_loss
 import fisheradaptune as fat
 from fisheradaptune import distributed as fdist
 
@@ -26,23 +26,6 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="needs torch.distributed with gloo and FSDP2")
 
 WORLD, GLOBAL_BATCH = 2, 16
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init(rank, port):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
-
-
-def _finish():
-    dist.barrier()  # no rank may tear down gloo while another still talks to it
-    dist.destroy_process_group()
 
 
 def make_model(classes=3):
@@ -108,8 +91,7 @@ def record(model, opt):
 
 
 def _drift_worker(rank, port, out_dir):
-    _init(rank, port)
-    try:
+    with gloo(rank, WORLD, port):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Shard, distribute_tensor
         mesh = init_device_mesh("cpu", (WORLD,))
@@ -134,12 +116,10 @@ def _drift_worker(rank, port, out_dir):
                 refs_full = [sharding.to_global(i, r).full_tensor() for i, r in enumerate(ref)]
                 results[(kind, mode)] = (d, refs_full)
         torch.save(results, os.path.join(out_dir, f"drift{rank}.pt"))
-    finally:
-        _finish()
 
 
 def test_sharded_drift_equals_unsharded_drift(tmp_path):
-    mp.spawn(_drift_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_drift_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"drift{r}.pt") for r in range(WORLD)]
     g = torch.Generator().manual_seed(3)
     shapes = [(18, 5), (3,), (7, 4), (1, 9), (5,)]
@@ -163,9 +143,8 @@ def test_sharded_drift_equals_unsharded_drift(tmp_path):
 
 
 def test_unsupported_sharding_is_refused_with_the_parameter_named():
-    port = _free_port()
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
-    try:
+    port = free_port()
+    with gloo(0, 1, port):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
         mesh = init_device_mesh("cpu", (1,))
@@ -184,8 +163,6 @@ def test_unsupported_sharding_is_refused_with_the_parameter_named():
         with pytest.raises(ValueError, match="argument 'estimator'"):
             fat.FisherAdapTune(torch.optim.SGD(model.parameters(), lr=0.1), model,
                                estimator="kfac")
-    finally:
-        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,21 +173,18 @@ STEPS = 12
 
 
 def _fsdp_worker(rank, port, out_dir, drift, classes):
-    _init(rank, port)
-    try:
+    with gloo(rank, WORLD, port):
         model = shard(make_model(classes))
         opt = make_opt(model, model, drift)
         x, y = make_data()
         half = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
         train(model, opt, x[half], y[half], STEPS)
         torch.save(record(model, opt), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        _finish()
 
 
 @pytest.mark.parametrize("drift,classes", [("mass", 3), ("histogram", 3), ("mass", 1)])
 def test_fsdp2_matches_single_process_and_ranks_agree(tmp_path, drift, classes):
-    mp.spawn(_fsdp_worker, args=(_free_port(), str(tmp_path), drift, classes), nprocs=WORLD,
+    mp.spawn(_fsdp_worker, args=(free_port(), str(tmp_path), drift, classes), nprocs=WORLD,
              join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
@@ -262,8 +236,7 @@ def _wrap(kind, model):
 
 
 def _resume_worker(rank, port, out_dir, kind):
-    _init(rank, port)
-    try:
+    with gloo(rank, WORLD, port):
         x, y = make_data()
         half = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
         x, y = x[half], y[half]
@@ -291,13 +264,11 @@ def _resume_worker(rank, port, out_dir, kind):
         resumed = record(model, opt)
         torch.save({"straight": straight, "resumed": resumed, "saved_frozen": saved_frozen,
                     "loaded_frozen": loaded_frozen}, os.path.join(out_dir, f"resume{rank}.pt"))
-    finally:
-        _finish()
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_checkpoint_resume_gives_the_same_decisions_and_weights(tmp_path, kind):
-    mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path), kind), nprocs=WORLD, join=True)
+    mp.spawn(_resume_worker, args=(free_port(), str(tmp_path), kind), nprocs=WORLD, join=True)
     for r in range(WORLD):
         got = torch.load(tmp_path / f"resume{r}.pt")
         a, b = got["straight"], got["resumed"]
@@ -316,39 +287,21 @@ def test_checkpoint_resume_gives_the_same_decisions_and_weights(tmp_path, kind):
 # TR-PTS selection of an FSDP2 model
 
 
-def make_token_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 12), nn.GELU(), nn.Linear(12, 3))
-
-
-def calibration():
-    g = torch.Generator().manual_seed(2)
-    return [(torch.randn(8, 5, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(2)]
-
-
-def token_loss(model, batch):
-    x, y = batch
-    return nn.functional.cross_entropy(model(x).mean(1), y)
-
-
 def _selection_worker(rank, port, out_dir, estimator):
-    _init(rank, port)
-    try:
+    with gloo(rank, WORLD, port):
         model = shard(make_token_model())
-        half = [(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]) for x, y in calibration()]
+        half = [(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4]) for x, y in token_calibration()]
         sel = fat.selection.select_connections(model, half, token_loss, budget=0.1, c_min=1,
                                                estimator=estimator)
         torch.save(dict(sel.index), os.path.join(out_dir, f"sel{rank}.pt"))
-    finally:
-        _finish()
 
 
 @pytest.mark.parametrize("estimator", ["per_sample", "empirical"])
 def test_select_connections_under_fsdp2_equals_one_process_over_all_shards(tmp_path, estimator):
-    mp.spawn(_selection_worker, args=(_free_port(), str(tmp_path), estimator), nprocs=WORLD,
+    mp.spawn(_selection_worker, args=(free_port(), str(tmp_path), estimator), nprocs=WORLD,
              join=True)
     got = [torch.load(tmp_path / f"sel{r}.pt") for r in range(WORLD)]
-    single = fat.selection.select_connections(make_token_model(), calibration(), token_loss,
+    single = fat.selection.select_connections(make_token_model(), token_calibration(), token_loss,
                                               budget=0.1, c_min=1, estimator=estimator)
     assert set(got[0]) == set(single.index)
     for n, idx in single.index.items():

@@ -11,6 +11,7 @@ from hypothesis import given, strategies as st
 from scipy.spatial.distance import jensenshannon
 from torch.library import opcheck
 
+from conftest import random_snapshots as snapshots
 from conftest import (BLOCK, CHUNK, LAYOUT_KINDS, assert_bitwise_equal, assert_unchanged, devices,
                       make_generator, make_layout, requires_cuda, set_threads, shape_lists,
                       snapshot)
@@ -24,25 +25,6 @@ MODES = ("mass", "histogram")
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def snapshots(shapes, seed, dtype=torch.float32, device="cpu", zeros=0.0, negative=False):
-    """Two independent Fisher-like snapshots (wide dynamic range; optionally some exact zeros
-    and negative entries, which the op takes by magnitude)."""
-    g = make_generator(seed)
-    out = []
-    for _ in range(2):
-        side = []
-        for s in shapes:
-            x = torch.rand(s, generator=g, dtype=torch.float64) * torch.exp(
-                3 * torch.randn(s, generator=g, dtype=torch.float64))
-            if zeros:
-                x = torch.where(torch.rand(s, generator=g, dtype=torch.float64) < zeros, 0.0, x)
-            if negative:
-                x = torch.where(torch.rand(s, generator=g, dtype=torch.float64) < 0.5, -x, x)
-            side.append(x.to(dtype).to(device))
-        out.append(side)
-    return out
 
 
 def group_values(tensors, layout: GroupLayout, g: int) -> np.ndarray:
