@@ -268,7 +268,12 @@ def gloo(rank: int, world: int, port: int):
     """A ``world``-rank gloo process group on 127.0.0.1:``port`` (one thread per rank) for the
     ``with`` block. On success the ranks meet at a barrier before tearing down (a rank that
     destroys gloo while another still talks to it aborts the other); after an error the group
-    is destroyed at once, so the failure surfaces instead of a hang."""
+    is destroyed at once, so the failure surfaces instead of a hang.
+
+    With ``world > 1`` (a process started by ``mp.spawn``) a successful block then ends the
+    process with ``os._exit(0)``: objects still holding gloo work (DDP's reducer, say) would
+    otherwise be destroyed during interpreter shutdown, which intermittently aborts the
+    process ("terminate called without an active exception"; pytorch/pytorch#179291)."""
     import torch.distributed as dist
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world,
@@ -282,6 +287,10 @@ def gloo(rank: int, world: int, port: int):
     if world > 1:
         dist.barrier()
     dist.destroy_process_group()
+    if world > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def make_token_model():
