@@ -576,8 +576,9 @@ class FisherAdapTune(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """The wrapped optimizer's state plus Fisher, references, scores, history and the
-        frozen set, for ``torch.save``. Under FSDP2 the Fisher and references are this rank's
-        shards: save one file per rank, or use :func:`fisheradaptune.distributed.save`."""
+        frozen set, for ``torch.save``. Under FSDP2, or DDP with ``shard_state``, the Fisher
+        and references are this rank's shards: save one file per rank (and load it into the
+        same world size), or use :func:`fisheradaptune.distributed.save`."""
         meta = self._meta()
         est = dict(meta.pop("estimator"))
         if isinstance(self.estimator, fisher_mod.EmpiricalFisher):
