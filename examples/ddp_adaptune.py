@@ -31,6 +31,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=64, help="global batch")
+    ap.add_argument("--check-every", type=int, default=20, help="steps between drift checks")
     ap.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP")
     ap.add_argument("--save", help="checkpoint directory to write after training")
     ap.add_argument("--resume", help="checkpoint directory to load before training")
@@ -53,7 +54,7 @@ def main():
     else:
         wrapped = DDP(model, find_unused_parameters=True)
     opt = fat.FisherAdapTune(torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05),
-                             wrapped, check_every=20, fisher_decay=0.98,
+                             wrapped, check_every=args.check_every, fisher_decay=0.98,
                              policy=fat.Threshold(tau=0.1, patience=2, min_active_fraction=0.1))
     if args.resume:
         fat.distributed.load(args.resume, wrapped, opt)

@@ -127,3 +127,31 @@ def test_select_connections_under_ddp_equals_one_process_over_all_shards(tmp_pat
     for n, idx in single.index.items():
         assert torch.equal(got[0][n], got[1][n]), n      # every rank selects the same
         assert torch.equal(got[0][n], idx), n            # as one process over all shards
+
+
+# ---------------------------------------------------------------------------------------------
+# The torchrun example
+
+
+def _example(tmp_path, *args):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), os.path.join(root, "examples", "ddp_adaptune.py"),
+           *args]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [ln for ln in out.stdout.splitlines() if "ranks (" in ln]
+    assert len(lines) == 1, out.stdout[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
+def test_torchrun_example_resumes_exactly(tmp_path, mode):
+    common = ["--check-every", "2", *mode]
+    straight = _example(tmp_path, "--steps", "12", *common)
+    _example(tmp_path, "--steps", "6", "--save", str(tmp_path / "ckpt"), *common)
+    resumed = _example(tmp_path, "--steps", "6", "--resume", str(tmp_path / "ckpt"), *common)
+    assert "step 12," in straight and "active fraction 1.000" not in straight, straight
+    assert resumed == straight
