@@ -13,7 +13,8 @@ measures, on rank 0, in one run:
    sums) and "histogram" mode (all-gathers the snapshots), against ``ops.js_drift`` on the whole
    tensors in one process (the other ranks wait meanwhile). The max difference is reported.
 2. ``step``: a training step (forward, backward, AdamW) of a ViT under FSDP2 (``fully_shard``
-   per block and at the root) and under DDP (``find_unused_parameters=True``), with the plain
+   per block and at the root) and under DDP (``find_unused_parameters=True``; the wrapper with
+   a replicated Fisher, and with ``shard_state=True``: each rank 1/world of it), with the plain
    optimizer and with FisherAdapTune before any freeze (no drift check inside the timed steps:
    its cost is table 1's, once every ``check_every`` steps), interleaved so both see the same
    machine state. ``overhead`` = wrapper step / plain step - 1.
@@ -107,7 +108,7 @@ def bench_step(rank: int, world: int, device: torch.device, args) -> List[dict]:
     x = torch.randn(per_rank, cfg["in_chans"], cfg["img_size"], cfg["img_size"], generator=g).to(device)
     y = torch.randint(0, cfg["num_classes"], (per_rank,), generator=g).to(device)
     rows = []
-    for kind in ("fsdp2", "ddp"):
+    for kind in ("fsdp2", "ddp", "ddp+shard_state"):
         runs = {}
         for wrapper in ("plain", "fisheradaptune"):
             torch.manual_seed(0)
@@ -121,7 +122,8 @@ def bench_step(rank: int, world: int, device: torch.device, args) -> List[dict]:
                 fwd = DDP(model, find_unused_parameters=True)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
             if wrapper == "fisheradaptune":
-                opt = fat.FisherAdapTune(opt, fwd, check_every=10 ** 9)
+                opt = fat.FisherAdapTune(opt, fwd, check_every=10 ** 9,
+                                         shard_state=kind == "ddp+shard_state")
 
             def step(fwd=fwd, opt=opt):
                 F.cross_entropy(fwd(x), y).backward()

@@ -210,10 +210,24 @@ def local_layout(layout: GroupLayout, sharding: Optional[Sharding]) -> GroupLayo
                        torch.tensor(rows, dtype=torch.int64).reshape(-1, 4))
 
 
+def _comm_device(group, device: torch.device) -> torch.device:
+    """Where a tensor must be for a collective on ``group``: NCCL takes CUDA tensors only (CPU
+    tensors occur with FSDP2's CPU offload), gloo is given CPU tensors."""
+    if dist.get_backend(group) == "nccl":
+        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_(t: Tensor, sharding: Optional[Sharding]) -> Tensor:
     """Sum ``t`` in place over the shards' process group (a no-op without sharding)."""
     if sharding is not None and dist.get_world_size(sharding.group) > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=sharding.group)
+        dev = _comm_device(sharding.group, t.device)
+        if dev == t.device:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=sharding.group)
+        else:
+            moved = t.to(dev)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=sharding.group)
+            t.copy_(moved)
     return t
 
 
@@ -259,22 +273,18 @@ def js_drift(current: Sequence[Tensor], reference: Sequence[Tensor], layout: Gro
     return out
 
 
-def agreed(decision: Tensor, device: torch.device, sharding: Optional[Sharding] = None) -> Tensor:
-    """``decision`` (a bool mask) as the first rank of the group made it, on every rank.
+def agreed(decision: Tensor, group=None) -> Tensor:
+    """``decision`` (a bool mask) as the first rank of ``group`` (default: the world) made it,
+    on every rank of that group.
 
     Ranks that see the same all-reduced statistics compute the same decision; broadcasting it
     anyway (a few bytes, at decision steps only) makes agreement a guarantee rather than a
     consequence of bitwise-identical arithmetic everywhere. Without an initialised multi-rank
     process group, ``decision`` itself.
     """
-    if not initialized():
+    if not initialized() or dist.get_world_size(group) == 1:
         return decision
-    group = sharding.group if sharding is not None else None
-    if dist.get_world_size(group) == 1:
-        return decision
-    backend = dist.get_backend(group)
-    dev = device if backend == "nccl" else torch.device("cpu")
-    flags = decision.to(device=dev, dtype=torch.uint8)
+    flags = decision.to(device=_comm_device(group, torch.device("cpu")), dtype=torch.uint8)
     dist.broadcast(flags, src=dist.get_global_rank(group, 0) if group is not None else 0,
                    group=group)
     return flags.to("cpu", torch.bool)
@@ -286,14 +296,25 @@ def agreed(decision: Tensor, device: torch.device, sharding: Optional[Sharding] 
 
 def _pack(obj: Any) -> bytes:
     # Variable-length state (history, policy counters) travels as one opaque item: a
-    # torch.distributed.checkpoint template cannot know its structure before loading it.
+    # torch.distributed.checkpoint template cannot know its structure before loading it. Its
+    # tensors go to the CPU: DCP keeps one rank's copy, which every rank then loads.
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    torch.save(_on_cpu(obj), buf)
     return buf.getvalue()
 
 
+def _on_cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
+
+
 def _unpack(data: bytes) -> Any:
-    return torch.load(io.BytesIO(data), weights_only=True)
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
 
 
 def _inner(optimizer) -> torch.optim.Optimizer:

@@ -230,31 +230,39 @@ class KFACFisher:
         return None, bad
 
     def _all_reduce_statistics(self) -> None:
-        """Sum this step's h/s accumulators and sample counts over the DDP group, in one call.
-        Every rank packs every layer (zeros where a layer did not run), so shapes agree."""
+        """Sum this step's h/s accumulators and sample counts over the DDP group, in one call
+        (float64, so counts stay exact). Every rank packs every layer (zeros where a layer did
+        not run), so shapes agree."""
         parts = []
+        device = next(iter(self._factors)).weight.device if self._factors else None
         for module, f in self._factors.items():
-            device = module.weight.device
             for key, n in (("h_acc", module.in_features), ("s_acc", module.out_features)):
                 v = f[key]
-                parts.append(v.float() if v is not None else
-                             torch.zeros(n, dtype=torch.float32, device=device))
-            parts.append(torch.tensor([float(f["nh"]), float(f["ns"])], device=device))
+                parts.append(v.to(device, torch.float64) if v is not None else
+                             torch.zeros(n, dtype=torch.float64, device=device))
+            parts.append(torch.tensor([float(f["nh"]), float(f["ns"])], dtype=torch.float64,
+                                      device=device))
         if not parts:
             return
         flat = torch.cat(parts)
         if torch.distributed.get_backend(self._group) != "nccl":
             flat = flat.cpu()
         torch.distributed.all_reduce(flat, group=self._group)
-        at = 0
-        for module, f in self._factors.items():
-            device = module.weight.device
+        # The counts, read back in one transfer.
+        offsets, at = [], 0
+        for module in self._factors:
             a, b = module.in_features, module.out_features
-            nh, ns = int(flat[at + a + b]), int(flat[at + a + b + 1])
-            f["h_acc"] = flat[at:at + a].to(device) if nh else None
-            f["s_acc"] = flat[at + a:at + a + b].to(device) if ns else None
-            f["nh"], f["ns"] = nh, ns
+            offsets.append((at, a, b))
             at += a + b + 2
+        counts = flat[torch.tensor([o + a + b + j for o, a, b in offsets for j in (0, 1)],
+                                   device=flat.device)].tolist()
+        for k, (module, f) in enumerate(self._factors.items()):
+            at, a, b = offsets[k]
+            dev = module.weight.device
+            nh, ns = int(counts[2 * k]), int(counts[2 * k + 1])
+            f["h_acc"] = flat[at:at + a].to(dev, torch.float32) if nh else None
+            f["s_acc"] = flat[at + a:at + a + b].to(dev, torch.float32) if ns else None
+            f["nh"], f["ns"] = nh, ns
 
     def _corrected(self, f: dict, key: str) -> Optional[Tensor]:
         if f[key] is None:
@@ -306,7 +314,9 @@ class KFACFisher:
 
     def load_state_dict(self, state: dict) -> None:
         for m, f in zip(self._factors, state["factors"]):
-            self._factors[m].update({k: f[k] for k in ("h", "s", "t") if f.get(k) is not None})
+            self._factors[m].update({k: (f[k].to(m.weight.device) if isinstance(f[k], Tensor)
+                                         else f[k])
+                                     for k in ("h", "s", "t") if f.get(k) is not None})
         self._empirical.load_state_dict(state["empirical"])
         self._released = set(state["released"])
         self.steps = int(state["steps"])

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from . import distributed
 from . import fisher as fisher_mod
 from . import groups as groups_mod
+from . import ops
 from ._wrapping import check_optimizer, share_optimizer
 from .adaptune import Context, DriftTracker, PaperPolicy, Policy, Threshold
 from .groups import GroupLayout
@@ -81,6 +82,13 @@ class _PartialFreeze:
             if g is None:
                 continue
             if not g.is_contiguous():
+                if distributed.is_dtensor(self.params[i].grad):
+                    # The local shard of a DTensor gradient cannot be replaced: mask a copy.
+                    tmp = g.contiguous()
+                    for b, e in self.ranges[i]:
+                        tmp.view(-1)[b:e].zero_()
+                    g.copy_(tmp)
+                    continue
                 g = self.params[i].grad = g.contiguous()
             flat = g.view(-1)
             views.extend(flat[b:e] for b, e in self.ranges[i])
@@ -123,10 +131,13 @@ class FisherAdapTune(torch.optim.Optimizer):
         drift_kwargs: extra keyword arguments of ``ops.js_drift`` (``bins``, ``lower_q``,
             ``upper_q``, ``min_log_range``, ``base``).
         shard_state: under DDP (``model`` a ``DistributedDataParallel``, empirical
-            estimator), each rank keeps and updates the Fisher and drift references of only
-            ``1/world`` of every tensor's rows (a ``Shard(0)`` split), dividing that work and
-            memory by the world size; sums are all-reduced as under FSDP2. ``False`` keeps a
-            full replica on every rank.
+            estimator), ``True`` makes each rank keep and update the Fisher and drift
+            references of only ``1/world`` of every tensor's rows (a ``Shard(0)`` split),
+            dividing that work and memory by the world size, with sums all-reduced as under
+            FSDP2. Checkpoint such a wrapper with :func:`fisheradaptune.distributed.save` (or
+            one :meth:`state_dict` file per rank): rank 0's state alone no longer holds all of
+            it. ``False`` (default) keeps a full replica on every rank, so the usual "save on
+            rank 0" works.
 
     Only parameters with ``requires_grad`` at construction are tracked.
 
@@ -146,7 +157,7 @@ class FisherAdapTune(torch.optim.Optimizer):
                  drift: str = "mass", fisher_decay: float = 0.9, reference_decay: float = 0.9,
                  score_decay: float = 0.9, check_every: int = 100,
                  policy: Optional[Policy] = None, drift_kwargs: Optional[dict] = None,
-                 shard_state: bool = True):
+                 shard_state: bool = False):
         check_optimizer(optimizer)
         if isinstance(optimizer, FisherAdapTune):
             raise ValueError("argument 'optimizer': already a FisherAdapTune")
@@ -169,6 +180,13 @@ class FisherAdapTune(torch.optim.Optimizer):
                 raise ValueError(f"argument '{name}': expected a value in [0, 1], got {v!r}")
         if float(score_decay) >= 1.0:
             raise ValueError(f"argument 'score_decay': expected a value in [0, 1), got {score_decay!r}")
+        try:  # the op validates its own arguments: call it once on nothing
+            ops.js_drift([], [], groups_mod.GroupLayout((), (), (), torch.zeros(0, 4)),
+                         mode=drift, **dict(drift_kwargs or {}))
+        except TypeError as e:
+            raise TypeError(f"argument 'drift_kwargs': {e}") from None
+        except ValueError as e:
+            raise ValueError(f"argument 'drift_kwargs': {e}") from None
         policy = Threshold() if policy is None else policy
         if not isinstance(policy, Policy):
             raise TypeError(f"argument 'policy': expected a Threshold, PaperPolicy or Policy, got "
@@ -187,9 +205,12 @@ class FisherAdapTune(torch.optim.Optimizer):
         if self._dtensor_params and estimator != "empirical":
             raise ValueError(f"argument 'estimator': {estimator!r} does not support sharded "
                              "(FSDP2) parameters; use \"empirical\"")
-        if (self.sharding is None and shard_state and estimator == "empirical"
-                and isinstance(model, nn.parallel.DistributedDataParallel)):
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        if self.sharding is None and shard_state and estimator == "empirical" and ddp:
             self.sharding = distributed.row_sharding(self.params, model.process_group)
+        # The ranks that must agree on every decision.
+        self._group = (self.sharding.group if self.sharding is not None else
+                       model.process_group if ddp else None)
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self.model = model
         self.layout = groups_mod.build(groups, named, model)
@@ -327,8 +348,7 @@ class FisherAdapTune(torch.optim.Optimizer):
         self._apply(self._agreed(self.policy.decide(self._context())))
 
     def _agreed(self, decision: Tensor) -> Tensor:
-        return distributed.agreed(decision, distributed.local(self.params[0]).device,
-                                  self.sharding)
+        return distributed.agreed(decision, self._group)
 
     # ------------------------------------------------------------------ freezing
     def _apply(self, to_freeze: Tensor) -> None:
@@ -436,7 +456,8 @@ class FisherAdapTune(torch.optim.Optimizer):
 
     @property
     def nonfinite(self) -> int:
-        """Gradient elements skipped so far for not being finite (reading it synchronises)."""
+        """Gradient elements skipped so far for not being finite (reading it synchronises).
+        With a sharded Fisher (FSDP2, ``shard_state``) each rank counts its own part."""
         return 0 if self._nonfinite is None else int(self._nonfinite)
 
     def metrics(self, per_group: bool = False) -> Dict[str, float]:
@@ -537,7 +558,41 @@ class FisherAdapTune(torch.optim.Optimizer):
             "tracker": self.tracker.state_dict(),
             "policy": self.policy.state_dict(),
             "nonfinite": self.nonfinite,
+            "shards": self._shard_key(),
         }
+
+    def _shard_key(self) -> Optional[dict]:
+        """Which part of each tensor this rank's buffers hold (None: all of it)."""
+        if self.sharding is None:
+            return None
+        return {"world": int(self.sharding.mesh.size()),
+                "rank": int(self.sharding.mesh.get_local_rank()),
+                "offsets": list(self.sharding.offsets)}
+
+    def _adopt(self, i: int, value: Optional[Tensor], saved_shards: Optional[dict]
+               ) -> Optional[Tensor]:
+        """A saved Fisher or reference buffer of tensor ``i`` as this rank's part of it: a
+        DTensor is resharded, a full tensor sliced, and a shard accepted only from this very
+        rank and world (anything else would silently pair rows with the wrong ones)."""
+        if value is None:
+            return None
+        if distributed.is_dtensor(value):
+            return value.full_tensor() if self.sharding is None else self.sharding.to_local(i, value)
+        ours = self._shard_key()
+        if saved_shards is None:  # a full buffer: take this rank's part of it
+            if value.shape != self.params[i].shape:
+                raise ValueError(f"argument 'state_dict': the buffer of {self.names[i]!r} has "
+                                 f"shape {tuple(value.shape)}, expected "
+                                 f"{tuple(self.params[i].shape)}")
+            return self._part(i, value)
+        if saved_shards != ours:
+            mine = "unsharded" if ours is None else f"rank {ours['rank']} of {ours['world']}"
+            raise ValueError(
+                f"argument 'state_dict': holds the Fisher shards of rank {saved_shards['rank']} "
+                f"of {saved_shards['world']}, this wrapper is {mine}. Load each rank's own "
+                "state_dict, or checkpoint with fisheradaptune.distributed.save / load "
+                "(which reshards)")
+        return value
 
     def _fisher_buffers(self) -> List[Optional[Tensor]]:
         if isinstance(self.estimator, fisher_mod.EmpiricalFisher):
@@ -557,11 +612,15 @@ class FisherAdapTune(torch.optim.Optimizer):
         self._apply(frozen.clone())
 
     def _load(self, meta: dict, fisher: List[Optional[Tensor]],
-              references: List[Optional[Tensor]]) -> None:
+              references: List[Optional[Tensor]], shards: Optional[dict]) -> None:
+        """Restore from ``meta`` and the buffers, which hold the parts of the tensors that
+        ``shards`` names (a :meth:`_shard_key`)."""
         self._check_meta(meta)
         self._set_frozen(meta["frozen"])
         self.frozen_at = meta["frozen_at"].clone()
         self.step_count = int(meta["step"])
+        fisher = [self._adopt(i, f, shards) for i, f in enumerate(fisher)]
+        references = [self._adopt(i, r, shards) for i, r in enumerate(references)]
         est = dict(meta["estimator"])
         if isinstance(self.estimator, fisher_mod.EmpiricalFisher):
             est["fisher"] = fisher
@@ -593,7 +652,7 @@ class FisherAdapTune(torch.optim.Optimizer):
         self._check_meta(a)
         est = a["estimator"]
         fisher = list(est.get("fisher", [None] * len(self.params)))
-        self._load(a, fisher, list(a["references"]))
+        self._load(a, fisher, list(a["references"]), a.get("shards"))
         self.optimizer.load_state_dict(state_dict["optimizer"])
 
     # The three methods below serve fisheradaptune.distributed.save/load: per-tensor buffers are
@@ -635,7 +694,9 @@ class FisherAdapTune(torch.optim.Optimizer):
         def buffers(named):
             return [None if n not in named else self._local(i, named[n])
                     for i, n in enumerate(self.names)]
-        self._load(meta, buffers(state["fisher"]), buffers(state["reference"]))
+        # The buffers were read into this wrapper's own template: they are its parts.
+        self._load(meta, buffers(state["fisher"]), buffers(state["reference"]),
+                   self._shard_key())
 
     def _part(self, i: int, t: Optional[Tensor]) -> Optional[Tensor]:
         """The part of parameter ``i`` (or of its gradient) that this rank's Fisher covers."""

@@ -393,35 +393,42 @@ def _counts(model: nn.Module, linears: Dict[str, nn.Linear], head: Optional[str]
     return {"total": total, "bias": bias, "head": head_n}
 
 
-def _process_group_size() -> int:
+def _process_group(model: nn.Module):
+    """The ranks that calibrate together: a DDP model's own group, else the world (None); and
+    their number (1 without an initialised process group)."""
     import torch.distributed as dist
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if not (dist.is_available() and dist.is_initialized()):
+        return None, 1
+    group = model.process_group if isinstance(model, nn.parallel.DistributedDataParallel) else None
+    return group, dist.get_world_size(group)
 
 
-def _average_across_ranks(fisher: Dict[str, Tensor]) -> Dict[str, Tensor]:
+def _average_across_ranks(fisher: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
     """Under an initialised process group, each layer's Fisher averaged over the ranks, so
     that every rank ranks the same values. Exact for the global Fisher when every rank saw as
     many calibration samples."""
-    world = _process_group_size()
+    group, world = _process_group(model)
     if world == 1:
         return fisher
     import torch.distributed as dist
     out = {}
     for n in sorted(fisher):  # one order on every rank
         f = fisher[n].clone()
-        dist.all_reduce(f)
+        dist.all_reduce(f, group=group)
         out[n] = f / world
     return {n: out[n] for n in fisher}
 
 
-def _broadcast_from_rank0(index: Dict[str, Tensor]) -> None:
-    """Make rank 0's selection every rank's. The ranks rank identical all-reduced values, so
-    their C_l (the shapes) agree; the broadcast guarantees the indices do too."""
-    if _process_group_size() == 1:
+def _broadcast_from_rank0(index: Dict[str, Tensor], model: nn.Module) -> None:
+    """Make the first rank's selection every rank's. The ranks rank identical all-reduced
+    values, so their C_l (the shapes) agree; the broadcast guarantees the indices do too."""
+    group, world = _process_group(model)
+    if world == 1:
         return
     import torch.distributed as dist
+    src = dist.get_global_rank(group, 0) if group is not None else 0
     for n in sorted(index):
-        dist.broadcast(index[n], src=0)
+        dist.broadcast(index[n], src=src, group=group)
 
 
 def select_connections(model: nn.Module, batches: Iterable, loss_fn: Callable, *,
@@ -475,9 +482,9 @@ def select_connections(model: nn.Module, batches: Iterable, loss_fn: Callable, *
     finally:
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
-    fisher = _average_across_ranks({n: fisher[n] for n in names})
+    fisher = _average_across_ranks({n: fisher[n] for n in names}, model)
     index, c = select_from_fisher(fisher, budget, c_min, skip_empty)
-    _broadcast_from_rank0(index)
+    _broadcast_from_rank0(index, model)
     return Selection(index=index, c=c,
                      shapes={n: tuple(int(s) for s in m.weight.shape) for n, m in linears.items()},
                      budget=budget, c_min=c_min, estimator=estimator, skip_empty=skip_empty,

@@ -155,3 +155,53 @@ def test_torchrun_example_resumes_exactly(tmp_path, mode):
     resumed = _example(tmp_path, "--steps", "6", "--resume", str(tmp_path / "ckpt"), *common)
     assert "step 12," in straight and "active fraction 1.000" not in straight, straight
     assert resumed == straight
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-rank state dicts of a DDP wrapper with a sharded Fisher
+
+
+def _state_dict_worker(rank, port, out_dir):
+    with gloo(rank, WORLD, port):
+        x, y = make_data()
+        half = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
+        states = {}
+        for shard_state in (True, False):
+            model = make_model()
+            ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+            opt = make_opt(model, ddp, shard_state=shard_state)
+            train(ddp, opt, x[half], y[half])
+            states[shard_state] = opt.state_dict()
+        torch.save(states[True], os.path.join(out_dir, f"sd{rank}.pt"))
+        dist.barrier()
+        other = torch.load(os.path.join(out_dir, f"sd{1 - rank}.pt"))
+
+        def fresh():
+            model = make_model()
+            ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+            return make_opt(model, ddp, shard_state=True)
+        outcome = {}
+        try:
+            fresh().load_state_dict(other)
+            outcome["other"] = "loaded"
+        except ValueError as e:
+            outcome["other"] = str(e)
+        mine = fresh()
+        mine.load_state_dict(states[True])
+        full = fresh()
+        full.load_state_dict(states[False])  # a replicated wrapper's state: sliced to this rank
+        outcome["own_equal"] = all(
+            (a is None and b is None) or torch.equal(a, b)
+            for a, b in zip(mine._fisher_buffers(), full._fisher_buffers()))
+        outcome["own_elements"] = fisher_elements(mine)
+        torch.save(outcome, os.path.join(out_dir, f"outcome{rank}.pt"))
+
+
+def test_sharded_ddp_state_dict_loads_only_on_its_own_rank(tmp_path):
+    mp.spawn(_state_dict_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"outcome{r}.pt")
+        assert "argument 'state_dict'" in got["other"] and \
+            f"shards of rank {1 - r} of 2" in got["other"], got["other"]
+        assert got["own_equal"], "a full state dict must load as this rank's slice of it"
+        assert got["own_elements"] > 0

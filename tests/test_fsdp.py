@@ -222,9 +222,9 @@ def test_fsdp2_matches_single_process_and_ranks_agree(tmp_path, drift, classes):
 RESUME_AT = 10  # between the freezes at steps 6 and 14, 18 of this configuration
 
 
-def make_resume_opt(model, wrapped):
+def make_resume_opt(model, wrapped, shard_state=False):
     return fat.FisherAdapTune(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05),
-                              wrapped, check_every=2,
+                              wrapped, check_every=2, shard_state=shard_state,
                               policy=fat.Threshold(tau=0.15, patience=2, min_active_fraction=0.1))
 
 
@@ -244,20 +244,20 @@ def _resume_worker(rank, port, out_dir, kind):
 
         # Uninterrupted: 2 * RESUME_AT steps.
         model, ddp = _wrap(kind, make_model())
-        opt = make_resume_opt(model, ddp or model)
+        opt = make_resume_opt(model, ddp or model, kind == "ddp_sharded")
         train(ddp or model, opt, x, y, 2 * RESUME_AT)
         straight = record(model, opt)
 
         # RESUME_AT steps, saved ...
         model, ddp = _wrap(kind, make_model())
-        opt = make_resume_opt(model, ddp or model)
+        opt = make_resume_opt(model, ddp or model, kind == "ddp_sharded")
         train(ddp or model, opt, x, y, RESUME_AT)
         saved_frozen = opt.frozen.clone()
         fdist.save(ckpt, ddp or model, opt)
 
         # ... loaded into a fresh model and wrapper, and RESUME_AT more.
         model, ddp = _wrap(kind, make_model())
-        opt = make_resume_opt(model, ddp or model)
+        opt = make_resume_opt(model, ddp or model, kind == "ddp_sharded")
         fdist.load(ckpt, ddp or model, opt)
         loaded_frozen = opt.frozen.clone()
         train(ddp or model, opt, x, y, RESUME_AT)
@@ -266,7 +266,7 @@ def _resume_worker(rank, port, out_dir, kind):
                     "loaded_frozen": loaded_frozen}, os.path.join(out_dir, f"resume{rank}.pt"))
 
 
-@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+@pytest.mark.parametrize("kind", ["ddp", "ddp_sharded", "fsdp"])
 def test_checkpoint_resume_gives_the_same_decisions_and_weights(tmp_path, kind):
     mp.spawn(_resume_worker, args=(free_port(), str(tmp_path), kind), nprocs=WORLD, join=True)
     for r in range(WORLD):
