@@ -226,13 +226,20 @@ struct MassFinishOp {
 };
 
 // The chunk table of the mass passes on the device: the grouped chunks in group order, then
-// (with `gaps`, for the reference update) the ungrouped ones. Calls
-// body(table, group_offsets, num_grouped, count) while the table is alive.
+// (with `gaps`, for the reference update) the ungrouped ones. The grouped prefix is the same
+// either way, so one table serves both passes.
+struct MassTable {
+  const DriftChunk* chunks;
+  const int64_t* group_offsets;
+  int64_t num_grouped;  // grouped chunks, first in the table
+  int64_t count;        // all chunks
+};
+
+// Builds and uploads the table, and calls body(table) while it is alive.
 template <typename Body>
 void with_mass_table(const JsDriftArgs& a, int64_t G, bool gaps, const c10::Device& device,
                      Body body) {
   const Plan plan = make_plan(a.segments, a.numels, G, kChunk, /*cover_gaps=*/gaps);
-  const int64_t num_grouped = static_cast<int64_t>(plan.group_chunks.size());
   std::vector<DriftChunk> table;
   for (const int64_t k : mt::group_ordered(plan, /*with_ungrouped=*/gaps)) {
     const Chunk& c = plan.chunks[k];
@@ -244,46 +251,40 @@ void with_mass_table(const JsDriftArgs& a, int64_t G, bool gaps, const c10::Devi
   const int64_t table_at = bundle.add(table);
   const int64_t offsets_at = bundle.add(plan.group_offsets);
   bundle.upload(device);
-  body(bundle.get<DriftChunk>(table_at), bundle.get<int64_t>(offsets_at), num_grouped,
-       static_cast<int64_t>(table.size()));
+  body(MassTable{bundle.get<DriftChunk>(table_at), bundle.get<int64_t>(offsets_at),
+                 static_cast<int64_t>(plan.group_chunks.size()),
+                 static_cast<int64_t>(table.size())});
 }
 
 // Mass mode, first half: tc[g] = sum |current|, tr[g] = sum |reference| over each group.
-void mass_totals(const JsDriftArgs& a, int64_t G, double* tc, double* tr,
+void mass_totals(const MassTable& t, int64_t G, double* tc, double* tr,
                  const c10::Device& device, cudaStream_t stream) {
   if (G == 0) return;
-  with_mass_table(a, G, /*gaps=*/false, device,
-                  [&](const DriftChunk* tbl, const int64_t* offsets, int64_t num_grouped,
-                      int64_t) {
-    const at::Tensor scratch = at::empty({2 * num_grouped + 1},
-                                         at::TensorOptions().dtype(at::kDouble).device(device));
-    double* pc = scratch.data_ptr<double>();
-    double* pr = pc + num_grouped;
-    mt::launch_chunks(tbl, num_grouped, MassTotalsOp{pc, pr}, stream);
-    mt::launch_groups(G, MassGroupTotalsOp{pc, pr, offsets, tc, tr}, stream);
-  });
+  const at::Tensor scratch = at::empty({2 * t.num_grouped + 1},
+                                       at::TensorOptions().dtype(at::kDouble).device(device));
+  double* pc = scratch.data_ptr<double>();
+  double* pr = pc + t.num_grouped;
+  mt::launch_chunks(t.chunks, t.num_grouped, MassTotalsOp{pc, pr}, stream);
+  mt::launch_groups(G, MassGroupTotalsOp{pc, pr, t.group_offsets, tc, tr}, stream);
 }
 
 // Mass mode, second half: js[g] = the sum of js_term over the group's elements with the
-// totals tc, tr; with rho, also the reference update (every element, after it is scored).
-void mass_partial(const JsDriftArgs& a, int64_t G, const double* tc, const double* tr,
+// totals tc, tr; with rho (the table then has the gaps too), also the reference update
+// (every element, after it is scored).
+void mass_partial(const MassTable& t, int64_t G, const double* tc, const double* tr,
                   std::optional<double> rho, double* js, const c10::Device& device,
                   cudaStream_t stream) {
   const bool update = rho.has_value();
-  with_mass_table(a, G, /*gaps=*/update, device,
-                  [&](const DriftChunk* tbl, const int64_t* offsets, int64_t num_grouped,
-                      int64_t count) {
-    if (count == 0 && G == 0) return;
-    const at::Tensor scratch = at::empty({num_grouped + 1},
-                                         at::TensorOptions().dtype(at::kDouble).device(device));
-    double* partials = scratch.data_ptr<double>();
-    const float rho_f = update ? static_cast<float>(*rho) : 0.f;
-    const float one_minus = 1.f - rho_f;  // in float, as the CPU's (S(1) - rho)
-    mt::launch_chunks(tbl, update ? count : num_grouped,
-                      MassScoreOp{tc, tr, partials, num_grouped, rho_f, one_minus, update},
-                      stream);
-    mt::launch_groups(G, MassGroupSumOp{partials, offsets, js}, stream);
-  });
+  if (t.count == 0 && G == 0) return;
+  const at::Tensor scratch = at::empty({t.num_grouped + 1},
+                                       at::TensorOptions().dtype(at::kDouble).device(device));
+  double* partials = scratch.data_ptr<double>();
+  const float rho_f = update ? static_cast<float>(*rho) : 0.f;
+  const float one_minus = 1.f - rho_f;  // in float, as the CPU's (S(1) - rho)
+  mt::launch_chunks(t.chunks, update ? t.count : t.num_grouped,
+                    MassScoreOp{tc, tr, partials, t.num_grouped, rho_f, one_minus, update},
+                    stream);
+  mt::launch_groups(G, MassGroupSumOp{partials, t.group_offsets, js}, stream);
 }
 
 void mass_drift(const JsDriftArgs& a, int64_t G, std::optional<double> rho, bool base2,
@@ -295,8 +296,10 @@ void mass_drift(const JsDriftArgs& a, int64_t G, std::optional<double> rho, bool
   double* tc = scratch.data_ptr<double>();
   double* tr = tc + G;
   double* js = tr + G;
-  mass_totals(a, G, tc, tr, device, stream);
-  mass_partial(a, G, tc, tr, rho, js, device, stream);
+  with_mass_table(a, G, /*gaps=*/rho.has_value(), device, [&](const MassTable& t) {
+    mass_totals(t, G, tc, tr, device, stream);
+    mass_partial(t, G, tc, tr, rho, js, device, stream);
+  });
   if (G > 0) {
     mt::launch_groups(G, MassFinishOp{js, tc, tr, out.data_ptr<float>(), base2}, stream);
   }
@@ -715,7 +718,10 @@ at::Tensor js_mass_totals_cuda(at::TensorList current, at::TensorList reference,
   at::Tensor out =
       at::zeros({2, num_groups}, at::TensorOptions().dtype(at::kDouble).device(device));
   double* o = out.data_ptr<double>();
-  mass_totals(a, num_groups, o, o + num_groups, device, c10::cuda::getCurrentCUDAStream());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_mass_table(a, num_groups, /*gaps=*/false, device, [&](const MassTable& t) {
+    mass_totals(t, num_groups, o, o + num_groups, device, stream);
+  });
   return out;
 }
 
@@ -730,8 +736,12 @@ at::Tensor js_mass_partial_cuda(at::TensorList current, at::TensorList reference
   const at::Tensor t = totals.contiguous();
   at::Tensor out = at::zeros({num_groups}, at::TensorOptions().dtype(at::kDouble).device(device));
   const double* tc = t.const_data_ptr<double>();
-  mass_partial(a, num_groups, tc, tc + num_groups, update_reference, out.data_ptr<double>(),
-               device, c10::cuda::getCurrentCUDAStream());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_mass_table(a, num_groups, /*gaps=*/update_reference.has_value(), device,
+                  [&](const MassTable& t) {
+    mass_partial(t, num_groups, tc, tc + num_groups, update_reference, out.data_ptr<double>(),
+                 device, stream);
+  });
   return out;
 }
 
