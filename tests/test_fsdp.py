@@ -307,3 +307,43 @@ def test_select_connections_under_fsdp2_equals_one_process_over_all_shards(tmp_p
     for n, idx in single.index.items():
         assert torch.equal(got[0][n], got[1][n]), n      # every rank selects the same
         assert torch.equal(got[0][n], idx), n            # as one process over all shards
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen means frozen on shards, under FSDP2 mixed precision
+
+
+def _frozen_worker(rank, port, out_dir):
+    with gloo(rank, WORLD, port):
+        model = make_model()
+        policy = fsdp.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for m in model:
+            if isinstance(m, nn.Linear):
+                fsdp.fully_shard(m, mp_policy=policy)
+        fsdp.fully_shard(model, mp_policy=policy)
+        opt = make_opt(model, model)
+        x, y = make_data()
+        half = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
+        train(model, opt, x[half], y[half], STEPS)
+        params = list(model.parameters())
+        masks = [opt.frozen_mask(p) for p in params]
+        before = [p.to_local().detach().clone() for p in params]
+        train(model, opt, x[half], y[half], STEPS)
+        moved_frozen = sum(int((p.to_local().detach() != b)[m].sum())
+                           for p, b, m in zip(params, before, masks))
+        moved_active = sum(int((p.to_local().detach() != b)[~m].sum())
+                           for p, b, m in zip(params, before, masks))
+        torch.save({"frozen": opt.frozen.clone(), "moved_frozen": moved_frozen,
+                    "moved_active": moved_active, "frozen_elements": sum(int(m.sum()) for m in masks),
+                    "fisher_dtypes": {str(f.dtype) for f in opt._fisher_buffers() if f is not None}},
+                   os.path.join(out_dir, f"frozen{rank}.pt"))
+
+
+def test_frozen_shards_never_move_under_fsdp2_mixed_precision(tmp_path):
+    mp.spawn(_frozen_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    got = [torch.load(tmp_path / f"frozen{r}.pt") for r in range(WORLD)]
+    assert torch.equal(got[0]["frozen"], got[1]["frozen"])
+    for g in got:
+        assert g["frozen_elements"] > 0 and g["moved_active"] > 0
+        assert g["moved_frozen"] == 0
+        assert g["fisher_dtypes"] == {"torch.float32"}
