@@ -18,5 +18,5 @@ from .masked import MaskedOptimizer  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "groups", "fisher", "adapters", "models", "vit", "GroupLayout", "FisherAdapTune", "MaskedOptimizer", "selection", "Threshold",
+__all__ = ["ops", "reference", "groups", "fisher", "adapters", "models", "vit", "GroupLayout", "FisherAdapTune", "MaskedOptimizer", "selection", "distributed", "Threshold",
            "PaperPolicy", "Policy", "has_cuda_kernels", "__version__"]

@@ -1,8 +1,10 @@
 """torch.distributed support: FSDP2-sharded parameters, cross-rank reductions, checkpoints.
 
 - :class:`Sharding` describes which part of every tracked tensor this rank holds when the
-  parameters are ``fully_shard`` (FSDP2) DTensors; :func:`local_layout` restricts a
-  :class:`GroupLayout` to those parts, so the fused ops run on local shards unchanged.
+  parameters are ``fully_shard`` (FSDP2) DTensors (:func:`sharding_of`), or which part of a
+  replicated DDP parameter's Fisher it keeps (:func:`row_sharding`, FisherAdapTune's
+  ``shard_state``); :func:`local_layout` restricts a :class:`GroupLayout` to those parts, so
+  the fused ops run on local parts unchanged.
 - :func:`js_drift` scores drift over shards exactly: per-group totals and JS partial sums are
   all-reduced (Note [Sharded drift] in csrc/drift_math.h), so every rank gets the unsharded
   distance.
