@@ -251,6 +251,21 @@ def random_snapshots(shapes, seed, dtype=torch.float32, device="cpu", zeros=0.0,
     return out
 
 
+def zero_total_case(device="cpu"):
+    """Snapshots and a layout whose groups 0, 1, 3 have a zero total on one or both sides,
+    group 2 has mass on both, and group 4 has no elements: ``(current, reference, layout)``."""
+    g = make_generator(2)
+    cur = [torch.rand(12, generator=g), torch.rand(8, generator=g)]
+    ref = [torch.rand(12, generator=g), torch.rand(8, generator=g)]
+    cur[0][0:4] = 0        # group 0: current sums to 0
+    ref[0][4:8] = 0        # group 1: reference sums to 0
+    cur[1][:] = 0
+    ref[1][:] = 0          # group 3: both 0
+    layout = GroupLayout(("a", "b"), ((12,), (8,)), ("g0", "g1", "g2", "g3", "empty"),
+                         torch.tensor([[0, 0, 4, 0], [0, 4, 8, 1], [0, 8, 12, 2], [1, 0, 8, 3]]))
+    return [c.to(device) for c in cur], [r.to(device) for r in ref], layout
+
+
 # ---------------------------------------------------------------------------------------------
 # Multi-process (torch.distributed, gloo) tests
 

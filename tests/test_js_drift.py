@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 from scipy.spatial.distance import jensenshannon
 from torch.library import opcheck
 
-from conftest import random_snapshots as snapshots
+from conftest import random_snapshots as snapshots, zero_total_case
 from conftest import (BLOCK, CHUNK, LAYOUT_KINDS, assert_bitwise_equal, assert_unchanged, devices,
                       make_generator, make_layout, requires_cuda, set_threads, shape_lists,
                       snapshot)
@@ -293,15 +293,7 @@ def test_disjoint_supports_reach_the_maximum():
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("rho", [None, 0.5])
 def test_zero_sum_and_empty_groups_give_zero(mode, rho):
-    g = make_generator(2)
-    cur = [torch.rand(12, generator=g), torch.rand(8, generator=g)]
-    ref = [torch.rand(12, generator=g), torch.rand(8, generator=g)]
-    cur[0][0:4] = 0        # group 0: current sums to 0
-    ref[0][4:8] = 0        # group 1: reference sums to 0
-    cur[1][:] = 0
-    ref[1][:] = 0          # group 3: both 0
-    layout = GroupLayout(("a", "b"), ((12,), (8,)), ("g0", "g1", "g2", "g3", "empty"),
-                         torch.tensor([[0, 0, 4, 0], [0, 4, 8, 1], [0, 8, 12, 2], [1, 0, 8, 3]]))
+    cur, ref, layout = zero_total_case()
     got = drift(cur, ref, layout, mode=mode, update_reference=rho)
     assert got[[0, 1, 3, 4]].tolist() == [0.0, 0.0, 0.0, 0.0]
     assert float(got[2]) > 0

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, strategies as st
 from torch.library import opcheck
 
-from conftest import random_snapshots as snapshots
+from conftest import random_snapshots as snapshots, zero_total_case
 from conftest import (CHUNK, LAYOUT_KINDS, assert_bitwise_equal, assert_unchanged, devices,
                       make_generator, make_layout, requires_cuda, set_threads,
                       shape_lists, snapshot)
@@ -246,16 +246,7 @@ def test_two_halves_equal_js_drift_at_chunk_sizes(device, numel):
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("rho", [None, 0.5])
 def test_zero_total_and_empty_groups_give_zero(device, rho):
-    g = make_generator(2)
-    cur = [torch.rand(12, generator=g), torch.rand(8, generator=g)]
-    ref = [torch.rand(12, generator=g), torch.rand(8, generator=g)]
-    cur[0][0:4] = 0        # group 0: current sums to 0
-    ref[0][4:8] = 0        # group 1: reference sums to 0
-    cur[1][:] = 0
-    ref[1][:] = 0          # group 3: both 0; group 4 has no elements
-    cur, ref = [c.to(device) for c in cur], [r.to(device) for r in ref]
-    layout = GroupLayout(("a", "b"), ((12,), (8,)), ("g0", "g1", "g2", "g3", "empty"),
-                         torch.tensor([[0, 0, 4, 0], [0, 4, 8, 1], [0, 8, 12, 2], [1, 0, 8, 3]]))
+    cur, ref, layout = zero_total_case(device)
     totals = ops.js_mass_totals(cur, ref, layout)
     assert totals[:, 4].tolist() == [0.0, 0.0]
     assert totals[0, 0] == 0 and totals[1, 1] == 0 and totals[:, 3].tolist() == [0.0, 0.0]
