@@ -326,9 +326,9 @@ def main():
         "indices; compact: SparseLinear int64 index buffers (not optimizer state, but memory)",
         "mask mode keeps dense gradients and dense AdamW state for every selected weight, so its "
         "state+grad is close to full fine-tuning's (minus norms/embeddings)",
-        "compact mode's forward builds a dense weight copy per SparseLinear (weight.scatter) and "
-        "saves it for backward, so its peak activation-side memory saving is limited; the "
-        "savings are in gradients and optimizer state",
+        "compact mode's forward multiplies by the SparseLinear's own dense weight buffer, whose "
+        "selected entries are rewritten in place (out x C elements) only after values change: "
+        "no dense copy per forward; the savings are in gradients and optimizer state",
         "lr = 0 in every variant so weights and costs stay identical across steps; step times: the "
         "three variants interleaved one step at a time (after 2 warm-up steps each), median per variant",
     ]

@@ -318,11 +318,12 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 class _SparseLinearFn(torch.autograd.Function):
     """``y = x W'^T + b`` with ``W' = weight`` except ``W'[i, index[i, c]] = values[i, c]``.
     The gradient of ``values`` is the sampled weight gradient (``ops.sampled_grad``); the frozen
-    dense ``weight`` gets none."""
+    dense ``weight`` gets none. With ``synced=True`` the caller guarantees that ``weight``
+    already holds ``values`` at ``index`` (SparseLinear keeps it so), and no copy is made."""
 
     @staticmethod
-    def forward(ctx, x, weight, values, index, bias):
-        w = weight.scatter(1, index, values.to(weight.dtype))
+    def forward(ctx, x, weight, values, index, bias, synced=False):
+        w = weight if synced else weight.scatter(1, index, values.to(weight.dtype))
         ctx.save_for_backward(x, w, index)
         ctx.values_dtype = values.dtype
         return nn.functional.linear(x, w, bias)
@@ -339,15 +340,18 @@ class _SparseLinearFn(torch.autograd.Function):
             gv = ops.sampled_grad(g2.to(x2.dtype), x2, index).to(ctx.values_dtype)
         if ctx.needs_input_grad[4]:
             gb = g2.sum(0)
-        return gx, None, gv, None, gb
+        return gx, None, gv, None, gb, None
 
 
 class SparseLinear(nn.Module):
     """A Linear layer that trains only ``values [out, C]`` at ``index [out, C]`` of its weight.
 
-    ``weight`` (buffer) holds the frozen dense pretrained weight, ``values`` (Parameter) the
-    trainable selected entries (optimizer state exists only for them), ``bias`` the usual bias.
-    The backward computes only the sampled weight gradient (SDDMM, ``ops.sampled_grad``).
+    ``weight`` (buffer) is the dense weight the layer multiplies by: the frozen pretrained
+    entries, with the selected entries kept equal to ``values`` (trainable, the only ones with
+    optimizer state). They are written into ``weight`` in place, ``out x C`` elements, before a
+    forward that follows a change of ``values`` (an optimizer step, a load) or of ``weight``,
+    so no dense weight copy is made per forward. ``bias`` is the usual bias. The backward
+    computes only the sampled weight gradient (SDDMM, ``ops.sampled_grad``).
     """
 
     def __init__(self, weight: Tensor, index: Tensor, bias: Optional[Tensor] = None):
@@ -357,10 +361,26 @@ class SparseLinear(nn.Module):
         self.register_buffer("index", index.to(weight.device, torch.int64).contiguous())
         self.values = nn.Parameter(self.weight.gather(1, self.index))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self._synced: Optional[tuple] = None  # what weight held values of, see _sync
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, index: Tensor) -> "SparseLinear":
         return cls(linear.weight, index, linear.bias)
+
+    def _state(self) -> tuple:
+        # In-place updates (optimizer steps, load_state_dict's copy_) bump _version; a new
+        # tensor (module.to(), assignment) has another storage.
+        return (self.values.data_ptr(), self.values._version, self.weight.data_ptr(),
+                self.weight._version, self.index.data_ptr(), self.index._version)
+
+    def _sync(self) -> None:
+        """Write ``values`` into ``weight`` at ``index`` unless it already holds them. Skipped
+        when nothing changed, so several forwards before one backward leave the weight saved
+        for backward untouched."""
+        if self._synced != self._state():
+            with torch.no_grad():
+                self.weight.scatter_(1, self.index, self.values.detach().to(self.weight.dtype))
+            self._synced = self._state()
 
     def dense_weight(self) -> Tensor:
         return self.weight.scatter(1, self.index, self.values.detach().to(self.weight.dtype))
@@ -377,7 +397,8 @@ class SparseLinear(nn.Module):
         return lin
 
     def forward(self, x: Tensor) -> Tensor:
-        return _SparseLinearFn.apply(x, self.weight, self.values, self.index, self.bias)
+        self._sync()
+        return _SparseLinearFn.apply(x, self.weight, self.values, self.index, self.bias, True)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

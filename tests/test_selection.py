@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fisheradaptune import selection
+from fisheradaptune import ops, selection
 from fisheradaptune.selection import Selection, select_connections, select_from_fisher
 
 
@@ -265,6 +265,47 @@ def test_sparse_linear_gradcheck():
     assert torch.autograd.gradcheck(f, (x, v, b))
     # forward equals the dense Linear before any training
     torch.testing.assert_close(sp(x), lin(x))
+
+
+def _sparse_case(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(6, 4)
+    index = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(4)])
+    return SparseLinear.from_linear(lin, index), torch.randn(3, 6, generator=g)
+
+
+def test_sparse_linear_forward_tracks_values_without_a_dense_copy_per_forward():
+    sp, x = _sparse_case()
+    opt = torch.optim.SGD(sp.parameters(), lr=0.5)
+    for _ in range(3):  # after every optimizer step the output is the merged layer's
+        sp(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        torch.testing.assert_close(sp(x), nn.functional.linear(x, sp.dense_weight(), sp.bias))
+    # The layer multiplies by its own buffer: the selected entries hold `values`, in place.
+    assert torch.equal(sp.weight.gather(1, sp.index), sp.values.detach())
+    # Several forwards before one backward (gradient accumulation) leave what the first saved
+    # for backward untouched, and the gradients add up.
+    ptr = sp.weight.data_ptr()
+    loss = sp(x).sum() + sp(2 * x).sum()
+    loss.backward()
+    assert sp.weight.data_ptr() == ptr
+    expected = ops.sampled_grad(torch.ones(3, 4), 3 * x, sp.index)
+    torch.testing.assert_close(sp.values.grad, expected)
+
+
+def test_sparse_linear_resyncs_after_loads_and_outside_writes():
+    sp, x = _sparse_case(0)
+    other, _ = _sparse_case(0)
+    with torch.no_grad():
+        other.values.add_(1.0)
+    sp(x)
+    sp.load_state_dict(other.state_dict())  # copies values (and weight) in place
+    torch.testing.assert_close(sp(x), nn.functional.linear(x, other.dense_weight(), other.bias))
+    with torch.no_grad():
+        sp.weight.fill_(0.25)  # someone overwrites the dense buffer: values are put back
+    want = torch.full((4, 6), 0.25).scatter(1, sp.index, sp.values.detach())
+    torch.testing.assert_close(sp(x), nn.functional.linear(x, want, sp.bias))
 
 
 def test_compact_matches_mask_and_merge():
