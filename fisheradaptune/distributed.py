@@ -19,9 +19,10 @@ parameter: the all-reduced sums would count replicated elements once per rank.
 """
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,13 +31,11 @@ from torch import Tensor, nn
 from . import ops
 from .groups import GroupLayout
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .optim import FisherAdapTune
-
 __all__ = ["Sharding", "sharding_of", "row_sharding", "local", "local_layout", "js_drift",
            "agreed", "all_reduce_", "save", "load"]
 
 
+@functools.lru_cache(maxsize=None)
 def _dtensor_types():
     try:
         from torch.distributed.tensor import DTensor, Replicate, Shard

@@ -616,11 +616,12 @@ class FisherAdapTune(torch.optim.Optimizer):
         """Restore from ``meta`` and the buffers, which hold the parts of the tensors that
         ``shards`` names (a :meth:`_shard_key`)."""
         self._check_meta(meta)
+        # Every buffer is checked before anything changes.
+        fisher = [self._adopt(i, f, shards) for i, f in enumerate(fisher)]
+        references = [self._adopt(i, r, shards) for i, r in enumerate(references)]
         self._set_frozen(meta["frozen"])
         self.frozen_at = meta["frozen_at"].clone()
         self.step_count = int(meta["step"])
-        fisher = [self._adopt(i, f, shards) for i, f in enumerate(fisher)]
-        references = [self._adopt(i, r, shards) for i, r in enumerate(references)]
         est = dict(meta["estimator"])
         if isinstance(self.estimator, fisher_mod.EmpiricalFisher):
             est["fisher"] = fisher

@@ -181,11 +181,20 @@ def _state_dict_worker(rank, port, out_dir):
             ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
             return make_opt(model, ddp, shard_state=True)
         outcome = {}
+        target = fresh()  # untrained: loading `other` would change its frozen set and step
+        before = target.state_dict()
         try:
-            fresh().load_state_dict(other)
+            target.load_state_dict(other)
             outcome["other"] = "loaded"
         except ValueError as e:
             outcome["other"] = str(e)
+        after = target.state_dict()
+        outcome["unchanged"] = (
+            torch.equal(before["adaptune"]["frozen"], after["adaptune"]["frozen"])
+            and after["adaptune"]["step"] == before["adaptune"]["step"]
+            and all((a is None and b is None) or torch.equal(a, b) for a, b in
+                    zip(before["adaptune"]["estimator"]["fisher"],
+                        after["adaptune"]["estimator"]["fisher"])))
         mine = fresh()
         mine.load_state_dict(states[True])
         full = fresh()
@@ -203,5 +212,6 @@ def test_sharded_ddp_state_dict_loads_only_on_its_own_rank(tmp_path):
         got = torch.load(tmp_path / f"outcome{r}.pt")
         assert "argument 'state_dict'" in got["other"] and \
             f"shards of rank {1 - r} of 2" in got["other"], got["other"]
+        assert got["unchanged"], "a refused load must leave the wrapper as it was"
         assert got["own_equal"], "a full state dict must load as this rank's slice of it"
         assert got["own_elements"] > 0
