@@ -245,9 +245,10 @@ def js_drift(current: Sequence[Tensor], reference: Sequence[Tensor], layout: Gro
     each rank sums JS^2 terms of its elements against the global totals, and those sums are
     all-reduced (two all-reduces of ``2G`` and ``G`` doubles). ``"histogram"`` needs exact
     quantiles of each group's union of values, so it all-gathers the full snapshots
-    (``global_layout`` and the tracked-tensor indices ``tensors`` are then required) and
-    transiently holds two float32 copies of the tracked tensors on every rank: prefer "mass"
-    for large sharded models.
+    (``global_layout`` and the tracked-tensor indices ``tensors`` are then required), one set
+    of tensors linked by shared groups at a time: a single tensor for slab and per-tensor
+    layouts, a module's tensors for ``per_module``. That set's full float32 snapshots are held
+    transiently on every rank; "mass" gathers nothing.
     """
     if sharding is None:
         return ops.js_drift(current, reference, layout, mode=mode, base=base,
@@ -264,14 +265,44 @@ def js_drift(current: Sequence[Tensor], reference: Sequence[Tensor], layout: Gro
         return torch.where(scored, out, torch.zeros_like(out)).float()
     if global_layout is None or tensors is None:
         raise ValueError("distributed.js_drift: mode \"histogram\" needs global_layout and tensors")
-    full_c = [sharding.to_global(i, c).full_tensor() for i, c in zip(tensors, current)]
-    full_r = [sharding.to_global(i, r).full_tensor() for i, r in zip(tensors, reference)]
-    out = ops.js_drift(full_c, full_r, global_layout, mode=mode, base=base,
-                       update_reference=update_reference, **kwargs)
-    if update_reference is not None:
-        for i, r, fr in zip(tensors, reference, full_r):
-            r.copy_(sharding.to_local(i, fr))
+    # One set of tensors linked by shared groups at a time (a single tensor for slab and
+    # per-tensor layouts), so only that set is ever gathered; every group lies in one set.
+    out = None
+    for part in _linked_tensors(global_layout):
+        full_c = [sharding.to_global(tensors[k], current[k]).full_tensor() for k in part]
+        full_r = [sharding.to_global(tensors[k], reference[k]).full_tensor() for k in part]
+        d = ops.js_drift(full_c, full_r, global_layout.subset(part), mode=mode, base=base,
+                         update_reference=update_reference, **kwargs)
+        out = d if out is None else out + d  # groups outside `part` score exactly 0 here
+        if update_reference is not None:
+            for k, fr in zip(part, full_r):
+                reference[k].copy_(sharding.to_local(tensors[k], fr))
+    if out is None:
+        device = current[0].device if current else torch.device("cpu")
+        out = torch.zeros(global_layout.num_groups, dtype=torch.float32, device=device)
     return out
+
+
+def _linked_tensors(layout: GroupLayout) -> List[List[int]]:
+    """The tensors of ``layout`` in sets such that every group's elements lie in one set (the
+    connected components of the tensor-group relation), each in tensor order."""
+    parent = list(range(layout.num_tensors))
+
+    def root(t: int) -> int:
+        while parent[t] != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+    first: Dict[int, int] = {}
+    for t, b, e, g in layout.segments.tolist():
+        if g in first:
+            parent[root(t)] = root(first[g])
+        else:
+            first[g] = t
+    sets: Dict[int, List[int]] = {}
+    for t in range(layout.num_tensors):
+        sets.setdefault(root(t), []).append(t)
+    return list(sets.values())
 
 
 def agreed(decision: Tensor, group=None) -> Tensor:

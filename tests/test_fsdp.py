@@ -90,6 +90,19 @@ def record(model, opt):
 # The sharded drift equals the unsharded drift
 
 
+def layouts(named):
+    """Slabs (groups straddle the shard boundary), one group per tensor, and groups that span
+    tensors as per_module's do (the histogram path then gathers linked tensors together)."""
+    n = [c.numel() for _, c in named]
+    spanning = fat.GroupLayout(
+        tuple(k for k, _ in named), tuple(c.shape for _, c in named),
+        ("t0+t1", "t2a", "t2b+t3", "t4"),
+        torch.tensor([[0, 0, n[0], 0], [1, 0, n[1], 0], [2, 0, 13, 1], [2, 13, n[2], 2],
+                      [3, 0, n[3], 2], [4, 0, n[4], 3]]))
+    return (("slabs", fat.groups.slabs(named, k=4)), ("per_tensor", fat.groups.per_tensor(named)),
+            ("spanning", spanning))
+
+
 def _drift_worker(rank, port, out_dir):
     with gloo(rank, WORLD, port):
         from torch.distributed.device_mesh import init_device_mesh
@@ -103,8 +116,7 @@ def _drift_worker(rank, port, out_dir):
         full_r[4].zero_()  # a zero-sum group scores 0
         named = [(f"t{i}", c) for i, c in enumerate(full_c)]
         results = {}
-        for kind, layout in (("slabs", fat.groups.slabs(named, k=4)),
-                             ("per_tensor", fat.groups.per_tensor(named))):
+        for kind, layout in layouts(named):
             for mode in ("mass", "histogram"):
                 params = [distribute_tensor(c, mesh, [Shard(0)]) for c in full_c]
                 sharding = fdist.sharding_of(params)
@@ -127,8 +139,7 @@ def test_sharded_drift_equals_unsharded_drift(tmp_path):
     full_r = [torch.rand(s, generator=g) for s in shapes]
     full_r[4].zero_()
     named = [(f"t{i}", c) for i, c in enumerate(full_c)]
-    for kind, layout in (("slabs", fat.groups.slabs(named, k=4)),
-                         ("per_tensor", fat.groups.per_tensor(named))):
+    for kind, layout in layouts(named):
         for mode in ("mass", "histogram"):
             ref = [r.clone() for r in full_r]
             want = fat.ops.js_drift(full_c, ref, layout, mode=mode, update_reference=0.9)
