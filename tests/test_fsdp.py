@@ -358,3 +358,47 @@ def test_frozen_shards_never_move_under_fsdp2_mixed_precision(tmp_path):
         assert g["frozen_elements"] > 0 and g["moved_active"] > 0
         assert g["moved_frozen"] == 0
         assert g["fisher_dtypes"] == {"torch.float32"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Manual freeze and unfreeze of sharded parameters
+
+
+def freeze_thaw_run(model, opt, x, y):
+    opt.freeze(["0.weight", "2.bias"])          # whole tensors: released on every rank
+    train(model, opt, x, y, 3)
+    opt.unfreeze(["0.weight"])                  # tracked again from a zero Fisher
+    train(model, opt, x, y, 3)
+
+
+def _freeze_worker(rank, port, out_dir):
+    with gloo(rank, WORLD, port):
+        model = shard(make_model())
+        opt = fat.FisherAdapTune(torch.optim.AdamW(model.parameters(), lr=1e-2), model,
+                                 check_every=100)
+        x, y = make_data()
+        half = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
+        freeze_thaw_run(model, opt, x[half], y[half])
+        torch.save(record(model, opt), os.path.join(out_dir, f"thaw{rank}.pt"))
+
+
+def test_freeze_and_unfreeze_under_fsdp2_match_one_process(tmp_path):
+    mp.spawn(_freeze_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    model = make_model()
+    opt = fat.FisherAdapTune(torch.optim.AdamW(model.parameters(), lr=1e-2), model,
+                             check_every=100)
+    x, y = make_data()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        freeze_thaw_run(model, opt, x, y)
+    finally:
+        torch.set_num_threads(threads)
+    single = record(model, opt)
+    assert single["requires_grad"] == [True, True, True, False, True, True]  # 2.bias frozen
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"thaw{r}.pt")
+        assert torch.equal(got["frozen"], single["frozen"])
+        assert got["requires_grad"] == single["requires_grad"]
+        for a, b in zip(got["params"], single["params"]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
