@@ -8,7 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import free_port, gloo, make_token_model, token_calibration, token_loss
+from conftest import (free_port, gloo, make_token_model, set_threads, token_calibration,
+                      token_loss)
 import fisheradaptune as fat
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -72,12 +73,8 @@ def test_ddp_matches_single_process_and_ranks_agree(tmp_path, estimator, shard_s
     model = make_model()
     opt = make_opt(model, model, estimator)
     x, y = make_data()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with set_threads(1):  # as each rank runs
         train(model, opt, x, y)
-    finally:
-        torch.set_num_threads(threads)
 
     assert opt.frozen.any() and not opt.frozen.all(), "the run should freeze some groups"
     assert not all(p.requires_grad for p in model.parameters()), \

@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import free_port, gloo, make_token_model, token_calibration, token_loss
+from conftest import (free_port, gloo, make_token_model, set_threads, token_calibration,
+                      token_loss)
 import fisheradaptune as fat
 from fisheradaptune import distributed as fdist
 
@@ -202,12 +203,8 @@ def test_fsdp2_matches_single_process_and_ranks_agree(tmp_path, drift, classes):
     model = make_model(classes)
     opt = make_opt(model, model, drift)
     x, y = make_data()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with set_threads(1):  # as each rank runs
         train(model, opt, x, y, STEPS)
-    finally:
-        torch.set_num_threads(threads)
     single = record(model, opt)
 
     assert single["frozen"].any() and not single["frozen"].all(), "the run should freeze some groups"
@@ -388,12 +385,8 @@ def test_freeze_and_unfreeze_under_fsdp2_match_one_process(tmp_path):
     opt = fat.FisherAdapTune(torch.optim.AdamW(model.parameters(), lr=1e-2), model,
                              check_every=100)
     x, y = make_data()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with set_threads(1):  # as each rank runs
         freeze_thaw_run(model, opt, x, y)
-    finally:
-        torch.set_num_threads(threads)
     single = record(model, opt)
     assert single["requires_grad"] == [True, True, True, False, True, True]  # 2.bias frozen
     for r in range(WORLD):
