@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -38,10 +39,10 @@ __all__ = ["Sharding", "sharding_of", "row_sharding", "local", "local_layout", "
 @functools.lru_cache(maxsize=None)
 def _dtensor_types():
     try:
-        from torch.distributed.tensor import DTensor, Replicate, Shard
+        from torch.distributed.tensor import DTensor, Shard
     except ImportError:  # torch without distributed support
         return None
-    return DTensor, Replicate, Shard
+    return DTensor, Shard
 
 
 def is_dtensor(t: Any) -> bool:
@@ -123,7 +124,7 @@ def sharding_of(params: Sequence[Tensor], names: Optional[Sequence[str]] = None,
     types = _dtensor_types()
     if types is None or not any(isinstance(p, types[0]) for p in params):
         return None
-    DTensor, _, Shard = types
+    DTensor, Shard = types
     names = list(names) if names is not None else [f"params[{i}]" for i in range(len(params))]
     mesh = None
     offsets, local_shapes, global_shapes, placements = [], [], [], []
@@ -259,7 +260,7 @@ def js_drift(current: Sequence[Tensor], reference: Sequence[Tensor], layout: Gro
                                              update_reference=update_reference), sharding)
         out = js.clamp_min(0.0)
         if base == "2":
-            out = out / torch.log(torch.tensor(2.0, dtype=torch.float64))
+            out = out / math.log(2.0)
         out = out.sqrt()
         scored = (totals[0] > 0) & (totals[1] > 0)
         return torch.where(scored, out, torch.zeros_like(out)).float()

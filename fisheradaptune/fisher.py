@@ -232,37 +232,31 @@ class KFACFisher:
     def _all_reduce_statistics(self) -> None:
         """Sum this step's h/s accumulators and sample counts over the DDP group, in one call
         (float64, so counts stay exact). Every rank packs every layer (zeros where a layer did
-        not run), so shapes agree."""
-        parts = []
-        device = next(iter(self._factors)).weight.device if self._factors else None
+        not run), so shapes agree; the counts go last, to be read back in one transfer."""
+        if not self._factors:
+            return
+        device = next(iter(self._factors)).weight.device
+        parts, counts = [], []
         for module, f in self._factors.items():
             for key, n in (("h_acc", module.in_features), ("s_acc", module.out_features)):
                 v = f[key]
                 parts.append(v.to(device, torch.float64) if v is not None else
                              torch.zeros(n, dtype=torch.float64, device=device))
-            parts.append(torch.tensor([float(f["nh"]), float(f["ns"])], dtype=torch.float64,
-                                      device=device))
-        if not parts:
-            return
+            counts += [f["nh"], f["ns"]]
+        parts.append(torch.tensor(counts, dtype=torch.float64, device=device))
         flat = torch.cat(parts)
         if torch.distributed.get_backend(self._group) != "nccl":
             flat = flat.cpu()
         torch.distributed.all_reduce(flat, group=self._group)
-        # The counts, read back in one transfer.
-        offsets, at = [], 0
-        for module in self._factors:
-            a, b = module.in_features, module.out_features
-            offsets.append((at, a, b))
-            at += a + b + 2
-        counts = flat[torch.tensor([o + a + b + j for o, a, b in offsets for j in (0, 1)],
-                                   device=flat.device)].tolist()
+        totals = [int(c) for c in flat[flat.numel() - len(counts):].tolist()]
+        at = 0
         for k, (module, f) in enumerate(self._factors.items()):
-            at, a, b = offsets[k]
-            dev = module.weight.device
-            nh, ns = int(counts[2 * k]), int(counts[2 * k + 1])
+            a, b, dev = module.in_features, module.out_features, module.weight.device
+            nh, ns = totals[2 * k], totals[2 * k + 1]
             f["h_acc"] = flat[at:at + a].to(dev, torch.float32) if nh else None
             f["s_acc"] = flat[at + a:at + a + b].to(dev, torch.float32) if ns else None
             f["nh"], f["ns"] = nh, ns
+            at += a + b
 
     def _corrected(self, f: dict, key: str) -> Optional[Tensor]:
         if f[key] is None:
@@ -440,12 +434,13 @@ def estimate(model: nn.Module, batches: Iterable, loss_fn: Callable, *,
     # (kfac and per_sample read full activations from hooks and need nothing of the kind).
     sharding = (distributed.sharding_of(weights, list(linears), arg="model")
                 if estimator == "empirical" else None)
-    if sharding is not None:
-        est = EmpiricalFisher([distributed.local(w) for w in weights], decay=1.0)
-        update = lambda: est.update([distributed.local(w.grad) for w in weights])  # noqa: E731
-    else:
+    if sharding is None:
         est = make_estimator(estimator, weights, None, model, decay=1.0)
         update = est.update
+    else:
+        est = make_estimator(estimator, [distributed.local(w) for w in weights], None, model,
+                             decay=1.0)
+        update = lambda: est.update([distributed.local(w.grad) for w in weights])  # noqa: E731
     try:
         _backward_each(model, batches, loss_fn, after=update)
     finally:

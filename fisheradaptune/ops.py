@@ -19,8 +19,9 @@ __all__ = ["fisher_accumulate_", "js_drift", "js_mass_totals", "js_mass_partial"
 _ops = torch.ops.fisheradaptune
 
 
-def _segments(layout: Optional[GroupLayout], tensors: Sequence[Optional[Tensor]], arg: str):
-    if layout is None:
+def _segments(layout: Optional[GroupLayout], tensors: Sequence[Optional[Tensor]], arg: str,
+              required: bool = False):
+    if layout is None and not required:
         return None, 0
     if not isinstance(layout, GroupLayout):
         raise TypeError(f"argument 'layout': expected a GroupLayout, got {type(layout).__name__}")
@@ -108,12 +109,10 @@ def js_drift(
     """
     current = list(current)
     reference = list(reference)
-    if not isinstance(layout, GroupLayout):
-        raise TypeError(f"argument 'layout': expected a GroupLayout, got {type(layout).__name__}")
+    segments, num_groups = _segments(layout, current, "current", required=True)
     if base not in ("e", "2"):
         raise ValueError(f"argument 'base': expected \"e\" or \"2\", got {base!r}")
-    layout.check_tensors(current, arg="current")
-    return _ops.js_drift(current, reference, layout.segments, layout.num_groups, mode, int(bins),
+    return _ops.js_drift(current, reference, segments, num_groups, mode, int(bins),
                          float(lower_q), float(upper_q), float(min_log_range), base == "2",
                          None if update_reference is None else float(update_reference))
 
@@ -130,10 +129,8 @@ def js_mass_totals(current: Sequence[Tensor], reference: Sequence[Tensor],
     :func:`fisheradaptune.distributed.js_drift`).
     """
     current, reference = list(current), list(reference)
-    if not isinstance(layout, GroupLayout):
-        raise TypeError(f"argument 'layout': expected a GroupLayout, got {type(layout).__name__}")
-    layout.check_tensors(current, arg="current")
-    return _ops.js_mass_totals(current, reference, layout.segments, layout.num_groups)
+    segments, num_groups = _segments(layout, current, "current", required=True)
+    return _ops.js_mass_totals(current, reference, segments, num_groups)
 
 
 def js_mass_partial(current: Sequence[Tensor], reference: Sequence[Tensor], layout: GroupLayout,
@@ -151,12 +148,10 @@ def js_mass_partial(current: Sequence[Tensor], reference: Sequence[Tensor], layo
             (1 - rho) * current`` after scoring, in the same pass.
     """
     current, reference = list(current), list(reference)
-    if not isinstance(layout, GroupLayout):
-        raise TypeError(f"argument 'layout': expected a GroupLayout, got {type(layout).__name__}")
+    segments, num_groups = _segments(layout, current, "current", required=True)
     if not isinstance(totals, Tensor):
         raise TypeError(f"argument 'totals': expected a Tensor, got {type(totals).__name__}")
-    layout.check_tensors(current, arg="current")
-    return _ops.js_mass_partial(current, reference, layout.segments, layout.num_groups, totals,
+    return _ops.js_mass_partial(current, reference, segments, num_groups, totals,
                                 None if update_reference is None else float(update_reference))
 
 

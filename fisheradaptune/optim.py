@@ -82,14 +82,13 @@ class _PartialFreeze:
             if g is None:
                 continue
             if not g.is_contiguous():
-                if distributed.is_dtensor(self.params[i].grad):
-                    # The local shard of a DTensor gradient cannot be replaced: mask a copy.
-                    tmp = g.contiguous()
-                    for b, e in self.ranges[i]:
-                        tmp.view(-1)[b:e].zero_()
-                    g.copy_(tmp)
-                    continue
-                g = self.params[i].grad = g.contiguous()
+                # Ranges are flat offsets: mask a contiguous copy and write it back in place
+                # (a DTensor's local shard cannot be swapped for another tensor).
+                tmp = g.contiguous()
+                for b, e in self.ranges[i]:
+                    tmp.view(-1)[b:e].zero_()
+                g.copy_(tmp)
+                continue
             flat = g.view(-1)
             views.extend(flat[b:e] for b, e in self.ranges[i])
         if views:
@@ -569,30 +568,18 @@ class FisherAdapTune(torch.optim.Optimizer):
                 "rank": int(self.sharding.mesh.get_local_rank()),
                 "offsets": list(self.sharding.offsets)}
 
-    def _adopt(self, i: int, value: Optional[Tensor], saved_shards: Optional[dict]
-               ) -> Optional[Tensor]:
+    def _adopt(self, i: int, value: Optional[Tensor], full: bool) -> Optional[Tensor]:
         """A saved Fisher or reference buffer of tensor ``i`` as this rank's part of it: a
-        DTensor is resharded, a full tensor sliced, and a shard accepted only from this very
-        rank and world (anything else would silently pair rows with the wrong ones)."""
+        DTensor is resharded, a ``full`` (global-shaped) buffer sliced, and a shard kept."""
         if value is None:
             return None
         if distributed.is_dtensor(value):
             return value.full_tensor() if self.sharding is None else self.sharding.to_local(i, value)
-        ours = self._shard_key()
-        if saved_shards is None:  # a full buffer: take this rank's part of it
-            if value.shape != self.params[i].shape:
-                raise ValueError(f"argument 'state_dict': the buffer of {self.names[i]!r} has "
-                                 f"shape {tuple(value.shape)}, expected "
-                                 f"{tuple(self.params[i].shape)}")
-            return self._part(i, value)
-        if saved_shards != ours:
-            mine = "unsharded" if ours is None else f"rank {ours['rank']} of {ours['world']}"
-            raise ValueError(
-                f"argument 'state_dict': holds the Fisher shards of rank {saved_shards['rank']} "
-                f"of {saved_shards['world']}, this wrapper is {mine}. Load each rank's own "
-                "state_dict, or checkpoint with fisheradaptune.distributed.save / load "
-                "(which reshards)")
-        return value
+        want = self.params[i].shape if full else self._part(i, self.params[i].detach()).shape
+        if value.shape != want:
+            raise ValueError(f"argument 'state_dict': the buffer of {self.names[i]!r} has "
+                             f"shape {tuple(value.shape)}, expected {tuple(want)}")
+        return self._part(i, value) if full else value
 
     def _fisher_buffers(self) -> List[Optional[Tensor]]:
         if isinstance(self.estimator, fisher_mod.EmpiricalFisher):
@@ -616,9 +603,18 @@ class FisherAdapTune(torch.optim.Optimizer):
         """Restore from ``meta`` and the buffers, which hold the parts of the tensors that
         ``shards`` names (a :meth:`_shard_key`)."""
         self._check_meta(meta)
-        # Every buffer is checked before anything changes.
-        fisher = [self._adopt(i, f, shards) for i, f in enumerate(fisher)]
-        references = [self._adopt(i, r, shards) for i, r in enumerate(references)]
+        # Every buffer is checked before anything changes. Shards pair only with the same rank
+        # of the same world: anything else would silently match rows with the wrong ones.
+        ours = self._shard_key()
+        if shards is not None and shards != ours:
+            mine = "unsharded" if ours is None else f"rank {ours['rank']} of {ours['world']}"
+            raise ValueError(
+                f"argument 'state_dict': holds the Fisher shards of rank {shards['rank']} "
+                f"of {shards['world']}, this wrapper is {mine}. Load each rank's own "
+                "state_dict, or checkpoint with fisheradaptune.distributed.save / load "
+                "(which reshards)")
+        fisher = [self._adopt(i, f, shards is None) for i, f in enumerate(fisher)]
+        references = [self._adopt(i, r, shards is None) for i, r in enumerate(references)]
         self._set_frozen(meta["frozen"])
         self.frozen_at = meta["frozen_at"].clone()
         self.step_count = int(meta["step"])

@@ -133,6 +133,27 @@ def test_partial_freeze_zeroes_optimizer_state_of_frozen_slabs():
         assert bool((st_[k][~mask] != 0).any())
 
 
+def test_partial_freeze_masks_a_non_contiguous_gradient_in_place():
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = fat.FisherAdapTune(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1),
+                             model, check_every=1000)
+    x, y = data()
+    train(model, opt, 2, x, y)
+    opt.freeze(["fc1.weight.slab1"])
+    mask = opt.frozen_mask(model.fc1.weight)
+    before = model.fc1.weight.detach().clone()
+    nn.functional.cross_entropy(model(x), y).backward()
+    # A column-major gradient (a transposed layout), as a user's hook or kernel may leave it.
+    grad = model.fc1.weight.grad = model.fc1.weight.grad.t().contiguous().t()
+    assert not grad.is_contiguous()
+    opt.step()
+    assert model.fc1.weight.grad is grad  # masked in place, not replaced
+    assert bool((grad[mask] == 0).all()) and bool((grad[~mask] != 0).any())
+    assert torch.equal(model.fc1.weight.detach()[mask], before[mask])
+    assert not torch.equal(model.fc1.weight.detach()[~mask], before[~mask])
+
+
 def run_steps(seed, n_first, n_second, checkpoint):
     torch.manual_seed(seed)
     model = Tiny()
