@@ -10,7 +10,7 @@
    "input side first" (all groups of the earliest tensors: backward stops early) and "random
    slabs" (partial tensors everywhere). Reports step time and optimizer-state + gradient bytes.
 
-Models are timm-named ViTs built by ``fisheradaptune.models.TinyViT`` (timm's own is used on
+Models are timm-named ViTs built by ``fisheradaptune.demo.models.TinyViT`` (timm's own is used on
 CUDA when importable): ViT-S/16 and ViT-B/16 at 224px, 1000 classes.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import environment, print_table, timeit, write_results  # noqa: E402
 
 import fisheradaptune as fat  # noqa: E402
-from fisheradaptune.models import TinyViT  # noqa: E402
+from fisheradaptune.demo.models import TinyViT  # noqa: E402
 
 MODELS = {
     "tiny": dict(img_size=32, patch=4, in_chans=3, dim=128, depth=6, heads=4, mlp_ratio=4.0, num_classes=100),
@@ -44,7 +44,7 @@ def build(name: str, device):
                                      pretrained=False).to(device), "timm"
         except Exception:
             pass
-    return TinyViT(**MODELS[name]).to(device), "fisheradaptune.models.TinyViT"
+    return TinyViT(**MODELS[name]).to(device), "fisheradaptune.demo.models.TinyViT"
 
 
 def state_bytes(model, inner) -> int:

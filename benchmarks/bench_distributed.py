@@ -43,7 +43,7 @@ from bench_fisher import MODELS as SHAPE_MODELS, layout_for, vit_param_shapes  #
 
 import fisheradaptune as fat  # noqa: E402
 from fisheradaptune import distributed as fdist  # noqa: E402
-from fisheradaptune.models import TinyViT  # noqa: E402
+from fisheradaptune.demo.models import TinyViT  # noqa: E402
 
 MODELS = {
     "tiny": dict(img_size=32, patch=4, in_chans=3, dim=128, depth=6, heads=4, mlp_ratio=4.0,
@@ -79,14 +79,14 @@ def bench_drift(rank: int, world: int, device: torch.device, args) -> List[dict]
     rows = []
     for mode in ("mass", "histogram"):
         def sharded():
-            return fdist.js_drift(cur, ref, local, sharding, mode=mode, global_layout=layout,
+            return fdist.js_drift(cur, ref, local, sharding, drift_mode=mode, global_layout=layout,
                                   tensors=tensors)
         got = sharded()
         dist.barrier()
         t = timeit(sharded, warmup=1, iters=args.iters, device=device)
         dist.barrier()
         if rank == 0:
-            single = lambda: fat.ops.js_drift(full_c, full_r, layout, mode=mode)  # noqa: E731
+            single = lambda: fat.ops.js_drift(full_c, full_r, layout, drift_mode=mode)  # noqa: E731
             want = single()
             t1 = timeit(single, warmup=1, iters=args.iters, device=device)
             diff = float((got.cpu() - want.cpu()).abs().max())

@@ -8,8 +8,9 @@
    with float32 and bfloat16 gradients: the fused op against eager PyTorch baselines in the
    same run: a per-parameter Python loop and ``torch._foreach_*``, each with per-group sums (what
    the fused op computes) and with per-tensor sums (less work, a lower bound for a baseline).
-2. ``js_drift`` in ``mass`` and ``histogram`` modes against a NumPy host implementation of SPEC
-   section 3 (the device-to-host copy included when on CUDA), with the max abs difference.
+2. ``js_drift`` in ``mass`` and ``histogram`` modes against a NumPy host implementation of
+   docs/methods.md section 3 (the device-to-host copy included when on CUDA), with the max abs
+   difference.
 
 Parameter lists are built from the timm VisionTransformer naming (no timm needed); the group
 layout is ``fisheradaptune.groups.slabs`` (k=4, fused qkv split). Results are written to
@@ -249,7 +250,7 @@ def numpy_js_drift(current: Sequence[torch.Tensor], reference: Sequence[torch.Te
                    seg_rows: Sequence[Sequence[int]], num_groups: int, mode: str, *,
                    bins: int = 64, lower_q: float = 0.01, upper_q: float = 0.99,
                    min_log_range: float = 1e-3) -> np.ndarray:
-    """SPEC section 3 on the host in NumPy (float64), including the copy off the device."""
+    """docs/methods.md section 3 on the host in NumPy (float64), with the copy off the device."""
     cur = [t.detach().cpu().numpy().reshape(-1) for t in current]
     ref = [t.detach().cpu().numpy().reshape(-1) for t in reference]
     by_group: List[List[Tuple[int, int, int]]] = [[] for _ in range(num_groups)]
@@ -295,7 +296,7 @@ def bench_drift(model: str, named_shapes, layout, device: torch.device, args) ->
     have_op = not cuda or fisheradaptune.has_cuda_kernels()
     rows: List[dict] = []
     for mode in ("mass", "histogram"):
-        fused_fn = lambda: ops.js_drift(C, R, layout, mode=mode)  # noqa: E731
+        fused_fn = lambda: ops.js_drift(C, R, layout, drift_mode=mode)  # noqa: E731
         numpy_fn = lambda: numpy_js_drift(C, R, seg_rows, layout.num_groups, mode)  # noqa: E731
         ref = numpy_fn()
         diff = None

@@ -39,7 +39,7 @@ from common import environment, print_table, timeit, write_results  # noqa: E402
 from fisheradaptune import ops  # noqa: E402
 from fisheradaptune.adapters import find_head  # noqa: E402
 from fisheradaptune.masked import MaskedOptimizer  # noqa: E402
-from fisheradaptune.models import TinyViT  # noqa: E402
+from fisheradaptune.demo.models import TinyViT  # noqa: E402
 from fisheradaptune.selection import Selection, SparseLinear, _counts, select_from_fisher  # noqa: E402
 
 MODELS = {
@@ -311,7 +311,7 @@ def main():
     rows += targets_rows
 
     env = environment(device)
-    env.update({"model": name, "model_source": "fisheradaptune.models.TinyViT", "params": n_params,
+    env.update({"model": name, "model_source": "fisheradaptune.demo.models.TinyViT", "params": n_params,
                 "batch": batch, "num_classes": args.num_classes, "op_tokens": op_tokens,
                 "amp": "bf16" if cuda else "off", "budget": BUDGET, "quick": args.quick})
     notes = [

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark of token_prune_merge (SPEC section 6) and of the ViT hook.
+"""Benchmark of token_prune_merge (docs/methods.md section 6) and of the ViT hook.
 
     python benchmarks/bench_tokens.py [--device cpu|cuda] [--iters N] [--no-e2e] [--threads T]
 

@@ -116,7 +116,7 @@ JsDriftArgs validate_js_drift(at::TensorList current, at::TensorList reference,
   } else if (drift_mode == "histogram") {
     out.mode = DriftMode::kHistogram;
   } else {
-    FAT_CHECK_VALUE(false, op, "mode", "expected \"mass\" or \"histogram\", got \"",
+    FAT_CHECK_VALUE(false, op, "drift_mode", "expected \"mass\" or \"histogram\", got \"",
                     std::string(drift_mode), "\"");
   }
   FAT_CHECK_VALUE(bins >= 2, op, "bins", "expected >= 2, got ", bins);

@@ -16,7 +16,7 @@ namespace fisheradaptune {
 //   p log(2p / s) + q log(2q / s) = s/2 * f(d),  f(d) = (1+d) log1p(d) + (1-d) log1p(-d),
 // so JS^2 = 0.5 (KL(p||m) + KL(q||m)) = sum_i s_i f(d_i) / 4. Unlike the textbook form, f(d)
 // has no cancellation when p ~ q (f(d) ~ d^2), which is exactly the regime of settled groups.
-// A zero p_i (d = -1) contributes nothing for p, as SPEC requires (0 log 0 = 0).
+// A zero p_i (d = -1) contributes nothing for p (0 log 0 = 0; docs/methods.md section 3).
 template <typename T>
 FAT_HD T js_term(T p, T q) {
   const T s = p + q;
@@ -44,7 +44,7 @@ FAT_HD double lerp_numpy(double a, double b, double t) {
   return t >= 0.5 ? b - diff * (1.0 - t) : a + diff * t;
 }
 
-// The histogram mode's transform of a Fisher value (SPEC section 3).
+// The histogram mode's transform of a Fisher value (docs/methods.md section 3).
 FAT_HD double log_magnitude(double x) { return log10(fabs(x) + 1e-12); }
 
 // Bin of v in `bins` equal bins over [lo, hi]; -1 outside. hi itself falls in the last bin, as

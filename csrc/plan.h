@@ -2,10 +2,8 @@
 //
 // A layout is an int64 tensor of segments [S, 4] = (tensor_index, begin, end, group_id): the
 // elements [begin, end) of the flattened tensor `tensor_index` belong to group `group_id`.
-// read_segments() validates it; make_plan() cuts the tensors into fixed-size chunks that never
-// cross a segment boundary. Chunking depends only on the layout and the chunk size, never on
-// the number of threads or blocks, which is what makes every reduction deterministic: each
-// chunk produces one partial, and a group's partials are added in plan order.
+// read_segments() validates it; make_plan() cuts the tensors into chunks of at most kChunk
+// elements that never cross a segment boundary (Note [Chunk and block sizes] below).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -15,6 +13,25 @@
 #include <vector>
 
 namespace fisheradaptune {
+
+// Note [Chunk and block sizes]: the sizes the kernels cut their work by, defined once here and
+// exported to Python as the module constants fisheradaptune._C.CHUNK and BLOCK (schemas.cpp).
+//
+// kChunk: elements per chunk of a Plan. The chunk is the unit of deterministic reduction: each
+// chunk yields exactly one partial (e.g. a sum and a count), computed by one thread on CPU or
+// one block on CUDA, and a group adds its chunks' partials in plan order. Since the cut
+// depends only on the layout and kChunk, never on how many threads or blocks run, the result
+// is bitwise the same for any thread count. It is also the unit of parallel work (32K elements:
+// enough to amortise a task or a block, small enough to balance ViT-sized lists).
+constexpr int64_t kChunk = int64_t(1) << 15;
+// kBlock: inside a chunk (and in cpu/simd.h's blocked_dot), the CPU kernels accumulate in
+// vector lanes (float lanes for float data) over at most kBlock elements, then add that block's
+// sum into a double, so long runs keep their precision while the inner loop stays vectorised
+// (Note [CPU vectorisation], cpu/simd.h).
+// CUDA kernels do not use it: each thread accumulates its own share of a chunk
+// (Note [Fixed-shape reductions], cuda/multi_tensor.cuh).
+constexpr int64_t kBlock = 1024;
+static_assert(kChunk % kBlock == 0, "a chunk holds whole blocks");
 
 struct Segment {
   int64_t tensor, begin, end, group;

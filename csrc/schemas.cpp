@@ -1,8 +1,10 @@
 // The operator contract: every fisheradaptune op's schema, in one place. Kernels live in
 // cpu/<family>.cpp and cuda/<family>.cu; fake kernels and autograd in fisheradaptune/ops.py.
-// See DESIGN.md "Operators" and SPEC.md for the semantics of each op.
+// The methods behind the ops are specified in docs/methods.md.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "plan.h"
 
 TORCH_LIBRARY(fisheradaptune, m) {
   // fisher[i] = decay * fisher[i] + scale * grads[i]**2, fused over the whole list.
@@ -12,9 +14,9 @@ TORCH_LIBRARY(fisheradaptune, m) {
       "fisher_accumulate_(Tensor(a!)[] fisher, Tensor?[] grads, float decay, float scale, "
       "Tensor? segments, Tensor(b!) group_sums, Tensor(c!) nonfinite) -> ()");
   // Jensen-Shannon distance per group between current and reference Fisher snapshots
-  // (SPEC section 3). drift_mode: "mass" | "histogram". (Not "mode": functionalization
-  // passes a keyword of that name to its own helpers.) If update_reference is given, also does
-  // reference = rho * reference + (1 - rho) * current after scoring.
+  // (docs/methods.md section 3). drift_mode: "mass" | "histogram". (Not "mode":
+  // functionalization passes a keyword of that name to its own helpers.) If update_reference is
+  // given, also does reference = rho * reference + (1 - rho) * current after scoring.
   m.def(
       "js_drift(Tensor[] current, Tensor(a!)[] reference, Tensor segments, int num_groups, "
       "str drift_mode, int bins, float lower_q, float upper_q, float min_log_range, bool base2, "
@@ -34,9 +36,9 @@ TORCH_LIBRARY(fisheradaptune, m) {
   // fisher[out, in] += scale * sum_n (grad_out[n]^T x[n])**2 for a Linear layer with
   // x [N, T, in] and grad_out [N, T, out]; per-sample gradients exist one tile at a time.
   m.def("per_sample_grad_sq_(Tensor(a!) fisher, Tensor x, Tensor grad_out, float scale) -> ()");
-  // Token prune-merge (SPEC section 6): of the tokens after the first num_protected, keep the
-  // `keep` with the highest score (ties: lower index) in their original order and fuse the rest
-  // into one token sum_i w_i x_i [/ sum_i w_i], w_i = scores_i * sizes_i. Returns
+  // Token prune-merge (docs/methods.md section 6): of the tokens after the first num_protected,
+  // keep the `keep` with the highest score (ties: lower index) in their original order and fuse
+  // the rest into one token sum_i w_i x_i [/ sum_i w_i], w_i = scores_i * sizes_i. Returns
   // (out [B, P + keep (+1), C], kept_index int64 [B, keep], out_sizes float32 [B, P + keep (+1)]).
   // See Note [Token prune-merge] (csrc/tokens.h).
   m.def(
@@ -52,9 +54,18 @@ TORCH_LIBRARY(fisheradaptune, m) {
   m.def("sampled_grad(Tensor grad_out, Tensor x, Tensor index) -> Tensor");
 }
 
-// The extension is loaded as a Python module only so that `import fisheradaptune._C` runs the
-// static registrations above; it needs no Python bindings of its own.
+// The extension is loaded as a Python module so that `import fisheradaptune._C` runs the
+// static registrations above; it has no Python bindings of its own, only two integer constants:
+// CHUNK and BLOCK, the kernels' chunk and block sizes (Note [Chunk and block sizes], plan.h),
+// so that Python code sizes its edge cases from the values the kernels use.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+  if (PyModule_AddIntConstant(m, "CHUNK", static_cast<long>(fisheradaptune::kChunk)) < 0 ||
+      PyModule_AddIntConstant(m, "BLOCK", static_cast<long>(fisheradaptune::kBlock)) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import fisheradaptune as fat
-from fisheradaptune.data import digits_transfer_task
-from fisheradaptune.models import TinyViT
+from fisheradaptune.demo.data import digits_transfer_task
+from fisheradaptune.demo.models import TinyViT
 
 
 def accuracy(model, x, y):

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fisheradaptune as fat
-from fisheradaptune.data import digits_transfer_task
-from fisheradaptune.models import TinyViT
+from fisheradaptune.demo.data import digits_transfer_task
+from fisheradaptune.demo.models import TinyViT
 
 
 def main():

@@ -1,5 +1,6 @@
 """Token prune-merge in a small ViT: train on scikit-learn's digits, then compare accuracy,
-token counts and speed with and without ``fisheradaptune.vit.prune_merge`` (SPEC section 6).
+token counts and speed with and without ``fisheradaptune.vit.prune_merge`` (docs/methods.md
+section 6).
 
     python examples/token_merge_vit.py [--steps 250] [--keep 0.7] [--threads 1]
 
@@ -13,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import fisheradaptune as fat
-from fisheradaptune.data import load_digits
-from fisheradaptune.models import TinyViT
+from fisheradaptune.demo.data import load_digits
+from fisheradaptune.demo.models import TinyViT
 
 
 def accuracy(model, x, y):

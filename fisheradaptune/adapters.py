@@ -1,11 +1,11 @@
-"""Feature-space adapters: VeFA and LoRFA (SPEC section 8).
+"""Feature-space adapters: VeFA and LoRFA (docs/methods.md section 8).
 
 Weight-space PEFT methods (LoRA and friends) add a learned term to a pretrained weight. The
 feature-space methods instead transform the *input features* of a pretrained ``nn.Linear`` and
-keep its weight ``W0`` frozen, so the effective fine-tuned weight stays in the row space of
+keep its weight ``W0`` frozen, so the effective fine-tuned weight stays in the column space of
 ``W0`` and the pretrained map is preserved.
 
-The formulation implemented here is SPEC section 8, which the project *inferred* from the
+The formulation implemented here is docs/methods.md section 8, *inferred* from the
 abstract of "Feature Space Adaptation for Robust Model Fine-Tuning" (Wang, Gu, Huang, 2025);
 the paper's own code was not consulted. Implemented exactly as written there:
 
@@ -13,7 +13,7 @@ the paper's own code was not consulted. Implemented exactly as written there:
   initialised to ones. Merges into ``W0 diag(s)``.
 - **LoRFA** (low-rank feature adaptation): ``y = W0 (x + scaling * B A x) + b`` with ``A`` in
   ``R^{r x in}`` (random, kaiming-uniform like ``nn.Linear``'s default), ``B`` in ``R^{in x r}``
-  (zeros) and ``scaling = alpha / r``. Merges into ``W0 (I + scaling * B A)``. The SPEC writes
+  (zeros) and ``scaling = alpha / r``. Merges into ``W0 (I + scaling * B A)``. docs/methods.md section 8 writes
   ``W0 (x + B A x)``, i.e. ``scaling = 1``; that is the default (``alpha = rank``).
 
 Both start as the identity transform, so a freshly adapted model computes exactly what the base
@@ -248,8 +248,8 @@ def _validate_common(cfg) -> None:
     _validate_names(cfg.head, "head")
     if not isinstance(cfg.train_head, bool):
         raise TypeError(f"argument 'train_head': expected a bool, got {cfg.train_head!r}")
-    if cfg.estimator not in _fisher.ESTIMATORS:
-        raise ValueError(f"argument 'estimator': expected one of {_fisher.ESTIMATORS}, got {cfg.estimator!r}")
+    if cfg.estimator not in _fisher.CALIBRATION_ESTIMATORS:
+        raise ValueError(f"argument 'estimator': expected one of {_fisher.CALIBRATION_ESTIMATORS}, got {cfg.estimator!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +292,7 @@ class FeatureAdapter(nn.Module, abc.ABC):
 
 class VeFALinear(FeatureAdapter):
     """``y = W0 (s * x) + b``: a per-input-feature scale ``vefa_s`` (ones at init) in front of
-    the frozen ``base`` Linear. SPEC section 8 as written (inferred from the paper's abstract).
+    the frozen ``base`` Linear. docs/methods.md section 8 as written (inferred from the paper's abstract).
     """
 
     method = "vefa"
@@ -323,8 +323,8 @@ class VeFALinear(FeatureAdapter):
 class LoRFALinear(FeatureAdapter):
     """``y = W0 (x + scaling * B A x) + b`` with ``A = lorfa_A [r, in]`` (kaiming-uniform, as
     ``nn.Linear`` initialises its weight), ``B = lorfa_B [in, r]`` (zeros) and
-    ``scaling = alpha / r``. SPEC section 8 as written (inferred from the paper's abstract),
-    with the LoRA-style ``alpha / r`` scaling added (``alpha = r`` gives the SPEC exactly).
+    ``scaling = alpha / r``. docs/methods.md section 8 as written (inferred from the paper's abstract),
+    with the LoRA-style ``alpha / r`` scaling added (``alpha = r`` gives docs/methods.md section 8 exactly).
 
     The forward never forms ``W0 (I + BA)``: it computes ``h = x + scaling * (x A^T) B^T`` (two
     thin GEMMs, ``O(r * in)`` per token) and then ``F.linear(h, W0, b)``.

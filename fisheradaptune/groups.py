@@ -2,7 +2,7 @@
 
 A :class:`GroupLayout` maps an ordered list of tensors to groups. Each group is one or more
 contiguous element ranges ("segments") of the flattened tensors; the kernels receive the layout
-as one small int64 tensor of rows ``(tensor_index, begin, end, group_id)`` (SPEC section 2).
+as one small int64 tensor of rows ``(tensor_index, begin, end, group_id)`` (docs/methods.md section 2).
 
 Builders (all take ``named_params``: an ``nn.Module`` or an iterable of ``(name, tensor)``; a
 module contributes its parameters that require grad):
@@ -200,7 +200,7 @@ def _row_slabs(rows: int, k: int) -> List[Tuple[int, int]]:
 
 
 def slabs(named_params: NamedParams, k: int = 4, split_qkv: bool = True) -> GroupLayout:
-    """Split each tensor's dim 0 into ``k`` near-equal contiguous slabs (SPEC section 2).
+    """Split each tensor's dim 0 into ``k`` near-equal contiguous slabs (docs/methods.md section 2).
 
     Rows of a Linear weight, output channels of a conv, ranges of a vector. A fused attention
     ``qkv`` tensor (timm ``*.attn.qkv``, torchvision ``in_proj_weight``; rows divisible by 3)

@@ -18,12 +18,12 @@ themselves (buffers are built once, and again only if a weight's storage is repl
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ._wrapping import check_optimizer, share_optimizer
+from ._wrapped import WrappedOptimizer
 from .selection import Selection
 
 __all__ = ["MaskedOptimizer"]
@@ -62,23 +62,24 @@ class _Masked:
         g.scatter_(1, self.index, self.grad_values)
 
 
-class MaskedOptimizer(torch.optim.Optimizer):
+class MaskedOptimizer(WrappedOptimizer):
     """Wrap ``optimizer`` so that only the selected entries of ``selection``'s weights change.
 
     Args:
         optimizer: any ``torch.optim`` optimizer over (some of) the parameters returned by
-            ``selection.apply(model, mode="mask")``. ``param_groups`` and ``state`` are shared
-            with it, so LR schedulers keep working.
+            ``selection.apply(model, mode="mask")``. Its ``param_groups`` and ``state`` are the
+            wrapper's (the same objects), so LR schedulers keep working.
         selection: a :class:`~fisheradaptune.selection.Selection` applied in mask mode.
         model: optional; when given, the selected weights are looked up in it instead of in
             what the last ``selection.apply`` recorded.
 
-    Parameters that are not selected weights (biases, the head) are stepped densely.
+    Parameters that are not selected weights (biases, the head) are stepped densely. The state
+    dict is the wrapped optimizer's (the selection itself is saved with ``Selection.save``).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, selection: Selection,
                  model: Optional[nn.Module] = None):
-        check_optimizer(optimizer)
+        super().__init__(optimizer)
         if not isinstance(selection, Selection):
             raise TypeError(f"argument 'selection': expected a Selection, got "
                             f"{type(selection).__name__}")
@@ -90,9 +91,7 @@ class MaskedOptimizer(torch.optim.Optimizer):
             if not weights:
                 raise ValueError("argument 'selection': call selection.apply(model, mode='mask') "
                                  "first, or pass model=")
-        self.optimizer = optimizer
         self.selection = selection
-        share_optimizer(self, optimizer)
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self.masked: List[_Masked] = [
             _Masked(n, w, selection.index[n]) for n, w in weights.items() if id(w) in in_opt]
@@ -100,38 +99,22 @@ class MaskedOptimizer(torch.optim.Optimizer):
             if m.param.dim() != 2:
                 raise ValueError(f"argument 'selection': {m.name!r} is not a 2-D weight")
 
-    def add_param_group(self, param_group: dict) -> None:
-        raise RuntimeError("MaskedOptimizer: add parameter groups to the optimizer before "
-                           "wrapping it")
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _prepare_grads(self) -> None:
         for m in self.masked:
             m.fresh()
             m.mask_grad()
+
+    def _before_step(self) -> None:
         if self.masked:
             torch._foreach_copy_([m.saved for m in self.masked], [m.param for m in self.masked])
-        self.optimizer.step()
+
+    def _after_step(self) -> None:
         for m in self.masked:
             torch.gather(m.param, 1, m.index, out=m.values)
         if self.masked:
             torch._foreach_copy_([m.param for m in self.masked], [m.saved for m in self.masked])
         for m in self.masked:
             m.param.scatter_(1, m.index, m.values)
-        return loss
-
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.optimizer.load_state_dict(state_dict)
 
     def __repr__(self) -> str:
         return (f"MaskedOptimizer({type(self.optimizer).__name__}, "

@@ -3,6 +3,11 @@
 Each function validates what only Python knows (the layout), allocates the outputs and calls
 the registered op; the C++ side validates every tensor argument before it writes anything.
 Every op has a pure-PyTorch twin of the same name in :mod:`fisheradaptune.reference`.
+
+Mutation, said the same way everywhere: an op whose name ends in ``_`` always writes into its
+first argument(s) in place; an op that writes into an argument only on request
+(``update_reference=``) says so in a "Mutates:" line of its docstring. Every other argument is
+read only.
 """
 from __future__ import annotations
 
@@ -40,6 +45,8 @@ def fisher_accumulate_(
 ) -> Tuple[Optional[Tensor], Tensor]:
     """In place, for every i: ``fisher[i] = decay * fisher[i] + scale * grads[i] ** 2``.
 
+    Mutates: every ``fisher[i]`` (always).
+
     One fused pass over all tensors. ``fisher`` tensors are float32 (float64 on CPU) and
     contiguous; ``grads`` are float32, bfloat16 or float16 with matching shapes, or ``None`` to
     leave that tensor untouched. Empty tensors and lists are fine.
@@ -73,7 +80,7 @@ def js_drift(
     reference: Sequence[Tensor],
     layout: GroupLayout,
     *,
-    mode: str = "mass",
+    drift_mode: str = "mass",
     bins: int = 64,
     lower_q: float = 0.01,
     upper_q: float = 0.99,
@@ -81,12 +88,14 @@ def js_drift(
     base: str = "e",
     update_reference: Optional[float] = None,
 ) -> Tensor:
-    """Jensen-Shannon distance between two Fisher snapshots, per group (SPEC section 3).
+    """Jensen-Shannon distance between two Fisher snapshots, per group (docs/methods.md section 3).
+
+    Mutates: ``reference`` only when ``update_reference`` is given (after scoring).
 
     ``JSD(p, q) = sqrt(0.5 KL(p||m) + 0.5 KL(q||m))``, ``m = (p + q) / 2``, in nats (range
     ``[0, sqrt(ln 2)]``) or, with ``base="2"``, bits (range ``[0, 1]``).
 
-    Modes:
+    ``drift_mode``:
         ``"mass"``: ``p_i = |F_i| / sum |F|`` over the group's elements. Exact, no binning.
         ``"histogram"``: the paper's: ``log10(|x| + 1e-12)`` of both snapshots, ``bins`` equal
         bins between the ``lower_q`` and ``upper_q`` quantiles (numpy's linear interpolation)
@@ -112,7 +121,7 @@ def js_drift(
     segments, num_groups = _segments(layout, current, "current", required=True)
     if base not in ("e", "2"):
         raise ValueError(f"argument 'base': expected \"e\" or \"2\", got {base!r}")
-    return _ops.js_drift(current, reference, segments, num_groups, mode, int(bins),
+    return _ops.js_drift(current, reference, segments, num_groups, drift_mode, int(bins),
                          float(lower_q), float(upper_q), float(min_log_range), base == "2",
                          None if update_reference is None else float(update_reference))
 
@@ -139,7 +148,9 @@ def js_mass_partial(current: Sequence[Tensor], reference: Sequence[Tensor], layo
     ``[layout.num_groups]``, with ``p = |current| / totals[0]`` and
     ``q = |reference| / totals[1]``; a group with a zero total gives 0. The second half of
     :func:`js_drift`'s ``"mass"`` mode: with ``totals = js_mass_totals(...)`` over the same
-    tensors, ``sqrt`` of the result is ``js_drift(..., mode="mass")``.
+    tensors, ``sqrt`` of the result is ``js_drift(..., drift_mode="mass")``.
+
+    Mutates: ``reference`` only when ``update_reference`` is given (as :func:`js_drift`).
 
     Args:
         totals: float64 ``[2, layout.num_groups]`` on the tensors' device, typically
@@ -158,12 +169,14 @@ def js_mass_partial(current: Sequence[Tensor], reference: Sequence[Tensor], layo
 def per_sample_grad_sq_(fisher: Tensor, x: Tensor, grad_out: Tensor, *, scale: float = 1.0) -> None:
     """Per-sample Fisher of a Linear weight: ``fisher += scale * sum_n (grad_out[n]^T x[n])**2``.
 
+    Mutates: ``fisher`` (always).
+
     ``x`` is the layer input ``[N, T, in]`` and ``grad_out`` the gradient of the loss with
     respect to the layer output ``[N, T, out]`` (2-D ``[N, features]`` inputs are read as
     ``T = 1``); ``fisher`` is ``[out, in]``, float32 (float64 on CPU). Per-sample gradients are
     formed one tile of samples at a time, each tile by one batched GEMM, so memory stays bounded
     and the cost is about one extra weight-gradient GEMM. Samples are accumulated in order
-    (deterministic). To get SPEC's ``(1/N) sum_n g_n**2``, pass ``scale=1/N``; note that a
+    (deterministic). To get the per-sample Fisher ``(1/N) sum_n g_n**2``, pass ``scale=1/N``; note that a
     ``grad_out`` taken from a mean-reduced loss carries an extra ``1/N`` per sample.
     """
     if x.dim() == 2 and grad_out.dim() == 2:
@@ -205,7 +218,7 @@ def _per_sample_grad_sq_fake(fisher, x, grad_out, scale):
 
 
 # ---------------------------------------------------------------------------------------------
-# Token prune-merge (SPEC section 6; Note [Token prune-merge] in csrc/tokens.h)
+# Token prune-merge (docs/methods.md section 6; Note [Token prune-merge] in csrc/tokens.h)
 
 
 def token_prune_merge(

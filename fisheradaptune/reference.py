@@ -82,10 +82,10 @@ def _update_reference(current: Sequence[Tensor], reference: Sequence[Tensor],
 
 
 def js_drift(current: Sequence[Tensor], reference: Sequence[Tensor], layout: GroupLayout, *,
-             mode: str = "mass", bins: int = 64, lower_q: float = 0.01, upper_q: float = 0.99,
+             drift_mode: str = "mass", bins: int = 64, lower_q: float = 0.01, upper_q: float = 0.99,
              min_log_range: float = 1e-3, base: str = "e",
              update_reference: Optional[float] = None) -> Tensor:
-    """Reference of :func:`fisheradaptune.ops.js_drift` (SPEC section 3)."""
+    """Reference of :func:`fisheradaptune.ops.js_drift` (docs/methods.md section 3)."""
     out = []
     for g in range(layout.num_groups):
         c = _group_values(current, layout, g).abs()
@@ -93,7 +93,7 @@ def js_drift(current: Sequence[Tensor], reference: Sequence[Tensor], layout: Gro
         if not (c.sum() > 0 and r.sum() > 0):
             out.append(0.0)
             continue
-        if mode == "mass":
+        if drift_mode == "mass":
             out.append(js_distance(c / c.sum(), r / r.sum(), base))
             continue
         lc, lr = torch.log10(c + 1e-12), torch.log10(r + 1e-12)
@@ -148,7 +148,7 @@ def per_sample_grad_sq_(fisher: Tensor, x: Tensor, grad_out: Tensor, *, scale: f
 def token_prune_merge(x: Tensor, scores: Tensor, keep: int, *, num_protected: int = 1,
                       sizes: Optional[Tensor] = None,
                       normalize: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
-    """Reference of :func:`fisheradaptune.ops.token_prune_merge` (SPEC section 6).
+    """Reference of :func:`fisheradaptune.ops.token_prune_merge` (docs/methods.md section 6).
 
     Eager composition: a stable descending sort for the selection (ties to the lower index; NaN
     first), gathers, and a weighted sum in float64. Differentiable through autograd.

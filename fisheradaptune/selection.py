@@ -1,4 +1,4 @@
-"""TR-PTS parameter selection (SPEC section 5): Fisher-ranked, row-balanced sparse fine-tuning.
+"""TR-PTS parameter selection (docs/methods.md section 5): Fisher-ranked, row-balanced sparse fine-tuning.
 
 Usage::
 
@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from . import fisher as fisher_mod
+from .distributed import comm
 from . import ops
 from .adapters import find_head
 
@@ -414,42 +415,25 @@ def _counts(model: nn.Module, linears: Dict[str, nn.Linear], head: Optional[str]
     return {"total": total, "bias": bias, "head": head_n}
 
 
-def _process_group(model: nn.Module):
-    """The ranks that calibrate together: a DDP model's own group, else the world (None); and
-    their number (1 without an initialised process group)."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        return None, 1
-    group = model.process_group if isinstance(model, nn.parallel.DistributedDataParallel) else None
-    return group, dist.get_world_size(group)
-
-
 def _average_across_ranks(fisher: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
-    """Under an initialised process group, each layer's Fisher averaged over the ranks, so
-    that every rank ranks the same values. Exact for the global Fisher when every rank saw as
-    many calibration samples."""
-    group, world = _process_group(model)
+    """Under an initialised process group, each layer's Fisher averaged over the ranks that
+    train ``model``, so that every rank ranks the same values. Exact for the global Fisher
+    when every rank saw as many calibration samples."""
+    group = comm.group_of(model)
+    world = comm.world_size(group)
     if world == 1:
         return fisher
-    import torch.distributed as dist
-    out = {}
-    for n in sorted(fisher):  # one order on every rank
-        f = fisher[n].clone()
-        dist.all_reduce(f, group=group)
-        out[n] = f / world
+    out = {n: comm.all_reduce_(fisher[n].clone(), group) / world
+           for n in sorted(fisher)}  # one order on every rank
     return {n: out[n] for n in fisher}
 
 
 def _broadcast_from_rank0(index: Dict[str, Tensor], model: nn.Module) -> None:
     """Make the first rank's selection every rank's. The ranks rank identical all-reduced
     values, so their C_l (the shapes) agree; the broadcast guarantees the indices do too."""
-    group, world = _process_group(model)
-    if world == 1:
-        return
-    import torch.distributed as dist
-    src = dist.get_global_rank(group, 0) if group is not None else 0
+    group = comm.group_of(model)
     for n in sorted(index):
-        dist.broadcast(index[n], src=src, group=group)
+        comm.broadcast_(index[n], group)
 
 
 def select_connections(model: nn.Module, batches: Iterable, loss_fn: Callable, *,
@@ -457,11 +441,11 @@ def select_connections(model: nn.Module, batches: Iterable, loss_fn: Callable, *
                        modules: Optional[Sequence[str]] = None, train_bias: bool = True,
                        train_head: bool = True, skip_empty: bool = False,
                        loss_reduction: str = "mean") -> Selection:
-    """TR-PTS selection of ``model``'s Linear connections (SPEC section 5; see the module doc).
+    """TR-PTS selection of ``model``'s Linear connections (docs/methods.md section 5; see the module doc).
 
     ``modules``: names of ``nn.Linear`` modules (default: every ``nn.Linear`` except the head,
     :func:`fisheradaptune.adapters.find_head`). ``loss_fn(model, batch)`` returns the scalar
-    loss; ``estimator`` is one of :data:`fisheradaptune.fisher.ESTIMATORS`.
+    loss; ``estimator`` is one of :data:`fisheradaptune.fisher.CALIBRATION_ESTIMATORS`.
 
     Distributed: under an initialised process group (e.g. a DDP-wrapped ``model`` with each
     rank calibrating on its own shard), the Fisher is averaged over ranks before the top-k and
@@ -469,8 +453,8 @@ def select_connections(model: nn.Module, batches: Iterable, loss_fn: Callable, *
     """
     budget = _check_budget(budget)
     c_min = _check_c_min(c_min)
-    if estimator not in fisher_mod.ESTIMATORS:
-        raise ValueError(f"argument 'estimator': expected one of {fisher_mod.ESTIMATORS}, "
+    if estimator not in fisher_mod.CALIBRATION_ESTIMATORS:
+        raise ValueError(f"argument 'estimator': expected one of {fisher_mod.CALIBRATION_ESTIMATORS}, "
                          f"got {estimator!r}")
     head = find_head(model)
     all_mods = dict(model.named_modules())

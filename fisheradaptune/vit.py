@@ -4,7 +4,7 @@
     ...
     fisheradaptune.vit.unpatch(model)        # or handle.remove()
 
-After each chosen block (SPEC section 6), the non-protected tokens are scored by the block's CLS
+After each chosen block (docs/methods.md section 6), the non-protected tokens are scored by the block's CLS
 attention row, the ``ceil(keep * (N - P))`` best are kept in their original order and the rest
 are fused into one token appended at the end (:func:`fisheradaptune.ops.token_prune_merge`).
 
@@ -166,7 +166,7 @@ def _family(model: nn.Module) -> _Family:
 
 def cls_attention(model: nn.Module, block: nn.Module, x: Tensor) -> Tensor:
     """The CLS attention row of ``block`` on its input ``x``: ``mean_h softmax(q_cls K^T /
-    sqrt(d))`` over all tokens, float32 ``[B, N]`` (SPEC section 6, step 1)."""
+    sqrt(d))`` over all tokens, float32 ``[B, N]`` (docs/methods.md section 6, step 1)."""
     return _family(model).cls_logits(block, x).softmax(-1).mean(1)
 
 
@@ -342,7 +342,7 @@ def _check_fraction(v, where: str) -> float:
 
 
 def sparse_layers(model: nn.Module, selection, count: int = 3) -> Tuple[int, ...]:
-    """TR-PTS "sparse insertion" (SPEC section 6): the ``count`` blocks holding the fewest
+    """TR-PTS "sparse insertion" (docs/methods.md section 6): the ``count`` blocks holding the fewest
     selected parameters of ``selection`` (a :class:`fisheradaptune.selection.Selection`), ties
     to the earlier block. The last block is never chosen: reducing tokens after it saves no
     block computation."""

@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from fisheradaptune import demo  # noqa: E402
+from fisheradaptune.demo import run as demo  # noqa: E402
 
 
 def test_every_method_runs_and_reports(tmp_path, monkeypatch):

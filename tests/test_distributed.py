@@ -42,7 +42,7 @@ def train(forward, opt, x, y):
 
 
 def fisher_elements(opt):
-    return sum(f.numel() for f in opt._fisher_buffers() if f is not None)
+    return sum(f.numel() for f in opt.estimator.buffers() if f is not None)
 
 
 def _worker(rank, port, out_dir, estimator, shard_state):
@@ -190,15 +190,15 @@ def _state_dict_worker(rank, port, out_dir):
             torch.equal(before["adaptune"]["frozen"], after["adaptune"]["frozen"])
             and after["adaptune"]["step"] == before["adaptune"]["step"]
             and all((a is None and b is None) or torch.equal(a, b) for a, b in
-                    zip(before["adaptune"]["estimator"]["fisher"],
-                        after["adaptune"]["estimator"]["fisher"])))
+                    zip(before["adaptune"]["buffers"],
+                        after["adaptune"]["buffers"])))
         mine = fresh()
         mine.load_state_dict(states[True])
         full = fresh()
         full.load_state_dict(states[False])  # a replicated wrapper's state: sliced to this rank
         outcome["own_equal"] = all(
             (a is None and b is None) or torch.equal(a, b)
-            for a, b in zip(mine._fisher_buffers(), full._fisher_buffers()))
+            for a, b in zip(mine.estimator.buffers(), full.estimator.buffers()))
         outcome["own_elements"] = fisher_elements(mine)
         torch.save(outcome, os.path.join(out_dir, f"outcome{rank}.pt"))
 

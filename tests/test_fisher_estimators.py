@@ -84,7 +84,7 @@ def test_kfac_is_outer_product_of_output_grad_and_input_second_moments():
 def test_kfac_estimator_uses_a_real_ema():
     model = small_model()
     weights = [model[0].weight]
-    est = fat.fisher.KFACFisher(model, weights, decay=0.5)
+    est = fat.fisher.KFACFisher(weights, model=model, decay=0.5)
     for b in batches(n=3):
         loss_fn(model, b).backward()
         est.update()

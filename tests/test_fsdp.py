@@ -62,7 +62,7 @@ TAU = {"mass": 0.3, "histogram": 0.7}  # histogram distances run higher on this 
 
 def make_opt(model, wrapped, drift="mass"):
     return fat.FisherAdapTune(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05),
-                              wrapped, check_every=3, drift=drift,
+                              wrapped, check_every=3, drift_mode=drift,
                               policy=fat.Threshold(tau=TAU[drift], patience=1,
                                                    min_active_fraction=0.2))
 
@@ -124,7 +124,7 @@ def _drift_worker(rank, port, out_dir):
                 local = fdist.local_layout(layout, sharding)
                 cur = [p.to_local().clone() for p in params]
                 ref = [distribute_tensor(r, mesh, [Shard(0)]).to_local().clone() for r in full_r]
-                d = fdist.js_drift(cur, ref, local, sharding, mode=mode, update_reference=0.9,
+                d = fdist.js_drift(cur, ref, local, sharding, drift_mode=mode, update_reference=0.9,
                                    global_layout=layout, tensors=list(range(len(shapes))))
                 refs_full = [sharding.to_global(i, r).full_tensor() for i, r in enumerate(ref)]
                 results[(kind, mode)] = (d, refs_full)
@@ -143,7 +143,7 @@ def test_sharded_drift_equals_unsharded_drift(tmp_path):
     for kind, layout in layouts(named):
         for mode in ("mass", "histogram"):
             ref = [r.clone() for r in full_r]
-            want = fat.ops.js_drift(full_c, ref, layout, mode=mode, update_reference=0.9)
+            want = fat.ops.js_drift(full_c, ref, layout, drift_mode=mode, update_reference=0.9)
             assert want.abs().sum() > 0
             for r in ranks:
                 got, refs = r[(kind, mode)]
@@ -343,7 +343,7 @@ def _frozen_worker(rank, port, out_dir):
                            for p, b, m in zip(params, before, masks))
         torch.save({"frozen": opt.frozen.clone(), "moved_frozen": moved_frozen,
                     "moved_active": moved_active, "frozen_elements": sum(int(m.sum()) for m in masks),
-                    "fisher_dtypes": {str(f.dtype) for f in opt._fisher_buffers() if f is not None}},
+                    "fisher_dtypes": {str(f.dtype) for f in opt.estimator.buffers() if f is not None}},
                    os.path.join(out_dir, f"frozen{rank}.pt"))
 
 

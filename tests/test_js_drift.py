@@ -88,7 +88,7 @@ def drift(cur, ref, layout, **kw):
 def test_mass_matches_scipy_jensenshannon(base, shapes, kind, dtype, zeros, seed):
     layout = make_layout(shapes, kind, seed)
     cur, ref = snapshots(shapes, seed, dtype, zeros=zeros, negative=True)
-    got = drift(cur, ref, layout, mode="mass", base=base)
+    got = drift(cur, ref, layout, drift_mode="mass", base=base)
     assert got.dtype == torch.float32 and got.shape == (layout.num_groups,)
     expected = [scipy_mass_js(group_values(cur, layout, g), group_values(ref, layout, g),
                               base=2 if base == "2" else None) for g in range(layout.num_groups)]
@@ -109,7 +109,7 @@ def test_histogram_matches_numpy_spec(base, sizes, quantiles, bins, min_log_rang
     cur, ref = snapshots(shapes, seed, torch.float32, zeros=zeros, negative=True)
     lower_q, upper_q = quantiles
     kw = dict(bins=bins, lower_q=lower_q, upper_q=upper_q, min_log_range=min_log_range)
-    got = drift(cur, ref, layout, mode="histogram", base=base, **kw)
+    got = drift(cur, ref, layout, drift_mode="histogram", base=base, **kw)
     expected = [numpy_histogram_js(group_values(cur, layout, g), group_values(ref, layout, g),
                                    base=2 if base == "2" else None, **kw)
                 for g in range(layout.num_groups)]
@@ -127,7 +127,7 @@ def test_matches_reference(device, shapes, kind, mode, base, zeros, rho, seed):
     cur, ref = snapshots(shapes, seed, torch.float32, device, zeros=zeros, negative=True)
     ref_op, ref_ref = snapshot(ref), snapshot(ref)
     cur_before = snapshot(cur)
-    kw = dict(mode=mode, base=base, update_reference=rho)
+    kw = dict(drift_mode=mode, base=base, update_reference=rho)
     got = ops.js_drift(cur, ref_op, layout, **kw)
     expected = reference.js_drift(cur, ref_ref, layout, **kw)
     assert got.device.type == device
@@ -144,8 +144,8 @@ def test_float64_matches_reference(shapes, kind, mode, seed):
     layout = make_layout(shapes, kind, seed)
     cur, ref = snapshots(shapes, seed, torch.float64)
     ref_op, ref_ref = snapshot(ref), snapshot(ref)
-    got = ops.js_drift(cur, ref_op, layout, mode=mode, update_reference=0.75)
-    expected = reference.js_drift(cur, ref_ref, layout, mode=mode, update_reference=0.75)
+    got = ops.js_drift(cur, ref_op, layout, drift_mode=mode, update_reference=0.75)
+    expected = reference.js_drift(cur, ref_ref, layout, drift_mode=mode, update_reference=0.75)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=F32_EPS)
     for a, b in zip(ref_op, ref_ref):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-300)
@@ -160,8 +160,8 @@ def test_sizes_straddling_the_chunk(device, numel):
         layout = make_layout(shapes, kind, numel)
         for mode in MODES:
             ref_op, ref_ref = snapshot(ref), snapshot(ref)
-            got = ops.js_drift(cur, ref_op, layout, mode=mode, update_reference=0.9)
-            expected = reference.js_drift(cur, ref_ref, layout, mode=mode, update_reference=0.9)
+            got = ops.js_drift(cur, ref_op, layout, drift_mode=mode, update_reference=0.9)
+            expected = reference.js_drift(cur, ref_ref, layout, drift_mode=mode, update_reference=0.9)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=F32_EPS)
             for a, b in zip(ref_op, ref_ref):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-30)
@@ -173,8 +173,8 @@ def test_long_list_of_300_small_tensors(mode):
     layout = make_layout(shapes, "spanning", 300)
     cur, ref = snapshots(shapes, 300, zeros=0.1)
     ref_op, ref_ref = snapshot(ref), snapshot(ref)
-    got = ops.js_drift(cur, ref_op, layout, mode=mode, update_reference=0.9)
-    expected = reference.js_drift(cur, ref_ref, layout, mode=mode, update_reference=0.9)
+    got = ops.js_drift(cur, ref_op, layout, drift_mode=mode, update_reference=0.9)
+    expected = reference.js_drift(cur, ref_ref, layout, drift_mode=mode, update_reference=0.9)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=F32_EPS)
     assert_ema_close(ref_op, ref_ref, cur, ref, 0.9)
 
@@ -184,7 +184,7 @@ def test_float64_histogram_with_min_max_quantiles_matches_numpy():
     cur = [torch.rand(50, generator=g, dtype=torch.float64) * 1.2345678901234]
     ref = [torch.rand(50, generator=g, dtype=torch.float64) * 0.987654321]
     layout = groups.per_tensor([("a", cur[0])])
-    got = drift(cur, ref, layout, mode="histogram", lower_q=0.0, upper_q=1.0)
+    got = drift(cur, ref, layout, drift_mode="histogram", lower_q=0.0, upper_q=1.0)
     expected = numpy_histogram_js(cur[0].numpy(), ref[0].numpy(), lower_q=0.0, upper_q=1.0)
     assert float(got[0]) == pytest.approx(expected, abs=1e-5)
 
@@ -205,7 +205,7 @@ def _layout_and_snapshots(shapes, kind, seed, device="cpu", dtype=torch.float32,
        seed=st.integers(0, 2**20))
 def test_identical_snapshots_give_exactly_zero(device, mode, shapes, kind, seed):
     layout, cur, _ = _layout_and_snapshots(shapes, kind, seed, device, zeros=0.2)
-    got = drift(cur, snapshot(cur), layout, mode=mode)
+    got = drift(cur, snapshot(cur), layout, drift_mode=mode)
     assert got.tolist() == [0.0] * layout.num_groups
 
 
@@ -214,8 +214,8 @@ def test_identical_snapshots_give_exactly_zero(device, mode, shapes, kind, seed)
        seed=st.integers(0, 2**20))
 def test_magnitudes_are_used_negation_changes_nothing(mode, shapes, kind, seed):
     layout, cur, ref = _layout_and_snapshots(shapes, kind, seed)
-    a = drift(cur, ref, layout, mode=mode)
-    b = drift([-c for c in cur], ref, layout, mode=mode)
+    a = drift(cur, ref, layout, drift_mode=mode)
+    b = drift([-c for c in cur], ref, layout, drift_mode=mode)
     assert_bitwise_equal(a, b)
 
 
@@ -228,8 +228,8 @@ def test_non_contiguous_current_is_read_correctly(mode):
     assert not cur[0].is_contiguous()
     layout = groups.slabs([("w", ref[0])], k=3)
     ref_a, ref_b = snapshot(ref), snapshot(ref)
-    a = ops.js_drift(cur, ref_a, layout, mode=mode, update_reference=0.5)
-    b = ops.js_drift([cur[0].contiguous()], ref_b, layout, mode=mode, update_reference=0.5)
+    a = ops.js_drift(cur, ref_a, layout, drift_mode=mode, update_reference=0.5)
+    b = ops.js_drift([cur[0].contiguous()], ref_b, layout, drift_mode=mode, update_reference=0.5)
     assert_bitwise_equal([a] + ref_a, [b] + ref_b)
     assert bool((a > 0).all())
 
@@ -246,8 +246,8 @@ def test_invariant_to_scaling_both_snapshots_by_one_constant(mode, sizes, k, see
     cur = [torch.rand(s, generator=g) + 0.05 for s in shapes]
     ref = [torch.rand(s, generator=g) * 2 + 0.05 for s in shapes]
     c = 2.0 ** k
-    a = drift(cur, ref, layout, mode=mode)
-    b = drift([x * c for x in cur], [y * c for y in ref], layout, mode=mode)
+    a = drift(cur, ref, layout, drift_mode=mode)
+    b = drift([x * c for x in cur], [y * c for y in ref], layout, drift_mode=mode)
     assert bool((a > 0.01).all())          # a non-trivial distance to be invariant
     torch.testing.assert_close(b, a, rtol=1e-5, atol=F32_EPS)
 
@@ -256,9 +256,9 @@ def test_invariant_to_scaling_both_snapshots_by_one_constant(mode, sizes, k, see
        cs=st.floats(1e-6, 1e6), rs=st.floats(1e-6, 1e6), seed=st.integers(0, 2**20))
 def test_mass_invariant_to_scaling_either_side(shapes, kind, cs, rs, seed):
     layout, cur, ref = _layout_and_snapshots(shapes, kind, seed, zeros=0.2)
-    a = drift(cur, ref, layout, mode="mass")
-    b = drift([x * cs for x in cur], ref, layout, mode="mass")
-    c = drift(cur, [y * rs for y in ref], layout, mode="mass")
+    a = drift(cur, ref, layout, drift_mode="mass")
+    b = drift([x * cs for x in cur], ref, layout, drift_mode="mass")
+    c = drift(cur, [y * rs for y in ref], layout, drift_mode="mass")
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)
 
@@ -268,8 +268,8 @@ def test_mass_invariant_to_scaling_either_side(shapes, kind, cs, rs, seed):
        zeros=st.sampled_from([0.0, 0.5, 0.9]), seed=st.integers(0, 2**20))
 def test_range_and_base_2(mode, shapes, kind, zeros, seed):
     layout, cur, ref = _layout_and_snapshots(shapes, kind, seed, zeros=zeros)
-    nats = drift(cur, ref, layout, mode=mode)
-    bits = drift(cur, ref, layout, mode=mode, base="2")
+    nats = drift(cur, ref, layout, drift_mode=mode)
+    bits = drift(cur, ref, layout, drift_mode=mode, base="2")
     assert bool((nats >= 0).all()) and bool((nats <= MAX_NATS + F32_EPS).all())
     assert bool((bits >= 0).all()) and bool((bits <= 1 + F32_EPS).all())
     torch.testing.assert_close(bits, nats / MAX_NATS, rtol=1e-5, atol=F32_EPS)
@@ -279,14 +279,14 @@ def test_disjoint_supports_reach_the_maximum():
     cur = [torch.tensor([1.0, 2.0, 0.0, 0.0, 5.0, 0.0])]
     ref = [torch.tensor([0.0, 0.0, 3.0, 4.0, 0.0, 6.0])]
     layout = groups.per_tensor([("w", cur[0])])
-    assert float(drift(cur, ref, layout, mode="mass")[0]) == pytest.approx(MAX_NATS, abs=F32_EPS)
-    assert float(drift(cur, ref, layout, mode="mass", base="2")[0]) == pytest.approx(1.0, abs=F32_EPS)
+    assert float(drift(cur, ref, layout, drift_mode="mass")[0]) == pytest.approx(MAX_NATS, abs=F32_EPS)
+    assert float(drift(cur, ref, layout, drift_mode="mass", base="2")[0]) == pytest.approx(1.0, abs=F32_EPS)
     # histogram: two clusters decades apart land in disjoint bins (up to the 1e-12 pseudo-count)
     g = make_generator(1)
     small = [1e-6 * (1 + 0.1 * torch.rand(500, generator=g))]
     large = [1e2 * (1 + 0.1 * torch.rand(500, generator=g))]
     layout = groups.per_tensor([("w", small[0])])
-    hist = drift(small, large, layout, mode="histogram", lower_q=0.0, upper_q=1.0)
+    hist = drift(small, large, layout, drift_mode="histogram", lower_q=0.0, upper_q=1.0)
     assert float(hist[0]) == pytest.approx(MAX_NATS, abs=1e-4)
 
 
@@ -294,7 +294,7 @@ def test_disjoint_supports_reach_the_maximum():
 @pytest.mark.parametrize("rho", [None, 0.5])
 def test_zero_sum_and_empty_groups_give_zero(mode, rho):
     cur, ref, layout = zero_total_case()
-    got = drift(cur, ref, layout, mode=mode, update_reference=rho)
+    got = drift(cur, ref, layout, drift_mode=mode, update_reference=rho)
     assert got[[0, 1, 3, 4]].tolist() == [0.0, 0.0, 0.0, 0.0]
     assert float(got[2]) > 0
 
@@ -315,9 +315,9 @@ def test_update_reference_is_an_ema_over_every_element_after_scoring(device, mod
                                        [3, 39500, 39990, 0]]))
     cur, ref = snapshots(shapes, 7, torch.float32, device)
     expected_ref = [rho * r + (1 - rho) * c for c, r in zip(cur, ref)]
-    scored = drift(cur, ref, layout, mode=mode)
+    scored = drift(cur, ref, layout, drift_mode=mode)
     cur_before, ref_before = snapshot(cur), snapshot(ref)
-    got = ops.js_drift(cur, ref, layout, mode=mode, update_reference=rho)
+    got = ops.js_drift(cur, ref, layout, drift_mode=mode, update_reference=rho)
     assert_bitwise_equal(got, scored)          # scored before the update, not after
     assert_unchanged(cur_before, cur)
     for r, e, old, c in zip(ref, expected_ref, ref_before, cur):
@@ -335,7 +335,7 @@ def test_update_reference_in_float64():
     layout = make_layout(shapes, "gaps", 3)
     cur, ref = snapshots(shapes, 3, torch.float64)
     expected = [0.9 * r + 0.1 * c for c, r in zip(cur, ref)]
-    ops.js_drift(cur, ref, layout, mode="histogram", update_reference=0.9)
+    ops.js_drift(cur, ref, layout, drift_mode="histogram", update_reference=0.9)
     for r, e in zip(ref, expected):
         torch.testing.assert_close(r, e, rtol=1e-15, atol=0)
 
@@ -356,17 +356,17 @@ def test_histogram_pathology_near_constant_group_and_min_log_range():
     cur = [1e-4 * (1 + 1e-4 * torch.randn(n, generator=g))]
     ref = [1e-4 * 1.0005 * (1 + 1e-4 * torch.randn(n, generator=g))]
     layout = groups.per_tensor([("blocks.0.norm1.weight", cur[0])])
-    paper_floor = float(drift(cur, ref, layout, mode="histogram", min_log_range=1e-3)[0])
-    wide_floor = float(drift(cur, ref, layout, mode="histogram", min_log_range=0.1)[0])
-    mass = float(drift(cur, ref, layout, mode="mass")[0])
+    paper_floor = float(drift(cur, ref, layout, drift_mode="histogram", min_log_range=1e-3)[0])
+    wide_floor = float(drift(cur, ref, layout, drift_mode="histogram", min_log_range=0.1)[0])
+    mass = float(drift(cur, ref, layout, drift_mode="mass")[0])
     assert paper_floor > 0.75 * MAX_NATS
     assert wide_floor < 1e-3
     assert mass < 1e-3
     # even pure noise (no change at all between snapshots) gives a sizeable distance
     ref_noise = [1e-4 * (1 + 1e-4 * torch.randn(n, generator=g))]
-    noise = float(drift(cur, ref_noise, layout, mode="histogram", min_log_range=1e-3)[0])
+    noise = float(drift(cur, ref_noise, layout, drift_mode="histogram", min_log_range=1e-3)[0])
     assert noise > 0.05
-    assert float(drift(cur, ref_noise, layout, mode="histogram", min_log_range=0.1)[0]) < 1e-3
+    assert float(drift(cur, ref_noise, layout, drift_mode="histogram", min_log_range=0.1)[0]) < 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +382,7 @@ def _determinism_case(device="cpu"):
 
 def _run(cur, ref, layout, mode):
     r = snapshot(ref)
-    out = ops.js_drift(cur, r, layout, mode=mode, update_reference=0.9)
+    out = ops.js_drift(cur, r, layout, drift_mode=mode, update_reference=0.9)
     return [out] + r
 
 
@@ -468,7 +468,7 @@ def assert_rejects(exc, match, cur, ref, call):
     (dict(min_log_range=-1.0), ValueError, r"argument 'min_log_range'"),
     (dict(min_log_range=float("inf")), ValueError, r"argument 'min_log_range'"),
     (dict(min_log_range=float("nan")), ValueError, r"argument 'min_log_range'"),
-    (dict(mode="kl"), ValueError, r"argument 'mode': expected \"mass\" or \"histogram\", got \"kl\""),
+    (dict(drift_mode="kl"), ValueError, r"argument 'drift_mode': expected \"mass\" or \"histogram\", got \"kl\""),
     (dict(base="10"), ValueError, r"argument 'base': expected \"e\" or \"2\""),
     (dict(base=2), ValueError, r"argument 'base'"),
     (dict(update_reference=1.5), ValueError, r"argument 'update_reference': expected a decay in \[0, 1\]"),
@@ -478,7 +478,7 @@ def assert_rejects(exc, match, cur, ref, call):
 @pytest.mark.parametrize("mode", MODES)
 def test_rejects_bad_options(kw, exc, match, mode):
     cur, ref, layout = _case()
-    kw = {"mode": mode, "update_reference": 0.5, **kw}
+    kw = {"drift_mode": mode, "update_reference": 0.5, **kw}
     assert_rejects(exc, match, cur, ref, lambda: ops.js_drift(cur, ref, layout, **kw))
 
 

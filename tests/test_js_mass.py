@@ -216,7 +216,7 @@ def test_two_halves_equal_js_drift_mass(device, shapes, kind, dtype_idx, zeros, 
     totals = ops.js_mass_totals(cur, ref_halves, layout)
     got = distance(ops.js_mass_partial(cur, ref_halves, layout, totals, update_reference=rho),
                    base)
-    expected = ops.js_drift(cur, ref_drift, layout, mode="mass", base=base, update_reference=rho)
+    expected = ops.js_drift(cur, ref_drift, layout, drift_mode="mass", base=base, update_reference=rho)
     assert got.dtype == expected.dtype == torch.float32
     zero_total = ~((totals[0] > 0) & (totals[1] > 0))
     assert got[zero_total.to(got.device)].tolist() == [0.0] * int(zero_total.sum())
@@ -236,7 +236,7 @@ def test_two_halves_equal_js_drift_at_chunk_sizes(device, numel):
     for kind in LAYOUT_KINDS:
         layout = make_layout(shapes, kind, numel)
         got = two_halves(cur, snapshot(ref), layout)
-        expected = ops.js_drift(cur, snapshot(ref), layout, mode="mass")
+        expected = ops.js_drift(cur, snapshot(ref), layout, drift_mode="mass")
         if device == "cpu":
             assert_bitwise_equal(got, expected)
         else:
@@ -254,7 +254,7 @@ def test_zero_total_and_empty_groups_give_zero(device, rho):
     assert partial[[0, 1, 3, 4]].tolist() == [0.0] * 4
     assert float(partial[2]) > 0
     got = distance(partial)
-    expected = ops.js_drift(cur, snapshot(ref), layout, mode="mass", update_reference=rho)
+    expected = ops.js_drift(cur, snapshot(ref), layout, drift_mode="mass", update_reference=rho)
     assert got[[0, 1, 3, 4]].tolist() == [0.0] * 4
     torch.testing.assert_close(got, expected, rtol=1e-6 if device != "cpu" else 0,
                                atol=F32_EPS if device != "cpu" else 0)
@@ -333,7 +333,7 @@ def test_row_sharded_halves_equal_unsharded_drift(shapes, kind, k, zeros, rho, s
     cur, ref = snapshots(shapes, seed, zeros=zeros, negative=True)
     ref_sharded, ref_whole = snapshot(ref), snapshot(ref)
     got, totals, locals_ = sharded_mass(cur, ref_sharded, layout, k, update_reference=rho)
-    expected = ops.js_drift(cur, ref_whole, layout, mode="mass", update_reference=rho)
+    expected = ops.js_drift(cur, ref_whole, layout, drift_mode="mass", update_reference=rho)
     # the local layouts partition every group's elements
     assert sum(loc.group_sizes for loc in locals_).tolist() == layout.group_sizes.tolist()
     torch.testing.assert_close(totals, ops.js_mass_totals(cur, ref, layout), rtol=1e-12, atol=0)
@@ -354,7 +354,7 @@ def test_row_sharded_straddling_the_chunk(k, shape):
         layout = make_layout(shapes, kind, numel + k)
         ref_sharded, ref_whole = snapshot(ref), snapshot(ref)
         got, _, _ = sharded_mass(cur, ref_sharded, layout, k, update_reference=0.75)
-        expected = ops.js_drift(cur, ref_whole, layout, mode="mass", update_reference=0.75)
+        expected = ops.js_drift(cur, ref_whole, layout, drift_mode="mass", update_reference=0.75)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=F32_EPS)
         assert_ema_close(ref_sharded, cur, ref, 0.75)
 

@@ -303,8 +303,10 @@ def test_threshold_ignores_first_visit():
     x, y = data()
     train(model, opt, 2, x, y)  # the first check only sets references
     assert not opt.frozen.any()
-    train(model, opt, 2, x, y)  # the second measures: every drift < 10 freezes
-    assert opt.frozen.all()
+    train(model, opt, 2, x, y)  # the second measures: every defined drift < 10 freezes
+    assert opt.drift_defined.any() and not opt.drift_defined.all()
+    assert opt.frozen[opt.drift_defined].all()
+    assert not opt.frozen[~opt.drift_defined].any()  # 1-element groups: drift undefined
 
 
 @pytest.mark.parametrize("estimator", ["empirical", "kfac"])
@@ -313,7 +315,7 @@ def test_estimators_and_drift_modes_run_and_freeze(estimator, drift):
     torch.manual_seed(0)
     model = Tiny()
     opt = fat.FisherAdapTune(torch.optim.AdamW(model.parameters(), lr=1e-2), model,
-                             estimator=estimator, drift=drift, check_every=3,
+                             estimator=estimator, drift_mode=drift, check_every=3,
                              policy=fat.Threshold(tau=0.5, patience=1, min_active_fraction=0.3))
     x, y = data()
     train(model, opt, 12, x, y)
@@ -354,7 +356,7 @@ def test_plot_writes_file(tmp_path):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(policy=None, check_every=0), "check_every"),
-    (dict(drift="kl"), "drift"),
+    (dict(drift_mode="kl"), "drift_mode"),
     (dict(estimator="fisher"), "estimator"),
     (dict(groups="rows"), "groups"),
     (dict(fisher_decay=1.5), "fisher_decay"),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fisheradaptune as fat
-from fisheradaptune.models import TinyViT
+from fisheradaptune.demo.models import TinyViT
 from fisheradaptune.selection import select_from_fisher
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 import fisheradaptune as fat
 from conftest import devices
-from fisheradaptune.models import TinyViT
+from fisheradaptune.demo.models import TinyViT
 
 
 # ---------------------------------------------------------------------------------------------

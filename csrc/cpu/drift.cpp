@@ -1,5 +1,5 @@
-// CPU kernel of js_drift (SPEC section 3). Reductions are per chunk and then per group in plan
-// order, so results do not depend on the thread count.
+// CPU kernel of js_drift (docs/methods.md section 3). Reductions are per chunk and then per
+// group in plan order, so results do not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -15,18 +15,17 @@
 #include "args.h"
 #include "cpu/simd.h"
 #include "drift_math.h"
+#include "plan.h"
 
 namespace fisheradaptune {
 namespace {
 
-constexpr int64_t kChunk = 1 << 15;
+// kChunk and kBlock: Note [Chunk and block sizes] (plan.h).
 
 template <typename S>
 const S* cptr(const at::Tensor& t, const Chunk& c) {
   return t.const_data_ptr<S>() + c.begin;
 }
-
-constexpr int64_t kBlock = 1024;
 
 // Natural log of x > 0 in double, branch-free so that it vectorises (Note [CPU vectorisation]):
 // x = 2^e * m with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(t), t = (m-1)/(m+1), |t| < 0.172,

@@ -1,6 +1,7 @@
-// CPU kernel of fisher_accumulate_: one vectorised pass per chunk (Note [CPU vectorisation]) that updates the Fisher,
-// skips non-finite elements and produces the chunk's partial sum; chunks run in parallel and
-// partials are added per group in plan order (bitwise reproducible for any thread count).
+// CPU kernel of fisher_accumulate_: one vectorised pass per chunk (Note [CPU vectorisation])
+// that updates the Fisher, skips non-finite elements and produces the chunk's partial sum;
+// chunks run in parallel and partials are added per group in plan order (bitwise reproducible
+// for any thread count).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -11,12 +12,12 @@
 
 #include "args.h"
 #include "cpu/simd.h"
+#include "plan.h"
 
 namespace fisheradaptune {
 namespace {
 
-constexpr int64_t kChunk = 1 << 15;  // elements per chunk: the unit of parallel work
-constexpr int64_t kBlock = 1024;     // float lanes are flushed into a double every block
+// kChunk and kBlock: Note [Chunk and block sizes] (plan.h).
 
 struct Partial {
   double sum = 0;

@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "plan.h"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 // ISA levels, not CPU models: an "arch=<model>" clone is chosen by CPU model, so an AMD CPU with
 // AVX-512 would silently run the baseline clone. x86-64-v4 is AVX-512 (F/BW/CD/DQ/VL),
@@ -28,11 +30,11 @@
 
 namespace fisheradaptune {
 
-// sum_i x[i] * y[i], inputs read as A: A-lanes within blocks of 1024 elements (vectorised),
-// blocks added in double so long rows keep their precision. Deterministic on a given machine.
+// sum_i x[i] * y[i], inputs read as A: A-lanes within blocks of kBlock elements (vectorised;
+// Note [Chunk and block sizes], plan.h), blocks added in double so long rows keep their
+// precision. Deterministic on a given machine.
 template <typename T, typename A>
 FAT_CPU_CLONES A blocked_dot(const T* __restrict x, const T* __restrict y, int64_t n) {
-  constexpr int64_t kBlock = 1024;
   double total = 0;
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t e = std::min(n, b + kBlock);

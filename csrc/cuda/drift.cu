@@ -1,6 +1,6 @@
-// CUDA kernel of js_drift (SPEC section 3; semantics: csrc/cpu/drift.cpp). Every pass is one
-// launch over all groups' chunks (a block knows its chunk's group), never one per group, and
-// nothing is read back to the host: the call is asynchronous.
+// CUDA kernel of js_drift (docs/methods.md section 3; semantics: csrc/cpu/drift.cpp). Every
+// pass is one launch over all groups' chunks (a block knows its chunk's group), never one per
+// group, and nothing is read back to the host: the call is asynchronous.
 //
 // Note [Histogram quantiles on the device]
 // The bin range needs, per group, order statistics of the union of both snapshots' log-
@@ -32,11 +32,12 @@
 #include "args.h"
 #include "drift_math.h"
 #include "multi_tensor.cuh"
+#include "plan.h"
 
 namespace fisheradaptune {
 namespace {
 
-constexpr int64_t kChunk = int64_t(1) << 15;
+// kChunk: Note [Chunk and block sizes] (plan.h).
 
 // Current and reference share shapes, so one descriptor covers both.
 struct DriftChunk {

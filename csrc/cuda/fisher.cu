@@ -14,14 +14,15 @@
 
 #include "args.h"
 #include "multi_tensor.cuh"
+#include "plan.h"
 
 namespace fisheradaptune {
 namespace {
 
-// 32K elements: with 256 threads, 128 elements (32 float4) per thread, and ViT-B's 86M
-// elements give ~2.7K blocks, several waves over an H100's ~1K resident blocks, so the blocks
-// cut short at segment ends and the last wave cost little. Tune on the device.
-constexpr int64_t kChunk = int64_t(1) << 15;
+// kChunk (Note [Chunk and block sizes], plan.h) is one block's work here: with 256 threads,
+// 128 elements (32 float4) per thread, and ViT-B's 86M elements give ~2.7K blocks, several
+// waves over an H100's ~1K resident blocks, so the blocks cut short at segment ends and the
+// last wave cost little. Tune on the device (in plan.h: CPU and CUDA share the chunking).
 
 // The gradient dtype of a chunk; grads may mix dtypes across the list, so it is per chunk and
 // the kernel branches on it (uniformly per block).

@@ -2,8 +2,8 @@
 
     python -m fisheradaptune.demo [--quick] [--seeds 3] [--device cpu|cuda] [--out results/demo]
 
-A :class:`~fisheradaptune.models.TinyViT` is pretrained on clean scikit-learn digits, then
-fine-tuned on a shifted style with few labels (see :mod:`fisheradaptune.data`). Each method is
+A :class:`~fisheradaptune.demo.models.TinyViT` is pretrained on clean scikit-learn digits, then
+fine-tuned on a shifted style with few labels (see :mod:`fisheradaptune.demo.data`). Each method is
 scored on in-distribution (ID) accuracy and zero-shot transfer accuracy under held-out shifts
 (mean over noise, blur, rotation, inversion), with trainable or active parameters, wall time
 and training-state memory, as mean ± std over seeds. Writes a JSON of every figure, the
@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fisheradaptune as fat
-from fisheradaptune.data import SHIFTS, digits_transfer_task
-from fisheradaptune.models import TinyViT
+from .baselines import LoRALinear, StaticMask
+from .data import SHIFTS, digits_transfer_task
+from .models import TinyViT
 
 try:
     from tqdm.auto import tqdm
@@ -59,7 +60,7 @@ def _trainable(model: nn.Module) -> int:
 
 def _state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
     """Parameters + gradients + optimizer state, counted from the live tensors."""
-    inner = opt.optimizer if isinstance(opt, fat.FisherAdapTune) else opt
+    inner = opt.optimizer if isinstance(opt, fat.WrappedOptimizer) else opt
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     total += sum(v.numel() * v.element_size() for s in inner.state.values() for v in s.values()
@@ -128,21 +129,6 @@ def lorfa(model, cfg, task):
     return _adamw(model.parameters(), cfg, lr_scale=4.0), lambda: _trainable(model)
 
 
-class _LoRALinear(nn.Module):
-    """Minimal LoRA baseline (weight space): ``y = W0 x + b + (alpha / r) B A x``, B zero-init."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
-        super().__init__()
-        self.base = base
-        self.scaling = alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)
-
-    def forward(self, x):
-        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
-
-
 def lora(model, cfg, task):
     """LoRA (rank 4) on every Linear of the blocks; head trained densely."""
     for p in model.parameters():
@@ -151,7 +137,7 @@ def lora(model, cfg, task):
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, _LoRALinear(child, rank=4, alpha=4.0))
+                    setattr(parent, name, LoRALinear(child, rank=4, alpha=4.0))
     for p in model.head.parameters():
         p.requires_grad_(True)
     return _adamw(model.parameters(), cfg, lr_scale=4.0), lambda: _trainable(model)
@@ -172,7 +158,7 @@ def _ce(model, batch):
 
 
 def tr_pts(model, cfg, task, tokens: bool = False):
-    """TR-PTS parameter selection (SPEC section 5): per-sample Fisher, M = 2%, c_min = 1.
+    """TR-PTS parameter selection (docs/methods.md section 5): per-sample Fisher, M = 2%, c_min = 1.
 
     M only sets each layer's share; C_l = round(c_min * w_l / min w) then saturates at
     in_features for the layers holding most of the top entries, so on this small ViT about a
@@ -192,29 +178,6 @@ def tr_pts_tokens(model, cfg, task):
     return tr_pts(model, cfg, task, tokens=True)
 
 
-class _StaticMask(torch.optim.Optimizer):
-    """FISH-style baseline: train only the global top entries of the Fisher, all parameters
-    ranked together (no row balance); the others are restored after each step."""
-
-    def __init__(self, inner, masks):
-        self.inner, self.masks = inner, masks
-        self.defaults, self.state, self.param_groups = inner.defaults, inner.state, inner.param_groups
-        self._saved = {p: p.detach().clone() for p in masks}
-
-    def zero_grad(self, set_to_none: bool = True):
-        self.inner.zero_grad(set_to_none=set_to_none)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for p, m in self.masks.items():
-            if p.grad is not None:
-                p.grad.mul_(m)
-            self._saved[p].copy_(p)
-        self.inner.step()
-        for p, m in self.masks.items():
-            p.copy_(torch.where(m, p, self._saved[p]))
-
-
 def fish_mask(model, cfg, task, budget: float = 0.02):
     fisher = fat.fisher.estimate(model, _calibration(task, cfg), _ce, estimator="empirical",
                                  modules=[n for n, m in model.named_modules()
@@ -230,7 +193,7 @@ def fish_mask(model, cfg, task, budget: float = 0.02):
         p.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     count = sum(int(m.sum()) for m in masks.values()) + sum(p.numel() for p in model.head.parameters())
-    return _StaticMask(_adamw(trainable, cfg, lr_scale=4.0), masks), lambda: count
+    return StaticMask(_adamw(trainable, cfg, lr_scale=4.0), masks), lambda: count
 
 
 METHODS: Dict[str, Callable] = {

@@ -1,93 +1,28 @@
-"""Drift tracking and freeze policies of FisherAdapTune (SPEC sections 3 and 4).
+"""Freeze policies of FisherAdapTune (docs/methods.md section 4).
 
-:class:`DriftTracker` keeps, per group, the smoothed JS drift ``jsema <- d * jsema + (1 - d) * jsd``
-(starting at 0, as in the paper) and the paper's scores (total variation of ``jsema`` over the
-run, or its mean). Policies read it and return the groups to freeze; all are monotone (a frozen
-group stays frozen unless the user calls ``unfreeze``).
+A policy reads the drift statistics (:class:`~fisheradaptune.adaptune.DriftTracker`) at each
+decision point and returns the groups to freeze. Every policy is monotone: a frozen group stays
+frozen unless the user calls ``unfreeze``. A policy also tells the reports what to show
+(:meth:`Policy.group_scores`, :meth:`Policy.thresholds`), so a user-defined subclass works with
+``summary`` and ``plot`` without changes to the wrapper.
+
+Groups whose drift is undefined (``Context.defined`` False: a 1-element group in ``"mass"``
+mode, whose distribution is always ``[1]``) are never measured; the built-in policies never
+freeze them for it (they freeze with their tensor, or by hand).
 """
 from __future__ import annotations
 
 import abc
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["DriftTracker", "Threshold", "PaperPolicy", "Policy"]
+from .tracker import DriftTracker
 
-
-class DriftTracker:
-    """Per-group drift statistics, on the host (updated once per drift check).
-
-    Attributes (float64 / int64 CPU tensors of length ``num_groups``):
-        last: the last measured JS distance.
-        jsema: the paper's EMA of the distance, starting at 0.
-        checks: how many times each group was measured (a first visit only sets the
-            reference and is not a measurement).
-        total_variation: ``sum |jsema_t - jsema_{t-1}|`` over measurements.
-        jsema_sum: the running sum of ``jsema``, for the mean score.
-    """
-
-    def __init__(self, num_groups: int, decay: float = 0.9):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"argument 'score_decay': expected a value in [0, 1), got {decay}")
-        self.decay = float(decay)
-        g = num_groups
-        self.last = torch.zeros(g, dtype=torch.float64)
-        self.jsema = torch.zeros(g, dtype=torch.float64)
-        self.checks = torch.zeros(g, dtype=torch.int64)
-        self.total_variation = torch.zeros(g, dtype=torch.float64)
-        self.jsema_sum = torch.zeros(g, dtype=torch.float64)
-        self.history: List[dict] = []  # one entry per check: step, jsd, jsema, active
-
-    def record(self, step: int, jsd: Tensor, measured: Tensor, active: Tensor) -> None:
-        """Fold the distances ``jsd`` of the ``measured`` groups in."""
-        jsd = jsd.detach().to("cpu", torch.float64)
-        m = measured & active
-        new = self.decay * self.jsema + (1.0 - self.decay) * jsd
-        self.total_variation = torch.where(m, self.total_variation + (new - self.jsema).abs(),
-                                           self.total_variation)
-        self.jsema = torch.where(m, new, self.jsema)
-        self.jsema_sum = torch.where(m, self.jsema_sum + self.jsema, self.jsema_sum)
-        self.last = torch.where(m, jsd, self.last)
-        self.checks = self.checks + m.long()
-        self.history.append({"step": step, "jsd": torch.where(m, jsd, torch.nan).float(),
-                             "jsema": self.jsema.float().clone(),
-                             "drift": self.corrected_jsema().float(), "active": active.clone()})
-
-    def corrected_jsema(self) -> Tensor:
-        """``jsema`` with the EMA's start-at-zero bias removed (``jsema / (1 - d**n)``)."""
-        denom = 1.0 - torch.pow(torch.tensor(self.decay, dtype=torch.float64), self.checks)
-        return torch.where(self.checks > 0, self.jsema / denom.clamp_min(1e-300),
-                           torch.full_like(self.jsema, math.nan))
-
-    def score(self, kind: str) -> Tensor:
-        if kind == "total_variation":
-            return self.total_variation.clone()
-        if kind == "mean":
-            return self.jsema_sum / self.checks.clamp_min(1)
-        raise ValueError(f"argument 'score': expected \"total_variation\" or \"mean\", got {kind!r}")
-
-    def reset(self, groups: Tensor) -> None:
-        """Forget the statistics of ``groups`` (bool mask), e.g. after ``unfreeze``."""
-        for t in (self.last, self.jsema, self.total_variation, self.jsema_sum):
-            t[groups] = 0
-        self.checks[groups] = 0
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "last": self.last.clone(), "jsema": self.jsema.clone(),
-                "checks": self.checks.clone(), "total_variation": self.total_variation.clone(),
-                "jsema_sum": self.jsema_sum.clone(), "history": list(self.history)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        for k in ("last", "jsema", "checks", "total_variation", "jsema_sum"):
-            if sd[k].shape != getattr(self, k).shape:
-                raise ValueError(f"argument 'state_dict': '{k}' has {sd[k].numel()} groups, "
-                                 f"this wrapper has {getattr(self, k).numel()}")
-            setattr(self, k, sd[k].clone())
-        self.history = list(sd["history"])
+__all__ = ["Context", "Policy", "Threshold", "PaperPolicy", "Observe"]
 
 
 @dataclass
@@ -100,18 +35,38 @@ class Context:
     group_sizes: Tensor     # int64 [G]
     total_elements: int     # trainable elements at the start
     zero_fisher: Optional[Tensor] = None  # bool [G], at the first step only
+    defined: Optional[Tensor] = None      # bool [G]: drift is defined (None: everywhere)
+
+    def drift_defined(self) -> Tensor:
+        """``defined``, or all True when the wrapper gave none."""
+        return torch.ones_like(self.active) if self.defined is None else self.defined
 
 
 class Policy(abc.ABC):
-    """Base class: ``initial`` runs after the first Fisher update (before the first optimizer
-    step), ``decide`` after each drift check. Both return a bool mask of groups to freeze."""
+    """Base class of freeze policies; subclass it to write your own.
+
+    Override :meth:`decide` (required) and, as needed, :meth:`initial`, :meth:`group_scores`,
+    :meth:`thresholds` and the state-dict pair (for state that must survive a resume). Both
+    decision methods return a bool mask over all groups of the groups to freeze now; the
+    wrapper ignores groups already frozen, and under torch.distributed applies the first
+    rank's decision on every rank.
+    """
 
     def initial(self, ctx: Context) -> Tensor:
+        """After the first Fisher update, before the first optimizer step."""
         return torch.zeros_like(ctx.active)
 
     @abc.abstractmethod
     def decide(self, ctx: Context) -> Tensor:
-        """The groups to freeze now (bool mask over all groups)."""
+        """After each drift check: the groups to freeze now (bool mask over all groups)."""
+
+    def group_scores(self, tracker: DriftTracker) -> Tensor:
+        """The per-group score ``summary()`` shows (default: total variation of ``jsema``)."""
+        return tracker.score("total_variation")
+
+    def thresholds(self) -> Dict[str, float]:
+        """Levels of the bias-corrected drift that ``plot()`` draws as labelled lines."""
+        return {}
 
     def state_dict(self) -> dict:
         return {}
@@ -153,7 +108,7 @@ class Threshold(Policy):
         if self._below is None or self._below.numel() != ctx.active.numel():
             self._below = torch.zeros(ctx.active.numel(), dtype=torch.int64)
         drift = ctx.tracker.corrected_jsema()
-        measured = ctx.tracker.checks > 0
+        measured = (ctx.tracker.checks > 0) & ctx.drift_defined()
         settled = measured & (drift < self.tau)
         self._below = torch.where(settled, self._below + 1, torch.zeros_like(self._below))
         if ctx.step < self.warmup:
@@ -174,6 +129,9 @@ class Threshold(Policy):
                 budget -= size
         return out
 
+    def thresholds(self) -> Dict[str, float]:
+        return {"tau": float(self.tau)}
+
     def state_dict(self) -> dict:
         return {"below": None if self._below is None else self._below.clone()}
 
@@ -183,11 +141,11 @@ class Threshold(Policy):
 
 @dataclass
 class PaperPolicy(Policy):
-    """The FisherAdapTune paper's schedule (SPEC section 4).
+    """The FisherAdapTune paper's schedule (docs/methods.md section 4).
 
     After the first Fisher update, every group whose Fisher is all zero is frozen. Then every
     ``every`` steps (at the first drift check at or after each multiple), the active groups with
-    ``score >= mean(score) + lam * std(score)`` (population std over active groups) stay active
+    ``score >= mean(score) + lam * std(score)`` (population std over the active groups whose drift is defined) stay active
     and the rest freeze; if none qualifies, the highest-scoring group stays. ``score`` is the
     total variation of ``jsema`` over the run (default) or the mean of ``jsema``.
 
@@ -219,19 +177,33 @@ class PaperPolicy(Policy):
             return torch.zeros_like(ctx.active)
         while self._next <= ctx.step:
             self._next += self.every
-        if not bool(ctx.active.any()):
+        # Groups with undefined drift have no score to compare: they stay active.
+        ranked = ctx.active & ctx.drift_defined()
+        if not bool(ranked.any()):
             return torch.zeros_like(ctx.active)
-        score = ctx.tracker.score(self.score)
-        s = score[ctx.active]
+        score = self.group_scores(ctx.tracker)
+        s = score[ranked]
         threshold = s.mean() + self.lam * s.std(unbiased=False)
-        keep = ctx.active & (score >= threshold)
+        keep = ranked & (score >= threshold)
         if not bool(keep.any()):
-            masked = torch.where(ctx.active, score, -torch.inf)
+            masked = torch.where(ranked, score, -torch.inf)
             keep[int(torch.argmax(masked))] = True
-        return ctx.active & ~keep
+        return ranked & ~keep
+
+    def group_scores(self, tracker: DriftTracker) -> Tensor:
+        return tracker.score(self.score)
 
     def state_dict(self) -> dict:
         return {"next": self._next}
 
     def load_state_dict(self, sd: dict) -> None:
         self._next = sd.get("next")
+
+
+@dataclass
+class Observe(Policy):
+    """Never freeze: FisherAdapTune then only tracks the Fisher and its drift (``summary``,
+    ``metrics``, ``plot`` work as usual), e.g. to choose ``tau`` before freezing for real."""
+
+    def decide(self, ctx: Context) -> Tensor:
+        return torch.zeros_like(ctx.active)

@@ -1,0 +1,208 @@
+"""Freezing mechanics of FisherAdapTune: what a frozen group does to tensors, gradients and
+optimizer state (docs/methods.md section 4, "Applying a freeze").
+
+- a tensor whose groups are all frozen is *released*: ``requires_grad_(False)``, ``grad =
+  None``, its optimizer state dropped (its Fisher and reference buffers are the caller's to
+  free), so backward skips its weight gradient and the memory is returned;
+- in a partially frozen tensor, frozen ranges get zero gradients (in place), their optimizer
+  state is zeroed at the freeze, and their values are restored bit for bit after the wrapped
+  optimizer's step, so no optimizer (weight decay, momentum, fused kernels) can move them.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+from torch import Tensor
+
+from ..distributed.sharding import local
+from ..groups import GroupLayout
+
+__all__ = ["Freezer", "PartialFreeze"]
+
+
+class Freezer:
+    """The frozen set of a FisherAdapTune's groups, and its effect on the tensors.
+
+    Args:
+        params: the tracked parameters (global tensors, or FSDP2 DTensors).
+        layout: groups over ``params`` (global coordinates).
+        mask_layout: the same groups in the coordinates of what this rank updates (its FSDP2
+            shard, or the whole tensor).
+        optimizer: the wrapped optimizer, whose state is released or zeroed.
+
+    Attributes:
+        frozen: bool ``[G]``; ``frozen_at``: int64 ``[G]``, the step of each freeze (-1: never);
+        released: indices of tensors frozen whole; partial: the :class:`PartialFreeze` of the
+        others.
+    """
+
+    def __init__(self, params: List[Tensor], layout: GroupLayout, mask_layout: GroupLayout,
+                 optimizer: torch.optim.Optimizer):
+        self.params = params
+        self.layout = layout
+        self.optimizer = optimizer
+        G = layout.num_groups
+        self.frozen = torch.zeros(G, dtype=torch.bool)
+        self.frozen_at = torch.full((G,), -1, dtype=torch.int64)
+        self.released: set = set()
+        self.tensor_groups = [layout.groups_of(i) for i in range(len(params))]
+        self.group_segments = [layout.segments_of(g) for g in range(G)]
+        self.mask_segments = [mask_layout.segments_of(g) for g in range(G)]
+        self.partial = PartialFreeze(params, {})
+
+    def freeze(self, groups: Tensor, step: int) -> List[int]:
+        """Freeze ``groups`` (bool mask; frozen ones are ignored) from ``step`` on. Returns
+        the tensors newly frozen whole (released here)."""
+        new = groups & ~self.frozen
+        if not bool(new.any()):
+            return []
+        self.frozen |= new
+        self.frozen_at[new] = step
+        return self._rebuild()
+
+    def thaw(self, groups: Tensor) -> List[int]:
+        """Make frozen ``groups`` trainable again. Returns the released tensors brought back
+        (``requires_grad`` again; their optimizer state restarts from scratch)."""
+        mask = groups & self.frozen
+        if not bool(mask.any()):
+            return []
+        self.frozen &= ~mask
+        self.frozen_at[mask] = -1
+        back = [i for i in sorted(self.released) if any(mask[g] for g in self.tensor_groups[i])]
+        for i in back:
+            self.params[i].requires_grad_(True)
+            self.released.discard(i)
+        self._rebuild()
+        return back
+
+    def frozen_mask(self, i: int) -> Tensor:
+        """Bool tensor shaped like this rank's part of parameter ``i``: True where frozen."""
+        part = local(self.params[i])
+        mask = torch.zeros(part.numel(), dtype=torch.bool, device=part.device)
+        for g in self.tensor_groups[i]:
+            if self.frozen[g]:
+                for t, b, e in self.mask_segments[g]:
+                    if t == i:
+                        mask[b:e] = True
+        return mask.view(part.shape)
+
+    def _rebuild(self) -> List[int]:
+        """Release tensors frozen whole and rebuild the partial-freeze ranges."""
+        ranges: Dict[int, List[Tuple[int, int]]] = {}
+        newly_whole = []
+        for i, p in enumerate(self.params):
+            frozen_groups = [g for g in self.tensor_groups[i] if self.frozen[g]]
+            covered = sum(e - b for g in frozen_groups for t, b, e in self.group_segments[g]
+                          if t == i)
+            if frozen_groups and covered == p.numel():
+                if i not in self.released:
+                    newly_whole.append(i)
+            elif frozen_groups:
+                # In this rank's coordinates (its shard of the tensor under FSDP2).
+                local_ranges = sorted((b, e) for g in frozen_groups
+                                      for t, b, e in self.mask_segments[g] if t == i)
+                if local_ranges:
+                    ranges[i] = merge_ranges(local_ranges)
+        state = self.optimizer.state
+        for i in newly_whole:
+            p = self.params[i]
+            p.requires_grad_(False)
+            p.grad = None
+            state.pop(p, None)
+            self.released.add(i)
+        for i, rs in ranges.items():
+            # Zero the optimizer state of frozen ranges: momentum must not carry over.
+            p = self.params[i]
+            for v in state.get(p, {}).values():
+                if isinstance(v, Tensor) and v.shape == p.shape:
+                    flat = local(v).view(-1)
+                    for b, e in rs:
+                        flat[b:e].zero_()
+        self.partial = PartialFreeze(self.params, ranges)
+        return newly_whole
+
+
+class PartialFreeze:
+    """The frozen element ranges of partially frozen tensors, with a preallocated save buffer.
+
+    Built once per freeze event; per step it costs two ``_foreach_copy_`` calls and one
+    ``_foreach_zero_`` with no allocation beyond the views.
+    """
+
+    def __init__(self, params: List[Tensor], ranges: Dict[int, List[Tuple[int, int]]]):
+        self.ranges = {i: r for i, r in ranges.items() if r}
+        self.params = params
+        self.index = sorted(self.ranges)
+        self.param_views: List[Tensor] = []
+        self.buffer_views: List[Tensor] = []
+        self._build()
+
+    def _build(self) -> None:
+        self.param_views.clear()
+        self.buffer_views.clear()
+        offsets: Dict[Tuple[torch.device, torch.dtype], int] = {}
+        sizes: Dict[Tuple[torch.device, torch.dtype], int] = {}
+        for i in self.index:
+            p = local(self.params[i])
+            key = (p.device, p.dtype)
+            sizes[key] = sizes.get(key, 0) + sum(e - b for b, e in self.ranges[i])
+        self.buffers = {k: torch.empty(n, dtype=k[1], device=k[0]) for k, n in sizes.items()}
+        self._ptrs = []
+        for i in self.index:
+            p = local(self.params[i])
+            flat = p.detach().view(-1)
+            key = (p.device, p.dtype)
+            for b, e in self.ranges[i]:
+                o = offsets.get(key, 0)
+                self.param_views.append(flat[b:e])
+                self.buffer_views.append(self.buffers[key][o:o + e - b])
+                offsets[key] = o + e - b
+            self._ptrs.append(p.data_ptr())
+
+    def _fresh(self) -> None:
+        # A user may replace a parameter's storage (e.g. model.to(), load_state_dict(assign)):
+        # then the cached views would point at the old storage.
+        if [local(self.params[i]).data_ptr() for i in self.index] != self._ptrs:
+            self._build()
+
+    def mask_grads(self) -> None:
+        views = []
+        for i in self.index:
+            g = local(self.params[i].grad)
+            if g is None:
+                continue
+            if not g.is_contiguous():
+                # Ranges are flat offsets: mask a contiguous copy and write it back in place
+                # (a DTensor's local shard cannot be swapped for another tensor).
+                tmp = g.contiguous()
+                for b, e in self.ranges[i]:
+                    tmp.view(-1)[b:e].zero_()
+                g.copy_(tmp)
+                continue
+            flat = g.view(-1)
+            views.extend(flat[b:e] for b, e in self.ranges[i])
+        if views:
+            torch._foreach_zero_(views)
+
+    def save(self) -> None:
+        # Saved every step rather than once at the freeze: a user who loads weights into the
+        # model later (model.load_state_dict copies in place) must not see them overwritten by
+        # values captured before.
+        self._fresh()
+        if self.param_views:
+            torch._foreach_copy_(self.buffer_views, self.param_views)
+
+    def restore(self) -> None:
+        if self.param_views:
+            torch._foreach_copy_(self.param_views, self.buffer_views)
+
+
+def merge_ranges(ranges: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    out: List[List[int]] = []
+    for b, e in ranges:
+        if out and out[-1][1] == b:
+            out[-1][1] = e
+        else:
+            out.append([b, e])
+    return [(b, e) for b, e in out]

@@ -1,0 +1,142 @@
+"""The package face: the public API is exactly __all__, the demo is not imported, no module
+imports another in a cycle, and nothing points at files outside the repository."""
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import fisheradaptune
+
+PKG = pathlib.Path(fisheradaptune.__file__).parent
+ROOT = PKG.parent
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _executed(tree):
+    """Every node of ``tree`` except those under ``if TYPE_CHECKING:`` (never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
+                todo.extend(child.orelse)
+                continue
+            todo.append(child)
+
+
+def _imports(path: pathlib.Path, name: str):
+    """Every fisheradaptune module ``path`` imports, at any depth (functions included)."""
+    is_pkg = path.name == "__init__.py"
+    package = name if is_pkg else name.rpartition(".")[0]
+    out = set()
+    for node in _executed(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("fisheradaptune"))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if not mod.startswith("fisheradaptune"):
+                continue
+            out.add(mod)
+            for a in node.names:  # `from . import ops` imports the module fisheradaptune.ops
+                out.add(f"{mod}.{a.name}")
+    return out
+
+
+def _graph():
+    modules = {_module_name(p): p for p in PKG.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for dep in _imports(path, name):
+            # Importing a.b.c runs a and a.b first; keep only real modules.
+            parts = dep.split(".")
+            for k in range(1, len(parts) + 1):
+                d = ".".join(parts[:k])
+                if d in modules:
+                    deps.add(d)
+        # A module's own ancestors are always being imported when it runs: not an edge.
+        graph[name] = {d for d in deps if not (name == d or name.startswith(d + "."))}
+    return graph
+
+
+def _find_cycle(graph):
+    """A cycle of ``graph`` (module -> imported modules) as a list, or None."""
+    state, stack = {}, []
+
+    def visit(n):
+        state[n] = "open"
+        stack.append(n)
+        for d in sorted(graph.get(n, ())):
+            if state.get(d) == "open":
+                return stack[stack.index(d):] + [d]
+            if d not in state:
+                found = visit(d)
+                if found:
+                    return found
+        stack.pop()
+        state[n] = "done"
+        return None
+    for n in sorted(graph):
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    assert "fisheradaptune.adaptune.optimizer" in graph  # the walk sees the subpackages
+    assert "fisheradaptune.distributed.comm" in graph["fisheradaptune.fisher.kfac"]
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_check_can_fail(tmp_path):
+    a = tmp_path / "a.py"
+    a.write_text("def f():\n    from .b import g\n")  # a lazy import counts too
+    assert _imports(a, "fisheradaptune.a") >= {"fisheradaptune.b"}
+    assert _find_cycle({"x": {"y"}, "y": {"z"}, "z": {"x"}}) == ["x", "y", "z", "x"]
+    assert _find_cycle({"x": {"y"}, "y": set()}) is None
+
+
+def test_public_api_is_exactly_all():
+    # In a fresh interpreter: other tests import submodules (the demo), which then show up as
+    # attributes of the package here.
+    code = ("import fisheradaptune as f; "
+            "public = {n for n in dir(f) if not n.startswith('_')}; "
+            "want = {n for n in f.__all__ if not n.startswith('_')}; "
+            "assert public == want, (public ^ want); "
+            "assert all(hasattr(f, n) for n in f.__all__)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_import_does_not_import_the_demo():
+    code = ("import sys, fisheradaptune; "
+            "bad = [m for m in sys.modules if m.startswith('fisheradaptune.demo')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_no_pointer_outside_the_repository():
+    offenders = []
+    for path in list(PKG.rglob("*.py")) + list((ROOT / "csrc").rglob("*.*")):
+        text = path.read_text(errors="replace")
+        for word in ("SPEC.md", "DESIGN.md", "SPEC section", "../shared"):
+            if word in text:
+                offenders.append(f"{path.relative_to(ROOT)}: {word}")
+    assert not offenders, offenders
