@@ -32,8 +32,14 @@ step "copy of the tree in $WORK"
 git ls-files -z --cached --others --exclude-standard | tar -C "$ROOT" --null -T - -cf - | tar -C "$WORK" -xf -
 
 step "CUDA build, linked (FORCE_CUDA=1)"
-# The nvcc on PATH may be a wrapper script; setup.py finds the real toolkit (the one whose
-# lib64 holds libcudart) when CUDA_HOME is unset.
+# The nvcc on PATH may be a wrapper script, from which torch would guess a CUDA_HOME without
+# libcudart: take the toolkit that holds one.
+if [ -z "${CUDA_HOME:-}" ]; then
+  for d in /usr/local/cuda /usr/local/cuda-*; do
+    if [ -e "$d/lib64/libcudart.so" ] && [ -x "$d/bin/nvcc" ]; then export CUDA_HOME=$d; break; fi
+  done
+fi
+echo "CUDA_HOME=${CUDA_HOME:-unset}"
 (cd "$WORK" && FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
    MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --no-build-isolation --no-deps -e .)
 
