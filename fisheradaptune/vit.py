@@ -204,6 +204,7 @@ class PruneMergeHandle:
         self.record = False
         self.kept_patches: Optional[Tensor] = None
         self._saved: List[Tuple[nn.Module, str, bool, object]] = []  # (obj, attr, had, old)
+        self._inputs: dict = {}  # (block index, input data_ptr) -> sizes: Note [Checkpointed blocks]
         self._hooks = []
         self._removed = False
         if self._schedule is None:
@@ -227,11 +228,38 @@ class PruneMergeHandle:
 
     # -- forward pieces -----------------------------------------------------------------------
 
-    def _reset(self, module, args):
+    def _reset(self, module, args, kwargs=None):
+        if _in_backward():
+            return  # gradient checkpointing recomputes blocks during backward: not a new forward
         self.sizes = None
         self.kept_patches = None
+        self._inputs.clear()
 
-    def _reduce(self, block: nn.Module, x_in: Tensor, y: Tensor) -> Tensor:
+    def _sizes_in(self, i: int, x_in: Tensor) -> Tuple[Optional[Tensor], bool]:
+        """The token sizes entering patched block ``i``, and whether this call recomputes a
+        forward (gradient checkpointing) rather than running a new one.
+
+        Note [Checkpointed blocks]: sizes flow from block to block on the handle, so a block
+        recomputed during backward would read the *last* block's sizes. Each forward therefore
+        records the sizes each patched block received, keyed by its input's storage (the
+        recomputation gets the same input tensor, or a detached alias of it), and a
+        recomputation reads them back and leaves the forward's state alone.
+        """
+        if _in_backward():
+            key = (i, x_in.data_ptr())
+            if key not in self._inputs:
+                raise RuntimeError(
+                    "fisheradaptune.vit.prune_merge: block {} is recomputed during backward "
+                    "(gradient checkpointing) but its forward was not recorded in this "
+                    "forward pass".format(i))
+            return self._inputs[key], True
+        sizes = self.sizes
+        # Also without grad: reentrant checkpointing runs the forward under no_grad.
+        if not torch.compiler.is_compiling():
+            self._inputs[(i, x_in.data_ptr())] = sizes
+        return sizes, False
+
+    def _reduce(self, i: int, block: nn.Module, x_in: Tensor, y: Tensor) -> Tensor:
         b, n, _ = y.shape
         p = self.num_protected
         if n <= p:
@@ -239,14 +267,16 @@ class PruneMergeHandle:
         keep = self.keep_count(n - p)
         if keep >= n - p:
             return y
+        sizes, recompute = self._sizes_in(i, x_in)
         scores = self.family.cls_logits(block, x_in).softmax(-1).mean(1)[:, p:]
         if self.detach_scores:
             scores = scores.detach()
-        sizes = self.sizes
         if sizes is not None and (sizes.shape[0] != b or sizes.shape[1] != n):
             sizes = None
         out, kept, out_sizes = ops.token_prune_merge(y, scores.float(), keep, num_protected=p,
                                                      sizes=sizes, normalize=self.normalize)
+        if recompute:
+            return out
         self.sizes = out_sizes
         if self.record:
             origin = self.kept_patches
@@ -281,12 +311,11 @@ class PruneMergeHandle:
         self._hooks.append(blocks[0].register_forward_pre_hook(self._reset))
         for i in self.layers:
             block = blocks[i]
-            original = block.forward
-            self._set(block, "forward", _wrapped_block_forward(self, block, original))
+            self._set(block, "forward", _ReducingForward(self, i, block, block.__dict__.get("forward")))
         if self.family.name == "timm" and getattr(self.model, "global_pool", "token") == "avg" \
                 and hasattr(self.model, "forward_head"):
             self._set(self.model, "forward_head",
-                      _wrapped_forward_head(self, self.model.forward_head))
+                      _WeightedForwardHead(self, self.model, self.model.__dict__.get("forward_head")))
         self._set(self.model, _ATTR, self)
 
     def remove(self) -> None:
@@ -313,16 +342,47 @@ class PruneMergeHandle:
                 f"detach_scores={self.detach_scores})")
 
 
-def _wrapped_block_forward(handle: PruneMergeHandle, block: nn.Module, original):
-    def forward(x, *args, **kwargs):
-        return handle._reduce(block, x, original(x, *args, **kwargs))
-    return forward
+def _in_backward() -> bool:
+    """Whether the autograd engine is running a backward pass on this thread (where gradient
+    checkpointing recomputes forwards). False while tracing with torch.compile."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
 
 
-def _wrapped_forward_head(handle: PruneMergeHandle, original):
-    def forward_head(x, *args, **kwargs):
-        return original(handle._pool_weights(x), *args, **kwargs)
-    return forward_head
+# The patched methods are objects of module-level classes, not closures: `copy.deepcopy` of a
+# patched model then gives a copy whose blocks call the copy's handle and the copy's blocks
+# (deepcopy follows their attributes), and `torch.save(model)` can pickle them. They call the
+# class's method (or a forward set on the instance before patching) at call time.
+
+
+class _ReducingForward:
+    """A patched block's ``forward``: the block as before, then prune-merge of its output."""
+
+    def __init__(self, handle: "PruneMergeHandle", index: int, block: nn.Module, inner=None):
+        self.handle, self.index, self.block, self.inner = handle, index, block, inner
+
+    def __call__(self, x, *args, **kwargs):
+        if kwargs.get("attn_mask") is not None or (len(args) > 0 and args[0] is not None):
+            raise ValueError(
+                "fisheradaptune.vit.prune_merge: the model was called with an attention mask; "
+                "token reduction changes the number of tokens after this block, so a mask over "
+                "the input tokens cannot apply to the next ones. Call the model without "
+                "attn_mask, or unpatch it")
+        fwd = self.inner if self.inner is not None else type(self.block).forward.__get__(self.block)
+        return self.handle._reduce(self.index, self.block, x, fwd(x, *args, **kwargs))
+
+
+class _WeightedForwardHead:
+    """timm ``forward_head`` with the pooled tokens reweighted by their sizes."""
+
+    def __init__(self, handle: "PruneMergeHandle", model: nn.Module, inner=None):
+        self.handle, self.model, self.inner = handle, model, inner
+
+    def __call__(self, x, *args, **kwargs):
+        fwd = self.inner if self.inner is not None else \
+            type(self.model).forward_head.__get__(self.model)
+        return fwd(self.handle._pool_weights(x), *args, **kwargs)
 
 
 def _check_fraction(v, where: str) -> float:
@@ -418,6 +478,14 @@ def prune_merge(model: nn.Module, keep: KeepArg = 0.7,
         raise ValueError("fisheradaptune.vit.prune_merge: argument 'num_protected': expected "
                          f"\"auto\" or an int >= 0, got {num_protected!r}")
     if family.name == "timm":
+        if getattr(model, "has_class_token", True) is False or \
+                (hasattr(model, "cls_token") and model.cls_token is None):
+            # Scoring needs the class token's attention row; token 0 of such a model is a
+            # patch or a register, which must neither score the others nor be fused away.
+            raise ValueError(
+                "fisheradaptune.vit.prune_merge: argument 'model': it has no class token "
+                "(class_token=False, a *_gap_* or register-only model), and prune-merge scores "
+                "tokens by the class token's attention. Use a model with a class token")
         pool = getattr(model, "global_pool", "token")
         if getattr(model, "attn_pool", None) is not None or pool not in _SUPPORTED_POOLS:
             raise ValueError("fisheradaptune.vit.prune_merge: argument 'model': global_pool "
