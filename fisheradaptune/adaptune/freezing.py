@@ -53,13 +53,15 @@ class Freezer:
 
     def freeze(self, groups: Tensor, step: int) -> List[int]:
         """Freeze ``groups`` (bool mask; frozen ones are ignored) from ``step`` on. Returns
-        the tensors newly frozen whole (released here)."""
+        the tensors newly frozen whole (released here). Everything that can fail is built
+        before any state changes."""
         new = groups & ~self.frozen
         if not bool(new.any()):
             return []
+        plan = self._plan(self.frozen | new)
         self.frozen |= new
         self.frozen_at[new] = step
-        return self._rebuild()
+        return self._apply(plan)
 
     def thaw(self, groups: Tensor) -> List[int]:
         """Make frozen ``groups`` trainable again. Returns the released tensors brought back
@@ -67,13 +69,14 @@ class Freezer:
         mask = groups & self.frozen
         if not bool(mask.any()):
             return []
+        plan = self._plan(self.frozen & ~mask)
         self.frozen &= ~mask
         self.frozen_at[mask] = -1
         back = [i for i in sorted(self.released) if any(mask[g] for g in self.tensor_groups[i])]
         for i in back:
             self.params[i].requires_grad_(True)
             self.released.discard(i)
-        self._rebuild()
+        self._apply(plan)
         return back
 
     def frozen_mask(self, i: int) -> Tensor:
@@ -87,23 +90,29 @@ class Freezer:
                         mask[b:e] = True
         return mask.view(part.shape)
 
-    def _rebuild(self) -> List[int]:
-        """Release tensors frozen whole and rebuild the partial-freeze ranges."""
+    def _plan(self, frozen: Tensor):
+        """For the frozen set ``frozen``: the tensors frozen whole and the partial freeze."""
         ranges: Dict[int, List[Tuple[int, int]]] = {}
-        newly_whole = []
+        whole = []
         for i, p in enumerate(self.params):
-            frozen_groups = [g for g in self.tensor_groups[i] if self.frozen[g]]
+            frozen_groups = [g for g in self.tensor_groups[i] if frozen[g]]
             covered = sum(e - b for g in frozen_groups for t, b, e in self.group_segments[g]
                           if t == i)
             if frozen_groups and covered == p.numel():
-                if i not in self.released:
-                    newly_whole.append(i)
+                whole.append(i)
             elif frozen_groups:
                 # In this rank's coordinates (its shard of the tensor under FSDP2).
                 local_ranges = sorted((b, e) for g in frozen_groups
                                       for t, b, e in self.mask_segments[g] if t == i)
                 if local_ranges:
                     ranges[i] = merge_ranges(local_ranges)
+        return whole, ranges, PartialFreeze(self.params, ranges)
+
+    def _apply(self, plan) -> List[int]:
+        """Release tensors newly frozen whole, zero the optimizer state of frozen ranges and
+        install the partial freeze of ``plan`` (from :meth:`_plan`)."""
+        whole, ranges, partial = plan
+        newly_whole = [i for i in whole if i not in self.released]
         state = self.optimizer.state
         for i in newly_whole:
             p = self.params[i]
@@ -116,18 +125,33 @@ class Freezer:
             p = self.params[i]
             for v in state.get(p, {}).values():
                 if isinstance(v, Tensor) and v.shape == p.shape:
-                    flat = local(v).view(-1)
-                    for b, e in rs:
-                        flat[b:e].zero_()
-        self.partial = PartialFreeze(self.params, ranges)
+                    v = local(v)
+                    if v.is_contiguous():
+                        flat = v.view(-1)
+                        for b, e in rs:
+                            flat[b:e].zero_()
+                    else:  # e.g. Adam moments of a channels_last weight (preserve_format)
+                        v.masked_fill_(_range_mask(v.shape, rs, v.device), 0)
+        self.partial = partial
         return newly_whole
+
+
+def _range_mask(shape: torch.Size, ranges: List[Tuple[int, int]], device) -> Tensor:
+    """Bool tensor of ``shape``: True at the flat (row-major) offsets in ``ranges``."""
+    flat = torch.zeros(shape.numel(), dtype=torch.bool, device=device)
+    for b, e in ranges:
+        flat[b:e] = True
+    return flat.view(shape)
 
 
 class PartialFreeze:
     """The frozen element ranges of partially frozen tensors, with a preallocated save buffer.
 
-    Built once per freeze event; per step it costs two ``_foreach_copy_`` calls and one
-    ``_foreach_zero_`` with no allocation beyond the views.
+    Ranges are flat offsets in row-major (logical) order. For a contiguous tensor they are
+    views: per step two ``_foreach_copy_`` calls and one ``_foreach_zero_``, no allocation
+    beyond the views. A tensor with other strides (``channels_last``, a transposed view) gets
+    a bool mask of its shape instead (``masked_fill_`` / ``masked_select`` /
+    ``masked_scatter_``, which follow any strides; the save allocates once per step).
     """
 
     def __init__(self, params: List[Tensor], ranges: Dict[int, List[Tuple[int, int]]]):
@@ -136,21 +160,32 @@ class PartialFreeze:
         self.index = sorted(self.ranges)
         self.param_views: List[Tensor] = []
         self.buffer_views: List[Tensor] = []
+        self.masks: Dict[int, Tensor] = {}    # non-contiguous tensors: frozen elements
+        self.saved: Dict[int, Tensor] = {}
         self._build()
 
     def _build(self) -> None:
         self.param_views.clear()
         self.buffer_views.clear()
+        self.masks.clear()
         offsets: Dict[Tuple[torch.device, torch.dtype], int] = {}
         sizes: Dict[Tuple[torch.device, torch.dtype], int] = {}
+        strided = []
         for i in self.index:
             p = local(self.params[i])
+            if not p.is_contiguous():
+                strided.append(i)
+                self.masks[i] = _range_mask(p.shape, self.ranges[i], p.device)
+                continue
             key = (p.device, p.dtype)
             sizes[key] = sizes.get(key, 0) + sum(e - b for b, e in self.ranges[i])
         self.buffers = {k: torch.empty(n, dtype=k[1], device=k[0]) for k, n in sizes.items()}
         self._ptrs = []
         for i in self.index:
             p = local(self.params[i])
+            self._ptrs.append((p.data_ptr(), p.stride()))
+            if i in self.masks:
+                continue
             flat = p.detach().view(-1)
             key = (p.device, p.dtype)
             for b, e in self.ranges[i]:
@@ -158,12 +193,13 @@ class PartialFreeze:
                 self.param_views.append(flat[b:e])
                 self.buffer_views.append(self.buffers[key][o:o + e - b])
                 offsets[key] = o + e - b
-            self._ptrs.append(p.data_ptr())
 
     def _fresh(self) -> None:
-        # A user may replace a parameter's storage (e.g. model.to(), load_state_dict(assign)):
-        # then the cached views would point at the old storage.
-        if [local(self.params[i]).data_ptr() for i in self.index] != self._ptrs:
+        # A user may replace a parameter's storage (e.g. model.to(), load_state_dict(assign),
+        # model.to(memory_format=...)): then the cached views would point at the old storage.
+        now = [(local(self.params[i]).data_ptr(), local(self.params[i]).stride())
+               for i in self.index]
+        if now != self._ptrs:
             self._build()
 
     def mask_grads(self) -> None:
@@ -173,12 +209,12 @@ class PartialFreeze:
             if g is None:
                 continue
             if not g.is_contiguous():
-                # Ranges are flat offsets: mask a contiguous copy and write it back in place
-                # (a DTensor's local shard cannot be swapped for another tensor).
-                tmp = g.contiguous()
-                for b, e in self.ranges[i]:
-                    tmp.view(-1)[b:e].zero_()
-                g.copy_(tmp)
+                # In place whatever the strides (a DTensor's local shard cannot be swapped
+                # for another tensor).
+                mask = self.masks.get(i)
+                if mask is None or mask.shape != g.shape:
+                    mask = _range_mask(g.shape, self.ranges[i], g.device)
+                g.masked_fill_(mask, 0)
                 continue
             flat = g.view(-1)
             views.extend(flat[b:e] for b, e in self.ranges[i])
@@ -192,10 +228,14 @@ class PartialFreeze:
         self._fresh()
         if self.param_views:
             torch._foreach_copy_(self.buffer_views, self.param_views)
+        for i, mask in self.masks.items():
+            self.saved[i] = local(self.params[i]).detach().masked_select(mask)
 
     def restore(self) -> None:
         if self.param_views:
             torch._foreach_copy_(self.param_views, self.buffer_views)
+        for i, mask in self.masks.items():
+            local(self.params[i]).detach().masked_scatter_(mask, self.saved[i])
 
 
 def merge_ranges(ranges: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
