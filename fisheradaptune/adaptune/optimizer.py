@@ -196,6 +196,17 @@ class FisherAdapTune(WrappedOptimizer):
     def _prepare_grads(self) -> None:
         self.freezer.partial.mask_grads()
 
+    def mask_frozen_grads(self) -> None:
+        """Zero the gradients of frozen elements now, in place (``step`` does it anyway).
+
+        Between ``backward`` and ``step``, frozen ranges of partially frozen tensors still
+        hold their gradients (tensors frozen whole have none). Call this before
+        ``torch.nn.utils.clip_grad_norm_`` so that the norm counts trainable elements only.
+        With gradient accumulation, the Fisher is updated once per ``step`` from the
+        accumulated ``.grad`` (the sum over micro-batches), not per micro-batch.
+        """
+        self.freezer.partial.mask_grads()
+
     def _before_step(self) -> None:
         if self.sharding is None:
             grads = [p.grad for p in self.params]
