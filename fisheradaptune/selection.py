@@ -436,6 +436,15 @@ def _broadcast_from_rank0(index: Dict[str, Tensor], model: nn.Module) -> None:
         comm.broadcast_(index[n], group)
 
 
+#: Path components of the adapter layers peft inserts (LoRA and its variants).
+_ADAPTER_PARTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                            "lora_magnitude_vector"})
+
+
+def _adapter_part(name: str) -> bool:
+    return any(part in _ADAPTER_PARTS for part in name.split("."))
+
+
 def select_connections(model: nn.Module, batches: Iterable, loss_fn: Callable, *,
                        budget: float = 0.005, c_min: int = 1, estimator: str = "per_sample",
                        modules: Optional[Sequence[str]] = None, train_bias: bool = True,
@@ -444,7 +453,9 @@ def select_connections(model: nn.Module, batches: Iterable, loss_fn: Callable, *
     """TR-PTS selection of ``model``'s Linear connections (docs/methods.md section 5; see the module doc).
 
     ``modules``: names of ``nn.Linear`` modules (default: every ``nn.Linear`` except the head,
-    :func:`fisheradaptune.adapters.find_head`). ``loss_fn(model, batch)`` returns the scalar
+    :func:`fisheradaptune.adapters.find_head`, and the adapter layers a peft model adds:
+    ``lora_A``/``lora_B`` and the like are not pretrained weights; the base layers peft wraps,
+    ``*.base_layer``, are selected as any Linear). ``loss_fn(model, batch)`` returns the scalar
     loss; ``estimator`` is one of :data:`fisheradaptune.fisher.CALIBRATION_ESTIMATORS`.
 
     Distributed: under an initialised process group (e.g. a DDP-wrapped ``model`` with each
@@ -459,7 +470,8 @@ def select_connections(model: nn.Module, batches: Iterable, loss_fn: Callable, *
     head = find_head(model)
     all_mods = dict(model.named_modules())
     if modules is None:
-        names = [n for n, m in all_mods.items() if isinstance(m, nn.Linear) and n != head]
+        names = [n for n, m in all_mods.items()
+                 if isinstance(m, nn.Linear) and n != head and not _adapter_part(n)]
         if not names:
             raise ValueError("argument 'modules': the model has no nn.Linear besides the head")
     else:

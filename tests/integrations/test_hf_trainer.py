@@ -1,0 +1,65 @@
+"""FisherAdapTune inside a transformers Trainer: trains, checkpoints, and a resumed run ends
+where the uninterrupted one does. Runs in the integration stage (transformers installed)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fisheradaptune as fat
+
+transformers = pytest.importorskip("transformers")
+
+
+class _Data(torch.utils.data.Dataset):
+    def __init__(self, n=24, seq=8, vocab=50):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, seq), generator=g)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def _model():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64,
+                                  max_position_embeddings=16, num_labels=2)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def _trainer(out, model, max_steps, save_steps):
+    inner = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.01)
+    opt = fat.FisherAdapTune(inner, model, check_every=2,
+                             policy=fat.Threshold(tau=0.2, patience=1, min_active_fraction=0.3))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4,
+        save_steps=save_steps, save_strategy="steps", logging_strategy="no", report_to=[],
+        use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    return transformers.Trainer(model=model, args=args, train_dataset=_Data(),
+                                optimizers=(opt, sched)), opt
+
+
+def test_trainer_trains_checkpoints_and_resumes_to_the_same_result(tmp_path):
+    model = _model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer, opt = _trainer(tmp_path / "straight", model, max_steps=8, save_steps=100)
+    trainer.train()
+    assert opt.step_count == 8 and opt.frozen.any()  # the wrapper really ran and froze
+    straight = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert any(not torch.equal(before[n], straight[n]) for n in before)
+
+    first = _model()
+    trainer, _ = _trainer(tmp_path / "resumed", first, max_steps=8, save_steps=4)
+    trainer.train()  # saves checkpoint-4 (and checkpoint-8)
+    resumed = _model()
+    trainer, opt2 = _trainer(tmp_path / "resumed", resumed, max_steps=8, save_steps=4)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-4"))
+    assert opt2.step_count == 8
+    assert torch.equal(opt2.frozen, opt.frozen)
+    for n, p in resumed.named_parameters():
+        torch.testing.assert_close(p.detach(), straight[n], rtol=0, atol=0, msg=n)
