@@ -9,6 +9,7 @@ decisions), ``state`` (checkpoints), ``report`` (metrics, summary, plot).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -261,6 +262,16 @@ class FisherAdapTune(WrappedOptimizer):
         active = self._active
         snap = self.estimator.snapshot()
         measured = self._in_active & self.drift_defined
+        if active:
+            # A non-finite Fisher (a custom estimator's, or written by hand) would score drift
+            # 0 and look settled: its groups are not measured at this check. One host read.
+            finite = torch.stack([torch.isfinite(snap[i]).all() for i in active]).cpu().tolist()
+            for i, ok in zip(active, finite):
+                if not ok:
+                    measured[self.freezer.tensor_groups[i]] = False
+                    warnings.warn(f"FisherAdapTune: the Fisher of {self.names[i]!r} is not "
+                                  "finite; its groups are not measured at this check",
+                                  RuntimeWarning, stacklevel=3)
         for i in active:
             if self.references[i] is None:
                 # First visit: ref := cur, and the groups of this tensor are not measured yet.

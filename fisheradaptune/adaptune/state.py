@@ -76,6 +76,10 @@ def _adopt(opt: "FisherAdapTune", i: int, value: Optional[Tensor], full: bool) -
     if value.shape != want:
         raise ValueError(f"argument 'state_dict': the buffer of {opt.names[i]!r} has "
                          f"shape {tuple(value.shape)}, expected {tuple(want)}")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        # A NaN Fisher or reference scores drift 0: the group would look settled and freeze.
+        raise ValueError(f"argument 'state_dict': the buffer of {opt.names[i]!r} holds "
+                         "non-finite values")
     return opt.part(i, value) if full else value
 
 
