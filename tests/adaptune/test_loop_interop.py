@@ -7,17 +7,16 @@ from torch import nn
 import fisheradaptune as fat
 
 
-def _setup():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+def _setup(make_mlp):
+    model = make_mlp()
     opt = fat.FisherAdapTune(torch.optim.SGD(model.parameters(), lr=0.1), model,
                              check_every=10 ** 6, policy=fat.Observe(), fisher_decay=0.5)
     g = torch.Generator().manual_seed(1)
     return model, opt, torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
 
 
-def test_clip_grad_norm_after_mask_frozen_grads_counts_trainable_elements_only():
-    model, opt, x, y = _setup()
+def test_clip_grad_norm_after_mask_frozen_grads_counts_trainable_elements_only(make_mlp):
+    model, opt, x, y = _setup(make_mlp)
     opt.freeze(["0.weight.slab0", "0.weight.slab1"])
     nn.functional.cross_entropy(model(x), y).backward()
     mask = opt.frozen_mask(model[0].weight)
@@ -30,8 +29,8 @@ def test_clip_grad_norm_after_mask_frozen_grads_counts_trainable_elements_only()
     opt.step()
 
 
-def test_gradient_accumulation_updates_the_fisher_once_from_the_summed_grad():
-    model, opt, x, y = _setup()
+def test_gradient_accumulation_updates_the_fisher_once_from_the_summed_grad(make_mlp):
+    model, opt, x, y = _setup(make_mlp)
     for xb, yb in ((x[:4], y[:4]), (x[4:], y[4:])):
         (nn.functional.cross_entropy(model(xb), yb, reduction="sum")).backward()
     summed = [p.grad.detach().clone() for p in model.parameters()]

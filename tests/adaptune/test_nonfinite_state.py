@@ -18,29 +18,28 @@ def _run(opt, model, steps):
         opt.zero_grad()
 
 
-def _make():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+def _make(make_mlp):
+    model = make_mlp()
     opt = fat.FisherAdapTune(torch.optim.SGD(model.parameters(), lr=0.01), model, check_every=2,
                              policy=fat.Threshold(tau=10.0, patience=1, min_active_fraction=0.0))
     return model, opt
 
 
 @pytest.mark.parametrize("which", ["buffers", "references"])
-def test_checkpoint_with_a_nan_buffer_is_refused_before_anything_changes(which):
-    model, opt = _make()
+def test_checkpoint_with_a_nan_buffer_is_refused_before_anything_changes(make_mlp, which):
+    model, opt = _make(make_mlp)
     _run(opt, model, 2)
     sd = opt.state_dict()
     sd["adaptune"][which][0] = sd["adaptune"][which][0].clone()
     sd["adaptune"][which][0].view(-1)[3] = float("nan")
-    model2, fresh = _make()
+    model2, fresh = _make(make_mlp)
     with pytest.raises(ValueError, match="'0.weight' holds non-finite values"):
         fresh.load_state_dict(sd)
     assert fresh.step_count == 0 and not fresh.frozen.any()
 
 
-def test_a_live_nan_fisher_is_not_measured():
-    model, opt = _make()
+def test_a_live_nan_fisher_is_not_measured(make_mlp):
+    model, opt = _make(make_mlp)
     _run(opt, model, 2)  # the first check sets references
     opt.estimator.fisher[0].view(-1)[0] = float("nan")  # as a broken estimator might
     with pytest.warns(RuntimeWarning, match="'0.weight' is not finite"):

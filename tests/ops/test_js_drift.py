@@ -11,10 +11,10 @@ from hypothesis import given, strategies as st
 from scipy.spatial.distance import jensenshannon
 from torch.library import opcheck
 
-from conftest import random_snapshots as snapshots, zero_total_case
-from conftest import (BLOCK, CHUNK, LAYOUT_KINDS, assert_bitwise_equal, assert_unchanged, devices,
-                      make_generator, make_layout, requires_cuda, set_threads, shape_lists,
-                      snapshot)
+from helpers import random_snapshots as snapshots
+from helpers import (BLOCK, CHUNK, LAYOUT_KINDS, assert_bitwise_equal, assert_unchanged, devices,
+                     make_generator, make_layout, requires_cuda, set_threads, shape_lists,
+                     snapshot)
 from fisheradaptune import groups, ops, reference
 from fisheradaptune.groups import GroupLayout
 
@@ -292,7 +292,7 @@ def test_disjoint_supports_reach_the_maximum():
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("rho", [None, 0.5])
-def test_zero_sum_and_empty_groups_give_zero(mode, rho):
+def test_zero_sum_and_empty_groups_give_zero(zero_total_case, mode, rho):
     cur, ref, layout = zero_total_case()
     got = drift(cur, ref, layout, drift_mode=mode, update_reference=rho)
     assert got[[0, 1, 3, 4]].tolist() == [0.0, 0.0, 0.0, 0.0]
@@ -547,6 +547,7 @@ def test_raw_op_rejects_bad_segments(segments, num_groups, exc, match, mode):
         cur, ref, segments, num_groups, mode, 64, 0.01, 0.99, 1e-3, False, 0.5))
 
 
+@pytest.mark.cuda
 @requires_cuda
 def test_rejects_device_mismatch():
     cur, ref, layout = _case()

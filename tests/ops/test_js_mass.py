@@ -11,10 +11,10 @@ import torch
 from hypothesis import given, strategies as st
 from torch.library import opcheck
 
-from conftest import random_snapshots as snapshots, zero_total_case
-from conftest import (CHUNK, LAYOUT_KINDS, assert_bitwise_equal, assert_unchanged, devices,
-                      make_generator, make_layout, requires_cuda, set_threads,
-                      shape_lists, snapshot)
+from helpers import random_snapshots as snapshots
+from helpers import (CHUNK, LAYOUT_KINDS, assert_bitwise_equal, assert_unchanged, devices,
+                     make_generator, make_layout, requires_cuda, set_threads,
+                     shape_lists, snapshot)
 from fisheradaptune import distributed, groups, ops, reference
 from fisheradaptune.groups import GroupLayout
 
@@ -245,7 +245,7 @@ def test_two_halves_equal_js_drift_at_chunk_sizes(device, numel):
 
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("rho", [None, 0.5])
-def test_zero_total_and_empty_groups_give_zero(device, rho):
+def test_zero_total_and_empty_groups_give_zero(zero_total_case, device, rho):
     cur, ref, layout = zero_total_case(device)
     totals = ops.js_mass_totals(cur, ref, layout)
     assert totals[:, 4].tolist() == [0.0, 0.0]
@@ -548,6 +548,7 @@ def test_raw_ops_reject_bad_segments(segments, num_groups, exc, match):
         cur, ref, segments, num_groups, totals, 0.5))
 
 
+@pytest.mark.cuda
 @requires_cuda
 def test_rejects_totals_on_another_device():
     cur, ref, layout, totals = _case(device="cuda")
@@ -562,6 +563,7 @@ def test_rejects_totals_on_another_device():
                                                update_reference=0.5))
 
 
+@pytest.mark.cuda
 @requires_cuda
 def test_rejects_reference_on_another_device():
     cur, ref, layout, totals = _case(device="cuda")

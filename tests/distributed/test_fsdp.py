@@ -13,11 +13,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import (free_port, gloo, make_token_model, set_threads, token_calibration,
-                      token_loss)
+from helpers import (free_port, gloo, make_token_model, set_threads, token_calibration,
+                     token_loss)
 import fisheradaptune as fat
 from fisheradaptune import distributed as fdist
 
@@ -131,8 +130,8 @@ def _drift_worker(rank, port, out_dir):
         torch.save(results, os.path.join(out_dir, f"drift{rank}.pt"))
 
 
-def test_sharded_drift_equals_unsharded_drift(tmp_path):
-    mp.spawn(_drift_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+def test_sharded_drift_equals_unsharded_drift(spawn, tmp_path):
+    spawn(_drift_worker, nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"drift{r}.pt") for r in range(WORLD)]
     g = torch.Generator().manual_seed(3)
     shapes = [(18, 5), (3,), (7, 4), (1, 9), (5,)]
@@ -195,9 +194,8 @@ def _fsdp_worker(rank, port, out_dir, drift, classes):
 
 
 @pytest.mark.parametrize("drift,classes", [("mass", 3), ("histogram", 3), ("mass", 1)])
-def test_fsdp2_matches_single_process_and_ranks_agree(tmp_path, drift, classes):
-    mp.spawn(_fsdp_worker, args=(free_port(), str(tmp_path), drift, classes), nprocs=WORLD,
-             join=True)
+def test_fsdp2_matches_single_process_and_ranks_agree(spawn, tmp_path, drift, classes):
+    spawn(_fsdp_worker, drift, classes, nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     model = make_model(classes)
@@ -275,8 +273,8 @@ def _resume_worker(rank, port, out_dir, kind):
 
 
 @pytest.mark.parametrize("kind", ["ddp", "ddp_sharded", "fsdp"])
-def test_checkpoint_resume_gives_the_same_decisions_and_weights(tmp_path, kind):
-    mp.spawn(_resume_worker, args=(free_port(), str(tmp_path), kind), nprocs=WORLD, join=True)
+def test_checkpoint_resume_gives_the_same_decisions_and_weights(spawn, tmp_path, kind):
+    spawn(_resume_worker, kind, nprocs=WORLD)
     for r in range(WORLD):
         got = torch.load(tmp_path / f"resume{r}.pt")
         a, b = got["straight"], got["resumed"]
@@ -305,9 +303,8 @@ def _selection_worker(rank, port, out_dir, estimator):
 
 
 @pytest.mark.parametrize("estimator", ["per_sample", "empirical"])
-def test_select_connections_under_fsdp2_equals_one_process_over_all_shards(tmp_path, estimator):
-    mp.spawn(_selection_worker, args=(free_port(), str(tmp_path), estimator), nprocs=WORLD,
-             join=True)
+def test_select_connections_under_fsdp2_equals_one_process_over_all_shards(spawn, tmp_path, estimator):
+    spawn(_selection_worker, estimator, nprocs=WORLD)
     got = [torch.load(tmp_path / f"sel{r}.pt") for r in range(WORLD)]
     single = fat.selection.select_connections(make_token_model(), token_calibration(), token_loss,
                                               budget=0.1, c_min=1, estimator=estimator)
@@ -347,8 +344,8 @@ def _frozen_worker(rank, port, out_dir):
                    os.path.join(out_dir, f"frozen{rank}.pt"))
 
 
-def test_frozen_shards_never_move_under_fsdp2_mixed_precision(tmp_path):
-    mp.spawn(_frozen_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+def test_frozen_shards_never_move_under_fsdp2_mixed_precision(spawn, tmp_path):
+    spawn(_frozen_worker, nprocs=WORLD)
     got = [torch.load(tmp_path / f"frozen{r}.pt") for r in range(WORLD)]
     assert torch.equal(got[0]["frozen"], got[1]["frozen"])
     for g in got:
@@ -379,8 +376,8 @@ def _freeze_worker(rank, port, out_dir):
         torch.save(record(model, opt), os.path.join(out_dir, f"thaw{rank}.pt"))
 
 
-def test_freeze_and_unfreeze_under_fsdp2_match_one_process(tmp_path):
-    mp.spawn(_freeze_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+def test_freeze_and_unfreeze_under_fsdp2_match_one_process(spawn, tmp_path):
+    spawn(_freeze_worker, nprocs=WORLD)
     model = make_model()
     opt = fat.FisherAdapTune(torch.optim.AdamW(model.parameters(), lr=1e-2), model,
                              check_every=100)

@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.library import opcheck
 
-from conftest import assert_unchanged, devices, make_generator, requires_cuda, snapshot
+from helpers import assert_unchanged, devices, make_generator, requires_cuda, snapshot
 from fisheradaptune import ops, reference
 
 TILE = 1 << 22   # CPU kernel: per-sample-gradient elements (out * in * samples) per tile
@@ -268,6 +268,7 @@ def test_rejects_nonfinite_scale(scale):
     assert torch.equal(fisher, before)
 
 
+@pytest.mark.cuda
 @requires_cuda
 def test_rejects_device_mismatch():
     fisher, x, go = inputs(4, 3, 5, 6, 0, device="cuda")

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, strategies as st
 from torch.library import opcheck
 
-from conftest import assert_unchanged, devices, make_generator, set_threads, snapshot
+from helpers import assert_unchanged, devices, make_generator, set_threads, snapshot
 from fisheradaptune import ops, reference
 
 TOL = {

@@ -5,11 +5,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import (free_port, gloo, make_token_model, set_threads, token_calibration,
-                      token_loss)
+from helpers import (REPO_ROOT, free_port, gloo, make_token_model, set_threads,
+                     token_calibration, token_loss)
 import fisheradaptune as fat
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -62,12 +61,11 @@ def _worker(rank, port, out_dir, estimator, shard_state):
 
 @pytest.mark.parametrize("estimator,shard_state", [("empirical", True), ("empirical", False),
                                                    ("kfac", True)])
-def test_ddp_matches_single_process_and_ranks_agree(tmp_path, estimator, shard_state):
+def test_ddp_matches_single_process_and_ranks_agree(spawn, tmp_path, estimator, shard_state):
     # empirical: DDP's averaged gradient is the global batch's (each rank keeping the Fisher of
     # half the rows with shard_state); kfac: the factor statistics are all-reduced and delta
     # rescaled. All equal one process with the global batch.
-    mp.spawn(_worker, args=(free_port(), str(tmp_path), estimator, shard_state), nprocs=WORLD,
-             join=True)
+    spawn(_worker, estimator, shard_state, nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     model = make_model()
@@ -115,8 +113,8 @@ def _selection_worker(rank, port, out_dir):
                    os.path.join(out_dir, f"sel{rank}.pt"))
 
 
-def test_select_connections_under_ddp_equals_one_process_over_all_shards(tmp_path):
-    mp.spawn(_selection_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+def test_select_connections_under_ddp_equals_one_process_over_all_shards(spawn, tmp_path):
+    spawn(_selection_worker, nprocs=WORLD)
     got = [torch.load(tmp_path / f"sel{r}.pt") for r in range(WORLD)]
     single = fat.selection.select_connections(make_token_model(), token_calibration(), token_loss,
                                               budget=0.1, c_min=1)
@@ -133,9 +131,8 @@ def test_select_connections_under_ddp_equals_one_process_over_all_shards(tmp_pat
 def _example(tmp_path, *args):
     import subprocess
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), os.path.join(root, "examples", "ddp_adaptune.py"),
+           "--master_port", str(free_port()), str(REPO_ROOT / "examples" / "ddp_adaptune.py"),
            *args]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -203,8 +200,8 @@ def _state_dict_worker(rank, port, out_dir):
         torch.save(outcome, os.path.join(out_dir, f"outcome{rank}.pt"))
 
 
-def test_sharded_ddp_state_dict_loads_only_on_its_own_rank(tmp_path):
-    mp.spawn(_state_dict_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+def test_sharded_ddp_state_dict_loads_only_on_its_own_rank(spawn, tmp_path):
+    spawn(_state_dict_worker, nprocs=WORLD)
     for r in range(WORLD):
         got = torch.load(tmp_path / f"outcome{r}.pt")
         assert "argument 'state_dict'" in got["other"] and \

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, strategies as st
 from torch.library import opcheck
 
-from conftest import (CHUNK, EDGE_NUMELS, LAYOUT_KINDS, assert_bitwise_equal, assert_unchanged,
-                      devices, make_layout, rand_fisher, rand_grads, requires_cuda, set_threads,
-                      shape_lists, snapshot)
+from helpers import (CHUNK, EDGE_NUMELS, LAYOUT_KINDS, assert_bitwise_equal, assert_unchanged,
+                     devices, make_layout, rand_fisher, rand_grads, requires_cuda, set_threads,
+                     shape_lists, snapshot)
 from fisheradaptune import groups, ops, reference
 
 GRAD_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -473,6 +473,7 @@ def test_raw_op_rejects_bad_outputs(sums, count, segments, exc, match):
     assert_unchanged(before, [fisher, grads])
 
 
+@pytest.mark.cuda
 @requires_cuda
 def test_rejects_device_mismatch():
     fisher = [torch.rand(6, device="cuda"), torch.rand(2, 3, device="cuda")]

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, strategies as st
 from torch.library import opcheck
 
-from conftest import assert_unchanged, devices, make_generator, requires_cuda, set_threads, snapshot
+from helpers import assert_unchanged, devices, make_generator, requires_cuda, set_threads, snapshot
 from fisheradaptune import ops, reference
 
 TOL = {
@@ -316,6 +316,7 @@ def test_bad_input(call, exc, match):
         call(x, scores, sizes)
 
 
+@pytest.mark.cuda
 @requires_cuda
 def test_devices_that_differ_cuda():
     x, scores, sizes = inputs(2, 9, 4, 1, 12, device="cuda")
@@ -325,6 +326,7 @@ def test_devices_that_differ_cuda():
         ops.token_prune_merge(x, scores, 2, sizes=sizes.cpu())
 
 
+@pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("n", [197, 1025, 4097])
 def test_cuda_matches_cpu_large(n):

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, strategies as st
 from torch import nn
 
-from conftest import group_index, requires_cuda, shape_lists
+from helpers import group_index, requires_cuda, shape_lists
 from fisheradaptune import groups
 from fisheradaptune.groups import GroupLayout
 
@@ -368,6 +368,7 @@ def test_segments_on_is_cached_per_device():
     assert list(layout._on_device) == [torch.device("meta")]
 
 
+@pytest.mark.cuda
 @requires_cuda
 def test_segments_on_cuda_is_cached():
     layout = groups.slabs(named((8, 2), (3,)))

@@ -1,0 +1,106 @@
+"""mode="compact": SparseLinear (the sampled weight gradient, ops.sampled_grad) and merging
+back into nn.Linear, equal to mode="mask" with MaskedOptimizer."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fisheradaptune import ops
+from fisheradaptune.masked import MaskedOptimizer
+from fisheradaptune.selection import SparseLinear, _SparseLinearFn, select_connections
+
+
+def test_sparse_linear_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(6, 4).double()
+    index = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(4)])
+    sp = SparseLinear.from_linear(lin, index)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, v, b):
+        return _SparseLinearFn.apply(x, sp.weight, v, sp.index, b)
+
+    v = sp.values.detach().clone().requires_grad_(True)
+    b = sp.bias.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(f, (x, v, b))
+    # forward equals the dense Linear before any training
+    torch.testing.assert_close(sp(x), lin(x))
+
+
+def _sparse_case(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(6, 4)
+    index = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(4)])
+    return SparseLinear.from_linear(lin, index), torch.randn(3, 6, generator=g)
+
+
+def test_sparse_linear_forward_tracks_values_without_a_dense_copy_per_forward():
+    sp, x = _sparse_case()
+    opt = torch.optim.SGD(sp.parameters(), lr=0.5)
+    for _ in range(3):  # after every optimizer step the output is the merged layer's
+        sp(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        torch.testing.assert_close(sp(x), nn.functional.linear(x, sp.dense_weight(), sp.bias))
+    # The layer multiplies by its own buffer: the selected entries hold `values`, in place.
+    assert torch.equal(sp.weight.gather(1, sp.index), sp.values.detach())
+    # Several forwards before one backward (gradient accumulation) leave what the first saved
+    # for backward untouched, and the gradients add up.
+    ptr = sp.weight.data_ptr()
+    loss = sp(x).sum() + sp(2 * x).sum()
+    loss.backward()
+    assert sp.weight.data_ptr() == ptr
+    expected = ops.sampled_grad(torch.ones(3, 4), 3 * x, sp.index)
+    torch.testing.assert_close(sp.values.grad, expected)
+
+
+def test_sparse_linear_resyncs_after_loads_and_outside_writes():
+    sp, x = _sparse_case(0)
+    other, _ = _sparse_case(0)
+    with torch.no_grad():
+        other.values.add_(1.0)
+    sp(x)
+    sp.load_state_dict(other.state_dict())  # copies values (and weight) in place
+    torch.testing.assert_close(sp(x), nn.functional.linear(x, other.dense_weight(), other.bias))
+    with torch.no_grad():
+        sp.weight.fill_(0.25)  # someone overwrites the dense buffer: values are put back
+    want = torch.full((4, 6), 0.25).scatter(1, sp.index, sp.values.detach())
+    torch.testing.assert_close(sp(x), nn.functional.linear(x, want, sp.bias))
+
+
+def test_compact_matches_mask_and_merge(make_net, make_data, loss_fn, selected_mask):
+    torch.manual_seed(0)
+    base = make_net()
+    sel = select_connections(base, make_data(), loss_fn, budget=0.05, c_min=2)
+    models = {}
+    for mode in ("mask", "compact"):
+        model = make_net()
+        model.load_state_dict(base.state_dict())
+        params = sel.apply(model, mode=mode)
+        inner = torch.optim.SGD(params, lr=0.05)
+        opt = MaskedOptimizer(inner, sel) if mode == "mask" else inner
+        for batch in make_data(4, seed=2):
+            loss_fn(model, batch).backward()
+            opt.step()
+            opt.zero_grad()
+        models[mode] = model
+    compact = models["compact"]
+    assert isinstance(compact.fc1, SparseLinear)
+    assert {n for n, p in compact.named_parameters() if p.requires_grad} == {
+        "fc1.values", "fc1.bias", "fc2.values", "fc2.bias", "head.weight", "head.bias"}
+    x = make_data(1, seed=5)[0][0]
+    out_compact = compact(x)
+    sel.merge(compact)
+    assert type(compact.fc1) is nn.Linear and type(compact.fc2) is nn.Linear
+    torch.testing.assert_close(compact(x), out_compact)
+    for name in ("fc1", "fc2"):
+        w = getattr(compact, name).weight.detach()
+        keep = selected_mask(sel, name, w.shape)
+        w0 = getattr(base, name).weight.detach()
+        assert torch.equal(w[~keep], w0[~keep])
+        assert not torch.equal(w[keep], w0[keep])
+        torch.testing.assert_close(w, getattr(models["mask"], name).weight.detach(),
+                                   rtol=1e-5, atol=1e-6)
+    sd = compact.state_dict()
+    assert set(sd) == set(base.state_dict())
+    sel.merge(models["mask"])   # mask mode: nothing to do
