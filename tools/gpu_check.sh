@@ -34,11 +34,10 @@ tests() {
 
 sanitize() {
   phase sanitize
-  local ops=(tests/test_fisher_accumulate.py tests/test_js_drift.py tests/test_js_mass.py
-             tests/test_per_sample.py tests/test_tokens.py tests/test_sparse.py)
+  local ops=(tests/ops)
   for tool in memcheck racecheck; do
     run compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
-      python3 -m pytest -q -x -p no:cacheprovider -k cuda "${ops[@]}"
+      python3 -m pytest -q -x -p no:cacheprovider -m cuda "${ops[@]}"
   done
 }
 
