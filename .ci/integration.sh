@@ -32,16 +32,12 @@ step "copy of the tree in $WORK"
 git ls-files -z --cached --others --exclude-standard | tar -C "$ROOT" --null -T - -cf - | tar -C "$WORK" -xf -
 
 step "CUDA build, linked (FORCE_CUDA=1)"
-# The nvcc on PATH may be a wrapper script, from which torch would guess a CUDA_HOME without
-# libcudart: take the toolkit that holds one.
-if [ -z "${CUDA_HOME:-}" ]; then
-  for d in /usr/local/cuda /usr/local/cuda-*; do
-    if [ -e "$d/lib64/libcudart.so" ] && [ -x "$d/bin/nvcc" ]; then export CUDA_HOME=$d; break; fi
-  done
-fi
-echo "CUDA_HOME=${CUDA_HOME:-unset}"
+# No CUDA_HOME here: setup.py (tools/build_config.py) must find the toolkit itself, although
+# the nvcc on PATH is a wrapper script, and print it in its build configuration.
 (cd "$WORK" && FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
-   MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --no-build-isolation --no-deps -e .)
+   MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -v --no-build-isolation --no-deps -e . 2>&1 \
+   > "$WORK/build.log" || { tail -60 "$WORK/build.log"; exit 1; })
+grep -A8 "fisheradaptune build configuration" "$WORK/build.log"
 
 step "kernels registered for every op"
 (cd "$WORK" && "$PY" - <<'EOF'

@@ -10,6 +10,21 @@
 #define FAT_HD inline
 #endif
 
+// Note [Uncontracted arithmetic]
+// The CPU build uses -ffp-contract=off; nvcc contracts a * b + c into an fma by default
+// (--fmad=true). Where a helper below must round exactly as on the CPU, its products and sums
+// go through these: __dmul_rn / __dadd_rn / __dsub_rn are never contracted by nvcc, and on the
+// host they are the plain operators (compiled without contraction).
+#if defined(__CUDA_ARCH__)
+#define FAT_DMUL(a, b) __dmul_rn((a), (b))
+#define FAT_DADD(a, b) __dadd_rn((a), (b))
+#define FAT_DSUB(a, b) __dsub_rn((a), (b))
+#else
+#define FAT_DMUL(a, b) ((a) * (b))
+#define FAT_DADD(a, b) ((a) + (b))
+#define FAT_DSUB(a, b) ((a) - (b))
+#endif
+
 namespace fisheradaptune {
 
 // Note [JS term]: with s = p + q and d = (p - q) / s,
@@ -17,6 +32,9 @@ namespace fisheradaptune {
 // so JS^2 = 0.5 (KL(p||m) + KL(q||m)) = sum_i s_i f(d_i) / 4. Unlike the textbook form, f(d)
 // has no cancellation when p ~ q (f(d) ~ d^2), which is exactly the regime of settled groups.
 // A zero p_i (d = -1) contributes nothing for p (0 log 0 = 0; docs/methods.md section 3).
+// Not CPU-identical on the device (nvcc may contract it, and the device's log1p is not glibc's);
+// the CPU's mass mode uses its own vectorised form (cpu/drift.cpp js_term_simd) anyway, so JS
+// distances agree across backends to rounding, not bitwise.
 template <typename T>
 FAT_HD T js_term(T p, T q) {
   const T s = p + q;
@@ -38,10 +56,25 @@ FAT_HD double js_distance(double js_sq, bool base2) {
   return base2 ? sqrt(v / 0.69314718055994530942) : sqrt(v);
 }
 
-// numpy.quantile's default ("linear") interpolation between order statistics a <= b.
+// numpy.quantile's default ("linear") interpolation between order statistics a <= b. Rounded as
+// on the CPU on both backends (Note [Uncontracted arithmetic]).
 FAT_HD double lerp_numpy(double a, double b, double t) {
   const double diff = b - a;
-  return t >= 0.5 ? b - diff * (1.0 - t) : a + diff * t;
+  return t >= 0.5 ? FAT_DSUB(b, FAT_DMUL(diff, 1.0 - t)) : FAT_DADD(a, FAT_DMUL(diff, t));
+}
+
+// Note [Histogram range]
+// The bin range [lo, hi] of a group (docs/methods.md section 3): hi is raised to
+// lo + min_log_range when the quantiles are closer than min_log_range. When min_log_range is
+// below half an ulp of lo (values near 10 have lo ~ 1, ulp 2.2e-16), lo + min_log_range rounds
+// back to lo: the range would be empty and bin_of would divide by zero (every value NaN, the
+// distance silently 0). hi is then the next double above lo, the narrowest non-empty range, so
+// values equal to lo fall in the first bin and values equal to hi in the last. Shared by both
+// backends and mirrored by fisheradaptune.reference.js_drift.
+FAT_HD double histogram_hi(double lo, double hi, double min_log_range) {
+  if (hi - lo < min_log_range) hi = lo + min_log_range;
+  if (!(hi > lo)) hi = nextafter(lo, static_cast<double>(INFINITY));
+  return hi;
 }
 
 // The histogram mode's transform of a Fisher value (docs/methods.md section 3).

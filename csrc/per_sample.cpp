@@ -1,13 +1,74 @@
 #include "per_sample.h"
 
+#include <ATen/Context.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <torch/version.h>
 
 #include <algorithm>
 
 #include "args.h"
 
 namespace fisheradaptune {
+
+namespace {
+
+// Note [Full fp32 per-sample GEMM]
+// The per-sample gradients are squared and summed, so a GEMM rounded to TF32 (10-bit mantissa;
+// cuBLAS under torch.set_float32_matmul_precision("high"/"medium")) or to bfloat16 (oneDNN on
+// CPU under "medium") would lose most of the precision of the Fisher. For the duration of the
+// op this guard forces full IEEE fp32 for float32 matmuls on the tile's backend and restores the
+// caller's setting afterwards (also when the op throws):
+//   - at::NoTF32Guard: thread-local, honoured by the cuBLAS handle's math mode;
+//   - the global float32 matmul precision of the backend (cuBLAS, cuBLASLt and oneDNN read it),
+//     saved, set to "ieee"/"highest" only if it is not already, and restored. This is process
+//     global state: another thread that runs a float32 matmul while this op runs also gets full
+//     fp32 (slower, never less precise).
+// float64 tiles (CPU) need nothing.
+class FullFp32Matmul {
+ public:
+  explicit FullFp32Matmul(const at::Tensor& like) {
+    if (like.scalar_type() != at::kFloat) return;
+    at::Context& ctx = at::globalContext();
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+    backend_ = like.is_cuda() ? at::Float32Backend::CUDA : at::Float32Backend::MKLDNN;
+    saved_ = ctx.float32Precision(backend_, at::Float32Op::MATMUL);
+    if (saved_ != at::Float32Precision::IEEE) {
+      ctx.setFloat32Precision(backend_, at::Float32Op::MATMUL, at::Float32Precision::IEEE);
+      changed_ = true;
+    }
+#else
+    saved_ = ctx.float32MatmulPrecision();
+    if (saved_ != at::Float32MatmulPrecision::HIGHEST) {
+      ctx.setFloat32MatmulPrecision("highest");
+      changed_ = true;
+    }
+#endif
+  }
+  ~FullFp32Matmul() {
+    if (!changed_) return;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+    at::globalContext().setFloat32Precision(backend_, at::Float32Op::MATMUL, saved_);
+#else
+    at::globalContext().setFloat32MatmulPrecision(
+        saved_ == at::Float32MatmulPrecision::HIGH ? "high" : "medium");
+#endif
+  }
+  FullFp32Matmul(const FullFp32Matmul&) = delete;
+  FullFp32Matmul& operator=(const FullFp32Matmul&) = delete;
+
+ private:
+  at::NoTF32Guard no_tf32_;
+  bool changed_ = false;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+  at::Float32Backend backend_ = at::Float32Backend::CUDA;
+  at::Float32Precision saved_ = at::Float32Precision::IEEE;
+#else
+  at::Float32MatmulPrecision saved_ = at::Float32MatmulPrecision::HIGHEST;
+#endif
+};
+
+}  // namespace
 
 void per_sample_grad_sq(const at::Tensor& fisher, const at::Tensor& x, const at::Tensor& grad_out,
                         double scale, int64_t tile_elems, SquareAccumulateFn square_accumulate) {
@@ -20,6 +81,7 @@ void per_sample_grad_sq(const at::Tensor& fisher, const at::Tensor& x, const at:
   const int64_t step = std::clamp<int64_t>(tile_elems / per_sample, 1, n);
   const auto acc = fisher.scalar_type();
   at::Tensor tile = at::empty({step, out, in}, fisher.options());
+  const FullFp32Matmul full_fp32(tile);  // Note [Full fp32 per-sample GEMM]
   for (int64_t n0 = 0; n0 < n; n0 += step) {
     const int64_t b = std::min(step, n - n0);
     at::Tensor t = tile.narrow(0, 0, b);

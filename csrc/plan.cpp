@@ -13,7 +13,12 @@ std::vector<Segment> read_segments(const char* op, const char* arg, const at::Te
   FAT_CHECK_VALUE(segments.dim() == 2 && segments.size(1) == 4, op, arg,
                   "expected shape [S, 4] (tensor_index, begin, end, group_id), got ",
                   segments.sizes());
-  const at::Tensor host = segments.cpu().contiguous();
+  // Note [Segments on the host] (plan.h): CPU read in place; CUDA copied (synchronises).
+  FAT_CHECK_VALUE(segments.device().is_cpu() || segments.device().is_cuda(), op, arg,
+                  "expected a CPU tensor (kernels plan on the host; GroupLayout.segments is the ",
+                  "CPU copy), got one on ", segments.device());
+  const at::Tensor host = segments.device().is_cpu() ? segments.contiguous()
+                                                     : segments.cpu().contiguous();
   const int64_t* s = host.const_data_ptr<int64_t>();
   const int64_t n = host.size(0);
   const int64_t num_tensors = static_cast<int64_t>(numels.size());

@@ -50,9 +50,16 @@ struct Plan {
   std::vector<int64_t> group_chunks;
 };
 
-// Validates `segments` (int64 [S, 4], on any device: copied to the host) against the tensor
-// sizes and the number of groups: indices in range, 0 <= begin <= end <= numel, no two
-// segments overlapping. Empty segments are dropped. Raises ValueError naming `arg`.
+// Validates `segments` (int64 [S, 4]) against the tensor sizes and the number of groups:
+// indices in range, 0 <= begin <= end <= numel, no two segments overlapping. Empty segments are
+// dropped. Raises ValueError naming `arg`.
+//
+// Note [Segments on the host]
+// Kernels plan their work on the host, so the segments are read there. A CPU tensor (what the
+// Python wrappers pass: GroupLayout.segments) is read in place and the op stays asynchronous
+// on CUDA. A CUDA tensor is accepted but copied to the host first, which SYNCHRONISES with the
+// device (and is refused under CUDA-graph capture, see mt::check_not_capturing); any other
+// device (meta, ...) is refused with a ValueError naming `arg`.
 std::vector<Segment> read_segments(const char* op, const char* arg, const at::Tensor& segments,
                                    const std::vector<int64_t>& numels, int64_t num_groups);
 

@@ -8,9 +8,17 @@
 // i.e. the entries of the Linear weight gradient grad_out^T x picked by a row-balanced index,
 // without forming the dense [out, in] gradient. The result is float32 (float64 for float64
 // inputs); products are accumulated in that type (at::opmath_type) in a fixed order, one output
-// element per thread/warp: bitwise deterministic. T = 0 gives zeros. On CPU index values are
-// checked; on CUDA that would need a synchronisation, so an out-of-range index yields NaN for
-// that element (never an out-of-bounds read).
+// element per thread/warp: bitwise deterministic.
+//
+// One contract on both backends, checked by validate_sampled_grad before anything runs:
+//   - every index value must lie in [0, in): a ValueError naming 'index' otherwise. So in == 0
+//     admits only C == 0 (an index with no columns). Repeated columns within a row are allowed
+//     (each is computed independently).
+//   - T == 0 (no tokens) gives zeros [out, C]; out == 0 or C == 0 gives an empty result.
+// On CUDA the range check reads the index's min and max back to the host (a synchronisation),
+// once per index tensor and version (Note [Checked indices], sparse.cpp): a static index
+// (SparseLinear's) costs one synchronisation in all, not one per call. The op refuses CUDA-graph
+// capture (Note [No CUDA-graph capture], cuda/multi_tensor.cuh).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -102,7 +102,12 @@ def js_drift(
         of the union of both snapshots' values in the group, widened to ``min_log_range`` if
         narrower; values outside dropped; ``1e-12`` added to every bin; normalised. Near-
         constant groups (norms, biases) collapse onto the ``min_log_range`` floor, where noise
-        drives the distance towards its maximum; a larger floor avoids that.
+        drives the distance towards its maximum; a larger floor avoids that. The range is never
+        empty: when ``min_log_range`` is below half an ulp of ``lo`` (e.g. ``1e-17`` with
+        values near 10, ``lo ~ 1``), ``lo + min_log_range`` rounds back to ``lo``, and ``hi``
+        is then the next float64 above ``lo`` (values equal to ``lo`` fall in the first bin,
+        values equal to ``hi`` in the last), on both backends and in
+        :func:`fisheradaptune.reference.js_drift`.
 
     A group whose Fisher sums to 0 on either side has distance 0. Fisher values are taken by
     magnitude. ``current`` and ``reference`` share shapes and one floating dtype (float32, or
@@ -321,8 +326,15 @@ def sampled_grad(grad_out: Tensor, x: Tensor, index: Tensor) -> Tensor:
     ``x [T, in]`` (same dtype: float32, bfloat16, float16 or float64) and ``index`` int64
     ``[out, C]`` with values in ``[0, in)``: the entries of ``grad_out.T @ x`` that the index
     picks, without forming the dense gradient. Returns float32 ``[out, C]`` (float64 for float64
-    inputs). Bitwise deterministic. On CUDA an out-of-range index gives NaN (not checked, as that
-    would synchronise); on CPU it is an error.
+    inputs). Bitwise deterministic.
+
+    The same contract on CPU and CUDA: an index value outside ``[0, in)`` is a ``ValueError``
+    naming ``index`` (so with ``in == 0`` only ``C == 0`` is accepted); repeated columns in a
+    row are allowed; ``T == 0`` gives zeros. On CUDA the range check reads the index's minimum
+    and maximum back to the host, a synchronisation made once per index tensor and version (an
+    in-place write to the index forces a new check): the static index of
+    :class:`fisheradaptune.selection.SparseLinear` is checked once, not at every backward. The
+    op cannot be captured in a CUDA graph (a clear error).
     """
     return _ops.sampled_grad.default(grad_out, x, index)
 

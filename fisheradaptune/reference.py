@@ -101,6 +101,8 @@ def js_drift(current: Sequence[Tensor], reference: Sequence[Tensor], layout: Gro
         lo, hi = log_quantile(union, lower_q), log_quantile(union, upper_q)
         if hi - lo < min_log_range:
             hi = lo + min_log_range
+        if not hi > lo:  # min_log_range below half an ulp of lo: the narrowest non-empty range
+            hi = math.nextafter(lo, math.inf)
         hc = _histogram(lc, lo, hi, bins) + 1e-12
         hr = _histogram(lr, lo, hi, bins) + 1e-12
         out.append(js_distance(hc / hc.sum(), hr / hr.sum(), base))

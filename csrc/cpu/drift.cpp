@@ -225,8 +225,8 @@ void histogram_drift(const JsDriftArgs& a, int64_t G, int64_t bins, double lower
         continue;
       }
       const double lo = log_quantile(absval, lower_q);
-      double hi = log_quantile(absval, upper_q);
-      if (hi - lo < min_log_range) hi = lo + min_log_range;
+      // Note [Histogram range] (drift_math.h): never an empty range.
+      const double hi = histogram_hi(lo, log_quantile(absval, upper_q), min_log_range);
       std::fill(hc.begin(), hc.end(), 0.0);
       std::fill(hr.begin(), hr.end(), 0.0);
       for (const Segment& s : by_group[g]) {

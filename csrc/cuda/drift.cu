@@ -1,6 +1,9 @@
 // CUDA kernel of js_drift (docs/methods.md section 3; semantics: csrc/cpu/drift.cpp). Every
 // pass is one launch over all groups' chunks (a block knows its chunk's group), never one per
-// group, and nothing is read back to the host: the call is asynchronous.
+// group, and nothing is read back to the host: with CPU segments (what the Python wrappers pass)
+// the call is asynchronous (Note [Segments on the host], plan.h). The chunk tables are uploaded
+// from pinned host memory, so the ops refuse CUDA-graph capture (Note [No CUDA-graph capture],
+// multi_tensor.cuh).
 //
 // Note [Histogram quantiles on the device]
 // The bin range needs, per group, order statistics of the union of both snapshots' log-
@@ -17,8 +20,12 @@
 // four ranks per group (floor(h) and floor(h)+1 for each quantile, h = (n-1) q, n = 2 * group
 // size) are computed on the host in double exactly as the CPU does; targets whose brackets
 // coincide share one histogram. Counts are integer atomics (exact, order-independent), so the
-// result is deterministic. lo/hi then follow drift_math.h in double; they can differ from the
-// CPU's only through the last-ulp rounding of the device's log10.
+// result is deterministic. lo/hi then follow drift_math.h in double (lerp_numpy and
+// histogram_hi round as on the CPU, Note [Uncontracted arithmetic]); they can differ from the
+// CPU's only through the last-ulp rounding of the device's log10, so a value within an ulp of a
+// bin edge may land in the neighbouring bin: histogram distances agree with the CPU's closely,
+// not bitwise. The reference update (EmaOp, and the update fused into MassScoreOp) IS bitwise
+// the CPU's.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -51,7 +58,9 @@ __device__ __forceinline__ float4 load4(const float* p) {
   return *reinterpret_cast<const float4*>(p);
 }
 
-// The reference EMA with the CPU's rounding: rho * ref + (1 - rho) * cur in float, no fma.
+// The reference EMA with the CPU's rounding: rho * ref + (1 - rho) * cur in float, no fma
+// (the CPU's ema_chunk, built with -ffp-contract=off; __fmul_rn / __fadd_rn are never
+// contracted by nvcc): bitwise the CPU's result, tested by tests/ops/test_cuda_contract.py.
 __device__ __forceinline__ float ema(float ref, float cur, float rho, float one_minus_rho) {
   return __fadd_rn(__fmul_rn(rho, ref), __fmul_rn(one_minus_rho, cur));
 }
@@ -495,10 +504,9 @@ struct RadixSelectOp {
     const double a_lo = value(0);
     const double lo = s->rank[1] >= 0 ? lerp_numpy(a_lo, value(1), s->frac_lo) : a_lo;
     const double a_hi = value(2);
-    double hi = s->rank[3] >= 0 ? lerp_numpy(a_hi, value(3), s->frac_hi) : a_hi;
-    if (hi - lo < min_log_range) hi = lo + min_log_range;
+    const double q_hi = s->rank[3] >= 0 ? lerp_numpy(a_hi, value(3), s->frac_hi) : a_hi;
     s->lo = lo;
-    s->hi = hi;
+    s->hi = histogram_hi(lo, q_hi, min_log_range);  // Note [Histogram range] (drift_math.h)
   }
 };
 
@@ -681,6 +689,8 @@ at::Tensor js_drift_cuda(at::TensorList current, at::TensorList reference,
                          c10::string_view drift_mode, int64_t bins, double lower_q,
                          double upper_q, double min_log_range, bool base2,
                          std::optional<double> update_reference) {
+  mt::check_not_capturing("js_drift", "it uploads per-call chunk tables from pinned host memory",
+                          current.empty() ? segments : current[0]);
   const JsDriftArgs a =
       validate_js_drift(current, reference, segments, num_groups, drift_mode, bins, lower_q,
                         upper_q, min_log_range, update_reference);
@@ -712,6 +722,8 @@ c10::Device mass_device(at::TensorList current, const at::Tensor& segments, cons
 
 at::Tensor js_mass_totals_cuda(at::TensorList current, at::TensorList reference,
                                const at::Tensor& segments, int64_t num_groups) {
+  mt::check_not_capturing("js_mass_totals", "it uploads a per-call chunk table from pinned host "
+                          "memory", current.empty() ? segments : current[0]);
   const JsDriftArgs a = validate_js_mass("js_mass_totals", current, reference, segments,
                                          num_groups, std::nullopt, std::nullopt);
   const c10::Device device = mass_device(current, segments, "js_mass_totals");
@@ -730,6 +742,8 @@ at::Tensor js_mass_partial_cuda(at::TensorList current, at::TensorList reference
                                 const at::Tensor& segments, int64_t num_groups,
                                 const at::Tensor& totals,
                                 std::optional<double> update_reference) {
+  mt::check_not_capturing("js_mass_partial", "it uploads a per-call chunk table from pinned host "
+                          "memory", current.empty() ? segments : current[0]);
   const JsDriftArgs a = validate_js_mass("js_mass_partial", current, reference, segments,
                                          num_groups, totals, update_reference);
   const c10::Device device = mass_device(current, segments, "js_mass_partial");

@@ -70,12 +70,20 @@ __device__ __forceinline__ void load16(const __half* p, float (&out)[8]) {
 }
 
 // One element, Note [Skipping] (cpu/fisher.cpp): an update that is not finite (NaN/Inf gradient,
-// or a square that overflows) leaves the element as it was and is counted. The rounding is
-// spelled out, fma(scale * g, g, decay * old), so the compiler cannot contract it differently;
-// it is the CPU kernel's vectorised formula.
+// or a square that overflows) leaves the element as it was and is counted.
+//
+// Note [CPU-identical Fisher update]
+// The CPU kernel computes decay * old + scale * g * g in float with -ffp-contract=off, i.e.
+// (decay * old) + ((scale * g) * g), three roundings and no fma. nvcc would contract that
+// expression into an fma (--fmad=true is its default), so the rounding is spelled out with
+// __fmul_rn / __fadd_rn, which nvcc never contracts: every updated Fisher element, and hence
+// the skip decision and the nonfinite count, is bitwise the CPU's (tested by
+// tests/ops/test_cuda_contract.py). The per-group sums are NOT bitwise the CPU's: the CPU adds
+// float lanes over blocks of kBlock elements, this kernel adds each thread's share, then a
+// double tree (both deterministic on their device).
 __device__ __forceinline__ float fisher_step(float old, float g, float decay, float scale,
                                              float& acc, unsigned& bad) {
-  const float updated = __fmaf_rn(__fmul_rn(scale, g), g, __fmul_rn(decay, old));
+  const float updated = __fadd_rn(__fmul_rn(decay, old), __fmul_rn(__fmul_rn(scale, g), g));
   const bool ok = fabsf(updated) <= FLT_MAX;  // false for NaN too
   const float kept = ok ? updated : old;
   acc += kept;
@@ -189,6 +197,8 @@ void fisher_accumulate_cuda(at::TensorList fisher,
                             const c10::List<std::optional<at::Tensor>>& grads, double decay,
                             double scale, const std::optional<at::Tensor>& segments,
                             const at::Tensor& group_sums, const at::Tensor& nonfinite) {
+  mt::check_not_capturing("fisher_accumulate_", "it uploads a per-call chunk table from a "
+                          "pinned host buffer", nonfinite);
   const FisherAccumulateArgs args =
       validate_fisher_accumulate(fisher, grads, decay, scale, segments, group_sums, nonfinite);
   // Validation ties every tensor to nonfinite's device; only a CUDA `segments` could have

@@ -36,11 +36,14 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -60,9 +63,30 @@ constexpr int64_t kMaxGrid = int64_t(1) << 20;
 // ---------------------------------------------------------------------------------------------
 // Host side
 
+// Note [No CUDA-graph capture]
+// Ops that upload a chunk table (DeviceBundle) or read a value back (sampled_grad's index check,
+// device segments, Note [Segments on the host] in plan.h) cannot be captured into a CUDA graph:
+// a replay would re-read the pinned host buffer of the upload after the caching host allocator
+// has handed it to someone else, and a read-back is illegal while capturing. Such ops call
+// check_not_capturing first, before validation or any launch, so a capture attempt fails with a
+// clear error and leaves the capture (and every argument) untouched. Call the op outside the
+// captured region.
+// `on`: the tensor whose device the op runs on (its current stream is the one checked); a
+// non-CUDA tensor (bad input that validation will name) checks the current device's stream.
+inline void check_not_capturing(const char* op, const char* why, const at::Tensor& on) {
+  const c10::cuda::OptionalCUDAGuard guard(
+      on.defined() && on.is_cuda() ? std::optional<c10::Device>(on.device()) : std::nullopt);
+  const c10::cuda::CaptureStatus status = c10::cuda::currentStreamCaptureStatusMayInitCtx();
+  TORCH_CHECK(status == c10::cuda::CaptureStatus::None, "fisheradaptune.", op,
+              ": cannot be captured in a CUDA graph (the current stream is capturing): ", why,
+              ". Call it outside the captured region.");
+}
+
 // Per-call arrays gathered into one byte buffer and uploaded in one copy (Note [Chunk table]).
 // The copy is asynchronous on the current stream from a pinned buffer of the caching host
 // allocator; copy_ records the stream on that buffer, so it is not reused before the copy ends.
+// Not capturable (Note [No CUDA-graph capture]): upload() asserts that no capture is active,
+// the ops themselves refuse it with a clear error before doing anything.
 class DeviceBundle {
  public:
   // Appends `count` items; returns their byte offset, 16-byte aligned so that any array can be
@@ -85,6 +109,9 @@ class DeviceBundle {
   void upload(const c10::Device& device) {
     TORCH_INTERNAL_ASSERT(!device_.defined(), "DeviceBundle: uploaded twice");
     if (bytes_.empty()) return;
+    TORCH_INTERNAL_ASSERT(c10::cuda::currentStreamCaptureStatusMayInitCtx() ==
+                              c10::cuda::CaptureStatus::None,
+                          "DeviceBundle: upload while capturing (Note [No CUDA-graph capture])");
     const int64_t n = static_cast<int64_t>(bytes_.size());
     at::Tensor pinned =
         at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));

@@ -18,9 +18,15 @@ namespace {
 // fills an H100, small next to 80 GB. ViT-B's largest Linear (3072 x 768) gets 28 samples a tile.
 constexpr int64_t kTileElems = int64_t(1) << 26;
 
-// fisher[j] += scale * sum_k tile[k, j]^2, k in order, with the CPU kernel's rounding:
-// acc = fma(v, v, acc) per sample, then fisher = fma(acc, scale, fisher). Each thread owns its
-// elements across all samples, so the result does not depend on the launch shape.
+// fisher[j] += scale * sum_k tile[k, j]^2, k in order: acc = fma(v, v, acc) per sample, then
+// fisher = fma(acc, scale, fisher), each fma explicit (__fmaf_rn), so the rounding is fixed
+// whatever nvcc's contraction settings. Each thread owns its elements across all samples, so the
+// result does not depend on the launch shape: deterministic on a device.
+// NOT bitwise the CPU's: the tiles come from another GEMM (cuBLAS here, the CPU BLAS there, with
+// their own summation orders), and the CPU kernel, built with -ffp-contract=off, rounds the
+// product and the sum separately where its vector unit has no fma. CPU and CUDA agree to float32
+// rounding (tests compare both with a float64 reference). Both GEMMs run in full fp32 whatever
+// the float32 matmul precision (Note [Full fp32 per-sample GEMM], per_sample.cpp).
 template <bool kVec>
 __global__ void __launch_bounds__(mt::kThreads)
     square_accumulate_kernel(float* __restrict__ fisher, const float* __restrict__ tile,

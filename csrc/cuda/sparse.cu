@@ -3,8 +3,10 @@
 // accumulation type, so each output element is a dot product of two contiguous rows. One warp
 // per output element (grid-stride over the out * C elements): the lanes read coalesced strides
 // of the two rows, accumulate their share in index order and combine by a fixed-tree warp sum
-// (warp_sum, multi_tensor.cuh). No atomics: bitwise deterministic. An out-of-range index gives
-// NaN for that element and reads nothing.
+// (warp_sum, multi_tensor.cuh). No atomics: bitwise deterministic. validate_sampled_grad checks
+// the index range before the launch (one synchronisation, Note [Sampled gradient]), as on CPU;
+// the kernel still guards every read, so an index rewritten concurrently by another stream
+// yields NaN for that element, never an out-of-bounds read.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -54,6 +56,8 @@ __global__ void __launch_bounds__(kThreads)
 
 at::Tensor sampled_grad_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                              const at::Tensor& index) {
+  mt::check_not_capturing("sampled_grad", "its index range check reads the index's min and max "
+                          "back to the host", grad_out);
   const SampledGradArgs a = validate_sampled_grad(grad_out, x, index);
   const c10::cuda::CUDAGuard guard(a.grad_out.device());
   const int64_t T = a.tokens, R = a.rows, K = a.cols, C = a.picks;

@@ -9,11 +9,21 @@
 //      A block scan in index order turns the kept flags into positions: kept_index, the source
 //      token of every out row, and the merged list with its weights; W and the fused size are
 //      fixed-tree block sums (Note [Fixed-shape reductions], multi_tensor.cuh).
-//   2. rows_kernel, one block per (out row, batch row): a (16-byte vectorised when aligned) row
-//      copy, or for the fused row a per-channel sum over the merged tokens in index order.
+//   2. rows_kernel, a block per (batch row, out row), grid-striding over the out rows: a
+//      (16-byte vectorised when aligned) row copy, or for the fused row a per-channel sum over
+//      the merged tokens in index order.
 // Backward, three launches: prep (row of each candidate, weights, W; one block per batch row),
-// rows (one block per token: a copy, or coef * g_fused and the dot x_i . g_fused by a fixed-tree
-// block sum), scores (one block per batch row). No float atomics: bitwise deterministic.
+// rows (a block per token, grid-striding over the tokens: a copy, or coef * g_fused and the dot
+// x_i . g_fused by a fixed-tree block sum), scores (one block per batch row). No float atomics:
+// bitwise deterministic.
+//
+// Grid limits: batch rows run on grid.x (up to 2^31 - 1); rows and tokens run on grid.y, capped
+// at kMaxGridY = 65535 blocks, beyond which each block takes every kMaxGridY-th row/token, so
+// neither N nor the out row count is limited by the grid (token indices are int32: N < 2^31).
+//
+// Instantiations (Note [Token dtypes]): validation admits x in {float32, bfloat16, float16,
+// float64} and scores of x's dtype or float32, so the score kernels are instantiated for those
+// 7 (x, scores) pairs only, not for every pair of the four dtypes.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -24,7 +34,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "multi_tensor.cuh"
 #include "tokens.h"
@@ -38,6 +51,34 @@ using mt::kThreads;
 // shared memory a block stays under the 48 KiB that needs no opt-in); longer rows read global
 // memory.
 constexpr int64_t kSmemBytes = 32 * 1024;
+
+// The largest grid.y; rows_kernel and backward_rows_kernel stride over the rows beyond it.
+constexpr int64_t kMaxGridY = 65535;
+
+// Note [Token dtypes]: calls f(S{}) with S the scores' element type, which validation restricts
+// to T (x's type) or float: one instantiation for float32 x, two for the others.
+template <typename T, typename F>
+void with_score_type(at::ScalarType scores, F&& f) {
+  if constexpr (std::is_same_v<T, float>) {
+    TORCH_INTERNAL_ASSERT(scores == at::kFloat);
+    f(float{});
+  } else {
+    if (scores == at::kFloat) {
+      f(float{});
+    } else {
+      TORCH_INTERNAL_ASSERT(scores == c10::CppTypeToScalarType<T>::value);
+      f(T{});
+    }
+  }
+}
+
+// The dtypes validation admits for x (check_common in tokens.cpp).
+#define FAT_DISPATCH_TOKEN_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+inline unsigned grid_y(int64_t rows) {
+  return static_cast<unsigned>(std::min<int64_t>(rows, kMaxGridY));
+}
 
 template <typename A>
 __device__ __forceinline__ bool beats(A a, int64_t ia, A b, int64_t ib) {
@@ -150,24 +191,35 @@ __global__ void __launch_bounds__(kThreads)
     rows_kernel(const T* __restrict__ x, T* __restrict__ out, const int32_t* __restrict__ src,
                 const int32_t* __restrict__ merged, const A* __restrict__ coef, int64_t N,
                 int64_t C, int64_t P, int64_t keep, int64_t nm) {
-  const int64_t b = blockIdx.x, r = blockIdx.y;
+  const int64_t b = blockIdx.x;
   const int64_t R = P + keep + (nm > 0 ? 1 : 0);
   const T* xb = x + b * N * C;
-  T* orow = out + (b * R + r) * C;
-  if (r < P + keep) {
-    copy_row(orow, xb + static_cast<int64_t>(src[b * (P + keep) + r]) * C, C);
-    return;
-  }
-  const int32_t* mrow = merged + b * nm;
-  const A* crow = coef + b * nm;
-  const T* cand = xb + P * C;
-  for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-    A acc = 0;
-    for (int64_t j = 0; j < nm; ++j) {
-      acc += crow[j] * static_cast<A>(cand[static_cast<int64_t>(mrow[j]) * C + c]);
+  // Grid-stride over the out rows (uniform per block: no barrier inside).
+  for (int64_t r = blockIdx.y; r < R; r += gridDim.y) {
+    T* orow = out + (b * R + r) * C;
+    if (r < P + keep) {
+      copy_row(orow, xb + static_cast<int64_t>(src[b * (P + keep) + r]) * C, C);
+      continue;
     }
-    orow[c] = static_cast<T>(acc);
+    const int32_t* mrow = merged + b * nm;
+    const A* crow = coef + b * nm;
+    const T* cand = xb + P * C;
+    for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+      A acc = 0;
+      for (int64_t j = 0; j < nm; ++j) {
+        acc += crow[j] * static_cast<A>(cand[static_cast<int64_t>(mrow[j]) * C + c]);
+      }
+      orow[c] = static_cast<T>(acc);
+    }
   }
+}
+
+// The launch shapes' own limits: one block per batch row on grid.x, and int32 token indices.
+void check_launch_shape(const char* op, int64_t B, int64_t N) {
+  TORCH_CHECK_VALUE(B <= std::numeric_limits<int32_t>::max(), "fisheradaptune.", op,
+                    ": argument 'x': at most 2^31 - 1 batch rows on CUDA, got ", B);
+  TORCH_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), "fisheradaptune.", op,
+                    ": argument 'x': at most 2^31 - 1 tokens on CUDA, got ", N);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_prune_merge_cuda(
@@ -183,26 +235,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_prune_merge_cuda(
   at::Tensor kept_index = at::empty({B, keep}, a.x.options().dtype(at::kLong));
   at::Tensor out_sizes = at::empty({B, R}, a.x.options().dtype(at::kFloat));
   if (B == 0) return {out, kept_index, out_sizes};
-  TORCH_CHECK_VALUE(R <= 65535, "fisheradaptune.token_prune_merge: argument 'x': at most 65535 ",
-                    "output rows on CUDA, got ", R);
+  check_launch_shape("token_prune_merge", B, N);
   at::Tensor src = at::empty({B, P + keep}, a.x.options().dtype(at::kInt));
   at::Tensor merged = at::empty({B, nm}, a.x.options().dtype(at::kInt));
   const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.x.scalar_type(), "token_prune_merge_cuda", [&] {
+  FAT_DISPATCH_TOKEN_TYPES(a.x.scalar_type(), "token_prune_merge_cuda", [&] {
     using T = scalar_t;
     using A = at::opmath_type<T>;
     at::Tensor coef = at::empty({B, nm}, a.x.options().dtype(c10::CppTypeToScalarType<A>::value));
     const bool use_smem = M * static_cast<int64_t>(sizeof(A)) <= kSmemBytes;
     const size_t smem = use_smem ? static_cast<size_t>(M) * sizeof(A) : 0;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scores.scalar_type(), "token_select_cuda", [&] {
-      select_kernel<scalar_t, A><<<static_cast<unsigned>(B), kThreads, smem, stream>>>(
-          a.scores.const_data_ptr<scalar_t>(), sizes, N, P, M, keep, normalize, use_smem,
+    with_score_type<T>(a.scores.scalar_type(), [&](auto score_tag) {
+      using S = decltype(score_tag);
+      select_kernel<S, A><<<static_cast<unsigned>(B), kThreads, smem, stream>>>(
+          a.scores.const_data_ptr<S>(), sizes, N, P, M, keep, normalize, use_smem,
           kept_index.data_ptr<int64_t>(), src.data_ptr<int32_t>(), merged.data_ptr<int32_t>(),
           coef.data_ptr<A>(), out_sizes.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     if (C > 0) {
-      const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(R));
+      const dim3 grid(static_cast<unsigned>(B), grid_y(R));
       rows_kernel<T, A><<<grid, kThreads, 0, stream>>>(
           a.x.const_data_ptr<T>(), out.data_ptr<T>(), src.const_data_ptr<int32_t>(),
           merged.const_data_ptr<int32_t>(), coef.const_data_ptr<A>(), N, C, P, keep, nm);
@@ -257,24 +309,28 @@ __global__ void __launch_bounds__(kThreads)
                          const int32_t* __restrict__ row_of, const A* __restrict__ coef,
                          int64_t N, int64_t C, int64_t P, int64_t M, int64_t R,
                          T* __restrict__ grad_x, A* __restrict__ dots) {
-  const int64_t b = blockIdx.x, t = blockIdx.y;
-  T* dst = grad_x + (b * N + t) * C;
-  const int32_t row = t < P ? static_cast<int32_t>(t) : row_of[b * M + t - P];
-  if (row >= 0) {
-    copy_row(dst, grad_out + (b * R + row) * C, C);
-    return;
+  const int64_t b = blockIdx.x;
+  // Grid-stride over the tokens. `row` depends on (b, t) only, so every thread of the block
+  // takes the same branch and block_sum's barriers are reached by all of them.
+  for (int64_t t = blockIdx.y; t < N; t += gridDim.y) {
+    T* dst = grad_x + (b * N + t) * C;
+    const int32_t row = t < P ? static_cast<int32_t>(t) : row_of[b * M + t - P];
+    if (row >= 0) {
+      copy_row(dst, grad_out + (b * R + row) * C, C);
+      continue;
+    }
+    const T* gf = grad_out + (b * R + R - 1) * C;
+    const T* xr = x + (b * N + t) * C;
+    const A w = coef[b * M + t - P];
+    A d = 0;
+    for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+      const A g = static_cast<A>(gf[c]);
+      dst[c] = static_cast<T>(w * g);
+      d += static_cast<A>(xr[c]) * g;
+    }
+    d = mt::block_sum(d);  // ends with a barrier: safe to go on to the next token
+    if (threadIdx.x == 0) dots[b * M + t - P] = d;
   }
-  const T* gf = grad_out + (b * R + R - 1) * C;
-  const T* xr = x + (b * N + t) * C;
-  const A w = coef[b * M + t - P];
-  A d = 0;
-  for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-    const A g = static_cast<A>(gf[c]);
-    dst[c] = static_cast<T>(w * g);
-    d += static_cast<A>(xr[c]) * g;
-  }
-  d = mt::block_sum(d);
-  if (threadIdx.x == 0) dots[b * M + t - P] = d;
 }
 
 template <typename S, typename A>
@@ -320,35 +376,36 @@ std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cuda(
   at::Tensor grad_x = at::empty({B, N, C}, a.x.options());
   at::Tensor grad_scores = at::empty({B, M}, a.scores.options());
   if (B == 0) return {grad_x, grad_scores};
-  TORCH_CHECK_VALUE(N <= 65535, "fisheradaptune.token_prune_merge_backward: argument 'x': at ",
-                    "most 65535 tokens on CUDA, got ", N);
+  check_launch_shape("token_prune_merge_backward", B, N);
   at::Tensor row_of = at::empty({B, M}, a.x.options().dtype(at::kInt));
   const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.x.scalar_type(), "token_prune_merge_backward_cuda", [&] {
+  FAT_DISPATCH_TOKEN_TYPES(a.x.scalar_type(), "token_prune_merge_backward_cuda", [&] {
     using T = scalar_t;
     using A = at::opmath_type<T>;
     const auto acc = a.x.options().dtype(c10::CppTypeToScalarType<A>::value);
     at::Tensor coef = at::empty({B, M}, acc);
     at::Tensor total = at::empty({B}, acc);
     at::Tensor dots = at::zeros({B, M}, acc);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scores.scalar_type(), "token_prep_cuda", [&] {
-      backward_prep_kernel<scalar_t, A><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-          a.scores.const_data_ptr<scalar_t>(), sizes, kept_t.const_data_ptr<int64_t>(), N, P, M,
+    with_score_type<T>(a.scores.scalar_type(), [&](auto score_tag) {
+      using S = decltype(score_tag);
+      backward_prep_kernel<S, A><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+          a.scores.const_data_ptr<S>(), sizes, kept_t.const_data_ptr<int64_t>(), N, P, M,
           keep, normalize, row_of.data_ptr<int32_t>(), coef.data_ptr<A>(), total.data_ptr<A>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     if (C > 0) {
-      const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(N));
+      const dim3 grid(static_cast<unsigned>(B), grid_y(N));
       backward_rows_kernel<T, A><<<grid, kThreads, 0, stream>>>(
           grad_t.const_data_ptr<T>(), a.x.const_data_ptr<T>(), row_of.const_data_ptr<int32_t>(),
           coef.const_data_ptr<A>(), N, C, P, M, R, grad_x.data_ptr<T>(), dots.data_ptr<A>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scores.scalar_type(), "token_scores_cuda", [&] {
-      backward_scores_kernel<scalar_t, A><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+    with_score_type<T>(a.scores.scalar_type(), [&](auto score_tag) {
+      using S = decltype(score_tag);
+      backward_scores_kernel<S, A><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
           sizes, row_of.const_data_ptr<int32_t>(), coef.const_data_ptr<A>(),
           total.const_data_ptr<A>(), dots.const_data_ptr<A>(), N, P, M, normalize,
-          grad_scores.data_ptr<scalar_t>());
+          grad_scores.data_ptr<S>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
