@@ -35,8 +35,8 @@ step "CUDA build, linked (FORCE_CUDA=1)"
 # No CUDA_HOME here: setup.py (tools/build_config.py) must find the toolkit itself, although
 # the nvcc on PATH is a wrapper script, and print it in its build configuration.
 (cd "$WORK" && FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
-   MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -v --no-build-isolation --no-deps -e . 2>&1 \
-   > "$WORK/build.log" || { tail -60 "$WORK/build.log"; exit 1; })
+   MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -v --no-build-isolation --no-deps -e . \
+   >"$WORK/build.log" 2>&1 || { tail -60 "$WORK/build.log"; exit 1; })
 grep -A8 "fisheradaptune build configuration" "$WORK/build.log"
 
 step "kernels registered for every op"

@@ -2,6 +2,7 @@
 """Benchmark of token_prune_merge (docs/methods.md section 6) and of the ViT hook.
 
     python benchmarks/bench_tokens.py [--device cpu|cuda] [--iters N] [--no-e2e] [--threads T]
+                                      [--quick]
 
 1. The op, forward + backward (and forward alone), against the eager EViT-style composition in
    the same run: ``torch.topk`` of the kept and of the merged tokens, sort of the kept indices
@@ -59,10 +60,10 @@ def op_prune_merge(x, scores, sizes, keep):
     return ops.token_prune_merge(x, scores, keep, num_protected=P, sizes=sizes)
 
 
-def bench_op(device, dtype, iters, copy_bw, rows):
+def bench_op(device, dtype, iters, copy_bw, rows, batches=(1, 2, 4, 8, 256)):
     n, c = 197, 768
     keep = math.ceil(0.7 * (n - P))
-    for b in (1, 2, 4, 8, 256):
+    for b in batches:
         g = torch.Generator().manual_seed(b)
         x0 = torch.randn(b, n, c, generator=g).to(dtype).to(device)
         s0 = torch.rand(b, n - P, generator=g).to(device)
@@ -167,7 +168,11 @@ def main():
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--quick", action="store_true",
+                    help="B in (8, 256) only, 10 iterations, no end-to-end (results *-quick-*)")
     args = ap.parse_args()
+    if args.quick:
+        args.iters, args.no_e2e = min(args.iters, 10), True
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
@@ -184,7 +189,8 @@ def main():
         env["copy_GBps"] = round(copy_bw / 1e9, 1)
     dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
     for dtype in dtypes:
-        bench_op(device, dtype, args.iters, copy_bw, rows)
+        bench_op(device, dtype, args.iters, copy_bw, rows,
+                 batches=(8, 256) if args.quick else (1, 2, 4, 8, 256))
     if not args.no_e2e:
         bench_e2e(device, max(5, args.iters // 3), rows, notes)
     env["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
@@ -203,7 +209,7 @@ def main():
         trows = [r for r in rows if r["table"] == title]
         if trows:
             print_table(trows, [k for k in trows[0] if k != "table"], title)
-    paths = write_results("bench_tokens", rows, env, notes=notes)
+    paths = write_results("bench_tokens" + ("-quick" if args.quick else ""), rows, env, notes=notes)
     print(f"\nwrote {paths['json']} and {paths['md']}")
 
 
