@@ -4,6 +4,7 @@ records missing results."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -12,8 +13,10 @@ from helpers import REPO_ROOT
 
 
 def test_quick_plan_fits_the_lease():
+    # PYTHON: the interpreter running this suite (python3 on PATH may be another torch).
     r = subprocess.run(["bash", "tools/gpu_check.sh", "quick", "--dry-run"], cwd=REPO_ROOT,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHON=sys.executable))
     assert r.returncode == 0, r.stdout + r.stderr
     m = re.search(r"total timeout (\d+) s of a (\d+) s budget; (\d+) files", r.stdout)
     assert m, r.stdout
