@@ -28,8 +28,8 @@ FisherAccumulateArgs validate_fisher_accumulate(
     const at::Tensor& nonfinite) {
   constexpr const char* op = "fisher_accumulate_";
   check_same_length(op, "fisher", fisher.size(), "grads", grads.size());
-  check_finite_scalar(op, "decay", decay);
-  check_finite_scalar(op, "scale", scale);
+  check_coefficient(op, "decay", decay);  // Note [Coefficients]
+  check_coefficient(op, "scale", scale);
   // The outputs decide the device, so that empty lists still have one.
   const c10::Device device = nonfinite.device();
   FAT_CHECK_TYPE(nonfinite.scalar_type() == at::kLong, op, "nonfinite", "expected int64, got ",
@@ -63,6 +63,20 @@ FisherAccumulateArgs validate_fisher_accumulate(
                     "expected an empty tensor when no segments are given, got ",
                     out.num_groups, " elements");
   }
+  // Note [Aliasing]: every Fisher tensor and both outputs are written; the gradients are read
+  // in place (out.grads, after the copy of a non-contiguous one). In the schema's argument
+  // order, so that an error names the later of the two.
+  std::vector<MemoryArg> mem;
+  mem.reserve(2 * fisher.size() + 2);
+  for (size_t i = 0; i < fisher.size(); ++i) {
+    mem.push_back({&out.fisher[i], item_name("fisher", i), true});
+  }
+  for (size_t i = 0; i < fisher.size(); ++i) {
+    mem.push_back({&out.grads[i], item_name("grads", i), false});
+  }
+  mem.push_back({&group_sums, "group_sums", true});
+  mem.push_back({&nonfinite, "nonfinite", true});
+  check_no_aliasing(op, mem);
   return out;
 }
 
@@ -75,9 +89,7 @@ void check_drift_lists(const char* op, at::TensorList current, at::TensorList re
   check_same_length(op, "current", current.size(), "reference", reference.size());
   FAT_CHECK_VALUE(num_groups >= 0, op, "num_groups", "expected >= 0, got ", num_groups);
   if (update_reference.has_value()) {
-    const double rho = *update_reference;
-    FAT_CHECK_VALUE(0.0 <= rho && rho <= 1.0, op, "update_reference",
-                    "expected a decay in [0, 1], got ", rho);
+    check_coefficient(op, "update_reference", *update_reference, "a decay", 1.0);
   }
   const c10::Device device = segments.device().is_cpu() && !current.empty()
                                  ? current[0].device()
@@ -100,6 +112,25 @@ void check_drift_lists(const char* op, at::TensorList current, at::TensorList re
   }
   out.reference.assign(reference.begin(), reference.end());
   out.segments = read_segments(op, "segments", segments, out.numels, num_groups);
+}
+
+// Note [Aliasing]: only an update writes (the reference list); the current snapshots (as the
+// kernels read them) and js_mass_partial's totals are read while it runs. Without an update
+// nothing is written and any sharing is fine (e.g. current and reference the same tensors).
+void check_drift_aliasing(const char* op, const JsDriftArgs& a,
+                          std::optional<double> update_reference, const at::Tensor* totals) {
+  if (!update_reference.has_value()) return;
+  std::vector<MemoryArg> mem;
+  mem.reserve(2 * a.reference.size() + 1);
+  // In the schema's argument order, so that an error names the later of the two.
+  for (size_t i = 0; i < a.current.size(); ++i) {
+    mem.push_back({&a.current[i], item_name("current", i), false});
+  }
+  for (size_t i = 0; i < a.reference.size(); ++i) {
+    mem.push_back({&a.reference[i], item_name("reference", i), true});
+  }
+  if (totals != nullptr) mem.push_back({totals, "totals", false});
+  check_no_aliasing(op, mem);
 }
 
 }  // namespace
@@ -126,6 +157,7 @@ JsDriftArgs validate_js_drift(at::TensorList current, at::TensorList reference,
   FAT_CHECK_VALUE(std::isfinite(min_log_range) && min_log_range > 0, op, "min_log_range",
                   "expected a finite number > 0, got ", min_log_range);
   check_drift_lists(op, current, reference, segments, num_groups, update_reference, out);
+  check_drift_aliasing(op, out, update_reference, nullptr);
   return out;
 }
 
@@ -144,14 +176,21 @@ JsDriftArgs validate_js_mass(const char* op, at::TensorList current, at::TensorL
                     "expected shape [2, ", num_groups, "], got ", t.sizes());
     check_device(op, "totals", t, device);
   }
+  check_drift_aliasing(op, out, update_reference, totals.has_value() ? &*totals : nullptr);
   return out;
 }
 
 void validate_per_sample_grad_sq(const at::Tensor& fisher, const at::Tensor& x,
-                                 const at::Tensor& grad_out, double scale) {
+                                 const at::Tensor& grad_out, double scale,
+                                 const at::Tensor& nonfinite) {
   constexpr const char* op = "per_sample_grad_sq_";
-  check_finite_scalar(op, "scale", scale);
+  check_coefficient(op, "scale", scale);  // Note [Coefficients]
   check_state(op, "fisher", fisher);
+  check_device(op, "nonfinite", nonfinite, fisher.device());
+  FAT_CHECK_TYPE(nonfinite.scalar_type() == at::kLong, op, "nonfinite", "expected int64, got ",
+                 nonfinite.scalar_type());
+  FAT_CHECK_VALUE(nonfinite.numel() == 1, op, "nonfinite", "expected one element, got ",
+                  nonfinite.numel());
   check_device(op, "x", x, fisher.device());
   check_device(op, "grad_out", grad_out, fisher.device());
   FAT_CHECK_VALUE(x.dim() == 3, op, "x", "expected [N, T, in_features], got shape ", x.sizes());
@@ -168,6 +207,12 @@ void validate_per_sample_grad_sq(const at::Tensor& fisher, const at::Tensor& x,
   FAT_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op, "grad_out",
                  "expected the dtype of x (", x.scalar_type(), "), got ",
                  grad_out.scalar_type());
+  // Note [Aliasing]: the GEMMs read x and grad_out in place (strided), fisher and the count
+  // are written.
+  check_no_aliasing(op, {{&fisher, "fisher", true},
+                         {&x, "x", false},
+                         {&grad_out, "grad_out", false},
+                         {&nonfinite, "nonfinite", true}});
 }
 
 }  // namespace fisheradaptune

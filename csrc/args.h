@@ -50,7 +50,10 @@ JsDriftArgs validate_js_mass(const char* op, at::TensorList current, at::TensorL
                              const std::optional<at::Tensor>& totals,
                              std::optional<double> update_reference);
 
+// nonfinite: int64, one element, on fisher's device (Note [Skipping in per_sample_grad_sq_],
+// per_sample.cpp).
 void validate_per_sample_grad_sq(const at::Tensor& fisher, const at::Tensor& x,
-                                 const at::Tensor& grad_out, double scale);
+                                 const at::Tensor& grad_out, double scale,
+                                 const at::Tensor& nonfinite);
 
 }  // namespace fisheradaptune

@@ -6,14 +6,24 @@
 
 namespace fisheradaptune {
 
-// fisher[j] += scale * sum_b tile[b, j]^2 for a contiguous tile [b, out, in] of the fisher's
-// dtype, summing b in order (deterministic).
+// One tile's part of the per-element sum r[j] = sum_n g_n[j]^2 (Note [Skipping in
+// per_sample_grad_sq_], per_sample.cpp). For a contiguous tile [b, out, in] of the fisher's
+// dtype, summing b in order (deterministic):
+//   r[j] = (first ? 0 : carry[j]) + sum_b tile[b, j]^2;
+//   last:     u = fisher[j] + scale * r[j]; fisher[j] = u where u is finite, else fisher[j]
+//             is kept and the element counted: the backend adds its count to nonfinite
+//             (int64, one element, zeroed by the caller);
+//   not last: carry[j] = r[j] (fisher untouched).
+// carry is a contiguous tensor like fisher, undefined when first && last.
 using SquareAccumulateFn = void (*)(const at::Tensor& fisher, const at::Tensor& tile,
-                                    double scale);
+                                    double scale, const at::Tensor& carry, bool first, bool last,
+                                    const at::Tensor& nonfinite);
 
 // Validates, then walks the samples in tiles of at most `tile_elems` per-sample-gradient
 // elements (at least one sample per tile), so per-sample gradients never exist beyond a tile.
+// Writes the number of skipped elements into nonfinite.
 void per_sample_grad_sq(const at::Tensor& fisher, const at::Tensor& x, const at::Tensor& grad_out,
-                        double scale, int64_t tile_elems, SquareAccumulateFn square_accumulate);
+                        double scale, const at::Tensor& nonfinite, int64_t tile_elems,
+                        SquareAccumulateFn square_accumulate);
 
 }  // namespace fisheradaptune

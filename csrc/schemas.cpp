@@ -35,7 +35,12 @@ TORCH_LIBRARY(fisheradaptune, m) {
       "int num_groups, Tensor totals, float? update_reference) -> Tensor");
   // fisher[out, in] += scale * sum_n (grad_out[n]^T x[n])**2 for a Linear layer with
   // x [N, T, in] and grad_out [N, T, out]; per-sample gradients exist one tile at a time.
-  m.def("per_sample_grad_sq_(Tensor(a!) fisher, Tensor x, Tensor grad_out, float scale) -> ()");
+  // Elements whose update would not be finite are skipped, and their number written into
+  // nonfinite (int64, 0-d), as fisher_accumulate_ does. See Note [Skipping in
+  // per_sample_grad_sq_] (csrc/per_sample.cpp).
+  m.def(
+      "per_sample_grad_sq_(Tensor(a!) fisher, Tensor x, Tensor grad_out, float scale, "
+      "Tensor(b!) nonfinite) -> ()");
   // Token prune-merge (docs/methods.md section 6): of the tokens after the first num_protected,
   // keep the `keep` with the highest score (ties: lower index) in their original order and fuse
   // the rest into one token sum_i w_i x_i [/ sum_i w_i], w_i = scores_i * sizes_i. Returns

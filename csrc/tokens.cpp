@@ -1,5 +1,8 @@
 #include "tokens.h"
 
+#include <cstdint>
+#include <limits>
+
 #include "validate.h"
 
 namespace fisheradaptune {
@@ -20,6 +23,13 @@ TokenPruneMergeArgs check_common(const char* op, const at::Tensor& x, const at::
   a.batch = x.size(0);
   a.tokens = x.size(1);
   a.channels = x.size(2);
+  // Both kernels hold token and out-row indices as int32 (half the memory and registers of
+  // int64 in the selection, which is O(M) per row on CPU and O(M^2 / threads) on CUDA); checked
+  // here, before anything is allocated, so that the limit is the same on both backends and
+  // whatever B and C (also for an empty batch).
+  FAT_CHECK_VALUE(a.tokens <= std::numeric_limits<int32_t>::max(), op, "x",
+                  "expected at most 2^31 - 1 tokens (N; the kernels index tokens in int32), "
+                  "got N = ", a.tokens);
   FAT_CHECK_VALUE(num_protected >= 0 && num_protected < a.tokens, op, "num_protected",
                   "expected 0 <= num_protected < N = ", a.tokens, " (at least one token that ",
                   "can be pruned), got ", num_protected);

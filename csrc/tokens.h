@@ -8,7 +8,8 @@
 //   - out rows: the P protected tokens, then the kept tokens in their original order, then, when
 //     keep < M, one fused token of the M - keep others ("merged"), in index order:
 //       w_i = scores_i * sizes_{P+i},  W = sum_merged w_i,
-//       fused = sum_merged (w_i / W) x_i   (normalize; a zero token when W == 0)
+//       fused = sum_merged (w_i / W) x_i   (normalize; a zero token when W == 0, with zero
+//                                           gradients: Note [Zero coefficients])
 //       fused = sum_merged w_i x_i         (not normalize; EViT's)
 //   - out_sizes: the protected and kept tokens' sizes, then sum_merged sizes_{P+i}.
 // Sizes are float32 (default: ones) and out_sizes is float32 whatever x's dtype: sizes count
@@ -20,6 +21,24 @@
 //   dscores_i (merged): size_i * (x_i . g - fused . g) / W (normalize; 0 when W == 0),
 //                       size_i * x_i . g (not normalize), with fused . g = sum_j coef_j x_j . g;
 //   dscores (kept): 0, the selection being piecewise constant in the scores.
+// Token indices are int32 in both kernels: N < 2^31 (checked by the shared validation).
+//
+// Note [Zero coefficients]
+// A merged token whose coefficient is exactly 0 adds nothing to the fused token, whatever its
+// values: its inf/NaN values are read as 0, so 0 * x_i is 0 for every x_i (IEEE would give NaN
+// for 0 * inf). This is what makes "a zero token when W == 0" hold under normalize, where every
+// coefficient is then 0: a padding or masked token that weighs nothing (score or size 0) cannot
+// turn the fused token into NaN. Under normalize=False, a fused row whose weights are all 0 is
+// likewise zeros (a zero W from weights that cancel, e.g. +1 and -1, is not special there: the
+// row is the plain sum). The gradients are those of that function:
+//   - dx_i = coef_i * g = 0;
+//   - the dot x_i . g of a zero-coefficient token runs over its finite values only, and
+//     fused . g skips zero coefficients like the forward, so one bad token with no weight
+//     leaves every score gradient finite;
+//   - under normalize with W == 0 every dscores_i is 0 (the row is constant zeros).
+// For finite tokens nothing changes (adding 0 * x_i was a no-op, and the dots are the same
+// sums in the same order). The reference (fisheradaptune.reference.token_prune_merge) computes
+// the same function, with masks that keep its autograd gradients free of 0 * inf.
 #pragma once
 
 #include <ATen/core/Tensor.h>

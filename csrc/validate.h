@@ -9,6 +9,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -61,8 +65,91 @@ inline void check_grad_dtype(const char* op, const std::string& where, const at:
                  "state), got ", t);
 }
 
-inline void check_finite_scalar(const char* op, const char* where, double v) {
-  FAT_CHECK_VALUE(std::isfinite(v), op, where, "expected a finite number, got ", v);
+// Note [Coefficients]
+// decay, scale and update_reference's rho arrive as doubles but every kernel multiplies in the
+// state's precision, float32 on CUDA and for float32 state on CPU: a finite double beyond
+// float32's range (1e308) would become inf there and turn every element it touches into inf or
+// NaN (0 * inf), which the skip rule (Note [Skipping]) would then silently drop as
+// "non-finite". A negative coefficient would make the Fisher negative (decay, scale) or the
+// reference EMA extrapolate (rho). So a coefficient must be a finite number in [0, hi], with hi
+// at most float32's largest value; the same range for float64 state, so that whether a call is
+// accepted never depends on the state's dtype or device. NaN fails every comparison.
+inline void check_coefficient(const char* op, const char* where, double v,
+                              const char* what = "a finite number",
+                              double hi = static_cast<double>(std::numeric_limits<float>::max())) {
+  FAT_CHECK_VALUE(v >= 0.0 && v <= hi, op, where, "expected ", what, " in [0, ", hi, "]",
+                  hi == static_cast<double>(std::numeric_limits<float>::max())
+                      ? " (float32's range: the kernels multiply in float32)"
+                      : "",
+                  ", got ", v);
+}
+
+// Note [Aliasing]
+// An op writes its in-place targets (fisher[i], reference[j] under update_reference, the count
+// and sums outputs) from chunks that run concurrently (threads on CPU, blocks on CUDA), while
+// other chunks read the op's inputs. Two targets sharing memory (the same tensor passed twice
+// included), or a target sharing memory with an input read in place, makes the result depend on
+// scheduling: a lost update, or a score read from a half-updated reference. Validation rejects
+// any overlap that involves a written tensor, before anything runs; inputs may overlap each
+// other (they are only read).
+//   - Byte ranges, not storages, are compared: two tensors of one storage that do not overlap
+//     (the parameters of a flat buffer) are fine, and memory shared outside torch's storage
+//     bookkeeping (from_blob) is still seen.
+//   - A dense tensor is its exact range; a tensor with gaps (a strided view) is taken by its whole
+//     span, which may reject interleaved views that do not actually collide (conservative).
+//   - Inputs are checked as the kernel reads them: an op that copies a non-contiguous input to a
+//     contiguous one before running reads the copy, which aliases nothing.
+//   - Empty tensors own no memory and never overlap.
+struct MemoryArg {
+  const at::Tensor* tensor;  // may be undefined
+  std::string name;          // e.g. "fisher[3]"
+  bool written;
+};
+
+inline void check_no_aliasing(const char* op, const std::vector<MemoryArg>& args) {
+  struct Range {
+    uintptr_t begin, end;
+    size_t arg;  // index into args: argument order, used to name the later argument
+  };
+  std::vector<Range> ranges;
+  ranges.reserve(args.size());
+  bool any_written = false;
+  for (size_t k = 0; k < args.size(); ++k) {
+    const at::Tensor* t = args[k].tensor;
+    if (t == nullptr || !t->defined() || t->numel() == 0 || !t->has_storage()) continue;
+    const void* p = t->const_data_ptr();
+    if (p == nullptr) continue;
+    // Strides are never negative in torch, so the span starts at the data pointer.
+    int64_t last = 0;
+    for (int64_t d = 0; d < t->dim(); ++d) last += (t->size(d) - 1) * t->stride(d);
+    const auto begin = reinterpret_cast<uintptr_t>(p);
+    ranges.push_back({begin, begin + static_cast<uintptr_t>((last + 1) * t->element_size()), k});
+    any_written = any_written || args[k].written;
+  }
+  if (!any_written || ranges.size() < 2) return;
+  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.arg < b.arg;
+  });
+  // Sweep in address order: a range overlaps an earlier one iff that one ends after it begins,
+  // so keeping the furthest end seen so far (over all ranges, and over written ones) finds any
+  // overlapping pair that involves a written tensor.
+  const Range* far_any = nullptr;
+  const Range* far_written = nullptr;
+  for (const Range& r : ranges) {
+    const Range* hit = args[r.arg].written ? far_any : far_written;
+    if (hit != nullptr && hit->end > r.begin) {
+      const size_t first = std::min(hit->arg, r.arg), second = std::max(hit->arg, r.arg);
+      FAT_CHECK_VALUE(false, op, args[second].name, "shares memory with '", args[first].name,
+                      "', and ", args[first].written && args[second].written ? "both are"
+                                                                               : "one is",
+                      " written in place: the kernels' parallel chunks would race. Pass tensors "
+                      "that do not overlap (e.g. clone one of them)");
+    }
+    if (far_any == nullptr || r.end > far_any->end) far_any = &r;
+    if (args[r.arg].written && (far_written == nullptr || r.end > far_written->end)) {
+      far_written = &r;
+    }
+  }
 }
 
 }  // namespace fisheradaptune

@@ -76,11 +76,11 @@ def _js_mass_partial(current, reference, segments, num_groups, totals, update_re
     return out
 
 
-def _per_sample_grad_sq_(fisher, x, grad_out, scale):
+def _per_sample_grad_sq_(fisher, x, grad_out, scale, nonfinite):
     _check_leaves("per_sample_grad_sq_", [fisher], "fisher")
     with torch._C._AutoDispatchBelowADInplaceOrView():
-        _op.per_sample_grad_sq_(fisher, x, grad_out, scale)
-    _bump([fisher])
+        _op.per_sample_grad_sq_(fisher, x, grad_out, scale, nonfinite)
+    _bump([fisher, nonfinite])
 
 
 KERNELS: Dict[str, Callable] = {

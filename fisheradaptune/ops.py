@@ -54,6 +54,18 @@ def fisher_accumulate_(
     Non-finite handling: an element whose update would not be finite (a NaN or Inf gradient,
     or a finite one whose square overflows) is skipped, keeping its Fisher entry, and counted.
 
+    ``decay`` and ``scale`` must be finite numbers in ``[0, 3.4028e38]`` (float32's range: the
+    kernels multiply in float32; the same range for float64 state): a negative, NaN, Inf or
+    larger value (``1e308``) is a ``ValueError`` naming the argument, raised before anything is
+    written.
+
+    Aliasing: no two ``fisher`` tensors may share memory (the same tensor twice included), nor
+    may a ``fisher`` tensor share memory with any ``grads`` tensor read in place (a contiguous
+    one; a non-contiguous gradient is copied first): the update runs in parallel chunks that
+    would race. Such a call is a ``ValueError`` naming the later of the two arguments, raised
+    before anything is written. Tensors of one storage that do not overlap (views of a flat
+    buffer) are fine.
+
     Returns:
         ``(group_sums, nonfinite)``: ``group_sums`` is float32 ``[layout.num_groups]`` holding
         the sum of each group's Fisher after the update (tensors whose gradient is ``None``
@@ -116,7 +128,12 @@ def js_drift(
     Args:
         update_reference: if given as ``rho`` in [0, 1], also sets
             ``reference = rho * reference + (1 - rho) * current`` (every element of every tensor)
-            after scoring, in the same call.
+            after scoring, in the same call. Outside [0, 1] (or NaN) is a ``ValueError``. With an
+            update, no ``reference`` tensor may share memory with another one (the same tensor
+            twice included) or with any ``current`` tensor (a ``ValueError`` naming the later
+            argument, raised before anything is written): the update runs in parallel chunks
+            that would race with the scoring and with each other. Without an update nothing is
+            written and any sharing is fine.
 
     Returns:
         float32 ``[layout.num_groups]`` on the tensors' device.
@@ -161,7 +178,9 @@ def js_mass_partial(current: Sequence[Tensor], reference: Sequence[Tensor], layo
         totals: float64 ``[2, layout.num_groups]`` on the tensors' device, typically
             :func:`js_mass_totals` summed over shards.
         update_reference: as in :func:`js_drift`: ``reference = rho * reference +
-            (1 - rho) * current`` after scoring, in the same pass.
+            (1 - rho) * current`` after scoring, in the same pass; ``rho`` in [0, 1], and with
+            an update no ``reference`` tensor may share memory with another one, with any
+            ``current`` tensor or with ``totals`` (``ValueError``, nothing written).
     """
     current, reference = list(current), list(reference)
     segments, num_groups = _segments(layout, current, "current", required=True)
@@ -171,7 +190,8 @@ def js_mass_partial(current: Sequence[Tensor], reference: Sequence[Tensor], layo
                                 None if update_reference is None else float(update_reference))
 
 
-def per_sample_grad_sq_(fisher: Tensor, x: Tensor, grad_out: Tensor, *, scale: float = 1.0) -> None:
+def per_sample_grad_sq_(fisher: Tensor, x: Tensor, grad_out: Tensor, *,
+                        scale: float = 1.0) -> Tensor:
     """Per-sample Fisher of a Linear weight: ``fisher += scale * sum_n (grad_out[n]^T x[n])**2``.
 
     Mutates: ``fisher`` (always).
@@ -183,10 +203,30 @@ def per_sample_grad_sq_(fisher: Tensor, x: Tensor, grad_out: Tensor, *, scale: f
     and the cost is about one extra weight-gradient GEMM. Samples are accumulated in order
     (deterministic). To get the per-sample Fisher ``(1/N) sum_n g_n**2``, pass ``scale=1/N``; note that a
     ``grad_out`` taken from a mean-reduced loss carries an extra ``1/N`` per sample.
+
+    Non-finite handling, as :func:`fisher_accumulate_`: an element whose update over the whole
+    call, ``fisher + scale * sum_n g_n**2``, would not be finite (a NaN or Inf in ``x`` or
+    ``grad_out``, or squares that overflow the Fisher's dtype) is skipped, keeping the value it
+    had before the call, and counted. The tiling does not change which elements are skipped
+    (the sum of squares is carried across tiles and the Fisher written once), and the sum of
+    squares is in the Fisher's dtype: a sum that overflows it is skipped even when a small
+    ``scale`` would have brought it back into range. A call with no samples or no tokens
+    updates and counts nothing.
+
+    ``scale`` must be a finite number in ``[0, 3.4028e38]`` (float32's range), and ``fisher``
+    must not share memory with ``x`` or ``grad_out``; otherwise a ``ValueError`` naming the
+    argument is raised before anything is written.
+
+    Returns:
+        ``nonfinite``: a 0-d int64 tensor on the Fisher's device counting the skipped Fisher
+        elements (at most ``out * in``), a tensor so that reading it is the caller's choice of
+        when to synchronise (as :func:`fisher_accumulate_`'s).
     """
     if x.dim() == 2 and grad_out.dim() == 2:
         x, grad_out = x.unsqueeze(1), grad_out.unsqueeze(1)
-    _ops.per_sample_grad_sq_(fisher, x, grad_out, float(scale))
+    nonfinite = torch.zeros((), dtype=torch.int64, device=fisher.device)
+    _ops.per_sample_grad_sq_(fisher, x, grad_out, float(scale), nonfinite)
+    return nonfinite
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +258,7 @@ def _js_mass_partial_fake(current, reference, segments, num_groups, totals, upda
 
 
 @torch.library.register_fake("fisheradaptune::per_sample_grad_sq_")
-def _per_sample_grad_sq_fake(fisher, x, grad_out, scale):
+def _per_sample_grad_sq_fake(fisher, x, grad_out, scale, nonfinite):
     return None
 
 
@@ -248,8 +288,12 @@ def token_prune_merge(
             ones).
         normalize: fused token ``sum_i w_i x_i / sum_i w_i`` (TR-PTS, default) or the plain
             ``sum_i w_i x_i`` (EViT), with ``w_i = scores_i * sizes_i`` over the fused tokens.
-            When normalising and ``sum_i w_i == 0`` the fused token is zeros (with zero
-            gradients).
+            When normalising and ``sum_i w_i == 0`` the fused token is zeros, with zero
+            gradients, also when a fused token holds inf or NaN: a token whose coefficient
+            (``w_i / W``, or ``w_i`` unnormalised) is exactly 0 adds nothing, its non-finite
+            values read as 0 (in the forward and in the score gradients). So an unnormalised
+            fuse whose weights are all 0 is zeros too (weights that cancel to ``W == 0`` are
+            not special there). Note [Zero coefficients] in csrc/tokens.h.
 
     Returns:
         ``(out, kept_index, out_sizes)``: ``out [B, num_protected + keep + 1, C]`` holds the
@@ -257,6 +301,9 @@ def token_prune_merge(
         fused token when ``keep == N - num_protected``); ``kept_index`` int64 ``[B, keep]``
         indexes the non-protected tokens (increasing); ``out_sizes`` float32 ``[B, rows]``, the
         fused token's size being the sum of the sizes it absorbed.
+
+    ``N`` is at most ``2**31 - 1`` (token indices are int32 in both kernels; a ``ValueError``
+    naming ``x`` otherwise, on CPU and CUDA alike).
 
     Selection picks the highest scores, ties to the lower index (NaN above every number). The
     op is deterministic and differentiable in ``x`` and ``scores`` (kept tokens' scores get a

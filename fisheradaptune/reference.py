@@ -139,12 +139,24 @@ def js_mass_partial(current: Sequence[Tensor], reference: Sequence[Tensor], layo
     return torch.tensor(out, dtype=torch.float64, device=device)
 
 
-def per_sample_grad_sq_(fisher: Tensor, x: Tensor, grad_out: Tensor, *, scale: float = 1.0) -> None:
-    """Reference of :func:`fisheradaptune.ops.per_sample_grad_sq_` (materialises every g_n)."""
+def per_sample_grad_sq_(fisher: Tensor, x: Tensor, grad_out: Tensor, *,
+                        scale: float = 1.0) -> Tensor:
+    """Reference of :func:`fisheradaptune.ops.per_sample_grad_sq_` (materialises every g_n).
+
+    Sums in float64, then applies the op's skip rule in the Fisher's dtype: an element is
+    skipped (and counted) when its sum of squares or its updated value is not finite there."""
     if x.dim() == 2:
         x, grad_out = x.unsqueeze(1), grad_out.unsqueeze(1)
+    nonfinite = torch.zeros((), dtype=torch.int64, device=fisher.device)
+    if x.shape[0] == 0 or x.shape[1] == 0 or fisher.numel() == 0:
+        return nonfinite  # no update: nothing written or counted
     g = torch.einsum("nto,nti->noi", grad_out.to(torch.float64), x.to(torch.float64))
-    fisher.add_((scale * (g * g).sum(0)).to(fisher.dtype))
+    sq = (g * g).sum(0)
+    updated = (fisher.to(torch.float64) + scale * sq).to(fisher.dtype)
+    ok = torch.isfinite(sq.to(fisher.dtype)) & torch.isfinite(updated)
+    fisher.copy_(torch.where(ok, updated, fisher))
+    nonfinite.fill_(int((~ok).sum()))
+    return nonfinite
 
 
 def token_prune_merge(x: Tensor, scores: Tensor, keep: int, *, num_protected: int = 1,
@@ -176,12 +188,18 @@ def token_prune_merge(x: Tensor, scores: Tensor, keep: int, *, num_protected: in
         xm = torch.gather(cand, 1, merged.unsqueeze(-1).expand(b, m - keep, c)).to(torch.float64)
         sm = torch.gather(cand_sizes, 1, merged).to(torch.float64)
         w = torch.gather(scores, 1, merged).to(torch.float64) * sm
-        fused = (w.unsqueeze(-1) * xm).sum(1)
+        coef = w
         if normalize:
             total = w.sum(1, keepdim=True)
             zero = total == 0
-            fused = torch.where(zero, torch.zeros_like(fused),
-                                fused / torch.where(zero, torch.ones_like(total), total))
+            coef = torch.where(zero, torch.zeros_like(w),
+                               w / torch.where(zero, torch.ones_like(total), total))
+        # Note [Zero coefficients] (csrc/tokens.h): a token of coefficient 0 takes part with its
+        # non-finite values read as 0 (so a W == 0 row is zeros). Masking xm itself, not just the
+        # product, keeps 0 * inf out of the backward too.
+        taken = (coef != 0).unsqueeze(-1) | torch.isfinite(xm)
+        xm = torch.where(taken, xm, torch.zeros_like(xm))
+        fused = (coef.unsqueeze(-1) * xm).sum(1)
         rows.append(fused.to(x.dtype).unsqueeze(1))
         out_sizes.append(sm.sum(1, keepdim=True).float())
     return torch.cat(rows, 1), kept, torch.cat(out_sizes, 1)

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <tuple>
 #include <vector>
@@ -75,6 +76,25 @@ template <typename T, typename A>
 FAT_CPU_CLONES void store(T* __restrict out, const A* __restrict acc, int64_t n) {
   FAT_SIMD
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(acc[i]);
+}
+
+// blocked_dot (simd.h) with x's inf/NaN values read as 0 (Note [Zero coefficients]): the same
+// blocks and order, so bitwise blocked_dot's for a finite x.
+template <typename T, typename A>
+FAT_CPU_CLONES A finite_dot(const T* __restrict x, const T* __restrict y, int64_t n) {
+  constexpr A kMax = std::numeric_limits<A>::max();
+  double total = 0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    A acc = 0;
+    FAT_SIMD_REDUCE(acc)
+    for (int64_t i = b; i < e; ++i) {
+      const A xv = static_cast<A>(x[i]);
+      acc += (std::abs(xv) <= kMax ? xv : A(0)) * static_cast<A>(y[i]);  // NaN compares false
+    }
+    total += static_cast<double>(acc);
+  }
+  return static_cast<A>(total);
 }
 
 template <typename T, typename A>
@@ -156,7 +176,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_prune_merge_cpu(
         std::fill(acc.begin(), acc.begin() + n, A(0));
         const int32_t* mb = merged_idx.data() + b * nm;
         const A* cb = coef.data() + b * nm;
-        for (int64_t j = 0; j < nm; ++j) axpy<T, A>(acc.data(), xb + (P + mb[j]) * C, cb[j], n);
+        for (int64_t j = 0; j < nm; ++j) {
+          // Note [Zero coefficients] (tokens.h): a zero coefficient adds nothing, even for an
+          // inf/NaN token (0 * inf would make the fused token NaN).
+          if (cb[j] == A(0)) continue;
+          axpy<T, A>(acc.data(), xb + (P + mb[j]) * C, cb[j], n);
+        }
         store<T, A>(ob + (R - 1) * C, acc.data(), n);
       }
     });
@@ -220,8 +245,12 @@ std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cpu(
           continue;
         }
         const T* gf = g + (b * R + R - 1) * C;
-        scale_row<T, A>(dst, gf, coef[b * M + i - P], C);
-        dots[b * M + i - P] = blocked_dot<T, A>(x + t * C, gf, C);
+        const A w = coef[b * M + i - P];
+        scale_row<T, A>(dst, gf, w, C);
+        // Note [Zero coefficients]: a token that weighs nothing takes part with its finite
+        // values only.
+        dots[b * M + i - P] = w != A(0) ? blocked_dot<T, A>(x + t * C, gf, C)
+                                        : finite_dot<T, A>(x + t * C, gf, C);
       }
     });
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scores.scalar_type(), "token_scores_grad", [&] {
@@ -233,7 +262,10 @@ std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cpu(
           const A W = total[b];
           A fg = 0;  // fused . g (normalize)
           if (normalize) {
-            for (int64_t j = 0; j < nm; ++j) fg += coef[b * M + mb[j]] * dots[b * M + mb[j]];
+            for (int64_t j = 0; j < nm; ++j) {
+              const A w = coef[b * M + mb[j]];
+              if (w != A(0)) fg += w * dots[b * M + mb[j]];  // Note [Zero coefficients]
+            }
           }
           for (int64_t i = 0; i < M; ++i) gs[b * M + i] = static_cast<scalar_t>(0);
           for (int64_t j = 0; j < nm; ++j) {

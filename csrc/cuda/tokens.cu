@@ -19,7 +19,8 @@
 //
 // Grid limits: batch rows run on grid.x (up to 2^31 - 1); rows and tokens run on grid.y, capped
 // at kMaxGridY = 65535 blocks, beyond which each block takes every kMaxGridY-th row/token, so
-// neither N nor the out row count is limited by the grid (token indices are int32: N < 2^31).
+// neither N nor the out row count is limited by the grid (token indices are int32: N < 2^31,
+// checked for both backends by the shared validation).
 //
 // Instantiations (Note [Token dtypes]): validation admits x in {float32, bfloat16, float16,
 // float64} and scores of x's dtype or float32, so the score kernels are instantiated for those
@@ -207,19 +208,22 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t c = threadIdx.x; c < C; c += kThreads) {
       A acc = 0;
       for (int64_t j = 0; j < nm; ++j) {
-        acc += crow[j] * static_cast<A>(cand[static_cast<int64_t>(mrow[j]) * C + c]);
+        // Note [Zero coefficients] (tokens.h): a zero coefficient adds nothing, even for an
+        // inf/NaN token. The branch is uniform over the block (same j for every thread).
+        const A w = crow[j];
+        if (w == A(0)) continue;
+        acc += w * static_cast<A>(cand[static_cast<int64_t>(mrow[j]) * C + c]);
       }
       orow[c] = static_cast<T>(acc);
     }
   }
 }
 
-// The launch shapes' own limits: one block per batch row on grid.x, and int32 token indices.
-void check_launch_shape(const char* op, int64_t B, int64_t N) {
+// The launch shape's own limit: one block per batch row on grid.x. (The int32 token index
+// limit, N < 2^31, is checked for both backends in check_common, csrc/tokens.cpp.)
+void check_launch_shape(const char* op, int64_t B) {
   TORCH_CHECK_VALUE(B <= std::numeric_limits<int32_t>::max(), "fisheradaptune.", op,
                     ": argument 'x': at most 2^31 - 1 batch rows on CUDA, got ", B);
-  TORCH_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), "fisheradaptune.", op,
-                    ": argument 'x': at most 2^31 - 1 tokens on CUDA, got ", N);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_prune_merge_cuda(
@@ -235,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_prune_merge_cuda(
   at::Tensor kept_index = at::empty({B, keep}, a.x.options().dtype(at::kLong));
   at::Tensor out_sizes = at::empty({B, R}, a.x.options().dtype(at::kFloat));
   if (B == 0) return {out, kept_index, out_sizes};
-  check_launch_shape("token_prune_merge", B, N);
+  check_launch_shape("token_prune_merge", B);
   at::Tensor src = at::empty({B, P + keep}, a.x.options().dtype(at::kInt));
   at::Tensor merged = at::empty({B, nm}, a.x.options().dtype(at::kInt));
   const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
@@ -322,11 +326,15 @@ __global__ void __launch_bounds__(kThreads)
     const T* gf = grad_out + (b * R + R - 1) * C;
     const T* xr = x + (b * N + t) * C;
     const A w = coef[b * M + t - P];
+    // Note [Zero coefficients]: a token that weighs nothing takes part with its finite values
+    // only (uniform over the block).
+    const bool weightless = w == A(0);
     A d = 0;
     for (int64_t c = threadIdx.x; c < C; c += kThreads) {
       const A g = static_cast<A>(gf[c]);
       dst[c] = static_cast<T>(w * g);
-      d += static_cast<A>(xr[c]) * g;
+      const A xv = static_cast<A>(xr[c]);
+      if (!weightless || isfinite(xv)) d += xv * g;
     }
     d = mt::block_sum(d);  // ends with a barrier: safe to go on to the next token
     if (threadIdx.x == 0) dots[b * M + t - P] = d;
@@ -347,7 +355,8 @@ __global__ void __launch_bounds__(kThreads)
   A fg = 0;
   if (normalize) {
     for (int64_t i = threadIdx.x; i < M; i += kThreads) {
-      if (rrow[i] < 0) fg += crow[i] * drow[i];
+      // Note [Zero coefficients]: as in the forward, a zero coefficient adds nothing.
+      if (rrow[i] < 0 && crow[i] != A(0)) fg += crow[i] * drow[i];
     }
     fg = mt::block_sum_all(fg);
   }
@@ -376,7 +385,7 @@ std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cuda(
   at::Tensor grad_x = at::empty({B, N, C}, a.x.options());
   at::Tensor grad_scores = at::empty({B, M}, a.scores.options());
   if (B == 0) return {grad_x, grad_scores};
-  check_launch_shape("token_prune_merge_backward", B, N);
+  check_launch_shape("token_prune_merge_backward", B);
   at::Tensor row_of = at::empty({B, M}, a.x.options().dtype(at::kInt));
   const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
   FAT_DISPATCH_TOKEN_TYPES(a.x.scalar_type(), "token_prune_merge_backward_cuda", [&] {

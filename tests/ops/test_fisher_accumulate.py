@@ -399,14 +399,89 @@ def test_rejects_bad_grad_dtype(index, dtype):
                    fisher, grads, lambda: ops.fisher_accumulate_(fisher, grads, decay=0.9, scale=0.1))
 
 
-@pytest.mark.parametrize("arg, value", [("decay", float("nan")), ("decay", float("inf")),
-                                        ("scale", -float("inf")), ("scale", float("nan"))])
-def test_rejects_nonfinite_scalars(arg, value):
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("arg, value", [
+    ("decay", float("nan")), ("decay", float("inf")), ("scale", -float("inf")),
+    ("scale", float("nan")),
+    # finite doubles that are inf in float32, where the kernels multiply (Note [Coefficients])
+    ("decay", 1e308), ("scale", 1e308), ("scale", 3.5e38), ("decay", -3.5e38),
+    # negative: a negative Fisher
+    ("decay", -0.5), ("scale", -1e-30), ("scale", -1.0)])
+def test_rejects_bad_coefficients(device, arg, value):
     fisher, grads, layout = _case()
+    fisher, grads = [f.to(device) for f in fisher], [g.to(device) for g in grads]
     kwargs = dict(decay=0.9, scale=0.1)
     kwargs[arg] = value
-    assert_rejects(ValueError, rf"argument '{arg}': expected a finite number", fisher, grads,
-                   lambda: ops.fisher_accumulate_(fisher, grads, layout=layout, **kwargs))
+    assert_rejects(ValueError, rf"argument '{arg}': expected a finite number in \[0, 3.40282e\+38\]",
+                   fisher, grads, lambda: ops.fisher_accumulate_(fisher, grads, layout=layout,
+                                                                 **kwargs))
+    # the same range for float64 state (CPU)
+    f64, g64 = [f.double().cpu() for f in fisher], [g.double().cpu() for g in grads]
+    assert_rejects(ValueError, rf"argument '{arg}'", f64, g64,
+                   lambda: ops.fisher_accumulate_(f64, g64, **kwargs))
+
+
+def test_accepts_coefficients_at_the_edges_of_float32():
+    fisher, grads, _ = _case()
+    for decay, scale in [(0.0, 0.0), (3.4e38, 1e-45), (1.0, 3.4e38)]:
+        ops.fisher_accumulate_([f.clone() * 0 for f in fisher], [g * 0 for g in grads],
+                               decay=decay, scale=scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Aliasing (Note [Aliasing], csrc/validate.h): in-place targets that share memory race
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("make, arg, other", [
+    # the same tensor twice
+    (lambda buf: ([buf[:8], buf[:8]], None), r"fisher\[1\]", r"fisher\[0\]"),
+    (lambda buf: ([buf[:8], buf[20:28], buf[:8]], None), r"fisher\[2\]", r"fisher\[0\]"),
+    # partial overlap between two views of one buffer
+    (lambda buf: ([buf[4:12], buf[:8]], None), r"fisher\[1\]", r"fisher\[0\]"),
+    (lambda buf: ([buf[:16].view(2, 8), buf[15:23]], None), r"fisher\[1\]", r"fisher\[0\]"),
+    # a gradient read in place from another target's memory
+    (lambda buf: ([buf[:8], buf[8:16]], [buf[10:18], None]), r"grads\[0\]", r"fisher\[1\]"),
+    # ... or from its own (elementwise harmless, but one rule: no written tensor overlaps)
+    (lambda buf: ([buf[:8]], [buf[:8]]), r"grads\[0\]", r"fisher\[0\]"),
+])
+def test_rejects_overlapping_targets(device, make, arg, other):
+    buf = torch.rand(40, device=device)
+    fisher, grads = make(buf)
+    if grads is None:
+        grads = [torch.randn(f.shape, device=device) for f in fisher]
+    before = buf.clone()
+    with pytest.raises(ValueError, match=rf"fisher_accumulate_: argument '{arg}': shares memory "
+                                         rf"with '{other}'"):
+        ops.fisher_accumulate_(fisher, grads, decay=0.5, scale=2.0)
+    assert torch.equal(buf, before)
+
+
+def test_overlap_that_is_not_read_in_place_is_fine():
+    # adjacent, non-overlapping views: fine (test_fisher_views_into_one_flat_buffer...); a
+    # non-contiguous gradient is copied before the kernel runs, so it races with nothing
+    buf = torch.rand(16)
+    fisher = [buf[:8].view(2, 4)]
+    g = buf[8:16].view(4, 2).t()
+    assert not g.is_contiguous()
+    ops.fisher_accumulate_(fisher, [g], decay=0.5, scale=1.0)
+    # an empty tensor owns no memory
+    ops.fisher_accumulate_([buf[:0], buf[:0], buf[:4]], [None, None, torch.ones(4)], decay=1.0,
+                           scale=1.0)
+
+
+def test_raw_op_rejects_outputs_sharing_memory_with_fisher():
+    buf = torch.zeros(8, dtype=torch.float64)
+    fisher = [buf[:4]]
+    with pytest.raises(ValueError, match=r"argument 'nonfinite': shares memory with 'fisher\[0\]'"):
+        torch.ops.fisheradaptune.fisher_accumulate_(fisher, [torch.ones(4)], 0.5, 1.0, None,
+                                                    torch.empty(0), buf.view(torch.int64)[2])
+    sums = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"argument 'nonfinite': shares memory with 'group_sums'"):
+        torch.ops.fisheradaptune.fisher_accumulate_([torch.zeros(4)], [None], 0.5, 1.0,
+                                                    torch.tensor([[0, 0, 4, 0]]), sums[:1],
+                                                    sums.view(torch.int64)[0])
+    assert torch.equal(buf, torch.zeros(8, dtype=torch.float64))
 
 
 def test_rejects_layout_with_wrong_tensors():

@@ -482,6 +482,50 @@ def test_rejects_bad_options(kw, exc, match, mode):
     assert_rejects(exc, match, cur, ref, lambda: ops.js_drift(cur, ref, layout, **kw))
 
 
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("make, arg, other", [
+    # the same reference tensor twice
+    (lambda buf: ([buf[20:26], buf[26:32]], [buf[:6], buf[:6]]), r"reference\[1\]",
+     r"reference\[0\]"),
+    # overlapping references
+    (lambda buf: ([buf[20:26], buf[26:32]], [buf[:6], buf[4:10]]), r"reference\[1\]",
+     r"reference\[0\]"),
+    # a current snapshot inside another tensor's reference ...
+    (lambda buf: ([buf[:6], buf[26:32]], [buf[10:16], buf[3:9]]), r"reference\[1\]",
+     r"current\[0\]"),
+    # ... or its own
+    (lambda buf: ([buf[:6], buf[26:32]], [buf[:6], buf[10:16]]), r"reference\[0\]",
+     r"current\[0\]"),
+])
+def test_rejects_overlapping_references_when_updating(device, mode, make, arg, other):
+    buf = torch.rand(40, device=device) + 0.1
+    cur, ref = make(buf)
+    layout = GroupLayout(("a", "b"), ((6,), (6,)), ("a", "b"),
+                         torch.tensor([[0, 0, 6, 0], [1, 0, 6, 1]]))
+    before = buf.clone()
+    with pytest.raises(ValueError, match=rf"js_drift: argument '{arg}': shares memory with "
+                                         rf"'{other}'"):
+        ops.js_drift(cur, ref, layout, drift_mode=mode, update_reference=0.5)
+    assert torch.equal(buf, before)
+    # without an update nothing is written: sharing is fine
+    ops.js_drift(cur, ref, layout, drift_mode=mode)
+    assert torch.equal(buf, before)
+
+
+def test_non_contiguous_current_overlapping_reference_is_copied_first():
+    # a non-contiguous current is read from a copy made before anything is written
+    buf = torch.rand(12) + 0.1
+    ref = [buf[:6].view(2, 3)]
+    cur = [buf[:6].view(3, 2).t()]
+    layout = groups.per_tensor([("a", ref[0])])
+    expected_ref = [r.clone() for r in ref]
+    want = reference.js_drift([c.clone() for c in cur], expected_ref, layout, update_reference=0.5)
+    got = ops.js_drift(cur, ref, layout, update_reference=0.5)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ref[0], expected_ref[0])
+
+
 def test_rejects_mixed_dtypes():
     cur, ref, layout = _case()
     cur64 = [cur[0].double(), cur[1]]

@@ -498,6 +498,31 @@ def test_rejects_update_reference_outside_unit_interval(rho):
                    lambda: ops.js_mass_partial(cur, ref, layout, totals, update_reference=rho))
 
 
+@pytest.mark.parametrize("device", devices)
+def test_rejects_overlapping_references_when_updating(device):
+    buf = torch.rand(40, device=device) + 0.1
+    layout = GroupLayout(("a", "b"), ((6,), (6,)), ("a", "b"),
+                         torch.tensor([[0, 0, 6, 0], [1, 0, 6, 1]]))
+    cur = [buf[20:26], buf[26:32]]
+    for ref, arg, other in [([buf[:6], buf[:6]], r"reference\[1\]", r"reference\[0\]"),
+                            ([buf[:6], buf[22:28]], r"reference\[1\]", r"current\[0\]")]:
+        totals = ops.js_mass_totals(cur, ref, layout)  # reads only: sharing is fine
+        before = buf.clone()
+        with pytest.raises(ValueError, match=rf"js_mass_partial: argument '{arg}': shares memory "
+                                             rf"with '{other}'"):
+            ops.js_mass_partial(cur, ref, layout, totals, update_reference=0.5)
+        assert torch.equal(buf, before)
+        ops.js_mass_partial(cur, ref, layout, totals)  # no update: nothing written
+    # totals are read while the reference is updated
+    tbuf = torch.rand(8, dtype=torch.float64, device=device)
+    ref64, cur64 = [tbuf[:6]], [torch.rand(6, dtype=torch.float64, device=device)]
+    if device == "cpu":  # float64 state is CPU only
+        lay1 = groups.per_tensor([("a", ref64[0])])
+        with pytest.raises(ValueError, match=r"argument 'totals': shares memory with "
+                                             r"'reference\[0\]'"):
+            ops.js_mass_partial(cur64, ref64, lay1, tbuf[4:6].reshape(2, 1), update_reference=0.5)
+
+
 @pytest.mark.parametrize("op", ["totals", "partial"])
 def test_rejects_length_shape_dtype_and_layout_mismatch(op):
     cur, ref, layout, totals = _case()

@@ -27,9 +27,11 @@ def inputs(n, t, fin, fout, seed, dtype=torch.float32, device="cpu", fisher_dtyp
 def assert_matches_reference(fisher, x, go, scale=1.0):
     a, b = fisher.clone(), fisher.clone()
     x_before, go_before = snapshot(x), snapshot(go)
-    ops.per_sample_grad_sq_(a, x, go, scale=scale)
-    reference.per_sample_grad_sq_(b, x, go, scale=scale)
-    torch.testing.assert_close(a, b, **TOL[fisher.dtype])
+    count = ops.per_sample_grad_sq_(a, x, go, scale=scale)
+    r_count = reference.per_sample_grad_sq_(b, x, go, scale=scale)
+    torch.testing.assert_close(a, b, **TOL[fisher.dtype], equal_nan=True)
+    assert count.shape == () and count.dtype == torch.int64 and count.device == fisher.device
+    assert int(count) == int(r_count)
     assert_unchanged([x_before, go_before], [x, go])
     return a
 
@@ -212,14 +214,18 @@ def test_non_contiguous_inputs():
 
 @pytest.mark.parametrize("device", devices)
 def test_opcheck(device):
+    def count():
+        return (torch.zeros((), dtype=torch.int64, device=device),)
+
     cases = [
-        inputs(4, 3, 5, 6, 0, device=device) + (0.5,),
-        inputs(4, 3, 5, 6, 1, dtype=torch.bfloat16, device=device) + (1.0,),
-        inputs(0, 3, 5, 6, 2, device=device) + (1.0,),
-        inputs(3, 0, 5, 6, 3, device=device) + (1.0,),
+        inputs(4, 3, 5, 6, 0, device=device) + (0.5,) + count(),
+        inputs(4, 3, 5, 6, 1, dtype=torch.bfloat16, device=device) + (1.0,) + count(),
+        inputs(0, 3, 5, 6, 2, device=device) + (1.0,) + count(),
+        inputs(3, 0, 5, 6, 3, device=device) + (1.0,) + count(),
     ]
     if device == "cpu":
-        cases.append(inputs(4, 2, 3, 2, 4, dtype=torch.float64, fisher_dtype=torch.float64) + (2.0,))
+        cases.append(inputs(4, 2, 3, 2, 4, dtype=torch.float64, fisher_dtype=torch.float64)
+                     + (2.0,) + count())
     for args in cases:
         result = opcheck(torch.ops.fisheradaptune.per_sample_grad_sq_, args)
         assert all(v == "SUCCESS" for v in result.values()), result
@@ -259,12 +265,133 @@ def test_rejects_bad_arguments(make, exc, match):
     assert_unchanged(before, [fisher, x, go])
 
 
-@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
-def test_rejects_nonfinite_scale(scale):
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), 1e308, 3.5e38,
+                                   -1.0, -1e-30])
+def test_rejects_bad_scale(device, scale):
+    # non-finite, beyond float32's range (finite as a double, inf in the kernels), or negative
+    fisher, x, go = inputs(4, 3, 5, 6, 0, device=device)
+    before = fisher.clone()
+    with pytest.raises(ValueError, match=r"argument 'scale': expected a finite number in \[0, "):
+        ops.per_sample_grad_sq_(fisher, x, go, scale=scale)
+    assert torch.equal(fisher, before)
+    f64 = fisher.double().cpu()  # the same range for float64 state
+    with pytest.raises(ValueError, match=r"argument 'scale'"):
+        ops.per_sample_grad_sq_(f64, x.double().cpu(), go.double().cpu(), scale=scale)
+
+
+def test_accepts_scale_at_the_edges_of_float32():
+    fisher, x, go = inputs(2, 1, 3, 2, 0)
+    for scale in (0.0, 1e-45, 3.4e38):
+        ops.per_sample_grad_sq_(fisher.clone(), x * 1e-30, go * 1e-10, scale=scale)
+
+
+@pytest.mark.parametrize("make, arg", [
+    (lambda f, x, g: (f, f.reshape(1, 6, 5).expand(4, 6, 5)[:, :3], g), "x"),
+    (lambda f, x, g: (f, x, f.reshape(-1)[:18].reshape(1, 3, 6).expand(4, 3, 6)), "grad_out"),
+])
+def test_rejects_fisher_sharing_memory_with_an_input(make, arg):
+    fisher, x, go = inputs(4, 3, 5, 6, 0)
+    f, x2, g2 = make(fisher, x, go)
+    before = snapshot([f])
+    with pytest.raises(ValueError, match=rf"argument '{arg}': shares memory with 'fisher'"):
+        ops.per_sample_grad_sq_(f, x2, g2)
+    assert_unchanged(before, [f])
+    # a copy shares nothing
+    ops.per_sample_grad_sq_(f, x2.clone(), g2.clone())
+
+
+def test_rejects_count_sharing_memory_with_fisher():
+    fisher = torch.zeros(2, 2, dtype=torch.float64)
+    count = fisher.view(torch.int64).reshape(-1)[0]
+    x, go = torch.randn(3, 1, 2, dtype=torch.float64), torch.randn(3, 1, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"argument 'nonfinite': shares memory with 'fisher'"):
+        torch.ops.fisheradaptune.per_sample_grad_sq_(fisher, x, go, 1.0, count)
+    assert torch.equal(fisher, torch.zeros(2, 2, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite inputs: skipped and counted, as fisher_accumulate_ (Note [Skipping in
+# per_sample_grad_sq_], csrc/per_sample.cpp)
+
+
+def _poisoned(device, seed=20):
+    fisher, x, go = inputs(5, 3, 6, 4, seed, device=device)
+    x[1, 2, 3] = float("nan")      # sample 1: column 3 of g_1 is NaN
+    go[3, 0, 2] = float("inf")     # sample 3: row 2 of g_3 is +-inf (x has no zeros)
+    return fisher, x, go
+
+
+@pytest.mark.parametrize("device", devices)
+def test_nonfinite_inputs_are_skipped_and_counted(device):
+    fisher, x, go = _poisoned(device)
+    got = fisher.clone()
+    count = ops.per_sample_grad_sq_(got, x, go, scale=0.5)
+    bad = torch.zeros(4, 6, dtype=torch.bool)
+    bad[:, 3] = True
+    bad[2, :] = True
+    bad = bad.to(device)
+    assert int(count) == int(bad.sum()) == 9
+    assert torch.isfinite(got).all()
+    # skipped elements keep their value from before the call, the others are updated
+    assert torch.equal(got[bad], fisher[bad])
+    assert int(reference.per_sample_grad_sq_(fisher.clone(), x, go, scale=0.5)) == 9
+    assert_matches_reference(fisher, x, go, 0.5)
+    assert not torch.equal(got[~bad], fisher[~bad])
+
+
+@pytest.mark.parametrize("device", devices)
+def test_overflowing_squares_are_skipped(device):
+    fisher, x, go = inputs(3, 1, 4, 2, 21, device=device)
+    x[0, 0, 1] = 1e30             # finite input, square of g_0[:, 1] overflows float32
+    got = fisher.clone()
+    count = ops.per_sample_grad_sq_(got, x, go, scale=1e-30)
+    assert int(count) == 2
+    assert torch.equal(got[:, 1], fisher[:, 1]) and torch.isfinite(got).all()
+    assert_matches_reference(fisher, x, go, 1e-30)
+
+
+def test_an_already_nonfinite_fisher_is_counted_not_written():
+    fisher, x, go = inputs(3, 2, 4, 2, 22)
+    fisher[0, 0] = float("inf")
+    got = fisher.clone()
+    assert int(ops.per_sample_grad_sq_(got, x, go)) == 1
+    assert got[0, 0] == float("inf")
+
+
+def test_skipping_does_not_depend_on_the_tiling():
+    # 341 samples a tile here: a NaN in the second tile must leave the element as it was
+    # before the call (the first tile's squares are not kept either), as one tile would
+    fout, fin, n = 96, 128, 700
+    assert TILE // (fout * fin) < n
+    fisher, x, go = inputs(n, 1, fin, fout, 23)
+    x[500, 0, 7] = float("nan")
+    got = fisher.clone()
+    count = ops.per_sample_grad_sq_(got, x, go, scale=1.0 / n)
+    assert int(count) == fout
+    assert torch.equal(got[:, 7], fisher[:, 7])
+    assert_matches_reference(fisher, x, go, 1.0 / n)
+
+
+def test_count_is_written_not_added():
+    fisher, x, go = _poisoned("cpu")
+    count = torch.full((), 100, dtype=torch.int64)
+    torch.ops.fisheradaptune.per_sample_grad_sq_(fisher, x, go, 1.0, count)
+    assert int(count) == 9
+    empty = torch.full((), 5, dtype=torch.int64)
+    torch.ops.fisheradaptune.per_sample_grad_sq_(fisher, x[:0], go[:0], 1.0, empty)
+    assert int(empty) == 0
+
+
+@pytest.mark.parametrize("make, exc, match", [
+    (lambda d: torch.zeros((), dtype=torch.int32, device=d), TypeError, "expected int64"),
+    (lambda d: torch.zeros(2, dtype=torch.int64, device=d), ValueError, "expected one element"),
+])
+def test_rejects_bad_count_tensor(make, exc, match):
     fisher, x, go = inputs(4, 3, 5, 6, 0)
     before = fisher.clone()
-    with pytest.raises(ValueError, match=r"argument 'scale': expected a finite number"):
-        ops.per_sample_grad_sq_(fisher, x, go, scale=scale)
+    with pytest.raises(exc, match=r"argument 'nonfinite': " + match):
+        torch.ops.fisheradaptune.per_sample_grad_sq_(fisher, x, go, 1.0, make("cpu"))
     assert torch.equal(fisher, before)
 
 

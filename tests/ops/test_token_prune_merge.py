@@ -158,6 +158,84 @@ def test_zero_weight_fused_token_is_zeros():
     assert torch.equal(out[0, -1], torch.zeros(3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
+def test_zero_weight_fused_row_with_nonfinite_token_is_zeros(device, dtype, bad):
+    # Note [Zero coefficients] (csrc/tokens.h): W == 0 gives zeros even when a fused token is
+    # inf or NaN (0 * inf would be NaN), with zero gradients, on the kernels and the reference
+    g = make_generator(13)
+    x = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
+    x[0, 2, 1] = bad                   # candidate 1 of row 0: merged, weight 0
+    x[0, 5, :] = bad                   # candidate 4 of row 0: merged, weight 0
+    scores = torch.rand(2, 5, generator=g, dtype=torch.float64) + 0.1
+    scores[0] = torch.tensor([1.0, 0.0, 0.0, 0.9, 0.0])
+    x = x.to(dtype).to(device).requires_grad_(True)
+    scores = scores.to(dtype).to(device).requires_grad_(True)
+    for normalize in (True, False):
+        out, kept, _ = ops.token_prune_merge(x, scores, 2, normalize=normalize)
+        assert kept[0].tolist() == [0, 3]
+        assert torch.equal(out[0, -1], torch.zeros(3, dtype=dtype, device=device))
+        assert bool(torch.isfinite(out[1]).all())
+        r_out, _, _ = reference.token_prune_merge(x, scores, 2, normalize=normalize)
+        assert torch.equal(r_out[0, -1], out[0, -1])
+        torch.testing.assert_close(out, r_out, **TOL[dtype])
+        grad = torch.randn(out.shape, generator=make_generator(14)).to(dtype).to(device)
+        gx, gs = torch.autograd.grad(out, (x, scores), grad)
+        r_gx, r_gs = torch.autograd.grad(r_out, (x, scores), grad)
+        # merged tokens of row 0 get coef * g = 0, kept/protected ones their row's gradient
+        assert bool(torch.isfinite(gx).all()) and bool(torch.isfinite(gs).all())
+        for i in (2, 3, 5):
+            assert torch.equal(gx[0, i], torch.zeros(3, dtype=dtype, device=device))
+        torch.testing.assert_close(gx, r_gx, **TOL[dtype])
+        torch.testing.assert_close(gs, r_gs, **TOL[dtype])
+        if normalize:
+            assert torch.equal(gs[0], torch.zeros(5, dtype=dtype, device=device))
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_zero_weight_nonfinite_token_does_not_poison_a_weighted_fuse(device, normalize):
+    # W != 0: the weightless inf/NaN token adds nothing; the fused row and every gradient stay
+    # finite and match the reference (whose masks do the same)
+    g = make_generator(15)
+    x = torch.randn(1, 7, 4, generator=g, dtype=torch.float64)
+    x[0, 3, 0] = float("inf")
+    x[0, 4, 2] = float("nan")
+    scores = torch.tensor([[2.0, 1.0, 0.0, 0.0, 0.5, 3.0]], dtype=torch.float64)
+    x = x.to(device).requires_grad_(True)
+    scores = scores.to(device).requires_grad_(True)
+    out, kept, _ = ops.token_prune_merge(x, scores, 2, normalize=normalize)
+    assert kept.tolist() == [[0, 5]]
+    r_out, _, _ = reference.token_prune_merge(x, scores, 2, normalize=normalize)
+    assert bool(torch.isfinite(out).all())
+    torch.testing.assert_close(out, r_out)
+    grad = torch.randn(out.shape, generator=make_generator(16), dtype=torch.float64).to(device)
+    gx, gs = torch.autograd.grad(out, (x, scores), grad)
+    r_gx, r_gs = torch.autograd.grad(r_out, (x, scores), grad)
+    assert bool(torch.isfinite(gx).all()) and bool(torch.isfinite(gs).all())
+    torch.testing.assert_close(gx, r_gx)
+    torch.testing.assert_close(gs, r_gs)
+
+
+@pytest.mark.parametrize("device", devices)
+def test_rejects_more_than_int32_tokens(device):
+    # token indices are int32 in both kernels; an empty batch (no memory) still has N = 2^31
+    n = 2 ** 31
+    x = torch.empty(0, n, 4, device=device)
+    scores = torch.empty(0, n - 1, device=device)
+    with pytest.raises(ValueError, match=r"token_prune_merge: argument 'x': expected at most "
+                                         r"2\^31 - 1 tokens"):
+        ops.token_prune_merge(x, scores, 3)
+    kept = torch.empty(0, 3, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match=r"token_prune_merge_backward: argument 'x'"):
+        torch.ops.fisheradaptune.token_prune_merge_backward(
+            torch.empty(0, 5, 4, device=device), x, scores, None, kept, 1, True)
+    # 2^31 - 1 is accepted
+    out, _, _ = ops.token_prune_merge(x[:, :-1], scores[:, :-1], 3)
+    assert out.shape == (0, 5, 4)
+
+
 def test_empty_batch_and_channels():
     for b, c in [(0, 4), (2, 0)]:
         x, scores, sizes = inputs(b, 5, c, 1, 3)
