@@ -1,5 +1,6 @@
 // The operator contract: every fisheradaptune op's schema, in one place. Kernels live in
-// cpu/<family>.cpp and cuda/<family>.cu; fake kernels and autograd in fisheradaptune/ops.py.
+// cpu/<family>.cpp and cuda/<family>.cu; fake kernels in fisheradaptune/_fake.py; autograd in
+// fisheradaptune/ops.py (version counters of in-place writes: fisheradaptune/_inplace.py).
 // The methods behind the ops are specified in docs/methods.md.
 #include <Python.h>
 #include <torch/library.h>

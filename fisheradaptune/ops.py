@@ -1,8 +1,10 @@
-"""Typed Python entry points of the ``torch.ops.fisheradaptune`` operators, with fake kernels.
+"""Typed Python entry points of the ``torch.ops.fisheradaptune`` operators.
 
 Each function validates what only Python knows (the layout), allocates the outputs and calls
 the registered op; the C++ side validates every tensor argument before it writes anything.
-Every op has a pure-PyTorch twin of the same name in :mod:`fisheradaptune.reference`.
+Every op has a pure-PyTorch twin of the same name in :mod:`fisheradaptune.reference`. The fake
+kernels (for torch.compile and meta tensors, with the same argument checks) live in
+:mod:`fisheradaptune._fake`, registered when this module is imported.
 
 Mutation, said the same way everywhere: an op whose name ends in ``_`` always writes into its
 first argument(s) in place; an op that writes into an argument only on request
@@ -16,6 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import _fake  # noqa: F401  (registers the fake kernels)
 from .groups import GroupLayout
 
 __all__ = ["fisher_accumulate_", "js_drift", "js_mass_totals", "js_mass_partial", "per_sample_grad_sq_",
@@ -230,39 +233,6 @@ def per_sample_grad_sq_(fisher: Tensor, x: Tensor, grad_out: Tensor, *,
 
 
 # ---------------------------------------------------------------------------------------------
-# Fake (meta) kernels: shapes and dtypes only, for torch.compile and FakeTensor tracing.
-
-
-@torch.library.register_fake("fisheradaptune::fisher_accumulate_")
-def _fisher_accumulate_fake(fisher, grads, decay, scale, segments, group_sums, nonfinite):
-    return None
-
-
-@torch.library.register_fake("fisheradaptune::js_drift")
-def _js_drift_fake(current, reference, segments, num_groups, drift_mode, bins, lower_q, upper_q,
-                   min_log_range, base2, update_reference):
-    device = current[0].device if current else segments.device
-    return torch.empty(num_groups, dtype=torch.float32, device=device)
-
-
-@torch.library.register_fake("fisheradaptune::js_mass_totals")
-def _js_mass_totals_fake(current, reference, segments, num_groups):
-    device = current[0].device if current else segments.device
-    return torch.empty(2, num_groups, dtype=torch.float64, device=device)
-
-
-@torch.library.register_fake("fisheradaptune::js_mass_partial")
-def _js_mass_partial_fake(current, reference, segments, num_groups, totals, update_reference):
-    device = current[0].device if current else segments.device
-    return torch.empty(num_groups, dtype=torch.float64, device=device)
-
-
-@torch.library.register_fake("fisheradaptune::per_sample_grad_sq_")
-def _per_sample_grad_sq_fake(fisher, x, grad_out, scale, nonfinite):
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
 # Token prune-merge (docs/methods.md section 6; Note [Token prune-merge] in csrc/tokens.h)
 
 
@@ -314,30 +284,6 @@ def token_prune_merge(
                                   bool(normalize))
 
 
-@torch.library.register_fake("fisheradaptune::token_prune_merge")
-def _token_prune_merge_fake(x, scores, sizes, num_protected, keep, normalize):
-    torch._check(x.dim() == 3, lambda: "fisheradaptune.token_prune_merge: argument 'x': "
-                 f"expected [B, N, C], got shape {tuple(x.shape)}")
-    for name, t in (("scores", scores), ("sizes", sizes)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"fisheradaptune.token_prune_merge: argument '{name}': expected a "
-                             f"tensor on {x.device}, got {t.device}")
-    b, n, c = x.shape
-    cand = n - num_protected
-    torch._check(0 <= keep <= cand, lambda: "fisheradaptune.token_prune_merge: argument "
-                 f"'keep': expected 0 <= keep <= N - num_protected = {cand}, got {keep}")
-    rows = num_protected + keep + (1 if keep < cand else 0)
-    return (x.new_empty(b, rows, c), x.new_empty(b, keep, dtype=torch.int64),
-            x.new_empty(b, rows, dtype=torch.float32))
-
-
-@torch.library.register_fake("fisheradaptune::token_prune_merge_backward")
-def _token_prune_merge_backward_fake(grad_out, x, scores, sizes, kept_index, num_protected,
-                                     normalize):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), \
-        torch.empty_like(scores, memory_format=torch.contiguous_format)
-
-
 def _token_prune_merge_setup(ctx, inputs, output):
     x, scores, sizes, num_protected, keep, normalize = inputs
     ctx.save_for_backward(x, scores, sizes, output[1])
@@ -384,14 +330,3 @@ def sampled_grad(grad_out: Tensor, x: Tensor, index: Tensor) -> Tensor:
     op cannot be captured in a CUDA graph (a clear error).
     """
     return _ops.sampled_grad.default(grad_out, x, index)
-
-
-@torch.library.register_fake("fisheradaptune::sampled_grad")
-def _sampled_grad_fake(grad_out, x, index):
-    torch._check(grad_out.dim() == 2, lambda: "sampled_grad: argument 'grad_out': expected [T, out]")
-    torch._check(x.dim() == 2 and x.shape[0] == grad_out.shape[0],
-                 lambda: "sampled_grad: argument 'x': expected [T, in]")
-    torch._check(index.dim() == 2 and index.shape[0] == grad_out.shape[1],
-                 lambda: "sampled_grad: argument 'index': expected [out, C]")
-    dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
-    return grad_out.new_empty((index.shape[0], index.shape[1]), dtype=dtype)
