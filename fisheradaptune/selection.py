@@ -11,12 +11,21 @@ Algorithm (:func:`select_from_fisher`), over the weights of the chosen Linear mo
 
 1. ``F`` is a diagonal Fisher over calibration batches (:func:`fisheradaptune.fisher.estimate`).
 2. The global top ``budget`` fraction of all their entries, ``k = max(1, round(budget * total))``
-   entries, ties to the earlier entry (module order, then row-major index).
-3. ``w_l`` = the fraction of layer ``l``'s entries in that set.
-4. ``C_l = clamp(round(c_min * w_l / min_{w>0} w), 1, in_features)`` (round half up); a layer
-   with ``w_l = 0`` gets ``min(c_min, in_features)``, or 0 with ``skip_empty=True``.
-5. Each output row of layer ``l`` keeps its top ``C_l`` input connections by ``F`` (ties: lower
+   entries, ties to the earlier entry (module order, then row-major index); ``k_l`` of them lie
+   in layer ``l``.
+3. ``C_l = min(in_features, max(c_min, round(k_l / out_features)))`` (round half up): layer
+   ``l`` keeps as many entries as the top set holds in it, spread evenly over its rows, with at
+   least ``c_min`` per row; a layer with ``k_l = 0`` gets ``min(c_min, in_features)``, or 0
+   with ``skip_empty=True``.
+4. Each output row of layer ``l`` keeps its top ``C_l`` input connections by ``F`` (ties: lower
    index). ``index[l]`` is int64 ``[out, C_l]``, each row sorted ascending.
+
+So ``budget`` is the fraction of the chosen weights' entries selected: ``sum_l out_l * C_l``
+equals ``k`` up to the rounding of each layer to whole rows (at most ``out_l / 2`` entries per
+layer either way) and what the ``c_min`` floor adds; ``budget=1`` selects every entry. A
+larger budget never selects less, and its selection contains the smaller one's: the top-k sets
+are nested (one fixed order), so every ``k_l``, hence every ``C_l``, is non-decreasing in
+``budget``, and a row's top ``C_l`` is a prefix of one fixed order.
 
 Trainability (:meth:`Selection.apply`): the selected entries of the chosen weights; the chosen
 modules' biases (``train_bias``) and the head's parameters (``train_head``) densely; everything
@@ -62,7 +71,13 @@ def _round_half_up(x: float) -> int:
 
 def select_from_fisher(fisher: Dict[str, Tensor], budget: float = 0.005, c_min: int = 1,
                        skip_empty: bool = False) -> Tuple[Dict[str, Tensor], Dict[str, int]]:
-    """Steps 2-5 of the algorithm on a given Fisher ``{name: [out, in]}`` (see the module doc).
+    """Steps 2-4 of the algorithm on a given Fisher ``{name: [out, in]}`` (see the module doc).
+
+    ``budget`` in ``(0, 1]`` is the fraction of all the layers' entries to select (up to
+    rounding to whole rows and the ``c_min`` floor, see the module doc); a larger budget selects
+    a superset, ``1`` selects everything. ``c_min`` is the least number of connections per row
+    of any layer that gets some; ``skip_empty`` gives layers with no entry in the global top
+    set ``C_l = 0`` instead of ``min(c_min, in_features)``.
 
     Returns ``(index, c)``: ``{name: int64 [out, C_l]}`` (rows sorted ascending, on the Fisher's
     device) and ``{name: C_l}``.
@@ -105,20 +120,19 @@ def select_from_fisher(fisher: Dict[str, Tensor], budget: float = 0.005, c_min: 
         need -= take
         counts.append(above + take)
 
-    # Steps 3-4.
-    w = [c / n if n else 0.0 for c, n in zip(counts, numels)]
-    w_min = min(x for x in w if x > 0)
+    # Step 3. Rows of whole entries: C_l depends on budget only through k_l, which only grows
+    # with it, so C_l (and the selection) is monotone in budget.
     index: Dict[str, Tensor] = {}
     c: Dict[str, int] = {}
-    for name, wl in zip(names, w):
+    for name, kl in zip(names, counts):
         f = fisher[name]
         out_f, in_f = f.shape
-        if wl > 0:
-            cl = max(1, min(in_f, _round_half_up(c_min * wl / w_min)))
+        if kl > 0:
+            cl = min(in_f, max(c_min, _round_half_up(kl / out_f)))
         else:
             cl = 0 if skip_empty else min(c_min, in_f)
         c[name] = cl
-        # Step 5: stable sort on -F, so ties go to the lower index.
+        # Step 4: stable sort on -F, so ties go to the lower index.
         if cl == 0 or out_f == 0:
             idx = torch.empty(out_f, cl, dtype=torch.int64, device=f.device)
         else:
@@ -344,52 +358,158 @@ class _SparseLinearFn(torch.autograd.Function):
         return gx, None, gv, None, gb, None
 
 
+class _WeightAlias(torch.autograd.Function):
+    """``weight`` (which already holds ``values`` at ``index``) as a tensor differentiable in
+    ``values``: forward returns the buffer itself (autograd wraps it as a view, no copy);
+    backward gathers the dense gradient that reaches it at ``index``. Lets code that reads a
+    Linear's ``weight`` instead of calling the module train the selected entries."""
+
+    @staticmethod
+    def forward(ctx, weight, values, index):
+        ctx.save_for_backward(index)
+        ctx.values_dtype = values.dtype
+        return weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        index, = ctx.saved_tensors
+        return None, grad.gather(1, index).to(ctx.values_dtype), None
+
+
+def _check_sparse_args(weight, index, bias) -> None:
+    """Refuse, at construction, what would otherwise fail only at the first backward (a wrong
+    row count) or train silently wrong (a repeated column: ``scatter`` keeps only one of the
+    two values while both get optimizer state)."""
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"argument 'weight': expected a Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"argument 'weight': expected a 2-D tensor [out_features, in_features], "
+                         f"got shape {list(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"argument 'weight': expected a floating dtype, got {weight.dtype}")
+    out_f, in_f = weight.shape
+    if not isinstance(index, Tensor):
+        raise TypeError(f"argument 'index': expected a Tensor, got {type(index).__name__}")
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise TypeError(f"argument 'index': expected an integer dtype, got {index.dtype}")
+    if index.dim() != 2 or index.shape[0] != out_f or index.shape[1] > in_f:
+        raise ValueError(f"argument 'index': expected shape [out_features={out_f}, C] with "
+                         f"0 <= C <= in_features={in_f}, got {list(index.shape)}")
+    if index.numel():
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= in_f:
+            raise ValueError(f"argument 'index': values must lie in [0, {in_f}), got "
+                             f"min {lo}, max {hi}")
+        srt = index.sort(dim=1).values
+        dup = (srt[:, 1:] == srt[:, :-1]).any(dim=1)
+        if bool(dup.any()):
+            row = int(dup.nonzero()[0, 0])
+            raise ValueError(f"argument 'index': row {row} repeats a column "
+                             f"({index[row].tolist()}); each row must name distinct columns")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"argument 'bias': expected a Tensor or None, got "
+                            f"{type(bias).__name__}")
+        if tuple(bias.shape) != (out_f,):
+            raise ValueError(f"argument 'bias': expected shape [{out_f}], got {list(bias.shape)}")
+        if not bias.is_floating_point():
+            raise TypeError(f"argument 'bias': expected a floating dtype, got {bias.dtype}")
+
+
+#: Linear classes that ``to_linear`` rebuilds as themselves: nn.MultiheadAttention's
+#: ``out_proj`` type (same constructor as nn.Linear), so merging leaves the model's module
+#: types as they were (quantization tools treat that class apart).
+_LINEAR_TYPES = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
 class SparseLinear(nn.Module):
     """A Linear layer that trains only ``values [out, C]`` at ``index [out, C]`` of its weight.
 
-    ``weight`` (buffer) is the dense weight the layer multiplies by: the frozen pretrained
-    entries, with the selected entries kept equal to ``values`` (trainable, the only ones with
-    optimizer state). They are written into ``weight`` in place, ``out x C`` elements, before a
-    forward that follows a change of ``values`` (an optimizer step, a load) or of ``weight``,
-    so no dense weight copy is made per forward. ``bias`` is the usual bias. The backward
-    computes only the sampled weight gradient (SDDMM, ``ops.sampled_grad``).
+    ``weight`` (a buffer, saved as ``weight`` in the state dict) is the dense weight the layer
+    multiplies by: the frozen pretrained entries, with the selected entries kept equal to
+    ``values`` (trainable, the only ones with optimizer state). They are written into the
+    buffer in place, ``out x C`` elements, before a forward or a read of ``weight`` that follows
+    a change of ``values`` (an optimizer step, a load) or of the buffer, so no dense weight copy
+    is made per forward. ``bias`` is the usual bias. The backward of :meth:`forward` computes
+    only the sampled weight gradient (SDDMM, ``ops.sampled_grad``).
+
+    Reading ``weight`` directly also works, because some modules do that instead of calling
+    the Linear: ``nn.MultiheadAttention`` passes ``out_proj.weight`` to its functional form
+    and ``nn.TransformerEncoderLayer``'s inference fast path reads ``linear1/linear2.weight``.
+    The read returns the synced buffer; with grad mode on and ``values`` trainable it is
+    differentiable into ``values`` (the dense gradient that reaches it is gathered at
+    ``index``). That path forms the dense ``[out, in]`` weight gradient the reading module
+    computes, so it costs what a dense Linear's backward costs; optimizer state stays
+    ``[out, C]``.
+
+    Construction checks the arguments (``_check_sparse_args``): ``weight`` 2-D floating,
+    ``index`` integer ``[out_features, C]`` with ``C <= in_features``, values in
+    ``[0, in_features)`` and distinct within each row, ``bias`` ``[out_features]``.
     """
 
     def __init__(self, weight: Tensor, index: Tensor, bias: Optional[Tensor] = None):
         super().__init__()
+        _check_sparse_args(weight, index, bias)
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight.detach().clone())
+        # Stored straight into _buffers: register_buffer refuses a name the class already
+        # defines, and `weight` is the property below. It is a buffer like any other for
+        # state_dict, load_state_dict and .to().
+        self._buffers["weight"] = weight.detach().clone()
         self.register_buffer("index", index.to(weight.device, torch.int64).contiguous())
-        self.values = nn.Parameter(self.weight.gather(1, self.index))
+        self.values = nn.Parameter(self._dense.gather(1, self.index))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
-        self._synced: Optional[tuple] = None  # what weight held values of, see _sync
+        self._synced: Optional[tuple] = None  # what the buffer held values of, see _sync
+        self._linear_type: type = nn.Linear
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, index: Tensor) -> "SparseLinear":
-        return cls(linear.weight, index, linear.bias)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"argument 'linear': expected an nn.Linear, got "
+                            f"{type(linear).__name__}")
+        sp = cls(linear.weight, index, linear.bias)
+        if type(linear) in _LINEAR_TYPES:
+            sp._linear_type = type(linear)
+        return sp
+
+    @property
+    def _dense(self) -> Tensor:
+        """The dense weight buffer itself (no sync, no autograd)."""
+        return self._buffers["weight"]
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight, selected entries synced; differentiable into ``values`` when grad
+        mode is on and ``values`` requires grad (see the class doc)."""
+        self._sync()
+        if torch.is_grad_enabled() and self.values.requires_grad:
+            return _WeightAlias.apply(self._dense, self.values, self.index)
+        return self._dense
 
     def _state(self) -> tuple:
         # In-place updates (optimizer steps, load_state_dict's copy_) bump _version; a new
         # tensor (module.to(), assignment) has another storage.
-        return (self.values.data_ptr(), self.values._version, self.weight.data_ptr(),
-                self.weight._version, self.index.data_ptr(), self.index._version)
+        w = self._dense
+        return (self.values.data_ptr(), self.values._version, w.data_ptr(),
+                w._version, self.index.data_ptr(), self.index._version)
 
     def _sync(self) -> None:
-        """Write ``values`` into ``weight`` at ``index`` unless it already holds them. Skipped
+        """Write ``values`` into the buffer at ``index`` unless it already holds them. Skipped
         when nothing changed, so several forwards before one backward leave the weight saved
         for backward untouched."""
         if self._synced != self._state():
             with torch.no_grad():
-                self.weight.scatter_(1, self.index, self.values.detach().to(self.weight.dtype))
+                self._dense.scatter_(1, self.index, self.values.detach().to(self._dense.dtype))
             self._synced = self._state()
 
     def dense_weight(self) -> Tensor:
-        return self.weight.scatter(1, self.index, self.values.detach().to(self.weight.dtype))
+        """A detached copy of the dense weight with the current ``values``."""
+        w = self._dense
+        return w.scatter(1, self.index, self.values.detach().to(w.dtype))
 
     def to_linear(self) -> nn.Linear:
-        w = self.weight
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=w.device, dtype=w.dtype)
+        w = self._dense
+        lin = self._linear_type(self.in_features, self.out_features, bias=self.bias is not None,
+                                device=w.device, dtype=w.dtype)
         with torch.no_grad():
             lin.weight.copy_(self.dense_weight())
             if self.bias is not None:
@@ -399,7 +519,7 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._sync()
-        return _SparseLinearFn.apply(x, self.weight, self.values, self.index, self.bias, True)
+        return _SparseLinearFn.apply(x, self._dense, self.values, self.index, self.bias, True)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -457,6 +577,8 @@ def select_connections(model: nn.Module, batches: Iterable, loss_fn: Callable, *
     ``lora_A``/``lora_B`` and the like are not pretrained weights; the base layers peft wraps,
     ``*.base_layer``, are selected as any Linear). ``loss_fn(model, batch)`` returns the scalar
     loss; ``estimator`` is one of :data:`fisheradaptune.fisher.CALIBRATION_ESTIMATORS`.
+    ``budget`` is the fraction of the chosen weights' entries selected, ``c_min`` the least
+    number per row (:func:`select_from_fisher`); a larger budget selects a superset.
 
     Distributed: under an initialised process group (e.g. a DDP-wrapped ``model`` with each
     rank calibrating on its own shard), the Fisher is averaged over ranks before the top-k and

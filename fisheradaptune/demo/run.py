@@ -160,9 +160,8 @@ def _ce(model, batch):
 def tr_pts(model, cfg, task, tokens: bool = False):
     """TR-PTS parameter selection (docs/methods.md section 5): per-sample Fisher, M = 2%, c_min = 1.
 
-    M only sets each layer's share; C_l = round(c_min * w_l / min w) then saturates at
-    in_features for the layers holding most of the top entries, so on this small ViT about a
-    fifth of the parameters end up trainable (the "active params" column reports it)."""
+    M is the fraction of the Linear weights (head aside) selected, at least c_min per row, plus the
+    dense head and biases; the "active params" column reports the total."""
     sel = fat.selection.select_connections(model, _calibration(task, cfg), _ce, budget=0.02, c_min=1)
     params = sel.apply(model, mode="mask")
     if tokens:

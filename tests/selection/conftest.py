@@ -1,6 +1,7 @@
 """TR-PTS parameter selection (fisheradaptune.selection, fisheradaptune.masked): the selection
 formula and select_connections (test_selection.py), mode="mask" with MaskedOptimizer
-(test_masked_optimizer.py) and mode="compact" with SparseLinear (test_sparse_linear.py).
+(test_masked_optimizer.py) and mode="compact" with SparseLinear (test_sparse_linear.py; on
+nn.TransformerEncoder, whose attention reads out_proj.weight: test_compact_transformer.py).
 
 The fixtures are the small token model, its data and loss that all three files select on.
 """

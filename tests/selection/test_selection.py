@@ -1,4 +1,4 @@
-"""TR-PTS parameter selection (SPEC section 5): fisheradaptune.selection's formula
+"""TR-PTS parameter selection (docs/methods.md section 5): fisheradaptune.selection's formula
 (select_from_fisher), select_connections, Selection save/load and apply(mode="mask")."""
 from __future__ import annotations
 
@@ -6,25 +6,25 @@ import math
 
 import pytest
 import torch
+from hypothesis import assume, given, settings, strategies as st
 from torch import nn
 
 from fisheradaptune.selection import Selection, select_connections, select_from_fisher
 
 
 def _spec_c(fisher, budget, c_min, skip_empty):
-    """The SPEC formula, written out independently (global argsort, stable)."""
+    """The documented formula, written out independently (global argsort, stable)."""
     names = list(fisher)
     flat = torch.cat([fisher[n].reshape(-1).double() for n in names])
     k = min(flat.numel(), max(1, math.floor(budget * flat.numel() + 0.5)))
     order = torch.sort(-flat, stable=True).indices[:k]
     owner = torch.cat([torch.full((fisher[n].numel(),), i) for i, n in enumerate(names)])
-    w = [int((owner[order] == i).sum()) / fisher[n].numel() for i, n in enumerate(names)]
-    wmin = min(x for x in w if x > 0)
     out = {}
-    for n, wl in zip(names, w):
-        in_f = fisher[n].shape[1]
-        if wl > 0:
-            out[n] = max(1, min(in_f, math.floor(c_min * wl / wmin + 0.5)))
+    for i, n in enumerate(names):
+        out_f, in_f = fisher[n].shape
+        kl = int((owner[order] == i).sum())
+        if kl > 0:
+            out[n] = min(in_f, max(c_min, math.floor(kl / out_f + 0.5)))
         else:
             out[n] = 0 if skip_empty else min(c_min, in_f)
     return out
@@ -36,16 +36,24 @@ def test_formula_hand_built():
     b = torch.tensor([[0.0, 6.0], [0.0, 0.0]])
     c = torch.full((4, 8), 0.5)
     fisher = {"a": a, "b": b, "c": c}
-    index, cl = select_from_fisher(fisher, budget=4 / 48, c_min=2)
-    # w_a = 3/8, w_b = 1/4 -> min 1/4; C_a = round(2 * 1.5) = 3, C_b = 2 (clamped to in=2), C_c = c_min
-    assert cl == {"a": 3, "b": 2, "c": 2}
-    assert index["a"].tolist() == [[0, 1, 2], [0, 1, 2]]
-    assert index["b"].tolist() == [[0, 1], [0, 1]]
-    assert index["c"].tolist() == [[0, 1]] * 4
+    index, cl = select_from_fisher(fisher, budget=4 / 48, c_min=1)
+    # C_a = round(3 / 2) = 2, C_b = round(1 / 2) = 1 (half up), C_c = c_min (no top entry)
+    assert cl == {"a": 2, "b": 1, "c": 1}
+    assert index["a"].tolist() == [[0, 1], [0, 1]]
+    assert index["b"].tolist() == [[1], [0]]
+    assert index["c"].tolist() == [[0]] * 4
+    # c_min lifts every layer; clamped to in_features = 2 in b
+    _, cl = select_from_fisher(fisher, budget=4 / 48, c_min=3)
+    assert cl == {"a": 3, "b": 2, "c": 3}
     _, cl = select_from_fisher(fisher, budget=4 / 48, c_min=2, skip_empty=True)
-    assert cl == {"a": 3, "b": 2, "c": 0}
+    assert cl == {"a": 2, "b": 2, "c": 0}
     index, _ = select_from_fisher(fisher, budget=4 / 48, c_min=2, skip_empty=True)
     assert index["c"].shape == (4, 0) and index["c"].dtype == torch.int64
+    # Half the entries: k = 24 = 4 (a, b) + 20 of c's ties (row-major), C_c = round(20 / 4) = 5
+    _, cl = select_from_fisher(fisher, budget=0.5, c_min=1)
+    assert cl == {"a": 2, "b": 1, "c": 5}
+    index, cl = select_from_fisher(fisher, budget=1.0, c_min=1)
+    assert cl == {"a": 4, "b": 2, "c": 8}
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -158,3 +166,93 @@ def test_apply_mask_trainability(make_net, make_data, loss_fn):
         sel.apply(model, mode="dense")
     with pytest.raises(ValueError, match="model"):
         sel.apply(nn.Sequential(nn.Linear(2, 2)))
+
+
+# --------------------------------------------------------------------------- budget monotone
+
+
+def _selected(index, fisher):
+    """``{name: bool mask}`` of the entries ``index`` selects."""
+    return {n: torch.zeros(f.shape, dtype=torch.bool).scatter_(1, index[n], True)
+            for n, f in fisher.items()}
+
+
+def test_budget_one_selects_everything():
+    g = torch.Generator().manual_seed(0)
+    fisher = {"a": torch.rand(4, 8, generator=g), "b": torch.zeros(6, 3),
+              "c": torch.rand(2, 16, generator=g) * 1e3}
+    for c_min in (1, 5):
+        for skip_empty in (False, True):
+            index, cl = select_from_fisher(fisher, 1.0, c_min, skip_empty)
+            assert cl == {n: f.shape[1] for n, f in fisher.items()}
+            assert all(m.all() for m in _selected(index, fisher).values())
+
+
+def test_small_budget_does_not_saturate_a_layer():
+    # One top entry in a big layer and the rest of the top set in a small one: the ratio rule
+    # C_l = c_min * w_l / min w gave the small layer all 64 columns (512 entries for a top set
+    # of 92). The selection now follows the top set: 91 entries over 8 rows -> 11 per row.
+    big = torch.zeros(64, 64)
+    big[3, 5] = 100.0
+    small = torch.ones(8, 64) + torch.arange(64.0) / 64
+    fisher = {"big": big, "small": small}
+    index, cl = select_from_fisher(fisher, budget=0.02)   # k = round(0.02 * 4608) = 92
+    assert cl == {"big": 1, "small": 11}
+    assert index["big"][3].tolist() == [5]
+    assert index["small"][0].tolist() == list(range(53, 64))
+    prev = {"big": 0, "small": 0}
+    for budget in torch.linspace(0.001, 1.0, 60).tolist():
+        _, cl = select_from_fisher(fisher, budget)
+        assert all(cl[n] >= prev[n] for n in cl), (budget, cl, prev)
+        prev = cl
+    assert prev == {"big": 64, "small": 64}
+
+
+@st.composite
+def _fisher_dicts(draw):
+    """1-4 layers of different shapes (an empty one allowed); each all zeros, a few levels
+    (many ties, zeros among them), one constant, or spread-out values."""
+    fisher = {}
+    for i in range(draw(st.integers(1, 4))):
+        out_f, in_f = draw(st.integers(0, 6)), draw(st.integers(1, 9))
+        n = out_f * in_f
+        kind = draw(st.sampled_from(["zeros", "levels", "const", "spread"]))
+        if kind == "zeros":
+            vals = [0.0] * n
+        elif kind == "const":
+            vals = [draw(st.sampled_from([0.5, 1.0, 3.0]))] * n
+        elif kind == "levels":
+            vals = draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 3.0]), min_size=n, max_size=n))
+        else:
+            vals = draw(st.lists(st.floats(0.0, 1e3, allow_nan=False, width=32),
+                                 min_size=n, max_size=n))
+        fisher[f"l{i}"] = torch.tensor(vals, dtype=torch.float32).reshape(out_f, in_f)
+    assume(sum(f.numel() for f in fisher.values()) > 0)
+    return fisher
+
+
+_budgets = st.one_of(st.floats(1e-4, 1.0, allow_nan=False), st.sampled_from([1e-4, 0.5, 1.0]))
+
+
+@settings(max_examples=150)
+@given(fisher=_fisher_dicts(), b1=_budgets, b2=_budgets, c_min=st.integers(1, 4),
+       skip_empty=st.booleans())
+def test_budget_is_monotone_and_nested(fisher, b1, b2, c_min, skip_empty):
+    # Nestedness holds in general (see the module doc): the global top-k sets follow one
+    # order, so each k_l and hence C_l grows with the budget, and each row's top C_l is a
+    # prefix of one per-row order. So both properties are checked, not only the counts.
+    b1, b2 = sorted((b1, b2))
+    assume(b1 < b2)
+    idx1, c1 = select_from_fisher(fisher, b1, c_min, skip_empty)
+    idx2, c2 = select_from_fisher(fisher, b2, c_min, skip_empty)
+    assert all(c1[n] <= c2[n] for n in fisher), (c1, c2)
+    m1, m2 = _selected(idx1, fisher), _selected(idx2, fisher)
+    assert all(not (m1[n] & ~m2[n]).any() for n in fisher)
+    assert sum(int(m.sum()) for m in m1.values()) <= sum(int(m.sum()) for m in m2.values())
+    if b2 == 1.0:
+        assert all(m.all() for m in m2.values())
+    # the selected count is k up to each layer's rounding to whole rows and the c_min floor
+    total = sum(f.numel() for f in fisher.values())
+    k = min(total, max(1, math.floor(b2 * total + 0.5)))
+    slack = sum(f.shape[0] for f in fisher.values()) / 2
+    assert sum(int(m.sum()) for m in m2.values()) >= k - slack

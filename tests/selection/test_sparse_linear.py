@@ -2,6 +2,7 @@
 back into nn.Linear, equal to mode="mask" with MaskedOptimizer."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -104,3 +105,39 @@ def test_compact_matches_mask_and_merge(make_net, make_data, loss_fn, selected_m
     sd = compact.state_dict()
     assert set(sd) == set(base.state_dict())
     sel.merge(models["mask"])   # mask mode: nothing to do
+
+
+def test_sparse_linear_validates_its_arguments():
+    w, b = torch.randn(4, 6), torch.randn(4)
+    good = torch.tensor([[0, 1], [2, 3], [4, 5], [0, 5]])
+    SparseLinear(w, good, b)
+    SparseLinear(w, torch.empty(4, 0, dtype=torch.int64))   # C = 0: nothing trains
+    SparseLinear(w, torch.arange(6).expand(4, 6).to(torch.int32))  # C = in_features, int32
+    cases = [
+        ((torch.randn(4, 6, 1), good, b), ValueError, "weight.*2-D"),
+        ((torch.ones(4, 6, dtype=torch.int64), good, b), TypeError, "weight.*floating"),
+        (([[1.0]], good, b), TypeError, "weight.*Tensor"),
+        ((w, good[:3], b), ValueError, r"index.*out_features=4.*\[3, 2\]"),   # wrong row count
+        ((w, good.reshape(-1), b), ValueError, "index.*shape"),
+        ((w, torch.zeros(4, 7, dtype=torch.int64), b), ValueError, "index.*in_features=6"),
+        ((w, good.float(), b), TypeError, "index.*integer"),
+        ((w, good.bool(), b), TypeError, "index.*integer"),
+        ((w, good.tolist(), b), TypeError, "index.*Tensor"),
+        ((w, good - 1, b), ValueError, r"index.*\[0, 6\).*min -1"),
+        ((w, good + 1, b), ValueError, r"index.*\[0, 6\).*max 6"),
+        ((w, torch.tensor([[0, 1], [2, 3], [5, 5], [0, 5]]), b), ValueError,
+         "index.*row 2.*repeats"),
+        ((w, good, torch.randn(3)), ValueError, r"bias.*\[4\].*\[3\]"),
+        ((w, good, torch.randn(4, 1)), ValueError, "bias.*shape"),
+        ((w, good, torch.ones(4, dtype=torch.int64)), TypeError, "bias.*floating"),
+    ]
+    for args, err, match in cases:
+        with pytest.raises(err, match=match):
+            SparseLinear(*args)
+    lin = nn.Linear(6, 4)
+    with pytest.raises(ValueError, match="index.*repeats"):
+        SparseLinear.from_linear(lin, torch.tensor([[1, 1]] * 4))
+    with pytest.raises(ValueError, match="index.*out_features"):
+        SparseLinear.from_linear(lin, torch.tensor([[1, 2]] * 5))
+    with pytest.raises(TypeError, match="linear"):
+        SparseLinear.from_linear(nn.Conv1d(6, 4, 1), good)
