@@ -1,4 +1,5 @@
-"""ViT hook: EViT / TR-PTS token prune-merge inside timm and torchvision Vision Transformers.
+"""ViT hook: EViT / TR-PTS token prune-merge inside timm, torchvision and transformers Vision
+Transformers.
 
     handle = fisheradaptune.vit.prune_merge(model, keep=0.7, layers=(3, 6, 9))
     ...
@@ -12,15 +13,18 @@ How it works (and what it changes in the model):
 
 - Each chosen block's ``forward`` is wrapped by an instance attribute (the class is untouched):
   the block runs as before, main attention included (timm's fused SDPA path, torchvision's
-  ``nn.MultiheadAttention`` fast path), then its output is pruned and merged.
+  ``nn.MultiheadAttention`` fast path, transformers' ``eager`` or ``sdpa`` attention), then its
+  output is pruned and merged.
 - CLS attention row: ``mean_h softmax(q_cls K^T * scale)`` over all tokens, from the block's own
   weights on its normed input: ``q`` for the class token only and ``K`` for all tokens (timm:
   rows of ``attn.qkv`` plus ``attn.q_norm`` / ``attn.k_norm``; torchvision: rows of
-  ``self_attention.in_proj_weight``). This is one extra K projection per patched block (about
-  ``C**2`` multiply-adds per token, ~8% of a block; ~2% of a ViT-B with three patched blocks),
-  chosen over capturing K from inside the attention with hooks, which would depend on each
-  library's internals. Only a ``[B, heads, 1, N]`` logit row is formed; the ``N x N`` attention
-  is never materialised. Scores are computed in float32 (also under autocast).
+  ``self_attention.in_proj_weight``; transformers: ``attention.q_proj`` / ``k_proj``). This
+  is one extra K projection per patched block (about ``C**2`` multiply-adds per token, ~8% of a
+  block; ~2% of a ViT-B with three patched blocks), chosen over capturing K from inside the
+  attention with hooks, which would depend on each library's internals (and, in transformers,
+  on which attention implementation runs: sdpa returns no weights). Only a
+  ``[B, heads, 1, N]`` logit row is formed; the ``N x N`` attention is never materialised.
+  Scores are computed in float32 (also under autocast).
 - Token sizes (how many patches each token stands for) are carried from block to block on the
   handle: a forward pre-hook on the first block resets them, each patched block reads and
   replaces them. ``handle.sizes`` holds the last forward's sizes.
@@ -29,7 +33,14 @@ How it works (and what it changes in the model):
   ``s_i * n / sum(s)`` before timm's own pooling, whose plain mean then is that weighted mean
   (fc_norm and head unchanged). ``"token"`` pooling needs nothing. Other pools are refused.
 - Protected tokens (``num_protected="auto"``): timm's ``num_prefix_tokens`` (class,
-  distillation and register tokens), 1 for torchvision. They are never pruned or merged.
+  distillation and register tokens), 1 for torchvision and transformers. They are never pruned
+  or merged.
+- transformers: the model is called without ``attention_mask`` and with the ``eager`` or
+  ``sdpa`` attention implementation (others, such as ``flex_attention``, pass every layer a mask
+  over the input tokens, so they are refused at patch time). Its heads read the class token
+  (``ViTForImageClassification``, ``ViTModel``'s pooler); ``last_hidden_state`` and
+  ``hidden_states`` hold the reduced tokens. ``ViTForMaskedImageModeling``, whose decoder
+  needs every patch, is refused.
 - ``keep`` is a fraction in [0, 1] of the current non-protected tokens, or a schedule
   ``keep(step) -> fraction`` (EViT's warm-up): call ``handle.set_step(step)`` from the training
   loop (the schedule is evaluated there, outside the model's forward). ``keep`` giving all
@@ -44,7 +55,7 @@ from __future__ import annotations
 import abc
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +76,28 @@ KeepArg = Union[float, Callable[[int], float]]
 # Model families
 
 
+class _QK(NamedTuple):
+    """What the CLS attention row needs from one block, gathered by each family from its own
+    layout: the pre-attention norm, the q and k projections (row slices where q, k and v are
+    packed into one matrix), heads, the logit scale, and per-head q/k norms where the block has
+    them (timm's qk-norm)."""
+
+    norm: Callable[[Tensor], Tensor]
+    q_weight: Tensor
+    q_bias: Optional[Tensor]
+    k_weight: Tensor
+    k_bias: Optional[Tensor]
+    heads: int
+    scale: float
+    q_norm: Optional[Callable[[Tensor], Tensor]] = None
+    k_norm: Optional[Callable[[Tensor], Tensor]] = None
+
+
 class _Family(abc.ABC):
+    """One library's ViT layout. The families differ only in where things live (the blocks,
+    the q/k weights, the protected tokens); what is done with them is written once, here and
+    in :class:`PruneMergeHandle`."""
+
     name = ""
 
     @abc.abstractmethod
@@ -77,14 +109,38 @@ class _Family(abc.ABC):
         """Leading tokens that are never pruned (class, register, distillation)."""
 
     @abc.abstractmethod
+    def qk(self, block: nn.Module) -> _QK:
+        """The block's query/key projection."""
+
+    def check(self, model: nn.Module) -> None:
+        """Raises ValueError for a model of this family that prune-merge cannot serve (so that
+        it is refused at patch time, not at its first forward)."""
+
     def cls_logits(self, block: nn.Module, x: Tensor) -> Tensor:
-        """``q_cls K^T * scale`` as float32 ``[B, heads, N]``."""
+        """``q_cls K^T * scale`` as float32 ``[B, heads, N]``, from the block's own weights on
+        its normed input (the library's attention kernel is never asked for its weights)."""
+        qk = self.qk(block)
+        xn = qk.norm(x)
+        q = F.linear(xn[:, :1], qk.q_weight, qk.q_bias)
+        k = F.linear(xn, qk.k_weight, qk.k_bias)
+        b, n, d = k.shape
+        hd = d // qk.heads
+        q = q.reshape(b, 1, qk.heads, hd).transpose(1, 2)
+        k = k.reshape(b, n, qk.heads, hd).transpose(1, 2)
+        if qk.q_norm is not None:
+            q = qk.q_norm(q)
+        if qk.k_norm is not None:
+            k = qk.k_norm(k)
+        return (q.float() * qk.scale @ k.float().transpose(-1, -2))[:, :, 0]
 
 
-def _heads_row(q: Tensor, k: Tensor, heads: int) -> Tuple[Tensor, Tensor]:
-    b, n, d = k.shape
-    hd = d // heads
-    return q.reshape(b, 1, heads, hd).transpose(1, 2), k.reshape(b, n, heads, hd).transpose(1, 2)
+def _packed_qk(w: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor], Tensor,
+                                                           Optional[Tensor]]:
+    """q and k weights and biases as row slices of a packed ``[3C, C]`` qkv projection."""
+    d = w.shape[0] // 3
+    if bias is None:
+        return w[:d], None, w[d:2 * d], None
+    return w[:d], bias[:d], w[d:2 * d], bias[d:2 * d]
 
 
 class _Timm(_Family):
@@ -96,28 +152,29 @@ class _Timm(_Family):
     def num_protected(self, model):
         return int(getattr(model, "num_prefix_tokens", 1))
 
-    def cls_logits(self, block, x):
+    def qk(self, block):
         attn = block.attn
-        xn = block.norm1(x)
-        w = attn.qkv.weight
-        d = w.shape[0] // 3
-        bias = attn.qkv.bias
-        q_bias = k_bias = None
-        if bias is not None:
-            q_bias, k_bias = bias[:d], bias[d:2 * d]
-        elif getattr(attn, "q_bias", None) is not None:  # BEiT-style separate biases, no k bias
-            q_bias = attn.q_bias
-        q = F.linear(xn[:, :1], w[:d], q_bias)
-        k = F.linear(xn, w[d:2 * d], k_bias)
+        wq, bq, wk, bk = _packed_qk(attn.qkv.weight, attn.qkv.bias)
+        if bq is None and getattr(attn, "q_bias", None) is not None:
+            bq = attn.q_bias  # BEiT-style separate biases, no k bias
         heads = attn.num_heads
-        q, k = _heads_row(q, k, heads)
-        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        if q_norm is not None:
-            q = q_norm(q)
-        if k_norm is not None:
-            k = k_norm(k)
-        scale = float(getattr(attn, "scale", (d // heads) ** -0.5))
-        return (q.float() * scale @ k.float().transpose(-1, -2))[:, :, 0]
+        return _QK(block.norm1, wq, bq, wk, bk, heads,
+                   float(getattr(attn, "scale", (wq.shape[0] // heads) ** -0.5)),
+                   getattr(attn, "q_norm", None), getattr(attn, "k_norm", None))
+
+    def check(self, model):
+        if getattr(model, "has_class_token", True) is False or \
+                (hasattr(model, "cls_token") and model.cls_token is None):
+            # Scoring needs the class token's attention row; token 0 of such a model is a
+            # patch or a register, which must neither score the others nor be fused away.
+            raise ValueError(
+                "fisheradaptune.vit.prune_merge: argument 'model': it has no class token "
+                "(class_token=False, a *_gap_* or register-only model), and prune-merge scores "
+                "tokens by the class token's attention. Use a model with a class token")
+        pool = getattr(model, "global_pool", "token")
+        if getattr(model, "attn_pool", None) is not None or pool not in _SUPPORTED_POOLS:
+            raise ValueError("fisheradaptune.vit.prune_merge: argument 'model': global_pool "
+                             f"{pool!r} is not supported (expected one of {_SUPPORTED_POOLS})")
 
 
 class _Torchvision(_Family):
@@ -129,20 +186,67 @@ class _Torchvision(_Family):
     def num_protected(self, model):
         return 1
 
-    def cls_logits(self, block, x):
+    def qk(self, block):
         mha = block.self_attention
         if not getattr(mha, "batch_first", False) or getattr(mha, "in_proj_weight", None) is None:
             raise TypeError("fisheradaptune.vit: expected torchvision's batch-first "
                             "nn.MultiheadAttention with a packed in_proj_weight")
-        xn = block.ln_1(x)
-        w, bias = mha.in_proj_weight, mha.in_proj_bias
-        d = w.shape[0] // 3
-        q = F.linear(xn[:, :1], w[:d], None if bias is None else bias[:d])
-        k = F.linear(xn, w[d:2 * d], None if bias is None else bias[d:2 * d])
-        heads = mha.num_heads
-        q, k = _heads_row(q, k, heads)
-        scale = (d // heads) ** -0.5
-        return (q.float() * scale @ k.float().transpose(-1, -2))[:, :, 0]
+        wq, bq, wk, bk = _packed_qk(mha.in_proj_weight, mha.in_proj_bias)
+        return _QK(block.ln_1, wq, bq, wk, bk, mha.num_heads,
+                   (wq.shape[0] // mha.num_heads) ** -0.5)
+
+
+# Attention implementations whose layers get no mask when the model is called without one. The
+# others (flex_attention) build a mask over the input tokens for every call, which no longer
+# fits once a block has reduced them.
+_HF_ATTENTION = ("eager", "sdpa")
+
+
+class _Transformers(_Family):
+    """transformers ``ViTModel`` / ``ViTForImageClassification`` (the ``model.layers`` layout,
+    separate ``q_proj`` / ``k_proj``). One class token, no registers."""
+
+    name = "transformers"
+
+    @staticmethod
+    def vit(model: nn.Module) -> Optional[nn.Module]:
+        """The ``ViTModel`` holding the blocks: ``model`` itself or its ``vit``; None if
+        neither has the layout."""
+        for m in (model, getattr(model, "vit", None)):
+            layers = getattr(m, "layers", None)
+            if hasattr(m, "embeddings") and isinstance(layers, nn.ModuleList) and len(layers) > 0:
+                b0 = layers[0]
+                if hasattr(b0, "layernorm_before") and \
+                        hasattr(getattr(b0, "attention", None), "k_proj"):
+                    return m
+        return None
+
+    def blocks(self, model):
+        return list(self.vit(model).layers)
+
+    def num_protected(self, model):
+        return 1
+
+    def qk(self, block):
+        attn = block.attention
+        return _QK(block.layernorm_before, attn.q_proj.weight, attn.q_proj.bias,
+                   attn.k_proj.weight, attn.k_proj.bias, int(attn.num_attention_heads),
+                   float(attn.scaling))
+
+    def check(self, model):
+        if self.vit(model) is not model and not hasattr(model, "classifier"):
+            # ViTForMaskedImageModeling reshapes every patch token back into an image.
+            raise ValueError(
+                "fisheradaptune.vit.prune_merge: argument 'model': "
+                f"{type(model).__name__} has a head that reads every patch token; prune-merge "
+                "supports transformers' ViTModel and ViTForImageClassification")
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if impl not in _HF_ATTENTION:
+            raise ValueError(
+                "fisheradaptune.vit.prune_merge: argument 'model': attention implementation "
+                f"{impl!r} is not supported: it passes each layer a mask over the input tokens, "
+                "which no longer fits once tokens are reduced (expected one of "
+                f"{_HF_ATTENTION}; see model.set_attn_implementation)")
 
 
 def _family(model: nn.Module) -> _Family:
@@ -158,10 +262,14 @@ def _family(model: nn.Module) -> _Family:
         if hasattr(b0, "ln_1") and isinstance(getattr(b0, "self_attention", None),
                                               nn.MultiheadAttention):
             return _Torchvision()
+    if _Transformers.vit(model) is not None:
+        return _Transformers()
     raise TypeError(
         "fisheradaptune.vit.prune_merge: argument 'model': expected a timm VisionTransformer "
-        "(blocks[i].norm1, blocks[i].attn.qkv) or a torchvision VisionTransformer "
-        f"(encoder.layers[i].ln_1, .self_attention), got {type(model).__name__}")
+        "(blocks[i].norm1, blocks[i].attn.qkv), a torchvision VisionTransformer "
+        "(encoder.layers[i].ln_1, .self_attention) or a transformers ViTModel / "
+        "ViTForImageClassification ([vit.]layers[i].layernorm_before, .attention.k_proj), "
+        f"got {type(model).__name__}")
 
 
 def cls_attention(model: nn.Module, block: nn.Module, x: Tensor) -> Tensor:
@@ -243,7 +351,9 @@ class PruneMergeHandle:
         recomputed during backward would read the *last* block's sizes. Each forward therefore
         records the sizes each patched block received, keyed by its input's storage (the
         recomputation gets the same input tensor, or a detached alias of it), and a
-        recomputation reads them back and leaves the forward's state alone.
+        recomputation reads them back and leaves the forward's state alone. (transformers
+        checkpoints inside the class's ``forward``, which the patched forward calls, so its
+        recomputation never reaches the reduction.)
         """
         if _in_backward():
             key = (i, x_in.data_ptr())
@@ -365,10 +475,12 @@ class _ReducingForward:
     def __call__(self, x, *args, **kwargs):
         if kwargs.get("attn_mask") is not None or (len(args) > 0 and args[0] is not None):
             raise ValueError(
-                "fisheradaptune.vit.prune_merge: the model was called with an attention mask; "
-                "token reduction changes the number of tokens after this block, so a mask over "
-                "the input tokens cannot apply to the next ones. Call the model without "
-                "attn_mask, or unpatch it")
+                "fisheradaptune.vit.prune_merge: a patched block received an attention mask "
+                "(given to the model, or built for every call by a transformers attention "
+                "implementation such as flex_attention); token reduction changes the number of "
+                "tokens after this block, so a mask over the input tokens cannot apply to the "
+                "next ones. Call the model without attn_mask / attention_mask (transformers: "
+                "with eager or sdpa attention), or unpatch it")
         fwd = self.inner if self.inner is not None else type(self.block).forward.__get__(self.block)
         return self.handle._reduce(self.index, self.block, x, fwd(x, *args, **kwargs))
 
@@ -432,11 +544,13 @@ def prune_merge(model: nn.Module, keep: KeepArg = 0.7,
                 layers: Union[Sequence[int], str] = (3, 6, 9), *, normalize: bool = True,
                 num_protected: Union[int, str] = "auto", detach_scores: bool = False,
                 selection=None, sparse_count: int = 3) -> PruneMergeHandle:
-    """Prune and merge tokens after the blocks ``layers`` of a timm or torchvision ViT.
+    """Prune and merge tokens after the blocks ``layers`` of a timm, torchvision or
+    transformers ViT.
 
     Args:
-        model: a timm ``VisionTransformer`` (also ``fisheradaptune.models.TinyViT``) or a
-            torchvision ``VisionTransformer``.
+        model: a timm ``VisionTransformer`` (also ``fisheradaptune.demo.models.TinyViT``), a
+            torchvision ``VisionTransformer``, or a transformers ``ViTModel`` /
+            ``ViTForImageClassification`` (eager or sdpa attention).
         keep: fraction of the current non-protected tokens kept at each chosen block
             (``ceil(keep * (N - P))``), or a callable ``step -> fraction`` advanced with
             ``handle.set_step``.
@@ -445,7 +559,8 @@ def prune_merge(model: nn.Module, keep: KeepArg = 0.7,
             ``selection`` (TR-PTS; see :func:`sparse_layers`).
         normalize: fused token ``sum w x / sum w`` (default) or EViT's plain ``sum w x``.
         num_protected: leading tokens never pruned; ``"auto"`` = timm's
-            ``num_prefix_tokens`` (class + distillation + register tokens), 1 for torchvision.
+            ``num_prefix_tokens`` (class + distillation + register tokens), 1 for torchvision
+            and transformers.
         detach_scores: stop gradients through the attention scores into q and k.
 
     Returns:
@@ -477,19 +592,7 @@ def prune_merge(model: nn.Module, keep: KeepArg = 0.7,
     if isinstance(num_protected, bool) or not isinstance(num_protected, int) or num_protected < 0:
         raise ValueError("fisheradaptune.vit.prune_merge: argument 'num_protected': expected "
                          f"\"auto\" or an int >= 0, got {num_protected!r}")
-    if family.name == "timm":
-        if getattr(model, "has_class_token", True) is False or \
-                (hasattr(model, "cls_token") and model.cls_token is None):
-            # Scoring needs the class token's attention row; token 0 of such a model is a
-            # patch or a register, which must neither score the others nor be fused away.
-            raise ValueError(
-                "fisheradaptune.vit.prune_merge: argument 'model': it has no class token "
-                "(class_token=False, a *_gap_* or register-only model), and prune-merge scores "
-                "tokens by the class token's attention. Use a model with a class token")
-        pool = getattr(model, "global_pool", "token")
-        if getattr(model, "attn_pool", None) is not None or pool not in _SUPPORTED_POOLS:
-            raise ValueError("fisheradaptune.vit.prune_merge: argument 'model': global_pool "
-                             f"{pool!r} is not supported (expected one of {_SUPPORTED_POOLS})")
+    family.check(model)
     handle = PruneMergeHandle(model, family, keep, idx, normalize, num_protected, detach_scores)
     handle._install(blocks)
     return handle

@@ -1,6 +1,6 @@
 """fisheradaptune.vit.prune_merge against an eager EViT-style re-implementation written here
-from SPEC section 6, on the stand-ins of conftest.py and on real timm and torchvision models
-wherever they import.
+from SPEC section 6, on the stand-ins of conftest.py and on real timm, torchvision and
+transformers models wherever they import.
 
 The re-implementation forms the full N x N attention of each chosen block, averages the heads,
 takes the class row, keeps the ceil(rho * (N - P)) best tokens (stable sort, ties to the lower
@@ -145,7 +145,7 @@ def test_cls_attention_matches_full_attention(timm_like, tv_like):
 
 
 # ---------------------------------------------------------------------------------------------
-# Real timm and torchvision models, wherever they import
+# Real timm, torchvision and transformers models, wherever they import
 
 
 def test_real_timm_vit():
@@ -190,8 +190,12 @@ def test_real_torchvision_vit():
     torch.manual_seed(0)
     model = tvm.VisionTransformer(image_size=32, patch_size=4, num_layers=5, num_heads=4,
                                   hidden_dim=48, mlp_dim=96, num_classes=7).eval()
+    # torchvision zero-initialises the head: every output below would be 0 and match anything.
+    nn.init.normal_(model.heads.head.weight, std=0.2)
+    nn.init.normal_(model.heads.head.bias, std=0.2)
     x = torch.randn(2, 3, 32, 32)
     before = model(x)
+    assert before.abs().max() > 1e-2
     h = fat.vit.prune_merge(model, keep=1.0, layers=(1, 3))
     torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
     h.remove()
@@ -204,7 +208,52 @@ def test_real_torchvision_vit():
             y, sizes = evit_reduce(y, full_cls_row_tv(blk, t), sizes, 0.6, 1)
         t = y
     expected = model.heads(model.encoder.ln(t)[:, 0])
+    assert (expected - before).abs().max() > 1e-3  # reducing changes the output
     fat.vit.prune_merge(model, keep=0.6, layers=(1, 3))
     torch.testing.assert_close(model(x), expected, **TOL)
     fat.vit.unpatch(model)
     assert torch.equal(model(x), before)
+
+
+def full_cls_row_hf(block, x):
+    """Class row of the head-averaged weights that transformers' eager attention returns."""
+    _, w = block.attention(block.layernorm_before(x), None)
+    return w.mean(1)[:, 0]
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_real_transformers_vit(impl):
+    transformers = pytest.importorskip("transformers")
+
+    def build(attn):
+        torch.manual_seed(0)
+        # initializer_range 0.2 (not 0.02): the class attention rows then separate the tokens
+        # clearly and the classifier's logits are not ~0.
+        cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64,
+                                     num_hidden_layers=4, num_attention_heads=4,
+                                     intermediate_size=128, num_labels=7, initializer_range=0.2,
+                                     attn_implementation=attn)
+        return transformers.ViTForImageClassification(cfg).eval()
+
+    model, ref = build(impl), build("eager")  # the reference reads eager's attention weights
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x).logits
+        assert before.abs().max() > 1e-2
+        h = fat.vit.prune_merge(model, keep=1.0, layers=(0, 2))
+        assert torch.equal(model(x).logits, before)
+        h.remove()
+        t = ref.vit.embeddings(x)
+        sizes = torch.ones(t.shape[:2])
+        for i, blk in enumerate(ref.vit.layers):
+            y = blk(t)
+            if i in (0, 2):
+                y, sizes = evit_reduce(y, full_cls_row_hf(blk, t), sizes, 0.6, 1)
+            t = y
+        expected = ref.classifier(ref.vit.layernorm(t)[:, 0])
+        assert t.shape[1] < 17 and (expected - before).abs().max() > 1e-3
+        h = fat.vit.prune_merge(model, keep=0.6, layers=(0, 2))
+        torch.testing.assert_close(model(x).logits, expected, **TOL)
+        assert torch.equal(h.sizes, sizes)
+        fat.vit.unpatch(model)
+        assert torch.equal(model(x).logits, before)

@@ -1,6 +1,7 @@
 """prune_merge on real timm and torchvision models (random init, heads re-initialised so that
-outputs are not zero): gradient checkpointing, deepcopy, torch.save, models without a class
-token, attention masks. Runs in the integration stage, where timm and torchvision exist."""
+outputs are not zero): gradient checkpointing, deepcopy and timm's ModelEmaV3, torch.save,
+models without a class token, attention masks. Runs in the integration stage, where timm and
+torchvision exist."""
 from __future__ import annotations
 
 import copy
@@ -135,3 +136,51 @@ def test_torchvision_vit_patched_differs_from_unpatched_and_unpatches_bitwise():
         again = model(x)
     assert (patched - plain).abs().max() > 1e-4  # the patch changed the computation
     torch.testing.assert_close(again, plain, rtol=0, atol=0)
+
+
+def test_model_ema_v3_of_a_patched_model():
+    from timm.utils import ModelEmaV3
+    model = _timm(depth=4)
+    handle = fat.vit.prune_merge(model, keep=lambda step: 1.0 if step < 1 else 0.5, layers=(1,))
+    ema = ModelEmaV3(model, decay=0.5)  # deep-copies the patched model
+    h2 = fat.vit.handle_of(ema.module)
+    assert h2 is not None and h2 is not handle and h2.model is ema.module
+    assert ema.module.blocks[1].forward.handle is h2
+    x = _x()
+    # Hook state is per copy: a step set on one handle, or a forward of another batch size,
+    # leaves the other alone.
+    handle.set_step(1)
+    assert (handle.keep_fraction, h2.keep_fraction) == (0.5, 1.0)
+    with torch.no_grad():
+        ema.module(x[:2])
+        assert h2.sizes is None  # keep 1: nothing reduced
+        model(x)
+        assert handle.sizes.shape == (3, 1 + 32 + 1) and h2.sizes is None
+        h2.set_step(1)
+        ema.module(x[:2])
+        assert h2.sizes.shape[0] == 2 and handle.sizes.shape[0] == 3
+    # update() lerps the copy's weights toward the model's; the model is untouched.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05)
+        want = model(x)
+        before = ema.module(x)
+    ema.update(model, step=10)
+    with torch.no_grad():
+        after = ema.module(x)
+        assert not torch.equal(after, before)
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    p_model, p_ema = model.blocks[0].attn.qkv.weight, ema.module.blocks[0].attn.qkv.weight
+    assert p_model.data_ptr() != p_ema.data_ptr() and not torch.equal(p_model, p_ema)
+    # The EMA weights (and the model's) save and load into unpatched models, key for key.
+    for patched in (ema.module, model):
+        buf = io.BytesIO()
+        torch.save(patched.state_dict(), buf)
+        buf.seek(0)
+        fresh = _timm(depth=4).eval()
+        fresh.load_state_dict(torch.load(buf), strict=True)
+        assert fat.vit.handle_of(fresh) is None
+        unpatched = copy.deepcopy(patched)
+        fat.vit.unpatch(unpatched)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x), unpatched(x), rtol=0, atol=0)
