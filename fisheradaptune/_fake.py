@@ -135,6 +135,15 @@ def _check_coefficient(op: str, arg: str, v: float, what: str = "a finite number
                  ", got ", float(v))
 
 
+def _check_count(op: str, nonfinite: Tensor, device: torch.device) -> None:
+    """The ``nonfinite`` count output: one int64 element on the op's device."""
+    _check_device(op, "nonfinite", nonfinite, device)
+    _check_type(nonfinite.dtype == torch.int64, op, "nonfinite", "expected int64, got ",
+                nonfinite.dtype)
+    _check_value(nonfinite.numel() == 1, op, "nonfinite", "expected one element, got ",
+                 nonfinite.numel())
+
+
 def _check_segments(op: str, arg: str, segments: Tensor, device: torch.device) -> None:
     """read_segments (csrc/plan.cpp) without the data: int64 ``[S, 4]`` on the CPU (or CUDA,
     copied to the host), or meta in an all-meta call. The rows are values, unchecked here."""
@@ -162,11 +171,7 @@ def _fisher_accumulate_fake(fisher: List[Tensor], grads: List[Optional[Tensor]],
     _check_coefficient(op, "scale", scale)
     # The outputs decide the device, so that empty lists still have one.
     device = _op_device([nonfinite, group_sums, *fisher, *grads], nonfinite.device)
-    _check_device(op, "nonfinite", nonfinite, device)
-    _check_type(nonfinite.dtype == torch.int64, op, "nonfinite", "expected int64, got ",
-                nonfinite.dtype)
-    _check_value(nonfinite.numel() == 1, op, "nonfinite", "expected one element, got ",
-                 nonfinite.numel())
+    _check_count(op, nonfinite, device)
     _check_device(op, "group_sums", group_sums, device)
     _check_type(group_sums.dtype == torch.float32, op, "group_sums", "expected float32, got ",
                 group_sums.dtype)
@@ -284,11 +289,7 @@ def _per_sample_grad_sq_fake(fisher: Tensor, x: Tensor, grad_out: Tensor, scale:
     device = _op_device([fisher, nonfinite, x, grad_out], fisher.device)
     _check_device(op, "fisher", fisher, device)
     _check_state(op, "fisher", fisher)
-    _check_device(op, "nonfinite", nonfinite, device)
-    _check_type(nonfinite.dtype == torch.int64, op, "nonfinite", "expected int64, got ",
-                nonfinite.dtype)
-    _check_value(nonfinite.numel() == 1, op, "nonfinite", "expected one element, got ",
-                 nonfinite.numel())
+    _check_count(op, nonfinite, device)
     _check_device(op, "x", x, device)
     _check_device(op, "grad_out", grad_out, device)
     _check_value(x.dim() == 3, op, "x", "expected [N, T, in_features], got shape ", x.shape)

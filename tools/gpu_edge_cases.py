@@ -38,6 +38,16 @@ def _misaligned(n: int, g: torch.Generator, device: str, dtype=torch.float32) ->
     return (torch.rand(n + 1, generator=g) + 0.1).to(dtype).to(device)[1:]
 
 
+def _to_device(tensors, g: torch.Generator, device: str, misaligned: bool):
+    """``tensors`` on ``device``; with ``misaligned``, as views one element into their storage."""
+    if not misaligned:
+        return [t.to(device) for t in tensors]
+    out = [_misaligned(t.numel(), g, device).view(t.shape) for t in tensors]
+    for d, t in zip(out, tensors):
+        d.copy_(t.to(device))
+    return out
+
+
 def _close(a: torch.Tensor, b: torch.Tensor, rtol=1e-5, atol=1e-6) -> None:
     torch.testing.assert_close(a.detach().cpu().to(b.dtype), b.detach().cpu(), rtol=rtol,
                                atol=atol, equal_nan=True)
@@ -58,12 +68,7 @@ def fisher_cases(device: str):
         layout = groups.slabs([(f"t{i}", f) for i, f in enumerate(fis)], k=3) if fis else None
         want = [f.clone() for f in fis]
         s_want, n_want = ops.fisher_accumulate_(want, grads, decay=0.9, scale=0.5, layout=layout)
-        if misaligned:
-            got = [_misaligned(f.numel(), g, device).view(f.shape) for f in fis]
-            for d, f in zip(got, fis):
-                d.copy_(f.to(device))
-        else:
-            got = [f.to(device) for f in fis]
+        got = _to_device(fis, g, device, misaligned)
         s_got, n_got = ops.fisher_accumulate_(got, [t.to(device) for t in grads], decay=0.9,
                                               scale=0.5, layout=layout)
         for a, b in zip(got, want):
@@ -91,12 +96,7 @@ def drift_cases(device: str):
         layout = groups.slabs([(f"t{i}", t) for i, t in enumerate(cur)], k=2)
         r_want = [r.clone() for r in ref]
         want = ops.js_drift(cur, r_want, layout, drift_mode=mode, update_reference=update)
-        if misaligned:
-            c_dev = [_misaligned(t.numel(), g, device).view(t.shape) for t in cur]
-            for d, t in zip(c_dev, cur):
-                d.copy_(t.to(device))
-        else:
-            c_dev = [t.to(device) for t in cur]
+        c_dev = _to_device(cur, g, device, misaligned)
         r_dev = [r.to(device) for r in ref]
         got = ops.js_drift(c_dev, r_dev, layout, drift_mode=mode, update_reference=update)
         _close(got, want, rtol=1e-4, atol=1e-6)
