@@ -54,6 +54,16 @@ TORCH_LIBRARY(fisheradaptune, m) {
   m.def(
       "token_prune_merge_backward(Tensor grad_out, Tensor x, Tensor scores, Tensor? sizes, "
       "Tensor kept_index, int num_protected, bool normalize) -> (Tensor, Tensor)");
+  // ToMe bipartite merging (docs/methods.md section 7): of the tokens after the first
+  // num_protected, alternate ones form sets A and B; the r A tokens most similar (cosine on
+  // metric) to their best B token merge into it by size-weighted mean. Returns (out [B, N - r, C]:
+  // protected, unmerged A, B tokens; out_sizes float32 [B, N - r]; dest_index int64 [B, N], the
+  // out row of every token). See Note [Bipartite merge] (csrc/bipartite.h).
+  m.def(
+      "bipartite_merge(Tensor x, Tensor metric, Tensor? sizes, int num_protected, int r) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Gradient of bipartite_merge's `out` with respect to x (the matching gets none).
+  m.def("bipartite_merge_backward(Tensor grad_out, Tensor? sizes, Tensor dest_index) -> Tensor");
   // TR-PTS sampled weight gradient (SDDMM): out[i, c] = sum_t grad_out[t, i] * x[t, index[i, c]]
   // with grad_out [T, out], x [T, in], index int64 [out, C]; float32 out (float64 for float64
   // inputs). See Note [Sampled gradient] (csrc/sparse.h).

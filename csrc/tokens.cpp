@@ -9,27 +9,16 @@ namespace fisheradaptune {
 
 namespace {
 
-bool token_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
-}
-
 TokenPruneMergeArgs check_common(const char* op, const at::Tensor& x, const at::Tensor& scores,
                                  const std::optional<at::Tensor>& sizes,
                                  int64_t num_protected) {
   FAT_CHECK_VALUE(x.dim() == 3, op, "x", "expected [B, N, C], got shape ", x.sizes());
-  FAT_CHECK_TYPE(token_dtype(x.scalar_type()), op, "x",
-                 "expected float32, bfloat16, float16 or float64, got ", x.scalar_type());
+  check_token_dtype(op, "x", x);
   TokenPruneMergeArgs a;
   a.batch = x.size(0);
   a.tokens = x.size(1);
   a.channels = x.size(2);
-  // Both kernels hold token and out-row indices as int32 (half the memory and registers of
-  // int64 in the selection, which is O(M) per row on CPU and O(M^2 / threads) on CUDA); checked
-  // here, before anything is allocated, so that the limit is the same on both backends and
-  // whatever B and C (also for an empty batch).
-  FAT_CHECK_VALUE(a.tokens <= std::numeric_limits<int32_t>::max(), op, "x",
-                  "expected at most 2^31 - 1 tokens (N; the kernels index tokens in int32), "
-                  "got N = ", a.tokens);
+  check_token_count(op, "x", a.tokens);
   FAT_CHECK_VALUE(num_protected >= 0 && num_protected < a.tokens, op, "num_protected",
                   "expected 0 <= num_protected < N = ", a.tokens, " (at least one token that ",
                   "can be pruned), got ", num_protected);
@@ -42,15 +31,7 @@ TokenPruneMergeArgs check_common(const char* op, const at::Tensor& x, const at::
   FAT_CHECK_TYPE(scores.scalar_type() == x.scalar_type() || scores.scalar_type() == at::kFloat,
                  op, "scores", "expected x's dtype (", x.scalar_type(), ") or float32, got ",
                  scores.scalar_type());
-  if (sizes.has_value() && sizes->defined()) {
-    check_device(op, "sizes", *sizes, x.device());
-    FAT_CHECK_VALUE(sizes->dim() == 2 && sizes->size(0) == a.batch && sizes->size(1) == a.tokens,
-                    op, "sizes", "expected shape [B, N] = [", a.batch, ", ", a.tokens, "], got ",
-                    sizes->sizes());
-    FAT_CHECK_TYPE(sizes->scalar_type() == at::kFloat, op, "sizes", "expected float32, got ",
-                   sizes->scalar_type());
-    a.sizes = sizes->contiguous();
-  }
+  a.sizes = check_token_sizes(op, sizes, a.batch, a.tokens, x.device());
   a.x = x.contiguous();
   a.scores = scores.contiguous();
   return a;

@@ -65,6 +65,36 @@ inline void check_grad_dtype(const char* op, const std::string& where, const at:
                  "state), got ", t);
 }
 
+// Token ops (token_prune_merge, bipartite_merge): the dtypes of tokens and their metrics.
+inline void check_token_dtype(const char* op, const char* where, const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  FAT_CHECK_TYPE(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf || s == at::kDouble, op,
+                 where, "expected float32, bfloat16, float16 or float64, got ", s);
+}
+
+// Both backends' token kernels hold token and out-row indices as int32 (half the memory and
+// registers of int64 in the selections, O(N) per row on CPU and O(N^2 / threads) on CUDA);
+// checked before anything is allocated, so that the limit is the same on both backends and
+// whatever B and C (also for an empty batch).
+inline void check_token_count(const char* op, const char* where, int64_t n) {
+  FAT_CHECK_VALUE(n <= std::numeric_limits<int32_t>::max(), op, where,
+                  "expected at most 2^31 - 1 tokens (N; the kernels index tokens in int32), "
+                  "got N = ", n);
+}
+
+// Token sizes: float32 [B, N] on x's device, or absent (all ones). Returns them contiguous.
+inline at::Tensor check_token_sizes(const char* op, const std::optional<at::Tensor>& sizes,
+                                    int64_t batch, int64_t tokens, const c10::Device& device) {
+  if (!sizes.has_value() || !sizes->defined()) return at::Tensor();
+  check_device(op, "sizes", *sizes, device);
+  FAT_CHECK_VALUE(sizes->dim() == 2 && sizes->size(0) == batch && sizes->size(1) == tokens, op,
+                  "sizes", "expected shape [B, N] = [", batch, ", ", tokens, "], got ",
+                  sizes->sizes());
+  FAT_CHECK_TYPE(sizes->scalar_type() == at::kFloat, op, "sizes", "expected float32, got ",
+                 sizes->scalar_type());
+  return sizes->contiguous();
+}
+
 // Note [Coefficients]
 // decay, scale and update_reference's rho arrive as doubles but every kernel multiplies in the
 // state's precision, float32 on CUDA and for float32 state on CPU: a finite double beyond

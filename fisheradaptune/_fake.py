@@ -6,14 +6,15 @@ FakeTensor tracing) or a meta tensor (the Meta dispatch key wins over CPU and CU
 tensor among CPU ones is enough). Returning output shapes alone would let tracing accept input
 that the eager op rejects, and turn a stray meta tensor into a call that silently writes nothing.
 So every fake kernel first makes the checks of its C++ twin (csrc/validate.h, csrc/args.cpp,
-csrc/plan.cpp, csrc/tokens.cpp, csrc/sparse.cpp and the CUDA kernels' own limits), in the same
+csrc/plan.cpp, csrc/tokens.cpp, csrc/bipartite.cpp, csrc/sparse.cpp and the CUDA kernels' own limits), in the same
 order, raising the same exception types with the same messages
 (``fisheradaptune.<op>: argument '<name>': expected ...``; ValueError for shapes, lengths,
 devices and values, TypeError for dtypes).
 
 What a fake kernel cannot check is what needs data: it never reads a tensor's values, so the
-rows of ``segments`` (indices in range, no overlap), the range of ``sampled_grad``'s ``index``
-and the order of ``token_prune_merge_backward``'s ``kept_index`` stay unchecked while tracing;
+rows of ``segments`` (indices in range, no overlap), the range of ``sampled_grad``'s ``index``,
+the order of ``token_prune_merge_backward``'s ``kept_index`` and the range of
+``bipartite_merge_backward``'s ``dest_index`` stay unchecked while tracing;
 the real kernel checks them when it runs.
 
 Devices. Every tensor must be on the op's device, which is chosen as in the C++ (the first
@@ -318,9 +319,9 @@ def _check_tokens(op: str, x: Tensor, scores: Tensor, sizes: Optional[Tensor],
     ``(B, N, C, M)`` with ``M = N - num_protected``."""
     _check_device(op, "x", x, device)
     _check_value(x.dim() == 3, op, "x", "expected [B, N, C], got shape ", x.shape)
-    _check_type(x.dtype in _TOKEN_DTYPES, op, "x",
-                "expected float32, bfloat16, float16 or float64, got ", x.dtype)
+    _check_token_dtype(op, "x", x)
     b, n, c = x.shape
+    _check_token_count(op, "x", n)
     _check_value(0 <= num_protected < n, op, "num_protected", "expected 0 <= num_protected < N = ",
                  n, " (at least one token that can be pruned), got ", num_protected)
     m = n - num_protected
@@ -329,13 +330,28 @@ def _check_tokens(op: str, x: Tensor, scores: Tensor, sizes: Optional[Tensor],
                  "expected shape [B, N - num_protected] = [", b, ", ", m, "], got ", scores.shape)
     _check_type(scores.dtype == x.dtype or scores.dtype == torch.float32, op, "scores",
                 "expected x's dtype (", x.dtype, ") or float32, got ", scores.dtype)
+    _check_sizes(op, sizes, b, n, device)
+    return b, n, c, m
+
+
+def _check_token_dtype(op: str, arg: str, t: Tensor) -> None:
+    _check_type(t.dtype in _TOKEN_DTYPES, op, arg,
+                "expected float32, bfloat16, float16 or float64, got ", t.dtype)
+
+
+def _check_token_count(op: str, arg: str, n: int) -> None:
+    _check_value(n <= _INT32_MAX, op, arg, "expected at most 2^31 - 1 tokens (N; the kernels "
+                 "index tokens in int32), got N = ", n)
+
+
+def _check_sizes(op: str, sizes: Optional[Tensor], b: int, n: int, device: torch.device) -> None:
+    """check_token_sizes: float32 ``[B, N]`` on the op's device, or None."""
     if sizes is not None:
         _check_device(op, "sizes", sizes, device)
         _check_value(sizes.dim() == 2 and sizes.shape[0] == b and sizes.shape[1] == n, op, "sizes",
                      "expected shape [B, N] = [", b, ", ", n, "], got ", sizes.shape)
         _check_type(sizes.dtype == torch.float32, op, "sizes", "expected float32, got ",
                     sizes.dtype)
-    return b, n, c, m
 
 
 def _check_launch_shape(op: str, device: torch.device, b: int, n: int) -> None:
@@ -384,6 +400,61 @@ def _token_prune_merge_backward_fake(grad_out: Tensor, x: Tensor, scores: Tensor
     _check_launch_shape(op, device, b, n)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(scores, memory_format=torch.contiguous_format))
+
+
+# ---------------------------------------------------------------------------------------------
+# bipartite_merge and its backward (csrc/bipartite.cpp)
+
+
+@torch.library.register_fake("fisheradaptune::bipartite_merge")
+def _bipartite_merge_fake(x: Tensor, metric: Tensor, sizes: Optional[Tensor], num_protected: int,
+                          r: int) -> Tuple[Tensor, Tensor, Tensor]:
+    op = "bipartite_merge"
+    device = _op_device([x, metric, sizes], x.device)
+    _check_device(op, "x", x, device)
+    _check_value(x.dim() == 3, op, "x", "expected [B, N, C], got shape ", x.shape)
+    _check_token_dtype(op, "x", x)
+    b, n, c = x.shape
+    _check_token_count(op, "x", n)
+    _check_device(op, "metric", metric, device)
+    _check_value(metric.dim() == 3 and metric.shape[0] == b and metric.shape[1] == n, op,
+                 "metric", "expected shape [B, N, D] with [B, N] = [", b, ", ", n, "], got ",
+                 metric.shape)
+    _check_token_dtype(op, "metric", metric)
+    _check_sizes(op, sizes, b, n, device)
+    _check_value(0 <= num_protected <= n, op, "num_protected", "expected 0 <= num_protected <= N = ",
+                 n, ", got ", num_protected)
+    set_b = (n - num_protected) // 2
+    _check_value(0 <= r <= set_b, op, "r", "expected 0 <= r <= (N - num_protected) // 2 = ", set_b,
+                 " (each merge needs its own A token and the B set is the smaller), got ", r)
+    _check_launch_shape(op, device, b, n)
+    rows = n - r
+    return (x.new_empty(b, rows, c), x.new_empty(b, rows, dtype=torch.float32),
+            x.new_empty(b, n, dtype=torch.int64))
+
+
+@torch.library.register_fake("fisheradaptune::bipartite_merge_backward")
+def _bipartite_merge_backward_fake(grad_out: Tensor, sizes: Optional[Tensor],
+                                   dest_index: Tensor) -> Tensor:
+    op = "bipartite_merge_backward"
+    device = _op_device([grad_out, sizes, dest_index], grad_out.device)
+    _check_device(op, "grad_out", grad_out, device)
+    _check_value(grad_out.dim() == 3, op, "grad_out", "expected [B, N - r, C], got shape ",
+                 grad_out.shape)
+    _check_token_dtype(op, "grad_out", grad_out)
+    _check_device(op, "dest_index", dest_index, device)
+    _check_type(dest_index.dtype == torch.int64, op, "dest_index", "expected int64, got ",
+                dest_index.dtype)
+    b, rows, c = grad_out.shape
+    _check_value(dest_index.dim() == 2 and dest_index.shape[0] == b
+                 and dest_index.shape[1] >= rows, op, "dest_index", "expected shape [B, N] = [",
+                 b, ", N >= ", rows, "] (N - r out rows), got ", dest_index.shape)
+    n = dest_index.shape[1]
+    _check_token_count(op, "dest_index", n)
+    _check_sizes(op, sizes, b, n, device)
+    # dest_index's values (in [0, N - r)) are data: checked by the CPU kernel.
+    _check_launch_shape(op, device, b, n)
+    return grad_out.new_empty(b, n, c)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -307,6 +307,74 @@ torch.library.register_autograd("fisheradaptune::token_prune_merge", _token_prun
 
 
 # ---------------------------------------------------------------------------------------------
+# ToMe bipartite merging (docs/methods.md section 7; Note [Bipartite merge] in csrc/bipartite.h)
+
+__all__.append("bipartite_merge")
+
+
+def bipartite_merge(
+    x: Tensor,
+    metric: Tensor,
+    r: int,
+    *,
+    num_protected: int = 1,
+    sizes: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Merge the ``r`` most redundant tokens into their most similar partner (ToMe).
+
+    The tokens after the first ``num_protected`` are split alternately into sets A (the 0th,
+    2nd, ... of them) and B (the 1st, 3rd, ...). Every A token finds its most similar B token by
+    cosine similarity of ``metric``; the ``r`` A tokens whose best similarity is highest merge
+    into their B token by the size-weighted mean ``(s_b x_b + sum s_a x_a) / (s_b + sum s_a)``,
+    and sizes add. Ties go to the lower index, NaN similarities rank above every number, so the
+    choice is deterministic.
+
+    Args:
+        x: tokens ``[B, N, C]``, float32, bfloat16, float16 or float64.
+        metric: ``[B, N, D]``, any of those dtypes: what similarity is measured on (ToMe: the
+            block's attention keys averaged over heads). Similarities are computed in float32
+            (float64 for a float64 metric); a zero row is similar to nothing (0), a row with
+            inf or NaN matches as NaN.
+        r: how many tokens to merge away, ``0 <= r <= (N - num_protected) // 2``.
+        num_protected: leading tokens that never merge (CLS, distillation, register tokens),
+            ``0 <= num_protected <= N``.
+        sizes: float32 ``[B, N]``, how many original tokens each stands for (default: ones).
+            A merged row of total size 0 is zeros; sizes are not checked to be positive.
+
+    Returns:
+        ``(out, out_sizes, dest_index)``: ``out [B, N - r, C]`` holds the protected tokens, the
+        A tokens that did not merge (in order), then the B tokens (in order); ``out_sizes``
+        float32 ``[B, N - r]``; ``dest_index`` int64 ``[B, N]``, the out row of every input
+        token (to track sources, unmerge with ``out.gather``, or draw which patches merged).
+
+    Differentiable in ``x``: a token's gradient is its weight in its out row times that row's
+    gradient. The matching is a discrete choice and passes no gradient to ``metric`` (as in
+    ToMe, where the keys get their gradient through attention only). A row that absorbed
+    nothing is a bitwise copy. Deterministic (no float atomics); accumulation is in float32
+    (float64 for float64 ``x``).
+    """
+    return _ops.bipartite_merge(x, metric, sizes, int(num_protected), int(r))
+
+
+def _bipartite_merge_setup(ctx, inputs, output):
+    x, metric, sizes, num_protected, r = inputs
+    ctx.save_for_backward(sizes, output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.has_sizes = sizes is not None
+
+
+def _bipartite_merge_backward(ctx, grad_out, grad_sizes, grad_dest):
+    sizes, dest_index = ctx.saved_tensors
+    grad_x = _ops.bipartite_merge_backward(grad_out.contiguous(),
+                                           sizes if ctx.has_sizes else None, dest_index)
+    return grad_x, None, None, None, None
+
+
+torch.library.register_autograd("fisheradaptune::bipartite_merge", _bipartite_merge_backward,
+                                setup_context=_bipartite_merge_setup)
+
+
+# ---------------------------------------------------------------------------------------------
 # sampled_grad (TR-PTS compact training; Note [Sampled gradient] in csrc/sparse.h)
 
 __all__.append("sampled_grad")

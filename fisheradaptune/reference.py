@@ -205,6 +205,73 @@ def token_prune_merge(x: Tensor, scores: Tensor, keep: int, *, num_protected: in
     return torch.cat(rows, 1), kept, torch.cat(out_sizes, 1)
 
 
+__all__.append("bipartite_merge")
+
+
+def _unit_rows(metric: Tensor) -> Tensor:
+    """Unit vectors of metric's rows in float64: zero rows stay zero, rows with inf or NaN
+    become NaN (Note [Bipartite merge])."""
+    m = metric.detach().to(torch.float64)
+    top = m.abs().amax(-1, keepdim=True) if m.shape[-1] else m.new_zeros(*m.shape[:-1], 1)
+    bad = ~torch.isfinite(m).all(-1, keepdim=True)
+    m = m / torch.where(top > 0, top, torch.ones_like(top))
+    norm = m.norm(dim=-1, keepdim=True)
+    m = m / torch.where(norm > 0, norm, torch.ones_like(norm))
+    return torch.where(bad, torch.full_like(m, float("nan")), m)
+
+
+def bipartite_merge(x: Tensor, metric: Tensor, r: int, *, num_protected: int = 1,
+                    sizes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Reference of :func:`fisheradaptune.ops.bipartite_merge` (docs/methods.md section 7).
+
+    Eager composition in float64: a similarity matmul, stable descending sorts for both choices
+    (NaN first, ties to the lower index), and scatter-adds for the weighted means.
+    Differentiable in ``x`` through autograd.
+    """
+    b, n, c = x.shape
+    p = int(num_protected)
+    if not 0 <= p <= n:
+        raise ValueError(f"argument 'num_protected': expected 0 <= num_protected <= N = {n}, got {p}")
+    m = n - p
+    na, nb = (m + 1) // 2, m // 2
+    if not 0 <= r <= nb:
+        raise ValueError(f"argument 'r': expected 0 <= r <= {nb}, got {r}")
+    dev = x.device
+    if sizes is None:
+        sizes = torch.ones(b, n, dtype=torch.float32, device=dev)
+    ia = p + 2 * torch.arange(na, device=dev)
+    ib = p + 2 * torch.arange(nb, device=dev) + 1
+    merged = torch.zeros(b, na, dtype=torch.bool, device=dev)
+    match = torch.zeros(b, na, dtype=torch.int64, device=dev)
+    if r > 0:
+        unit = _unit_rows(metric)
+        sim = unit[:, ia] @ unit[:, ib].transpose(1, 2)  # [b, na, nb]
+        match = torch.sort(sim, dim=2, descending=True, stable=True).indices[..., 0]
+        best = sim.gather(2, match.unsqueeze(-1)).squeeze(-1)
+        order = torch.sort(best, dim=1, descending=True, stable=True).indices
+        merged.scatter_(1, order[:, :r], True)
+    first_b = p + na - r
+    dest = torch.empty(b, n, dtype=torch.int64, device=dev)
+    dest[:, :p] = torch.arange(p, device=dev)
+    kept_pos = p + torch.cumsum((~merged).long(), 1) - 1
+    dest[:, ia] = torch.where(merged, first_b + match, kept_pos)
+    dest[:, ib] = first_b + torch.arange(nb, device=dev)
+    rows = n - r
+    s = sizes.to(torch.float64)
+    total = torch.zeros(b, rows, dtype=torch.float64, device=dev).scatter_add(1, dest, s)
+    count = torch.zeros(b, rows, dtype=torch.float64, device=dev).scatter_add(1, dest, torch.ones_like(s))
+    w_row, n_row = total.gather(1, dest), count.gather(1, dest)
+    coef = torch.where(n_row == 1, torch.ones_like(s),
+                       torch.where(w_row != 0, s / torch.where(w_row != 0, w_row, 1.0), 0.0))
+    # Note [Zero coefficients] (csrc/tokens.h): a source of coefficient 0 adds nothing, even
+    # with inf/NaN values; masking x itself keeps 0 * inf out of the backward too.
+    xs = x.to(torch.float64)
+    xs = torch.where((coef != 0).unsqueeze(-1) | torch.isfinite(xs), xs, torch.zeros_like(xs))
+    out = torch.zeros(b, rows, c, dtype=torch.float64, device=dev).scatter_add(
+        1, dest.unsqueeze(-1).expand(b, n, c), coef.unsqueeze(-1) * xs)
+    return out.to(x.dtype), total.float(), dest
+
+
 __all__.append("sampled_grad")
 
 

@@ -63,6 +63,16 @@ def _token_prune_merge_backward(device):
                 normalize=True)
 
 
+def _bipartite_merge(device):
+    return dict(x=torch.randn(2, 6, 3, device=device), metric=torch.randn(2, 6, 4, device=device),
+                sizes=torch.ones(2, 6, device=device), num_protected=1, r=2)
+
+
+def _bipartite_merge_backward(device):
+    return dict(grad_out=torch.randn(2, 4, 3, device=device), sizes=torch.ones(2, 6, device=device),
+                dest_index=torch.tensor([[0, 1, 2, 3, 2, 3], [0, 3, 1, 2, 3, 3]], device=device))
+
+
 def _sampled_grad(device):
     return dict(grad_out=torch.randn(4, 3, device=device), x=torch.randn(4, 5, device=device),
                 index=torch.tensor([[0, 4], [1, 1], [3, 2]], device=device))
@@ -77,6 +87,8 @@ BASES: Dict[str, Callable[[str], dict]] = {
     "per_sample_grad_sq_": _per_sample_grad_sq_,
     "token_prune_merge": _token_prune_merge,
     "token_prune_merge_backward": _token_prune_merge_backward,
+    "bipartite_merge": _bipartite_merge,
+    "bipartite_merge_backward": _bipartite_merge_backward,
     "sampled_grad": _sampled_grad,
 }
 
@@ -147,6 +159,8 @@ META_CASES = [
     ("token_prune_merge", "x"), ("token_prune_merge", "scores"), ("token_prune_merge", "sizes"),
     *[("token_prune_merge_backward", arg)
       for arg in ("grad_out", "x", "scores", "sizes", "kept_index")],
+    *[("bipartite_merge", arg) for arg in ("x", "metric", "sizes")],
+    *[("bipartite_merge_backward", arg) for arg in ("grad_out", "sizes", "dest_index")],
     ("sampled_grad", "grad_out"), ("sampled_grad", "x"), ("sampled_grad", "index"),
 ]
 
@@ -300,6 +314,27 @@ CASES = [
     ("token_prune_merge", _set(sizes=lambda t: t.double()), TypeError, "sizes"),
     ("token_prune_merge", _set(keep=5), ValueError, "keep"),
     ("token_prune_merge", _set(keep=-1), ValueError, "keep"),
+    # bipartite_merge
+    ("bipartite_merge", _set(x=lambda t: t[0]), ValueError, "x"),
+    ("bipartite_merge", _set(x=lambda t: t.int()), TypeError, "x"),
+    ("bipartite_merge", _set(metric=lambda t: t[:, :5]), ValueError, "metric"),
+    ("bipartite_merge", _set(metric=lambda t: t[0]), ValueError, "metric"),
+    ("bipartite_merge", _set(metric=lambda t: t.long()), TypeError, "metric"),
+    ("bipartite_merge", _set(sizes=lambda t: t[:, :5]), ValueError, "sizes"),
+    ("bipartite_merge", _set(sizes=lambda t: t.half()), TypeError, "sizes"),
+    ("bipartite_merge", _set(num_protected=-1), ValueError, "num_protected"),
+    ("bipartite_merge", _set(num_protected=7), ValueError, "num_protected"),
+    ("bipartite_merge", _set(r=3), ValueError, "r"),
+    ("bipartite_merge", _set(r=-1), ValueError, "r"),
+    ("bipartite_merge", _set(num_protected=5, r=1), ValueError, "r"),
+    # bipartite_merge_backward
+    ("bipartite_merge_backward", _set(grad_out=lambda t: t[0]), ValueError, "grad_out"),
+    ("bipartite_merge_backward", _set(grad_out=lambda t: t.long()), TypeError, "grad_out"),
+    ("bipartite_merge_backward", _set(dest_index=lambda t: t.int()), TypeError, "dest_index"),
+    ("bipartite_merge_backward", _set(dest_index=lambda t: t[:, :3]), ValueError, "dest_index"),
+    ("bipartite_merge_backward", _set(dest_index=lambda t: t[:1]), ValueError, "dest_index"),
+    ("bipartite_merge_backward", _set(sizes=lambda t: t[:, :5]), ValueError, "sizes"),
+    ("bipartite_merge_backward", _set(sizes=lambda t: t.double()), TypeError, "sizes"),
     # token_prune_merge_backward
     ("token_prune_merge_backward", _set(x=lambda t: t.reshape(10, 3)), ValueError, "x"),
     ("token_prune_merge_backward", _set(num_protected=5), ValueError, "num_protected"),

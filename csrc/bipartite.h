@@ -1,0 +1,68 @@
+// bipartite_merge (ToMe) and its backward: argument validation shared by the CPU and CUDA
+// kernels.
+//
+// Note [Bipartite merge]
+// x [B, N, C], metric [B, N, D]; the first P = num_protected tokens of each row never merge.
+// The other M = N - P are split alternately: the k-th of them (k from 0) goes to set A when k is
+// even, to set B when odd, so |A| = ceil(M / 2) and |B| = floor(M / 2). Per row:
+//   - similarity: cosine on metric, sim(a, b) = n_a . n_b with n_i = metric_i / |metric_i|
+//     (n_i = 0 when |metric_i| == 0; NaN/inf metrics give NaN similarities), accumulated in
+//     the opmath type of metric's dtype (float32, or float64 for float64).
+//   - matching: each A token picks its most similar B token (ties to the lower B index); the r
+//     A tokens with the highest best similarity (ties to the lower A index) merge into their B
+//     token. NaN ranks above every number in both choices (torch.sort's order), so the
+//     choice is a total order and deterministic. 0 <= r <= |B| (docs/methods.md section 7:
+//     with M odd, r = |A| would leave no A token, which the method's bound excludes).
+//   - out rows: the P protected tokens, the A tokens that did not merge in their original
+//     order, then the B tokens in their original order: N - r rows. dest_index [B, N] int64 is
+//     the out row of every input token.
+//   - an out row whose sources (the tokens i with dest_index[i] == row) are one token is that
+//     token, copied bitwise. A row of several sources is their size-weighted mean: with
+//     W = sum_sources s_i (summed in float64 in increasing token order),
+//       out = sum_sources (s_i / W) x_i, in increasing token order,
+//     and a zero row when W == 0; a source whose coefficient s_i / W is exactly 0 adds nothing,
+//     its inf/NaN values read as 0 (Note [Zero coefficients], csrc/tokens.h).
+//   - out_sizes [B, N - r] float32: W for every row (s_i for a copied row).
+// Sizes are float32 (default: ones) and need no gradient. Accumulation is in float32 for
+// float32/bfloat16/float16 x and in float64 for float64 (at::opmath_type).
+//
+// Backward: the matching is a discrete choice and gets no gradient (metric has none). x's
+// gradient is grad_x[i] = g[dest_index[i]] for a copied row's source, (s_i / W) g[dest_index[i]]
+// otherwise, with W and the source counts recomputed from sizes and dest_index in the forward's
+// order: the backward needs neither x nor metric.
+// Token indices are int32 in both kernels: N < 2^31 (checked by the shared validation).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace fisheradaptune {
+
+struct BipartiteMergeArgs {
+  at::Tensor x;       // contiguous [B, N, C] (forward)
+  at::Tensor metric;  // contiguous [B, N, D] (forward)
+  at::Tensor grad;    // contiguous [B, N - r, C] (backward)
+  at::Tensor dest;    // contiguous int64 [B, N] (backward)
+  at::Tensor sizes;   // contiguous float32 [B, N], or undefined (all ones)
+  int64_t batch = 0, tokens = 0, channels = 0, dims = 0;
+  int64_t protect = 0;       // P
+  int64_t set_a = 0;         // |A| = ceil((N - P) / 2)
+  int64_t set_b = 0;         // |B| = floor((N - P) / 2)
+  int64_t r = 0;
+  int64_t rows() const { return tokens - r; }
+};
+
+BipartiteMergeArgs validate_bipartite_merge(const at::Tensor& x, const at::Tensor& metric,
+                                            const std::optional<at::Tensor>& sizes,
+                                            int64_t num_protected, int64_t r);
+
+// On CPU dest_index's values are checked (in [0, N - r)); on CUDA that would need a
+// synchronisation, so the kernels only guard against out-of-range values (an out-of-range
+// token gets a zero gradient, nothing outside the tensors is read or written) and dest_index
+// must come from the forward.
+BipartiteMergeArgs validate_bipartite_merge_backward(const at::Tensor& grad_out,
+                                                     const std::optional<at::Tensor>& sizes,
+                                                     const at::Tensor& dest_index);
+
+}  // namespace fisheradaptune

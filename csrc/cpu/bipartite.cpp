@@ -1,0 +1,285 @@
+// CPU kernels of bipartite_merge and bipartite_merge_backward (Note [Bipartite merge],
+// csrc/bipartite.h). Four passes, each parallel and each output element produced by one thread
+// in a fixed order, so bitwise deterministic for any thread count:
+//   1. normalise the metric rows (per token);
+//   2. each A token's best B token (per (batch row, A token)): omp-simd dots against every B
+//      token (Note [CPU vectorisation]);
+//   3. the matching and the out-row bookkeeping (per batch row): nth_element over the A tokens,
+//      dest_index, sizes, and the sources of every out row in increasing token order;
+//   4. the out rows (per (batch row, out row)): a copy, or the weighted mean of the sources.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <tuple>
+#include <vector>
+
+#include "bipartite.h"
+#include "cpu/simd.h"
+
+namespace fisheradaptune {
+namespace {
+
+#define FAT_DISPATCH_TOKEN_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+// Order of the matching: higher first, NaN above every number, ties to the lower index.
+template <typename A>
+bool beats(A a, int64_t ia, A b, int64_t ib) {
+  const bool na = std::isnan(a), nb = std::isnan(b);
+  if (na != nb) return na;
+  if (!na && a != b) return a > b;
+  return ia < ib;
+}
+
+// The unit vector of a metric row, in place: scaled by its largest magnitude first, so that
+// squares cannot overflow (a bfloat16 key of 1e20 is a valid direction); a zero row stays zero
+// (similarity 0 to everything), and a row with inf or NaN becomes NaN (it matches as NaN, never
+// silently as 0).
+template <typename A>
+void normalise(A* v, int64_t n) {
+  A top = 0;
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, std::abs(v[i]));
+  bool finite = std::isfinite(top);
+  for (int64_t i = 0; i < n && finite; ++i) finite = !std::isnan(v[i]);  // max() drops NaN
+  if (!finite) {
+    std::fill(v, v + n, std::numeric_limits<A>::quiet_NaN());
+    return;
+  }
+  if (top == A(0)) return;
+  for (int64_t i = 0; i < n; ++i) v[i] /= top;
+  const A inv = A(1) / std::sqrt(blocked_dot<A, A>(v, v, n));
+  for (int64_t i = 0; i < n; ++i) v[i] *= inv;
+}
+
+template <typename T, typename A>
+FAT_CPU_CLONES void axpy(A* __restrict acc, const T* __restrict x, A w, int64_t n) {
+  FAT_SIMD
+  for (int64_t i = 0; i < n; ++i) acc[i] += w * static_cast<A>(x[i]);
+}
+
+template <typename T, typename A>
+FAT_CPU_CLONES void store(T* __restrict out, const A* __restrict acc, int64_t n) {
+  FAT_SIMD
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(acc[i]);
+}
+
+template <typename T, typename A>
+FAT_CPU_CLONES void scale_row(T* __restrict out, const T* __restrict g, A w, int64_t n) {
+  FAT_SIMD
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(w * static_cast<A>(g[i]));
+}
+
+// Passes 1 and 2: best[b * |A| + k], match[b * |A| + k] = the best similarity of the k-th A
+// token of row b and the index (within B) of its B token.
+template <typename M>
+void best_matches(const BipartiteMergeArgs& a, std::vector<double>& best,
+                  std::vector<int32_t>& match) {
+  using A = at::opmath_type<M>;
+  const int64_t B = a.batch, N = a.tokens, D = a.dims, P = a.protect;
+  const int64_t na = a.set_a, nb = a.set_b;
+  std::vector<A> unit(B * N * D);
+  const M* m = a.metric.const_data_ptr<M>();
+  at::parallel_for(0, B * N, 64, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      A* u = unit.data() + t * D;
+      for (int64_t d = 0; d < D; ++d) u[d] = static_cast<A>(m[t * D + d]);
+      normalise(u, D);
+    }
+  });
+  at::parallel_for(0, B * na, 8, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / na, k = u % na;
+      const A* ua = unit.data() + (b * N + P + 2 * k) * D;
+      A top = 0;
+      int32_t arg = -1;
+      for (int64_t j = 0; j < nb; ++j) {
+        const A s = blocked_dot<A, A>(ua, unit.data() + (b * N + P + 2 * j + 1) * D, D);
+        if (arg < 0 || beats(s, j, top, arg)) {
+          top = s;
+          arg = static_cast<int32_t>(j);
+        }
+      }
+      best[u] = static_cast<double>(top);
+      match[u] = arg;
+    }
+  });
+}
+
+// Per-row bookkeeping of pass 3, shared by the forward (from the matching) and the backward
+// (from dest_index): the sources of every out row in increasing token order (CSR: src, off),
+// their coefficients and the rows' sizes.
+struct Sources {
+  std::vector<int32_t> off, src;  // [R + 1], [N] of one batch row
+  std::vector<double> coef;       // [N]: s_i / W, 1 for a copied row
+  void build(const int64_t* dest, const float* sz, int64_t N, int64_t R, float* out_sizes) {
+    off.assign(R + 1, 0);
+    src.resize(N);
+    coef.resize(N);
+    for (int64_t i = 0; i < N; ++i) ++off[dest[i] + 1];
+    for (int64_t d = 0; d < R; ++d) off[d + 1] += off[d];
+    std::vector<int32_t> fill(off.begin(), off.end() - 1);
+    for (int64_t i = 0; i < N; ++i) src[fill[dest[i]]++] = static_cast<int32_t>(i);
+    for (int64_t d = 0; d < R; ++d) {
+      const int32_t s0 = off[d], s1 = off[d + 1];
+      double w = 0;
+      for (int32_t s = s0; s < s1; ++s) w += sz != nullptr ? sz[src[s]] : 1.0;
+      for (int32_t s = s0; s < s1; ++s) {
+        const double si = sz != nullptr ? sz[src[s]] : 1.0;
+        coef[s] = s1 - s0 == 1 ? 1.0 : (w != 0 ? si / w : 0.0);
+      }
+      if (out_sizes != nullptr) out_sizes[d] = static_cast<float>(w);
+    }
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
+    const at::Tensor& x_in, const at::Tensor& metric_in, const std::optional<at::Tensor>& sizes_in,
+    int64_t num_protected, int64_t r) {
+  const BipartiteMergeArgs a = validate_bipartite_merge(x_in, metric_in, sizes_in, num_protected, r);
+  const int64_t B = a.batch, N = a.tokens, C = a.channels, P = a.protect, R = a.rows();
+  const int64_t na = a.set_a, nb = a.set_b;
+  at::Tensor out = at::empty({B, R, C}, a.x.options());
+  at::Tensor out_sizes = at::empty({B, R}, a.x.options().dtype(at::kFloat));
+  at::Tensor dest_index = at::empty({B, N}, a.x.options().dtype(at::kLong));
+  if (B == 0 || N == 0) return {out, out_sizes, dest_index};
+
+  // Passes 1-2. The best similarities are compared in metric's opmath type; held as double,
+  // which represents both exactly.
+  std::vector<double> best(B * na);
+  std::vector<int32_t> match(B * na);
+  if (r > 0) {
+    FAT_DISPATCH_TOKEN_TYPES(a.metric.scalar_type(), "bipartite_merge_match", [&] {
+      best_matches<scalar_t>(a, best, match);
+    });
+  }
+
+  // Pass 3.
+  const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
+  int64_t* dest = dest_index.data_ptr<int64_t>();
+  float* osz = out_sizes.data_ptr<float>();
+  std::vector<int32_t> off(B * (R + 1)), src(B * N);
+  std::vector<double> coef(B * N);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int32_t> order(na);
+    std::vector<char> merged(na);
+    Sources rows;
+    for (int64_t b = b0; b < b1; ++b) {
+      const double* bb = best.data() + b * na;
+      const int32_t* mb = match.data() + b * na;
+      std::fill(merged.begin(), merged.end(), 0);
+      if (r > 0) {
+        std::iota(order.begin(), order.end(), 0);
+        std::nth_element(order.begin(), order.begin() + r, order.end(),
+                         [&](int32_t i, int32_t j) { return beats(bb[i], i, bb[j], j); });
+        for (int64_t k = 0; k < r; ++k) merged[order[k]] = 1;
+      }
+      int64_t* db = dest + b * N;
+      for (int64_t i = 0; i < P; ++i) db[i] = i;
+      const int64_t first_b = P + na - r;  // the out row of the first B token
+      int64_t next = P;
+      for (int64_t k = 0; k < na; ++k) {
+        if (!merged[k]) db[P + 2 * k] = next++;
+      }
+      for (int64_t j = 0; j < nb; ++j) db[P + 2 * j + 1] = first_b + j;
+      for (int64_t k = 0; k < na; ++k) {
+        if (merged[k]) db[P + 2 * k] = first_b + mb[k];
+      }
+      rows.build(db, sizes != nullptr ? sizes + b * N : nullptr, N, R, osz + b * R);
+      std::copy(rows.off.begin(), rows.off.end(), off.begin() + b * (R + 1));
+      std::copy(rows.src.begin(), rows.src.end(), src.begin() + b * N);
+      std::copy(rows.coef.begin(), rows.coef.end(), coef.begin() + b * N);
+    }
+  });
+
+  // Pass 4.
+  FAT_DISPATCH_TOKEN_TYPES(a.x.scalar_type(), "bipartite_merge_cpu", [&] {
+    using T = scalar_t;
+    using A = at::opmath_type<T>;
+    const T* x = a.x.const_data_ptr<T>();
+    T* o = out.data_ptr<T>();
+    at::parallel_for(0, B * R, 4, [&](int64_t u0, int64_t u1) {
+      std::vector<A> acc(C);
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t b = u / R, d = u % R;
+        const int32_t* ob = off.data() + b * (R + 1);
+        const int32_t* sb = src.data() + b * N;
+        const double* cb = coef.data() + b * N;
+        const T* xb = x + b * N * C;
+        T* dst = o + u * C;
+        if (ob[d + 1] - ob[d] == 1) {
+          std::memcpy(dst, xb + static_cast<int64_t>(sb[ob[d]]) * C, C * sizeof(T));
+          continue;
+        }
+        std::fill(acc.begin(), acc.end(), A(0));
+        for (int32_t s = ob[d]; s < ob[d + 1]; ++s) {
+          const A w = static_cast<A>(cb[s]);
+          if (w == A(0)) continue;  // Note [Zero coefficients] (csrc/tokens.h)
+          axpy<T, A>(acc.data(), xb + static_cast<int64_t>(sb[s]) * C, w, C);
+        }
+        store<T, A>(dst, acc.data(), C);
+      }
+    });
+  });
+  return {out, out_sizes, dest_index};
+}
+
+at::Tensor bipartite_merge_backward_cpu(const at::Tensor& grad_out,
+                                        const std::optional<at::Tensor>& sizes_in,
+                                        const at::Tensor& dest_index) {
+  const BipartiteMergeArgs a = validate_bipartite_merge_backward(grad_out, sizes_in, dest_index);
+  const int64_t B = a.batch, N = a.tokens, C = a.channels, R = a.rows();
+  at::Tensor grad_x = at::empty({B, N, C}, a.grad.options());
+  if (B == 0 || N == 0) return grad_x;
+  const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
+  const int64_t* dest = a.dest.const_data_ptr<int64_t>();
+  // coef[b, i]: token i's coefficient in its out row (1 for a copied row); -1 marks the sole
+  // source of a row, whose gradient is copied bitwise.
+  std::vector<double> coef(B * N);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    Sources rows;
+    for (int64_t b = b0; b < b1; ++b) {
+      rows.build(dest + b * N, sizes != nullptr ? sizes + b * N : nullptr, N, R, nullptr);
+      for (int64_t d = 0; d < R; ++d) {
+        const bool copied = rows.off[d + 1] - rows.off[d] == 1;
+        for (int32_t s = rows.off[d]; s < rows.off[d + 1]; ++s) {
+          coef[b * N + rows.src[s]] = copied ? -1.0 : rows.coef[s];
+        }
+      }
+    }
+  });
+  FAT_DISPATCH_TOKEN_TYPES(a.grad.scalar_type(), "bipartite_merge_backward_cpu", [&] {
+    using T = scalar_t;
+    using A = at::opmath_type<T>;
+    const T* g = a.grad.const_data_ptr<T>();
+    T* gx = grad_x.data_ptr<T>();
+    at::parallel_for(0, B * N, 8, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const T* row = g + ((t / N) * R + dest[t]) * C;
+        if (coef[t] < 0) {
+          std::memcpy(gx + t * C, row, C * sizeof(T));
+        } else {
+          scale_row<T, A>(gx + t * C, row, static_cast<A>(coef[t]), C);
+        }
+      }
+    });
+  });
+  return grad_x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fisheradaptune, CPU, m) {
+  m.impl("bipartite_merge", &bipartite_merge_cpu);
+  m.impl("bipartite_merge_backward", &bipartite_merge_backward_cpu);
+}
+
+}  // namespace fisheradaptune
