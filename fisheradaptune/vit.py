@@ -63,8 +63,8 @@ from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["prune_merge", "unpatch", "handle_of", "sparse_layers", "PruneMergeHandle",
-           "cls_attention"]
+__all__ = ["prune_merge", "token_merge", "unpatch", "handle_of", "sparse_layers",
+           "PruneMergeHandle", "TokenMergeHandle", "cls_attention"]
 
 _ATTR = "_fisheradaptune_prune_merge"
 _SUPPORTED_POOLS = ("token", "avg", "")
@@ -249,7 +249,7 @@ class _Transformers(_Family):
                 f"{_HF_ATTENTION}; see model.set_attn_implementation)")
 
 
-def _family(model: nn.Module) -> _Family:
+def _family(model: nn.Module, api: str = "prune_merge") -> _Family:
     blocks = getattr(model, "blocks", None)
     if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) > 0:
         b0 = blocks[0]
@@ -265,7 +265,7 @@ def _family(model: nn.Module) -> _Family:
     if _Transformers.vit(model) is not None:
         return _Transformers()
     raise TypeError(
-        "fisheradaptune.vit.prune_merge: argument 'model': expected a timm VisionTransformer "
+        f"fisheradaptune.vit.{api}: argument 'model': expected a timm VisionTransformer "
         "(blocks[i].norm1, blocks[i].attn.qkv), a torchvision VisionTransformer "
         "(encoder.layers[i].ln_1, .self_attention) or a transformers ViTModel / "
         "ViTForImageClassification ([vit.]layers[i].layernorm_before, .attention.k_proj), "
@@ -282,7 +282,110 @@ def cls_attention(model: nn.Module, block: nn.Module, x: Tensor) -> Tensor:
 # The handle
 
 
-class PruneMergeHandle:
+class _Patch:
+    """What a token-reduction patch shares, whichever the method (:class:`PruneMergeHandle`,
+    :class:`~fisheradaptune.vit.TokenMergeHandle`): the saved attributes that ``remove()``
+    restores, the token sizes carried from block to block, their bookkeeping under gradient
+    checkpointing, and timm's size-weighted average pooling."""
+
+    api = ""  # the patching function's name, for messages
+
+    def __init__(self, model: nn.Module, family: _Family, layers: Tuple[int, ...],
+                 num_protected: int):
+        self.model = model
+        self.family = family
+        self.layers = layers
+        self.num_protected = int(num_protected)
+        self.sizes: Optional[Tensor] = None
+        self.record = False
+        self._saved: List[Tuple[object, str, bool, object]] = []  # (obj, attr, had, old)
+        self._inputs: dict = {}  # (block index, input data_ptr) -> sizes: Note [Checkpointed blocks]
+        self._hooks = []
+        self._removed = False
+
+    def _clear(self) -> None:
+        """Per-forward state of the method, reset at the first block."""
+
+    def _reset(self, module, args, kwargs=None):
+        if _in_backward():
+            return  # gradient checkpointing recomputes blocks during backward: not a new forward
+        self.sizes = None
+        self._inputs.clear()
+        self._clear()
+
+    def _sizes_in(self, i: int, x_in: Tensor) -> Tuple[Optional[Tensor], bool]:
+        """The token sizes entering patched block ``i``, and whether this call recomputes a
+        forward (gradient checkpointing) rather than running a new one.
+
+        Note [Checkpointed blocks]: sizes flow from block to block on the handle, so a block
+        recomputed during backward would read the *last* block's sizes. Each forward therefore
+        records the sizes each patched block received, keyed by its input's storage (the
+        recomputation gets the same input tensor, or a detached alias of it), and a
+        recomputation reads them back and leaves the forward's state alone. (transformers
+        checkpoints inside the class's ``forward``, which the patched forward calls, so its
+        recomputation never reaches the reduction.)
+        """
+        if _in_backward():
+            key = (i, x_in.data_ptr())
+            if key not in self._inputs:
+                raise RuntimeError(
+                    f"fisheradaptune.vit.{self.api}: block {i} is recomputed during backward "
+                    "(gradient checkpointing) but its forward was not recorded in this "
+                    "forward pass")
+            return self._inputs[key], True
+        sizes = self.sizes
+        # Also without grad: reentrant checkpointing runs the forward under no_grad.
+        if not torch.compiler.is_compiling():
+            self._inputs[(i, x_in.data_ptr())] = sizes
+        return sizes, False
+
+    def _pool_weights(self, x: Tensor) -> Tensor:
+        """timm avg pool: scale pooled tokens by ``s_i * n / sum(s)`` so that the plain mean
+        timm takes is the size-weighted mean."""
+        sizes = self.sizes
+        if sizes is None or x.dim() != 3 or sizes.shape[0] != x.shape[0] or \
+                sizes.shape[1] != x.shape[1]:
+            return x
+        start = 0 if getattr(self.model, "pool_include_prefix", False) else \
+            int(getattr(self.model, "num_prefix_tokens", self.num_protected))
+        s = sizes[:, start:]
+        factor = (s * (s.shape[1] / s.sum(1, keepdim=True))).unsqueeze(-1).to(x.dtype)
+        return torch.cat([x[:, :start], x[:, start:] * factor], 1)
+
+    # -- patching -----------------------------------------------------------------------------
+
+    def _set(self, obj, attr: str, value) -> None:
+        had = attr in obj.__dict__
+        self._saved.append((obj, attr, had, obj.__dict__.get(attr)))
+        setattr(obj, attr, value)
+
+    def _install_common(self, blocks: Sequence[nn.Module]) -> None:
+        """The first block's reset hook, timm's weighted avg pool, and the model's marker."""
+        self._hooks.append(blocks[0].register_forward_pre_hook(self._reset))
+        if self.family.name == "timm" and getattr(self.model, "global_pool", "token") == "avg" \
+                and hasattr(self.model, "forward_head"):
+            self._set(self.model, "forward_head",
+                      _WeightedForwardHead(self, self.model, self.model.__dict__.get("forward_head")))
+        self._set(self.model, _ATTR, self)
+
+    def remove(self) -> None:
+        """Restores the model exactly as it was before the patch."""
+        if self._removed:
+            return
+        for h in self._hooks:
+            h.remove()
+        for obj, attr, had, old in reversed(self._saved):
+            if had:
+                obj.__dict__[attr] = old
+            else:
+                obj.__dict__.pop(attr, None)
+        self._hooks.clear()
+        self._saved.clear()
+        self.sizes = None
+        self._removed = True
+
+
+class PruneMergeHandle(_Patch):
     """What :func:`prune_merge` changed, and the per-forward state. ``remove()`` undoes it.
 
     Attributes:
@@ -294,27 +397,20 @@ class PruneMergeHandle:
             (``None`` before one).
     """
 
+    api = "prune_merge"
+
     def __init__(self, model: nn.Module, family: _Family, keep: KeepArg, layers: Tuple[int, ...],
                  normalize: bool, num_protected: int, detach_scores: bool):
-        self.model = model
-        self.family = family
-        self.layers = layers
+        super().__init__(model, family, layers, num_protected)
         self.normalize = bool(normalize)
-        self.num_protected = int(num_protected)
         self.detach_scores = bool(detach_scores)
         self._schedule = keep if callable(keep) else None
         self.keep_fraction = 1.0
         self.step = 0
-        self.sizes: Optional[Tensor] = None
         # Opt-in (for inspection, e.g. plotting which patches survive): with record=True, each
         # forward leaves in `kept_patches` the original patch index of every non-protected token
         # still present at the end, [B, tokens], -1 for fused tokens.
-        self.record = False
         self.kept_patches: Optional[Tensor] = None
-        self._saved: List[Tuple[nn.Module, str, bool, object]] = []  # (obj, attr, had, old)
-        self._inputs: dict = {}  # (block index, input data_ptr) -> sizes: Note [Checkpointed blocks]
-        self._hooks = []
-        self._removed = False
         if self._schedule is None:
             self.keep_fraction = _check_fraction(keep, "keep")
         else:
@@ -336,38 +432,8 @@ class PruneMergeHandle:
 
     # -- forward pieces -----------------------------------------------------------------------
 
-    def _reset(self, module, args, kwargs=None):
-        if _in_backward():
-            return  # gradient checkpointing recomputes blocks during backward: not a new forward
-        self.sizes = None
+    def _clear(self) -> None:
         self.kept_patches = None
-        self._inputs.clear()
-
-    def _sizes_in(self, i: int, x_in: Tensor) -> Tuple[Optional[Tensor], bool]:
-        """The token sizes entering patched block ``i``, and whether this call recomputes a
-        forward (gradient checkpointing) rather than running a new one.
-
-        Note [Checkpointed blocks]: sizes flow from block to block on the handle, so a block
-        recomputed during backward would read the *last* block's sizes. Each forward therefore
-        records the sizes each patched block received, keyed by its input's storage (the
-        recomputation gets the same input tensor, or a detached alias of it), and a
-        recomputation reads them back and leaves the forward's state alone. (transformers
-        checkpoints inside the class's ``forward``, which the patched forward calls, so its
-        recomputation never reaches the reduction.)
-        """
-        if _in_backward():
-            key = (i, x_in.data_ptr())
-            if key not in self._inputs:
-                raise RuntimeError(
-                    "fisheradaptune.vit.prune_merge: block {} is recomputed during backward "
-                    "(gradient checkpointing) but its forward was not recorded in this "
-                    "forward pass".format(i))
-            return self._inputs[key], True
-        sizes = self.sizes
-        # Also without grad: reentrant checkpointing runs the forward under no_grad.
-        if not torch.compiler.is_compiling():
-            self._inputs[(i, x_in.data_ptr())] = sizes
-        return sizes, False
 
     def _reduce(self, i: int, block: nn.Module, x_in: Tensor, y: Tensor) -> Tensor:
         b, n, _ = y.shape
@@ -397,52 +463,11 @@ class PruneMergeHandle:
             self.kept_patches = torch.cat([survivors, fused], dim=1)
         return out
 
-    def _pool_weights(self, x: Tensor) -> Tensor:
-        """timm avg pool: scale pooled tokens by ``s_i * n / sum(s)`` so that the plain mean
-        timm takes is the size-weighted mean."""
-        sizes = self.sizes
-        if sizes is None or x.dim() != 3 or sizes.shape[0] != x.shape[0] or \
-                sizes.shape[1] != x.shape[1]:
-            return x
-        start = 0 if getattr(self.model, "pool_include_prefix", False) else \
-            int(getattr(self.model, "num_prefix_tokens", self.num_protected))
-        s = sizes[:, start:]
-        factor = (s * (s.shape[1] / s.sum(1, keepdim=True))).unsqueeze(-1).to(x.dtype)
-        return torch.cat([x[:, :start], x[:, start:] * factor], 1)
-
-    # -- patching -----------------------------------------------------------------------------
-
-    def _set(self, obj, attr: str, value) -> None:
-        had = attr in obj.__dict__
-        self._saved.append((obj, attr, had, obj.__dict__.get(attr)))
-        setattr(obj, attr, value)
-
     def _install(self, blocks: Sequence[nn.Module]) -> None:
-        self._hooks.append(blocks[0].register_forward_pre_hook(self._reset))
         for i in self.layers:
             block = blocks[i]
             self._set(block, "forward", _ReducingForward(self, i, block, block.__dict__.get("forward")))
-        if self.family.name == "timm" and getattr(self.model, "global_pool", "token") == "avg" \
-                and hasattr(self.model, "forward_head"):
-            self._set(self.model, "forward_head",
-                      _WeightedForwardHead(self, self.model, self.model.__dict__.get("forward_head")))
-        self._set(self.model, _ATTR, self)
-
-    def remove(self) -> None:
-        """Restores the model exactly as it was before :func:`prune_merge`."""
-        if self._removed:
-            return
-        for h in self._hooks:
-            h.remove()
-        for obj, attr, had, old in reversed(self._saved):
-            if had:
-                obj.__dict__[attr] = old
-            else:
-                obj.__dict__.pop(attr, None)
-        self._hooks.clear()
-        self._saved.clear()
-        self.sizes = None
-        self._removed = True
+        self._install_common(blocks)
 
     def __repr__(self) -> str:
         keep = f"schedule(step={self.step}) -> {self.keep_fraction:g}" if self._schedule else \
@@ -566,9 +591,12 @@ def prune_merge(model: nn.Module, keep: KeepArg = 0.7,
     Returns:
         A :class:`PruneMergeHandle`; ``handle.remove()`` or :func:`unpatch` undoes the patch.
     """
-    if _ATTR in model.__dict__:
-        raise ValueError("fisheradaptune.vit.prune_merge: argument 'model': already patched; "
-                         "call fisheradaptune.vit.unpatch(model) first")
+    existing = model.__dict__.get(_ATTR)
+    if existing is not None:
+        raise ValueError(f"fisheradaptune.vit.prune_merge: argument 'model': already patched by "
+                         f"fisheradaptune.vit.{existing.api} (one patch per model: prune_merge "
+                         "and token_merge cannot be combined); call "
+                         "fisheradaptune.vit.unpatch(model) first")
     family = _family(model)
     blocks = family.blocks(model)
     if isinstance(layers, str):
@@ -598,15 +626,20 @@ def prune_merge(model: nn.Module, keep: KeepArg = 0.7,
     return handle
 
 
-def handle_of(model: nn.Module) -> Optional[PruneMergeHandle]:
-    """The :class:`PruneMergeHandle` patching ``model``, or None."""
+def handle_of(model: nn.Module) -> Optional[_Patch]:
+    """The handle patching ``model`` (a :class:`PruneMergeHandle` or a
+    :class:`TokenMergeHandle`), or None."""
     return model.__dict__.get(_ATTR)
 
 
 def unpatch(model: nn.Module) -> None:
-    """Undoes :func:`prune_merge` on ``model``, restoring it exactly."""
+    """Undoes :func:`prune_merge` or :func:`token_merge` on ``model``, restoring it exactly."""
     handle = model.__dict__.get(_ATTR)
     if handle is None:
         raise ValueError("fisheradaptune.vit.unpatch: argument 'model': not patched by "
-                         "fisheradaptune.vit.prune_merge")
+                         "fisheradaptune.vit.prune_merge or token_merge")
     handle.remove()
+
+
+# ToMe lives in its own module, built on the families and the patch base above.
+from ._token_merge import TokenMergeHandle, token_merge  # noqa: E402
