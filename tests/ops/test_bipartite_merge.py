@@ -369,6 +369,22 @@ def test_zero_metric_row(device):
     assert dest[0, 3].item() == 1 + 4 - 4
 
 
+@pytest.mark.parametrize("metric_dtype,scale", [
+    (torch.bfloat16, 1e30), (torch.bfloat16, 1e-30), (torch.float16, 1e4), (torch.float16, 1e-6),
+    (torch.float32, 1e38), (torch.float32, 1e-40), (torch.float64, 1e300), (torch.float64, 1e-310)])
+def test_extreme_metric_magnitudes(metric_dtype, scale):
+    # the rows are scaled by their largest entry before the norm: no overflow or underflow of
+    # the squares, the same choices as for the unscaled metric (cosine is scale invariant)
+    g = make_generator(31)
+    m = torch.randn(2, 13, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 13, 3, generator=g)
+    big = (m * scale).to(metric_dtype)
+    assert bool(torch.isfinite(big).all()) and bool((big != 0).any(-1).all())
+    _, _, dest = run_checked(x, big, 5, 1, None, exact=metric_dtype == torch.float64)
+    if metric_dtype == torch.float64:
+        assert torch.equal(dest, ops.bipartite_merge(x, m, 5)[2])
+
+
 # ---------------------------------------------------------------------------------------------
 # Edge cases
 
