@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Benchmark of bipartite_merge (ToMe bipartite token merging, docs/methods.md section 7).
+
+    python benchmarks/bench_tome.py [--device cpu|cuda] [--iters N] [--threads T] [--quick]
+
+The op, forward alone and forward + backward, against an eager PyTorch composition of the same
+algorithm in the same run, written here in the input dtype: normalise the metric rows, split A
+(even) / B (odd) tokens by slicing, similarity ``bmm``, ``max`` over B (each A token's best B),
+``argsort`` of the best scores (the r highest merge), ``gather`` of the merged A tokens,
+``scatter_add`` of their size-weighted sums (and sizes) into B, then ``gather`` of the kept A
+tokens (original order) and ``cat`` of protected, kept A and B rows. Its backward is autograd's;
+the metric passes no gradient in either (the choice is discrete). Before timing, each shape
+checks that the baseline computes what the op does: the same dest mapping (up to float32
+near-ties of the similarities, which are reported) and close outputs.
+
+Shapes: B in 1, 8, 64; N = 197 (ViT-B/16 at 224 px, one protected CLS token); C in 384, 768
+(ViT-S, ViT-B); metric D = 64 (one head's keys); r = 16; float32; random sizes in 1..3.
+
+Results: ``benchmarks/results/bench_tome-<cpu|cuda>.{json,md}`` (``--quick``:
+``bench_tome-quick-*``, git-ignored). ``op_speedup`` = eager ms / op ms (above 1: the op is
+faster); on CPU ``cpu_speedup`` is the same ratio of process CPU times.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from fisheradaptune import ops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, print_table, timeit, write_results  # noqa: E402
+
+P = 1       # protected tokens (CLS)
+N = 197
+D = 64
+R = 16
+
+
+def eager_bipartite_merge(x, metric, sizes, r, p=P):
+    """The eager composition, in x's dtype. Returns (out, out_sizes, (order, match))."""
+    b, n, c = x.shape
+    sizes = sizes.to(x.dtype)
+    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sim = torch.bmm(unit[:, p::2], unit[:, p + 1::2].transpose(1, 2))  # [b, |A|, |B|]
+    best, match = sim.max(dim=-1)                                        # best B of each A
+    order = best.argsort(dim=-1, descending=True)                        # A by best score
+    merged, kept = order[:, :r], order[:, r:].sort(dim=-1).values
+    into = match.gather(1, merged)                                       # [b, r] B indices
+    xa, xb = x[:, p::2], x[:, p + 1::2]
+    sa, sb = sizes[:, p::2], sizes[:, p + 1::2]
+    wa = (xa * sa.unsqueeze(-1)).gather(1, merged.unsqueeze(-1).expand(-1, -1, c))
+    sum_b = (xb * sb.unsqueeze(-1)).scatter_add(1, into.unsqueeze(-1).expand(-1, -1, c), wa)
+    size_b = sb.scatter_add(1, into, sa.gather(1, merged))
+    out = torch.cat([x[:, :p], xa.gather(1, kept.unsqueeze(-1).expand(-1, -1, c)),
+                     sum_b / size_b.unsqueeze(-1)], dim=1)
+    out_sizes = torch.cat([sizes[:, :p], sa.gather(1, kept), size_b], dim=1)
+    return out, out_sizes.float(), (order, match)
+
+
+def eager_dest(order, match, n, r, p=P):
+    """dest_index of the eager composition (for the check only; not timed)."""
+    b, na = order.shape
+    nb = (n - p) // 2
+    first_b = p + na - r
+    dest = torch.empty(b, n, dtype=torch.int64, device=order.device)
+    dest[:, :p] = torch.arange(p, device=order.device)
+    dest[:, p + 1::2] = first_b + torch.arange(nb, device=order.device)
+    merged = torch.zeros(b, na, dtype=torch.bool, device=order.device)
+    merged.scatter_(1, order[:, :r], True)
+    kept_pos = p + torch.cumsum((~merged).long(), 1) - 1
+    dest[:, p::2] = torch.where(merged, first_b + match, kept_pos)
+    return dest
+
+
+def check_same_algorithm(x, metric, sizes, r):
+    """The baseline against the op: dest equal except at float32 near-ties, outputs close on
+    the batch rows whose dest agree. Returns a summary for the notes; raises if they differ."""
+    out, out_sizes, dest = ops.bipartite_merge(x, metric, r, num_protected=P, sizes=sizes)
+    e_out, e_sizes, (order, match) = eager_bipartite_merge(x, metric, sizes, r)
+    e_dest = eager_dest(order, match, x.shape[1], r)
+    same = (dest == e_dest).all(1)
+    if not bool(same.all()):
+        # every disagreement must be a near-tie of float64 similarities
+        u = metric.double()
+        u = u / u.norm(dim=-1, keepdim=True)
+        sim = u[:, P::2] @ u[:, P + 1::2].transpose(1, 2)
+        na = sim.shape[1]
+        first_b = P + na - r
+
+        def chosen(d):
+            da = d[:, P::2]
+            return da >= first_b, sim.gather(2, (da - first_b).clamp(min=0).unsqueeze(-1))[..., 0]
+
+        best = sim.max(-1).values
+        for d in (dest, e_dest):
+            merged, s = chosen(d)
+            if not bool((s[merged] >= best[merged] - 1e-5).all()):
+                raise AssertionError("bench_tome: a merged token's partner is not its best B")
+            lo = torch.where(merged, best, float("inf")).min(1).values
+            hi = torch.where(merged, -float("inf"), best).max(1).values
+            if not bool((lo >= hi - 1e-5).all()):
+                raise AssertionError("bench_tome: the merged set is not the top-r")
+    if not bool(same.any()):
+        raise AssertionError("bench_tome: no batch row where the op and the baseline agree")
+    torch.testing.assert_close(e_out[same], out[same], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(e_sizes[same], out_sizes[same], rtol=1e-6, atol=0)
+    return f"{int(same.sum())}/{len(same)}"
+
+
+def bench(device, dtype, iters, rows, notes, batches, channels):
+    for c in channels:
+        for b in batches:
+            g = torch.Generator().manual_seed(1000 * c + b)
+            x0 = torch.randn(b, N, c, generator=g).to(dtype).to(device)
+            metric = torch.randn(b, N, D, generator=g).to(dtype).to(device)
+            sizes = torch.randint(1, 4, (b, N), generator=g).float().to(device)
+            grad = torch.randn(b, N - R, c, generator=g).to(dtype).to(device)
+            x = x0.clone().requires_grad_(True)
+            agree = check_same_algorithm(x0, metric, sizes, R)
+
+            def op(xx):
+                return ops.bipartite_merge(xx, metric, R, num_protected=P, sizes=sizes)[0]
+
+            def eager(xx):
+                return eager_bipartite_merge(xx, metric, sizes, R)[0]
+
+            times = {}
+            for name, fn in (("op", op), ("eager", eager)):
+                def fwd():
+                    with torch.no_grad():
+                        fn(x0)
+
+                def fwd_bwd():
+                    torch.autograd.backward(fn(x), grad)
+                    x.grad = None
+
+                for mode, f in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                    t = timeit(f, warmup=3, iters=iters, device=device,
+                               max_seconds=3.0 if device == "cpu" else 2.0)
+                    times[(name, mode)] = t
+                    row = {"table": "bipartite_merge", "B": b, "N": N, "C": c, "D": D, "r": R,
+                           "dtype": str(dtype).replace("torch.", ""), "variant": name,
+                           "pass": mode, "ms": t.median_ms, "iqr_ms": t.iqr_ms, "iters": t.iters}
+                    if t.cpu_ms is not None:
+                        row["cpu_ms"] = t.cpu_ms
+                    row["dest_agree"] = agree
+                    rows.append(row)
+            for r_ in rows[-4:]:
+                op_t = times[("op", r_["pass"])]
+                r_["op_speedup"] = r_["ms"] / op_t.median_ms
+                if op_t.cpu_ms is not None:
+                    r_["cpu_speedup"] = r_["cpu_ms"] / op_t.cpu_ms
+            del x, x0, metric, grad
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--quick", action="store_true",
+                    help="B in (1, 8), C = 384 only, 5 iterations (results *-quick-*)")
+    args = ap.parse_args()
+    if args.quick:
+        args.iters = min(args.iters, 5)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    env = environment(device)
+    print(f"device {env['device_name']} ({device}), torch {env['torch']}, threads "
+          f"{env['threads']}/{env['cpu_count']}, commit {env['commit']}"
+          f"{' (dirty)' if env['dirty'] else ''}, load {env['loadavg_1m']}")
+    if device == "cpu" and (env.get("loadavg_1m") or 0) > 2:
+        print("WARNING: load average above 2: CPU timings are unreliable; trust cpu_speedup")
+    rows, notes = [], []
+    bench(device, torch.float32, args.iters, rows, notes,
+          batches=(1, 8) if args.quick else (1, 8, 64),
+          channels=(384,) if args.quick else (384, 768))
+    env["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
+    notes += [
+        "op: fisheradaptune.ops.bipartite_merge; eager: normalise + slice A/B + bmm + max + "
+        "argsort + gather + scatter_add (size-weighted) + gather/cat, in the input dtype, "
+        "backward by autograd. op_speedup = eager ms / op ms.",
+        "fwd+bwd: one forward and one backward with a fixed output gradient (x only; the "
+        "metric gets no gradient in either).",
+        "dest_agree: batch rows whose dest mapping is identical in the op and the baseline; the "
+        "others differ only at float32 near-ties of the similarities (checked against float64 "
+        "similarities before timing), and outputs agree to 1e-4 on the identical rows.",
+    ]
+    if device == "cpu" and max(env.get("loadavg_1m") or 0, env["loadavg_1m_end"]) > 2:
+        notes.append(f"machine shared and loaded (load average {env['loadavg_1m']} -> "
+                     f"{env['loadavg_1m_end']} on {env['cpu_count']} cores): wall times are "
+                     "noisy; cpu_ms / cpu_speedup (process CPU time) are the steadier measure.")
+    print_table(rows, [k for k in rows[0] if k != "table"], "bipartite_merge")
+    for n in notes:
+        print(f"- {n}")
+    paths = write_results("bench_tome" + ("-quick" if args.quick else ""), rows, env, notes=notes)
+    print(f"\nwrote {paths['json']} and {paths['md']}")
+
+
+if __name__ == "__main__":
+    main()
