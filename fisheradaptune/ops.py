@@ -13,6 +13,7 @@ read only.
 """
 from __future__ import annotations
 
+import operator
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -25,6 +26,18 @@ __all__ = ["fisher_accumulate_", "js_drift", "js_mass_totals", "js_mass_partial"
            "token_prune_merge"]
 
 _ops = torch.ops.fisheradaptune
+
+
+def _count(op: str, arg: str, v) -> int:
+    """An int argument as an int: a float or bool is refused rather than truncated (``r=2.7``
+    would otherwise merge 2 tokens without a word). SymInts pass, for dynamic shapes."""
+    if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
+        try:
+            return operator.index(v)  # numpy integers and other index-like values
+        except TypeError:
+            raise TypeError(f"fisheradaptune.{op}: argument '{arg}': expected an int, got "
+                            f"{type(v).__name__} {v!r}") from None
+    return v
 
 
 def _segments(layout: Optional[GroupLayout], tensors: Sequence[Optional[Tensor]], arg: str,
@@ -280,8 +293,9 @@ def token_prune_merge(
     zero gradient: the selection is piecewise constant). Accumulation is in float32 (float64
     for float64 inputs).
     """
-    return _ops.token_prune_merge(x, scores, sizes, int(num_protected), int(keep),
-                                  bool(normalize))
+    return _ops.token_prune_merge(x, scores, sizes,
+                                  _count("token_prune_merge", "num_protected", num_protected),
+                                  _count("token_prune_merge", "keep", keep), bool(normalize))
 
 
 def _token_prune_merge_setup(ctx, inputs, output):
@@ -353,7 +367,9 @@ def bipartite_merge(
     nothing is a bitwise copy. Deterministic (no float atomics); accumulation is in float32
     (float64 for float64 ``x``).
     """
-    return _ops.bipartite_merge(x, metric, sizes, int(num_protected), int(r))
+    return _ops.bipartite_merge(x, metric, sizes, _count("bipartite_merge", "num_protected",
+                                                         num_protected),
+                                _count("bipartite_merge", "r", r))
 
 
 def _bipartite_merge_setup(ctx, inputs, output):

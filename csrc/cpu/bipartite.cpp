@@ -241,17 +241,20 @@ at::Tensor bipartite_merge_backward_cpu(const at::Tensor& grad_out,
   if (B == 0 || N == 0) return grad_x;
   const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
   const int64_t* dest = a.dest.const_data_ptr<int64_t>();
-  // coef[b, i]: token i's coefficient in its out row (1 for a copied row); -1 marks the sole
-  // source of a row, whose gradient is copied bitwise.
+  // coef[b, i]: token i's coefficient in its out row; copied[b, i]: whether it is the sole
+  // source of its row, whose gradient is then copied bitwise. (A flag, not a sentinel
+  // coefficient: sizes may be negative, and so may s_i / W.)
   std::vector<double> coef(B * N);
+  std::vector<char> copied(B * N);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     Sources rows;
     for (int64_t b = b0; b < b1; ++b) {
       rows.build(dest + b * N, sizes != nullptr ? sizes + b * N : nullptr, N, R, nullptr);
       for (int64_t d = 0; d < R; ++d) {
-        const bool copied = rows.off[d + 1] - rows.off[d] == 1;
+        const bool copied_row = rows.off[d + 1] - rows.off[d] == 1;
         for (int32_t s = rows.off[d]; s < rows.off[d + 1]; ++s) {
-          coef[b * N + rows.src[s]] = copied ? -1.0 : rows.coef[s];
+          coef[b * N + rows.src[s]] = rows.coef[s];
+          copied[b * N + rows.src[s]] = copied_row;
         }
       }
     }
@@ -264,7 +267,7 @@ at::Tensor bipartite_merge_backward_cpu(const at::Tensor& grad_out,
     at::parallel_for(0, B * N, 8, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const T* row = g + ((t / N) * R + dest[t]) * C;
-        if (coef[t] < 0) {
+        if (copied[t]) {
           std::memcpy(gx + t * C, row, C * sizeof(T));
         } else {
           scale_row<T, A>(gx + t * C, row, static_cast<A>(coef[t]), C);
