@@ -121,6 +121,10 @@ __device__ __forceinline__ T warp_allmax(T v) {
   return v;
 }
 
+// Correctly rounded square roots (nvcc's default -prec-sqrt=true), as std::sqrt on the CPU.
+__device__ __forceinline__ float root(float v) { return sqrtf(v); }
+__device__ __forceinline__ double root(double v) { return ::sqrt(v); }
+
 // 16-byte row copy when both rows are aligned and the row is whole vectors, else scalar; bitwise
 // either way.
 template <typename T>
@@ -176,7 +180,7 @@ __global__ void __launch_bounds__(kThreads)
       const AM v = static_cast<AM>(m[d]) / top;
       sq += v * v;
     }
-    const AM inv = AM(1) / sqrt(warp_allsum(sq));
+    const AM inv = AM(1) / root(warp_allsum(sq));
     for (int64_t d = lane; d < D; d += 32) u[d] = (static_cast<AM>(m[d]) / top) * inv;
   }
 }
