@@ -31,13 +31,15 @@ _ops = torch.ops.fisheradaptune
 def _count(op: str, arg: str, v) -> int:
     """An int argument as an int: a float or bool is refused rather than truncated (``r=2.7``
     would otherwise merge 2 tokens without a word). SymInts pass, for dynamic shapes."""
-    if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
-        try:
-            return operator.index(v)  # numpy integers and other index-like values
-        except TypeError:
-            raise TypeError(f"fisheradaptune.{op}: argument '{arg}': expected an int, got "
-                            f"{type(v).__name__} {v!r}") from None
-    return v
+    if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool):
+        return v
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        return operator.index(v)  # numpy integers and other index-like values
+    except TypeError:
+        raise TypeError(f"fisheradaptune.{op}: argument '{arg}': expected an int, got "
+                        f"{type(v).__name__} {v!r}") from None
 
 
 def _segments(layout: Optional[GroupLayout], tensors: Sequence[Optional[Tensor]], arg: str,

@@ -618,10 +618,9 @@ def test_backward_op_directly():
     assert_unchanged(before, [g, s, dest])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the CPU backward marks a copied row's source by "
-                   "coefficient -1, so a negative coefficient s_i / W (negative sizes, which are "
-                   "accepted) is taken for a copy and gets g instead of (s_i / W) g")
 def test_negative_sizes_backward():
+    """Sizes are not checked to be positive: a negative coefficient s_i / W is still a
+    coefficient, not taken for a copied row (a sentinel -1 once did that)."""
     x = torch.randn(1, 3, 2, dtype=torch.float64, requires_grad=True)
     m = torch.tensor([[[1., 0.], [1., 0.], [0., 1.]]], dtype=torch.float64)
     sizes = torch.tensor([[3., -1., 1.]])  # token 0 (A) merges into token 1 (B): W = 2
@@ -632,7 +631,7 @@ def test_negative_sizes_backward():
     g = torch.ones_like(out)
     (gx,) = torch.autograd.grad(out, x, g)
     (r_gx,) = torch.autograd.grad(r_out, x, g)
-    torch.testing.assert_close(gx, r_gx)  # token 1: expected -0.5, got 1.0
+    torch.testing.assert_close(gx, r_gx)  # token 1: -0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -724,3 +723,10 @@ def test_cuda_matches_cpu(n):
         ga = _ops.bipartite_merge_backward(g.cuda(), s.cuda(), a[2])
         gb = _ops.bipartite_merge_backward(g, s, b_[2])
         torch.testing.assert_close(ga.cpu(), gb)
+
+
+@pytest.mark.parametrize("bad", [2.7, True, "3"])
+def test_a_non_int_r_is_refused_not_truncated(bad):
+    x, m = torch.randn(1, 9, 4), torch.randn(1, 9, 3)
+    with pytest.raises(TypeError, match=r"fisheradaptune.bipartite_merge: argument 'r': expected an int"):
+        ops.bipartite_merge(x, m, bad)
