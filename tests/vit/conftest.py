@@ -37,7 +37,8 @@ class TimmAttention(nn.Module):
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(y.transpose(1, 2).reshape(b, n, c))
 
 
 class LayerScale(nn.Module):
@@ -58,10 +59,12 @@ class TimmBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         self.ls2 = LayerScale(dim)
+        self.drop_path1 = nn.Identity()
+        self.drop_path2 = nn.Identity()
 
     def forward(self, x, attn_mask=None):
-        x = x + self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class TimmLikeViT(nn.Module):
@@ -111,13 +114,14 @@ class TvEncoderBlock(nn.Module):
         super().__init__()
         self.ln_1 = nn.LayerNorm(dim)
         self.self_attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.dropout = nn.Dropout(0.0)
         self.ln_2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
     def forward(self, input):
         x = self.ln_1(input)
         x, _ = self.self_attention(x, x, x, need_weights=False)
-        x = x + input
+        x = self.dropout(x) + input
         return x + self.mlp(self.ln_2(x))
 
 
