@@ -2,6 +2,7 @@
 """Benchmark of bipartite_merge (ToMe bipartite token merging, docs/methods.md section 7).
 
     python benchmarks/bench_tome.py [--device cpu|cuda] [--iters N] [--threads T] [--quick]
+                                    [--vit | --vit-only] [--vit-batch B]
 
 The op, forward alone and forward + backward, against an eager PyTorch composition of the same
 algorithm in the same run, written here in the input dtype: normalise the metric rows, split A
@@ -16,7 +17,11 @@ near-ties of the similarities, which are reported) and close outputs.
 Shapes: B in 1, 8, 64; N = 197 (ViT-B/16 at 224 px, one protected CLS token); C in 384, 768
 (ViT-S, ViT-B); metric D = 64 (one head's keys); r = 16; float32; random sizes in 1..3.
 
-Results: ``benchmarks/results/bench_tome-<cpu|cuda>.{json,md}`` (``--quick``:
+End to end (``--vit``, needs timm): timm ViT-S/16 and ViT-B/16 at 224 px, inference throughput
+unpatched and with ``fisheradaptune.vit.token_merge`` at r = 8 and 13 (batch 8 on CPU, 256 on
+CUDA), next to ToMe's published 1.65x for ViT-B/16 at r = 13 (V100).
+
+Results: ``benchmarks/results/bench_tome-<cpu|cuda>.{json,md}`` (``--vit-only``: ``bench_tome_vit-*``) (``--quick``:
 ``bench_tome-quick-*``, git-ignored). ``op_speedup`` = eager ms / op ms (above 1: the op is
 faster); on CPU ``cpu_speedup`` is the same ratio of process CPU times.
 """
@@ -156,6 +161,47 @@ def bench(device, dtype, iters, rows, notes, batches, channels):
             del x, x0, metric, grad
 
 
+def vit_throughput(device, batch, iters, rows, notes, models, rs):
+    """End to end: timm ViTs at 224 px, random init, inference throughput with token_merge at
+    each r against the unpatched model, in one run."""
+    try:
+        import timm
+    except ImportError:
+        notes.append("ViT end to end skipped: timm is not installed (run in the integration "
+                     "venv: .ci/venv-int/bin/python benchmarks/bench_tome.py --vit)")
+        return
+    from fisheradaptune import vit
+    for name in models:
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False).to(device).eval()
+        x = torch.randn(batch, 3, 224, 224, device=device)
+        base = None
+        for r in (0,) + tuple(rs):
+            handle = vit.token_merge(model, r=r) if r else None
+            with torch.inference_mode():
+                t = timeit(lambda: model(x), warmup=2, iters=iters, device=device,
+                           max_seconds=20.0 if device == "cpu" else 5.0)
+                tokens = handle.sizes.shape[1] if handle is not None else 197
+            if handle is not None:
+                handle.remove()
+            row = {"table": "vit", "model": name, "batch": batch, "r": r, "final_tokens": tokens,
+                   "ms": t.median_ms, "iqr_ms": t.iqr_ms, "iters": t.iters,
+                   "img_per_s": batch * 1000.0 / t.median_ms}
+            if t.cpu_ms is not None:
+                row["cpu_ms"] = t.cpu_ms
+            base = base or row
+            row["speedup"] = base["ms"] / t.median_ms
+            if t.cpu_ms is not None:
+                row["cpu_speedup"] = base["cpu_ms"] / t.cpu_ms
+            rows.append(row)
+        del model
+    notes.append("vit: timm models at 224 px, random init (no weights here), eval, "
+                 "inference_mode; r = 0 is the unpatched model; token_merge(model, r) with "
+                 "proportional attention, merging r tokens in every block. speedup = unpatched "
+                 "ms / patched ms. Published reference (ToMe, V100, off the shelf): ViT-B/16 "
+                 "r = 13, 1.65x throughput.")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -163,6 +209,11 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--quick", action="store_true",
                     help="B in (1, 8), C = 384 only, 5 iterations (results *-quick-*)")
+    ap.add_argument("--vit", action="store_true",
+                    help="also timm ViT-S/16 and ViT-B/16 end to end (needs timm)")
+    ap.add_argument("--vit-only", action="store_true", help="only the ViT end to end part")
+    ap.add_argument("--vit-batch", type=int, default=None,
+                    help="ViT batch (default 8 on CPU, 256 on CUDA)")
     args = ap.parse_args()
     if args.quick:
         args.iters = min(args.iters, 5)
@@ -176,9 +227,15 @@ def main():
     if device == "cpu" and (env.get("loadavg_1m") or 0) > 2:
         print("WARNING: load average above 2: CPU timings are unreliable; trust cpu_speedup")
     rows, notes = [], []
-    bench(device, torch.float32, args.iters, rows, notes,
-          batches=(1, 8) if args.quick else (1, 8, 64),
-          channels=(384,) if args.quick else (384, 768))
+    if not args.vit_only:
+        bench(device, torch.float32, args.iters, rows, notes,
+              batches=(1, 8) if args.quick else (1, 8, 64),
+              channels=(384,) if args.quick else (384, 768))
+    if args.vit or args.vit_only:
+        batch = args.vit_batch or (8 if device == "cpu" else 256)
+        vit_throughput(device, batch, 3 if args.quick else 10, rows, notes,
+                       ("vit_small_patch16_224",) if args.quick else
+                       ("vit_small_patch16_224", "vit_base_patch16_224"), (8, 13))
     env["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     notes += [
         "op: fisheradaptune.ops.bipartite_merge; eager: normalise + slice A/B + bmm + max + "
@@ -194,10 +251,13 @@ def main():
         notes.append(f"machine shared and loaded (load average {env['loadavg_1m']} -> "
                      f"{env['loadavg_1m_end']} on {env['cpu_count']} cores): wall times are "
                      "noisy; cpu_ms / cpu_speedup (process CPU time) are the steadier measure.")
-    print_table(rows, [k for k in rows[0] if k != "table"], "bipartite_merge")
+    for table in dict.fromkeys(r["table"] for r in rows):
+        part = [r for r in rows if r["table"] == table]
+        print_table(part, [k for k in part[0] if k != "table"], table)
     for n in notes:
         print(f"- {n}")
-    paths = write_results("bench_tome" + ("-quick" if args.quick else ""), rows, env, notes=notes)
+    name = "bench_tome" + ("_vit" if args.vit_only else "") + ("-quick" if args.quick else "")
+    paths = write_results(name, rows, env, notes=notes)
     print(f"\nwrote {paths['json']} and {paths['md']}")
 
 
