@@ -2,8 +2,8 @@
 // csrc/bipartite.h). Four passes, each parallel and each output element produced by one thread
 // in a fixed order, so bitwise deterministic for any thread count:
 //   1. normalise the metric rows (per token);
-//   2. each A token's best B token (per (batch row, A token)): omp-simd dots against every B
-//      token, in one vectorised call per A token (Note [CPU vectorisation]);
+//   2. each A token's best B token (per (batch row, A token)): its similarities to every B
+//      token as one omp-simd pass over the transposed B vectors (Note [CPU vectorisation]);
 //   3. the matching and the out-row bookkeeping (per batch row): nth_element over the A tokens,
 //      dest_index, sizes, and the sources of every out row in increasing token order;
 //   4. the out rows (per (batch row, out row)): a copy, or the weighted mean of the sources.
@@ -60,19 +60,59 @@ void normalise(A* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) v[i] *= inv;
 }
 
-// sims[j] = a . bs[j * stride : j * stride + n] for j < count: one A token against every B
-// token in one call (a per-pair call would pay the clone dispatch per dot), each dot summed
-// in A-lanes in a fixed order.
+// sims[q][j] = a_q . bt[:, j] for four A tokens a_q (unused ones are zero vectors) and
+// j < stride, with the B tokens' unit vectors transposed ([D, stride], stride a multiple of
+// kLanes, zero-padded): the vector lanes run over B tokens, 4 x kLanes accumulators stay in
+// registers across d, and every dot is summed over d in increasing order (deterministic, the
+// same whatever the grouping or the padding).
+constexpr int64_t kLanes = 16;
+
 template <typename A>
-FAT_CPU_CLONES void dots(const A* __restrict a, const A* __restrict bs, int64_t stride,
-                         int64_t count, int64_t n, A* __restrict sims) {
-  for (int64_t j = 0; j < count; ++j) {
-    const A* b = bs + j * stride;
-    A acc = 0;
-    FAT_SIMD_REDUCE(acc)
-    for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-    sims[j] = acc;
+FAT_CPU_CLONES void similarities(const A* const* a, const A* __restrict bt, int64_t dims,
+                                 int64_t stride, A* __restrict sims) {
+  const A* __restrict a0 = a[0];
+  const A* __restrict a1 = a[1];
+  const A* __restrict a2 = a[2];
+  const A* __restrict a3 = a[3];
+  for (int64_t j0 = 0; j0 < stride; j0 += kLanes) {
+    A s0[kLanes] = {}, s1[kLanes] = {}, s2[kLanes] = {}, s3[kLanes] = {};
+    for (int64_t d = 0; d < dims; ++d) {
+      const A* __restrict row = bt + d * stride + j0;
+      const A w0 = a0[d], w1 = a1[d], w2 = a2[d], w3 = a3[d];
+      FAT_SIMD
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const A v = row[j];
+        s0[j] += w0 * v;
+        s1[j] += w1 * v;
+        s2[j] += w2 * v;
+        s3[j] += w3 * v;
+      }
+    }
+    for (int64_t j = 0; j < kLanes; ++j) {
+      sims[j0 + j] = s0[j];
+      sims[stride + j0 + j] = s1[j];
+      sims[2 * stride + j0 + j] = s2[j];
+      sims[3 * stride + j0 + j] = s3[j];
+    }
   }
+}
+
+// The index of the best similarity in `beats` order: the first NaN if any, else the first
+// maximum (a strict > keeps the lower index on ties).
+template <typename A>
+int32_t best_index(const A* sims, int64_t n) {
+  int32_t arg = 0;
+  A top = sims[0];
+  if (std::isnan(top)) return 0;
+  for (int64_t j = 1; j < n; ++j) {
+    const A v = sims[j];
+    if (std::isnan(v)) return static_cast<int32_t>(j);
+    if (v > top) {
+      top = v;
+      arg = static_cast<int32_t>(j);
+    }
+  }
+  return arg;
 }
 
 template <typename T, typename A>
@@ -110,23 +150,35 @@ void best_matches(const BipartiteMergeArgs& a, std::vector<double>& best,
       normalise(u, D);
     }
   });
-  at::parallel_for(0, B * na, 8, [&](int64_t u0, int64_t u1) {
-    std::vector<A> sims(nb);
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / na, k = u % na;
-      const A* ua = unit.data() + (b * N + P + 2 * k) * D;
-      // B tokens are every other row from P + 1: a stride of 2 rows.
-      dots<A>(ua, unit.data() + (b * N + P + 1) * D, 2 * D, nb, D, sims.data());
-      A top = 0;
-      int32_t arg = -1;
+  // The B tokens' unit vectors transposed, per batch row: bt[b] is [D, stride], zero-padded.
+  const int64_t stride = (nb + kLanes - 1) / kLanes * kLanes;
+  std::vector<A> bt(B * D * stride, A(0));
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
       for (int64_t j = 0; j < nb; ++j) {
-        if (arg < 0 || beats(sims[j], j, top, arg)) {
-          top = sims[j];
-          arg = static_cast<int32_t>(j);
-        }
+        const A* u = unit.data() + (b * N + P + 2 * j + 1) * D;
+        for (int64_t d = 0; d < D; ++d) bt[(b * D + d) * stride + j] = u[d];
       }
-      best[u] = static_cast<double>(top);
-      match[u] = arg;
+    }
+  });
+  // Units of work: up to four A tokens of one batch row.
+  const int64_t groups = (na + 3) / 4;
+  const std::vector<A> zeros(D, A(0));
+  at::parallel_for(0, B * groups, 2, [&](int64_t u0, int64_t u1) {
+    std::vector<A> sims(4 * stride);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / groups, k0 = (u % groups) * 4;
+      const int64_t count = std::min<int64_t>(4, na - k0);
+      const A* rows[4];
+      for (int64_t q = 0; q < 4; ++q) {
+        rows[q] = q < count ? unit.data() + (b * N + P + 2 * (k0 + q)) * D : zeros.data();
+      }
+      similarities<A>(rows, bt.data() + b * D * stride, D, stride, sims.data());
+      for (int64_t q = 0; q < count; ++q) {
+        const int32_t arg = best_index(sims.data() + q * stride, nb);
+        best[b * na + k0 + q] = static_cast<double>(sims[q * stride + arg]);
+        match[b * na + k0 + q] = arg;
+      }
     }
   });
 }
