@@ -13,9 +13,10 @@
 #   build.log       FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 build, all cores, ninja
 #   cuda_tests.xml  pytest -m cuda (every CUDA test, no -x) as JUnit XML; cuda_tests.log its output
 #   memcheck.log    compute-sanitizer memcheck over tools/gpu_edge_cases.py (every op family)
-#   racecheck.log   compute-sanitizer racecheck over the drift and token cases
+#   racecheck.log   compute-sanitizer racecheck over the drift, token and bipartite cases
 #   bench.json/.md  short benchmarks (--quick): fisher vs _foreach vs copy bandwidth, js_drift
-#                   histogram on a ViT-B list, token prune-merge, FisherAdapTune overhead
+#                   histogram on a ViT-B list, token prune-merge, ToMe merge, FisherAdapTune
+#                   overhead
 # Eight files, flat. A step whose tool is missing is recorded as skipped, not failed. Nothing is
 # installed from the network. If the image has no ninja, a binary in tools/bin/ninja (carried by
 # the device tool; git-ignored) is put on PATH.
@@ -36,8 +37,8 @@ QUICK_PLAN=(
   "build|200|build.log|FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 pip install -e . (ninja, all cores)"
   "cuda_tests|120|cuda_tests.xml cuda_tests.log|pytest -m cuda tests (junit, no -x)"
   "memcheck|60|memcheck.log|compute-sanitizer memcheck, tools/gpu_edge_cases.py (all families)"
-  "racecheck|45|racecheck.log|compute-sanitizer racecheck, tools/gpu_edge_cases.py --only drift,tokens"
-  "bench|90|bench.json bench.md|bench_fisher (ViT-B), bench_tokens --quick, bench_adaptune (ViT-B, few steps)"
+  "racecheck|40|racecheck.log|compute-sanitizer racecheck, tools/gpu_edge_cases.py --only drift,tokens,bipartite"
+  "bench|100|bench.json bench.md|bench_fisher (ViT-B), bench_tokens --quick, bench_tome --quick, bench_adaptune (ViT-B, few steps)"
 )
 BUDGET_S=540   # 9 minutes
 
@@ -54,7 +55,7 @@ plan() {
   echo "  total timeout ${total} s of a ${BUDGET_S} s budget; ${files} files (at most 8)"
   local ok=0 f
   for f in tools/gpu_edge_cases.py tools/collect_bench.py benchmarks/bench_fisher.py \
-      benchmarks/bench_tokens.py benchmarks/bench_adaptune.py; do
+      benchmarks/bench_tokens.py benchmarks/bench_tome.py benchmarks/bench_adaptune.py; do
     [ -f "$f" ] || { echo "  missing: $f"; ok=1; }
   done
   # What the cuda_tests step would run (collection only, no GPU needed).
@@ -118,14 +119,15 @@ bench_step() {
   local dir=$OUTDIR/bench_parts
   mkdir -p "$dir"
   # Each under its own share of the step's timeout, so one slow benchmark leaves the others.
-  timeout 35 "$PY" benchmarks/bench_fisher.py --device cuda --models vit_b --iters 30 \
+  timeout 33 "$PY" benchmarks/bench_fisher.py --device cuda --models vit_b --iters 30 \
     --max-seconds 2 >"$dir/fisher.txt" 2>&1
-  timeout 20 "$PY" benchmarks/bench_tokens.py --device cuda --quick >"$dir/tokens.txt" 2>&1
-  timeout 30 "$PY" benchmarks/bench_adaptune.py --device cuda --model vit_b --iters 10 \
+  timeout 18 "$PY" benchmarks/bench_tokens.py --device cuda --quick >"$dir/tokens.txt" 2>&1
+  timeout 15 "$PY" benchmarks/bench_tome.py --device cuda --quick >"$dir/tome.txt" 2>&1
+  timeout 28 "$PY" benchmarks/bench_adaptune.py --device cuda --model vit_b --iters 10 \
     >"$dir/adaptune.txt" 2>&1
   "$PY" tools/collect_bench.py --out "$OUTDIR/bench" --logs "$dir" \
     benchmarks/results/bench_fisher-cuda.json benchmarks/results/bench_tokens-quick-cuda.json \
-    benchmarks/results/bench_adaptune-cuda.json
+    benchmarks/results/bench_tome-quick-cuda.json benchmarks/results/bench_adaptune-cuda.json
   rm -rf "$dir"
 }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Edge cases of every op family, small enough to run under compute-sanitizer.
 
-    python3 tools/gpu_edge_cases.py [--device cuda|cpu] [--only fisher,drift,per_sample,tokens,sparse]
+    python3 tools/gpu_edge_cases.py [--device cuda|cpu] [--only fisher,drift,per_sample,tokens,bipartite,sparse]
 
 Each case runs the op on ``--device`` and compares with the same op on the CPU (or, on the CPU,
 with :mod:`fisheradaptune.reference`), so the run checks results as well as memory accesses:
@@ -167,6 +167,51 @@ def token_cases(device: str):
     yield "tokens: 70000 tokens (grid-stride)", lambda: run(1, 70_000, 8, 10, 5, with_sizes=False)
 
 
+def bipartite_cases(device: str):
+    def run(b, n, c, d, r, seed, dtype=torch.float32, p=1, with_sizes=True, metric=None):
+        g = _gen(seed)
+        x = torch.randn(b, n, c, generator=g).to(dtype)
+        m = torch.randn(b, n, d, generator=g) if metric is None else metric(g, b, n, d)
+        sizes = torch.randint(1, 4, (b, n), generator=g).float() if with_sizes else None
+        go = torch.randn(b, n - r, c, generator=g).to(dtype)
+        results = []
+        for dev in ("cpu", device):
+            xd = x.to(dev).requires_grad_()
+            out, osz, dest = ops.bipartite_merge(xd, m.to(dev), r, num_protected=p,
+                                                 sizes=None if sizes is None else sizes.to(dev))
+            (gx,) = torch.autograd.grad(out, (xd,), go.to(dev))
+            results.append((out, osz, dest, gx))
+        (o1, z1, d1, g1), (o2, z2, d2, g2) = results
+        assert torch.equal(d1, d2.cpu()), "dest_index differs from the CPU's"
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        for a, b_ in ((o2, o1), (z2, z1), (g2, g1)):
+            _close(a, b_, **tol)
+
+    def nan_rows(g, b, n, d):
+        m = torch.randn(b, n, d, generator=g)
+        m[:, 2::5] = float("nan")
+        return m
+
+    def backward_out_of_range():
+        dest = torch.tensor([[0, 1, 2, 7]], device=device)  # 7 is no out row of 3
+        gx = torch.ops.fisheradaptune.bipartite_merge_backward(
+            torch.ones(1, 3, 4, device=device), None, dest)
+        assert bool((gx[0, 3] == 0).all()) and bool((gx[0, :3] == 1).all())
+
+    yield "bipartite: empty batch", lambda: run(0, 9, 4, 3, 2, 0)
+    yield "bipartite: r 0", lambda: run(2, 9, 4, 3, 0, 1)
+    yield "bipartite: r max, odd N - P", lambda: run(2, 10, 4, 3, 4, 2)
+    yield "bipartite: D 0 (all ties)", lambda: run(2, 9, 5, 0, 3, 3)
+    yield "bipartite: NaN metric rows", lambda: run(2, 21, 6, 4, 5, 4, metric=nan_rows)
+    yield "bipartite: odd channels bf16", lambda: run(3, 17, 13, 8, 6, 5, torch.bfloat16)
+    yield "bipartite: ViT-B shape", lambda: run(4, 197, 768, 64, 16, 6, p=1)
+    yield "bipartite: 9000 tokens (|A| > 4096)", lambda: run(1, 9001, 8, 4, 100, 7)
+    yield "bipartite: 600 batch rows, 520 A tokens", lambda: run(600, 1041, 2, 2, 8, 8,
+                                                                    with_sizes=False)
+    if device != "cpu":
+        yield "bipartite: backward out-of-range dest", backward_out_of_range
+
+
 def sparse_cases(device: str):
     def run(t, o, i, c, seed, bad=False):
         g = _gen(seed)
@@ -192,7 +237,7 @@ def sparse_cases(device: str):
 
 FAMILIES: Dict[str, Callable] = {"fisher": fisher_cases, "drift": drift_cases,
                                  "per_sample": per_sample_cases, "tokens": token_cases,
-                                 "sparse": sparse_cases}
+                                 "bipartite": bipartite_cases, "sparse": sparse_cases}
 
 
 def main(argv: List[str] = None) -> int:
