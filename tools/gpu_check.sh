@@ -140,7 +140,7 @@ quick() {
   step build build_step || { echo "build failed: see build.log" >>"$SUMMARY"; return 1; }
   step cuda_tests tests_step
   step memcheck sanitizer memcheck "$OUTDIR/memcheck.log"
-  step racecheck sanitizer racecheck "$OUTDIR/racecheck.log" --only drift,tokens
+  step racecheck sanitizer racecheck "$OUTDIR/racecheck.log" --only drift,tokens,bipartite
   step bench bench_step
   echo "# done in $SECONDS s" >>"$SUMMARY"
 }
