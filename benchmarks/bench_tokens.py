@@ -34,7 +34,7 @@ import fisheradaptune as fat
 from fisheradaptune import ops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import d2d_copy_bandwidth, environment, print_table, timeit, write_results  # noqa: E402
+from common import announce, d2d_copy_bandwidth, environment, print_table, timeit, write_results  # noqa: E402
 
 P = 1
 
@@ -177,11 +177,7 @@ def main():
         torch.set_num_threads(args.threads)
     device = args.device
     env = environment(device)
-    print(f"device {env['device_name']} ({device}), torch {env['torch']}, threads "
-          f"{env['threads']}/{env['cpu_count']}, commit {env['commit']}"
-          f"{' (dirty)' if env['dirty'] else ''}, load {env['loadavg_1m']}")
-    if device == "cpu" and env.get("loadavg_1m", 0) > 2:
-        print("WARNING: load average above 2: CPU timings are unreliable; trust cpu_speedup")
+    announce(env, device)
     rows, notes = [], []
     copy_bw = None
     if device == "cuda":

@@ -36,7 +36,7 @@ import torch
 from fisheradaptune import ops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, print_table, timeit, write_results  # noqa: E402
+from common import announce, environment, print_table, timeit, write_results  # noqa: E402
 
 P = 1       # protected tokens (CLS)
 N = 197
@@ -221,11 +221,7 @@ def main():
         torch.set_num_threads(args.threads)
     device = args.device
     env = environment(device)
-    print(f"device {env['device_name']} ({device}), torch {env['torch']}, threads "
-          f"{env['threads']}/{env['cpu_count']}, commit {env['commit']}"
-          f"{' (dirty)' if env['dirty'] else ''}, load {env['loadavg_1m']}")
-    if device == "cpu" and (env.get("loadavg_1m") or 0) > 2:
-        print("WARNING: load average above 2: CPU timings are unreliable; trust cpu_speedup")
+    announce(env, device)
     rows, notes = [], []
     if not args.vit_only:
         bench(device, torch.float32, args.iters, rows, notes,

@@ -205,6 +205,16 @@ def environment(device: Any = "cpu") -> Dict[str, Any]:
     return env
 
 
+def announce(env: Dict[str, Any], device: Any) -> None:
+    """Print the run's environment in one line (and a warning when a loaded CPU makes wall
+    times unreliable)."""
+    print(f"device {env['device_name']} ({device}), torch {env['torch']}, threads "
+          f"{env['threads']}/{env['cpu_count']}, commit {env['commit']}"
+          f"{' (dirty)' if env['dirty'] else ''}, load {env['loadavg_1m']}")
+    if device_kind(device) == "cpu" and (env.get("loadavg_1m") or 0) > 2:
+        print("WARNING: load average above 2: CPU timings are unreliable; trust cpu_speedup")
+
+
 def format_value(v: Any) -> str:
     """Compact, column-friendly rendering: 3 significant digits for floats."""
     if v is None:

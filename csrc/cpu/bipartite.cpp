@@ -115,24 +115,6 @@ int32_t best_index(const A* sims, int64_t n) {
   return arg;
 }
 
-template <typename T, typename A>
-FAT_CPU_CLONES void axpy(A* __restrict acc, const T* __restrict x, A w, int64_t n) {
-  FAT_SIMD
-  for (int64_t i = 0; i < n; ++i) acc[i] += w * static_cast<A>(x[i]);
-}
-
-template <typename T, typename A>
-FAT_CPU_CLONES void store(T* __restrict out, const A* __restrict acc, int64_t n) {
-  FAT_SIMD
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(acc[i]);
-}
-
-template <typename T, typename A>
-FAT_CPU_CLONES void scale_row(T* __restrict out, const T* __restrict g, A w, int64_t n) {
-  FAT_SIMD
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(w * static_cast<A>(g[i]));
-}
-
 // Passes 1 and 2: best[b * |A| + k], match[b * |A| + k] = the best similarity of the k-th A
 // token of row b and the index (within B) of its B token.
 template <typename M>

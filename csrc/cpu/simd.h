@@ -46,4 +46,24 @@ FAT_CPU_CLONES A blocked_dot(const T* __restrict x, const T* __restrict y, int64
   return static_cast<A>(total);
 }
 
+// Row helpers of the token kernels (inputs T, accumulation A): acc += w * x, out = acc, and
+// out = w * g.
+template <typename T, typename A>
+FAT_CPU_CLONES void axpy(A* __restrict acc, const T* __restrict x, A w, int64_t n) {
+  FAT_SIMD
+  for (int64_t i = 0; i < n; ++i) acc[i] += w * static_cast<A>(x[i]);
+}
+
+template <typename T, typename A>
+FAT_CPU_CLONES void store(T* __restrict out, const A* __restrict acc, int64_t n) {
+  FAT_SIMD
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(acc[i]);
+}
+
+template <typename T, typename A>
+FAT_CPU_CLONES void scale_row(T* __restrict out, const T* __restrict g, A w, int64_t n) {
+  FAT_SIMD
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(w * static_cast<A>(g[i]));
+}
+
 }  // namespace fisheradaptune

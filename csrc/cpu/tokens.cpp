@@ -66,18 +66,6 @@ void weights(const S* scores, const float* sizes, const int32_t* merged, int64_t
   }
 }
 
-template <typename T, typename A>
-FAT_CPU_CLONES void axpy(A* __restrict acc, const T* __restrict x, A w, int64_t n) {
-  FAT_SIMD
-  for (int64_t i = 0; i < n; ++i) acc[i] += w * static_cast<A>(x[i]);
-}
-
-template <typename T, typename A>
-FAT_CPU_CLONES void store(T* __restrict out, const A* __restrict acc, int64_t n) {
-  FAT_SIMD
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(acc[i]);
-}
-
 // blocked_dot (simd.h) with x's inf/NaN values read as 0 (Note [Zero coefficients]): the same
 // blocks and order, so bitwise blocked_dot's for a finite x.
 template <typename T, typename A>
@@ -95,12 +83,6 @@ FAT_CPU_CLONES A finite_dot(const T* __restrict x, const T* __restrict y, int64_
     total += static_cast<double>(acc);
   }
   return static_cast<A>(total);
-}
-
-template <typename T, typename A>
-FAT_CPU_CLONES void scale_row(T* __restrict out, const T* __restrict g, A w, int64_t n) {
-  FAT_SIMD
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(w * static_cast<A>(g[i]));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_prune_merge_cpu(

@@ -63,6 +63,7 @@
 namespace fisheradaptune {
 namespace {
 
+using mt::copy_row;
 using mt::kThreads;
 using mt::kWarps;
 
@@ -124,23 +125,6 @@ __device__ __forceinline__ T warp_allmax(T v) {
 // Correctly rounded square roots (nvcc's default -prec-sqrt=true), as std::sqrt on the CPU.
 __device__ __forceinline__ float root(float v) { return sqrtf(v); }
 __device__ __forceinline__ double root(double v) { return ::sqrt(v); }
-
-// 16-byte row copy when both rows are aligned and the row is whole vectors, else scalar; bitwise
-// either way.
-template <typename T>
-__device__ __forceinline__ void copy_row(T* __restrict__ dst, const T* __restrict__ from,
-                                         int64_t C) {
-  const int64_t bytes = C * static_cast<int64_t>(sizeof(T));
-  if (bytes % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0 &&
-      reinterpret_cast<uintptr_t>(from) % 16 == 0) {
-    const int64_t nv = bytes / 16;
-    uint4* d = reinterpret_cast<uint4*>(dst);
-    const uint4* f = reinterpret_cast<const uint4*>(from);
-    for (int64_t v = threadIdx.x; v < nv; v += kThreads) d[v] = f[v];
-  } else {
-    for (int64_t c = threadIdx.x; c < C; c += kThreads) dst[c] = from[c];
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Forward: similarities and matching

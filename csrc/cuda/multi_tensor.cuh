@@ -290,5 +290,23 @@ __device__ __forceinline__ double slot_sum(const double* partials, int64_t begin
   return block_sum(s);
 }
 
+// A token row copied by the block (kThreads threads): 16-byte vectors when both rows are aligned
+// and the row is whole vectors, else element by element; bitwise either way. Used by the token
+// kernels (tokens.cu, bipartite.cu).
+template <typename T>
+__device__ __forceinline__ void copy_row(T* __restrict__ dst, const T* __restrict__ from,
+                                         int64_t C) {
+  const int64_t bytes = C * static_cast<int64_t>(sizeof(T));
+  if (bytes % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(from) % 16 == 0) {
+    const int64_t nv = bytes / 16;
+    uint4* d = reinterpret_cast<uint4*>(dst);
+    const uint4* f = reinterpret_cast<const uint4*>(from);
+    for (int64_t v = threadIdx.x; v < nv; v += kThreads) d[v] = f[v];
+  } else {
+    for (int64_t c = threadIdx.x; c < C; c += kThreads) dst[c] = from[c];
+  }
+}
+
 }  // namespace mt
 }  // namespace fisheradaptune

@@ -46,6 +46,7 @@
 namespace fisheradaptune {
 namespace {
 
+using mt::copy_row;
 using mt::kThreads;
 
 // Scores kept in shared memory per block (up to 32 KiB, so that with the reductions' static
@@ -168,22 +169,6 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t m = threadIdx.x; m < nm; m += kThreads) {
       crow[m] = total != A(0) ? crow[m] / total : A(0);
     }
-  }
-}
-
-// 16-byte row copy when both rows are aligned and the row is whole vectors, else scalar.
-template <typename T>
-__device__ __forceinline__ void copy_row(T* __restrict__ dst, const T* __restrict__ from,
-                                         int64_t C) {
-  const int64_t bytes = C * static_cast<int64_t>(sizeof(T));
-  if (bytes % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0 &&
-      reinterpret_cast<uintptr_t>(from) % 16 == 0) {
-    const int64_t nv = bytes / 16;
-    uint4* d = reinterpret_cast<uint4*>(dst);
-    const uint4* f = reinterpret_cast<const uint4*>(from);
-    for (int64_t v = threadIdx.x; v < nv; v += kThreads) d[v] = f[v];
-  } else {
-    for (int64_t c = threadIdx.x; c < C; c += kThreads) dst[c] = from[c];
   }
 }
 
