@@ -3,8 +3,9 @@
 Parameter names follow timm's ``VisionTransformer`` (``cls_token``, ``pos_embed``,
 ``patch_embed.proj``, ``blocks.{i}.norm1``, ``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.proj``,
 ``blocks.{i}.norm2``, ``blocks.{i}.mlp.fc1``, ``blocks.{i}.mlp.fc2``, ``norm``, ``head``), so
-group layouts, fused-qkv splitting and the ViT hook treat it like a timm model. Attention uses
-``F.scaled_dot_product_attention``.
+group layouts, fused-qkv splitting and the ViT hooks (``prune_merge``, ``token_merge``) treat it
+like a timm model. Attention uses ``F.scaled_dot_product_attention`` (and takes timm's
+``attn_mask``).
 """
 from __future__ import annotations
 
@@ -32,10 +33,11 @@ class _Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, attn_mask=None):
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(y.transpose(1, 2).reshape(b, n, c))
 
 
 class _Mlp(nn.Module):
@@ -56,10 +58,14 @@ class _Block(nn.Module):
         self.attn = _Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = _Mlp(dim, int(dim * mlp_ratio))
+        # timm's Block has LayerScale and DropPath here; identities keep its layout (and so
+        # fisheradaptune.vit.token_merge's view of it) without parameters.
+        self.ls1 = self.drop_path1 = nn.Identity()
+        self.ls2 = self.drop_path2 = nn.Identity()
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x, attn_mask=None):
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class TinyViT(nn.Module):

@@ -52,8 +52,10 @@ def eager_timm(model, images, r, p, prop=True):
     x, sizes = inputs["x"], None
     for i, blk in enumerate(model.blocks):
         a = blk.attn
+        ident = nn.Identity()
         y, metric = _attention(blk.norm1(x), a.qkv.weight, a.qkv.bias, a.num_heads,
-                               a.q_norm, a.k_norm, sizes if prop else None)
+                               getattr(a, "q_norm", ident), getattr(a, "k_norm", ident),
+                               sizes if prop else None)
         x = x + blk.ls1(a.proj(y))
         x, sizes = _merge(x, metric, r[i], p, sizes)
         x = x + blk.ls2(blk.mlp(blk.norm2(x)))
@@ -102,6 +104,16 @@ TIMM_VARIANTS = {
     "reg_qknorm_avg": dict(reg_tokens=2, qk_norm=True, global_pool="avg"),
     "dist": dict(dist_token=True),
 }
+
+
+def test_demo_tinyvit_equals_the_eager_forward(tiny):
+    model, x = tiny(img_size=32)
+    handle = fat.vit.token_merge(model, r=8)
+    with torch.no_grad():
+        out = model(x)
+    expected, sizes = eager_timm(model, x, handle.r, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert handle.sizes.shape == (3, 65 - 5 * 8)
 
 
 @pytest.mark.parametrize("variant", list(TIMM_VARIANTS))
@@ -212,8 +224,18 @@ def test_training_backward_and_deepcopy(timm_like):
         th.remove()  # the copy's patch is its own
         assert fat.vit.handle_of(model) is h
         assert not torch.equal(twin(x), model(x))
+
+
+def test_torch_save_of_a_patched_model(tiny):
+    model, x = tiny(img_size=32)  # an importable class (the stand-ins live in a conftest)
+    fat.vit.token_merge(model, r=8)
     buf = io.BytesIO()
     torch.save(model, buf)  # the patched methods pickle
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert fat.vit.handle_of(loaded).model is loaded
 
 
 def test_torch_compile_matches_eager(timm_like):
@@ -273,7 +295,7 @@ class _Checkpointed(nn.Module):
         return self.cp.checkpoint(self.inner[0], x, use_reentrant=False)
 
 
-def test_refusals(timm_like, tiny):
+def test_refusals(timm_like):
     model, _ = timm_like()
     for kw, arg, err in [(dict(r=-1), "r", ValueError), (dict(r=2.5), "r", TypeError),
                          (dict(r=[1, 2]), "r", ValueError),
@@ -294,9 +316,11 @@ def test_refusals(timm_like, tiny):
     with pytest.raises(ValueError, match="already patched by fisheradaptune.vit.prune_merge"):
         fat.vit.token_merge(model)
     fat.vit.unpatch(model)
-    demo, _ = tiny()  # its attention takes no attn_mask
-    with pytest.raises(ValueError, match="token_merge: argument 'model': block 0"):
-        fat.vit.token_merge(demo)
+    odd, _ = timm_like()
+    del odd.blocks[2].ls1  # not timm's pre-norm Block layout any more
+    with pytest.raises(ValueError, match="token_merge: argument 'model': block 2"):
+        fat.vit.token_merge(odd)
+    assert fat.vit.handle_of(odd) is None
     with pytest.raises(TypeError, match="token_merge: argument 'model'"):
         fat.vit.token_merge(nn.Linear(2, 2))
 
