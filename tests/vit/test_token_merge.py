@@ -417,3 +417,13 @@ def test_real_torchvision_equals_the_eager_forward():
     handle.remove()
     with torch.no_grad():
         assert torch.equal(model(x), ref)
+
+
+def test_the_example_runs():
+    import subprocess
+    import sys
+    from helpers import REPO_ROOT
+    run = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "token_merge_vit.py"),
+                          "--steps", "20"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "8 dec" in run.stdout and "[65, 49, 36, 26, 20, 17]" in run.stdout
