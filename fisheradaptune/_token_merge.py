@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from . import vit as _vit
+from . import _vit_base as _vit
 
 __all__ = ["token_merge", "TokenMergeHandle"]
 
@@ -204,7 +204,7 @@ class TokenMergeHandle(_vit._Patch):
 
 class _MergingForward:
     """A patched block's ``forward`` (a module-level class, so ``deepcopy`` and ``torch.save``
-    work: see vit.py's ``_ReducingForward``)."""
+    work; see the note above ``_WeightedForwardHead`` in _vit_base.py)."""
 
     def __init__(self, handle: TokenMergeHandle, index: int, block: nn.Module, inner=None):
         self.handle, self.index, self.block, self.inner = handle, index, block, inner

@@ -8,6 +8,7 @@ import torch
 import fisheradaptune as fat
 
 transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # Trainer needs it (peft brings it in the integration stage)
 
 
 class _Data(torch.utils.data.Dataset):
