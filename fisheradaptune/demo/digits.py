@@ -101,6 +101,9 @@ class DigitsDemo:
     def config(self, quick: bool, large: bool) -> Config:
         return LARGE if large else QUICK if quick else Config()
 
+    def default_seeds(self, quick: bool) -> int:
+        return 3
+
     def prepare(self, cfg: Config, seed: int, device: torch.device):
         """(task data, pretrained model, what the pretrained model scores) for ``seed``."""
         from .run import accuracy

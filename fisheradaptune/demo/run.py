@@ -136,7 +136,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
                     help="digits (TinyViT pretrained here) or minilm (real pretrained MiniLM)")
     ap.add_argument("--quick", action="store_true", help="a short run (under 3 minutes on 2 CPU cores)")
     ap.add_argument("--large", action="store_true", help="a larger configuration and longer runs (GPU)")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds per method (at least 3 for mean ± std)")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help="seeds per method (default 3; 1 for --task minilm --quick)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--methods", default=None, help="comma-separated subset of: " + ", ".join(METHODS))
     ap.add_argument("--out", default=None, help="folder for the JSON and plots "
@@ -144,6 +145,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = ap.parse_args(argv)
     spec = TASKS[args.task]()
     cfg = spec.config(args.quick, args.large)
+    seeds = args.seeds or spec.default_seeds(args.quick)
     device = torch.device(args.device)
     out_dir = args.out or spec.default_out
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
@@ -151,23 +153,25 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if m not in spec.methods:
             ap.error(f"unknown method {m!r} for --task {args.task}; choose from {', '.join(spec.methods)}")
     start = time.perf_counter()
-    out = run(spec, cfg, args.seeds, device, out_dir, methods)
+    out = run(spec, cfg, seeds, device, out_dir, methods)
     total = spec.total_params(cfg)
-    print("\n" + spec.describe(cfg, args.seeds, device, total))
+    description = spec.describe(cfg, seeds, device, total)
+    print("\n" + description)
     print(table(out["results"], total, spec.columns))
     print("memory: " + ("peak CUDA memory" if device.type == "cuda" else
                         "parameters + gradients + optimizer state (+ Fisher buffers) at the end"))
     elapsed = time.perf_counter() - start
     print(f"total time {elapsed:.0f} s")
     os.makedirs(out_dir, exist_ok=True)
-    record = {"task": args.task, "config": cfg.__dict__, "seeds": args.seeds, "device": str(device),
+    record = {"task": args.task, "description": description, "config": cfg.__dict__, "seeds": seeds,
+              "device": str(device),
               "torch": torch.__version__, "python": platform.python_version(),
               "total_params": total, "elapsed_s": elapsed, **out}
     path = os.path.join(out_dir, spec.json_name)
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     plot_transfer_vs_id(out["results"], os.path.join(out_dir, "transfer_vs_id.png"),
-                        title=f"{args.task}: transfer against ID, mean ± std over {args.seeds} seeds")
+                        title=f"{args.task}: transfer against ID, mean ± std over {seeds} seeds")
     print(f"wrote {path}, the transfer-against-ID plot and the task's plots in {out_dir}")
     return record
 
