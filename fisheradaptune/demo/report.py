@@ -42,28 +42,32 @@ def table(results: Dict[str, List[dict]], total_params: int,
                      [line(r) for r in rows[1:]])
 
 
-def plot_transfer_vs_id(results: Dict[str, List[dict]], path: str, title: str = "") -> None:
-    """One panel per transfer shift: each method's mean transfer accuracy against its mean ID
-    accuracy, with ± std bars over seeds."""
+def plot_transfer_vs_id(results: Dict[str, List[dict]], path: str, title: str = "",
+                        extra: Sequence[Tuple[str, str]] = ()) -> None:
+    """One panel per transfer shift, and one per ``extra`` (header, key) score: each method's
+    mean score against its mean ID accuracy, with ± std bars over seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     shifts = list(next(iter(results.values()))[0]["transfer"])
-    fig, axes = plt.subplots(1, len(shifts), figsize=(4.2 * len(shifts), 4.2), squeeze=False)
+    panels = [(f"{s} accuracy %", f"transfer.{s}", 100.0) for s in shifts] + \
+        [(h, k, 1.0) for h, k in extra]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
     markers = "osD^vP*Xhp<>"
-    for ax, shift in zip(axes[0], shifts):
+    sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+    for ax, (label, key, scale) in zip(axes[0], panels):
         for i, (m, rs) in enumerate(results.items()):
             xs = [100 * r["id_acc"] for r in rs]
-            ys = [100 * r["transfer"][shift] for r in rs]
-            sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+            ys = [scale * _score(r, key) for r in rs]
             ax.errorbar(statistics.mean(xs), statistics.mean(ys), xerr=sd(xs), yerr=sd(ys),
                         fmt=markers[i % len(markers)], capsize=2, label=m)
         ax.set_xlabel("ID accuracy %")
-        ax.set_ylabel(f"{shift} accuracy %")
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

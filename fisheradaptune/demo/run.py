@@ -171,7 +171,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     plot_transfer_vs_id(out["results"], os.path.join(out_dir, "transfer_vs_id.png"),
-                        title=f"{args.task}: transfer against ID, mean ± std over {seeds} seeds")
+                        title=f"{args.task}: transfer against ID, mean ± std over {seeds} seeds",
+                        extra=[(h, k) for h, k in spec.columns if "%" not in h])
     print(f"wrote {path}, the transfer-against-ID plot and the task's plots in {out_dir}")
     return record
 
