@@ -18,6 +18,7 @@ import fisheradaptune as fat
 from .data import digits_transfer_task
 from .methods import METHODS
 from .models import TinyViT
+from .scoring import accuracy
 from .progress import tqdm
 
 __all__ = ["Config", "QUICK", "LARGE", "DigitsDemo", "pretrain", "plot_kept_tokens"]
@@ -106,7 +107,6 @@ class DigitsDemo:
 
     def prepare(self, cfg: Config, seed: int, device: torch.device):
         """(task data, pretrained model, what the pretrained model scores) for ``seed``."""
-        from .run import accuracy
         task = digits_transfer_task(labels_per_class=cfg.labels_per_class, seed=seed)
         base = pretrain(cfg, task, seed, device)
         return task, base, {"id_acc": accuracy(base, *(t.to(device) for t in task.test))}

@@ -35,6 +35,7 @@ import fisheradaptune as fat
 from .methods import METHODS
 from .progress import tqdm
 from .report import plot_transfer_vs_id, table
+from .scoring import accuracy, state_bytes
 
 __all__ = ["METHODS", "TASKS", "accuracy", "state_bytes", "finetune", "run", "table", "main"]
 
@@ -51,29 +52,6 @@ def _minilm():
 
 #: Task name -> a factory of its harness spec (see DigitsDemo for what a spec provides).
 TASKS = {"digits": _digits, "minilm": _minilm}
-
-
-def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
-    """Parameters + gradients + optimizer state, counted from the live tensors."""
-    inner = opt.optimizer if isinstance(opt, fat.WrappedOptimizer) else opt
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    total += sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    total += sum(v.numel() * v.element_size() for s in inner.state.values() for v in s.values()
-                 if isinstance(v, torch.Tensor))
-    if isinstance(opt, fat.FisherAdapTune):
-        total += sum(f.numel() * f.element_size() for f in opt.estimator.snapshot() if f is not None)
-        total += sum(r.numel() * r.element_size() for r in opt.references if r is not None)
-    return total
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(y), batch):
-            correct += int((model(x[i:i + batch]).argmax(-1) == y[i:i + batch]).sum())
-    model.train()
-    return correct / max(len(y), 1)
 
 
 def finetune(spec, name: str, base: nn.Module, cfg, task, seed: int, device: torch.device) -> dict:
