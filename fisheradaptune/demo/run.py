@@ -113,7 +113,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     ap.add_argument("--task", default="digits", choices=list(TASKS),
                     help="digits (TinyViT pretrained here) or minilm (real pretrained MiniLM)")
     ap.add_argument("--quick", action="store_true", help="a short run (under 3 minutes on 2 CPU cores)")
-    ap.add_argument("--large", action="store_true", help="a larger configuration and longer runs (GPU)")
+    ap.add_argument("--large", action="store_true", help="digits only: a wider, deeper ViT and longer runs (GPU)")
     ap.add_argument("--seeds", type=int, default=None,
                     help="seeds per method (default 3; 1 for --task minilm --quick)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")

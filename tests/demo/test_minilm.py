@@ -195,3 +195,9 @@ def test_readme_minilm_table_comes_from_the_committed_json():
     assert record["task"] == "minilm" and record["seeds"] >= 3
     text = table(record["results"], record["total_params"], minilm.MiniLMDemo.columns)
     assert text in (REPO_ROOT / "README.md").read_text()
+
+
+def test_readme_digits_table_comes_from_the_committed_json():
+    from fisheradaptune.demo.report import table
+    record = json.loads((REPO_ROOT / "benchmarks" / "results" / "demo-cpu.json").read_text())
+    assert table(record["results"], record["total_params"]) in (REPO_ROOT / "README.md").read_text()
