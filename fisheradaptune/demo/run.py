@@ -117,7 +117,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     ap.add_argument("--seeds", type=int, default=None,
                     help="seeds per method (default 3; 1 for --task minilm --quick)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--methods", default=None, help="comma-separated subset of: " + ", ".join(METHODS))
+    ap.add_argument("--methods", default=None, help=("comma-separated subset of: " + ", ".join(METHODS) +
+                          " (minilm: all but token reduction)").replace("%", "%%"))
     ap.add_argument("--out", default=None, help="folder for the JSON and plots "
                                                 "(default results/demo, results/demo-minilm)")
     args = ap.parse_args(argv)

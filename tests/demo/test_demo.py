@@ -37,3 +37,10 @@ def test_unknown_method_is_refused(capsys):
     with pytest.raises(SystemExit):
         demo.main(["--methods", "magic"])
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_help_prints(capsys):
+    # Method names contain "%", which argparse's help formatting would read as a placeholder.
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--help"])
+    assert e.value.code == 0 and "FISH static mask (2%)" in capsys.readouterr().out
