@@ -59,21 +59,22 @@
 
 #include "bipartite.h"
 #include "multi_tensor.cuh"
+#include "token_common.cuh"
 
 namespace fisheradaptune {
 namespace {
 
 using mt::copy_row;
 using mt::kThreads;
+using tok::beats;
+using tok::grid_y;
+using tok::kMaxGridY;
 using mt::kWarps;
 
 // Best similarities kept in shared memory per block (up to 32 KiB, so that with the scans' static
 // shared memory a block stays under the 48 KiB that needs no opt-in); more A tokens read global
 // memory.
 constexpr int64_t kSmemBytes = 32 * 1024;
-
-// The largest grid.y; the kernels stride over the rows / tokens / A-token groups beyond it.
-constexpr int64_t kMaxGridY = 65535;
 
 // Elements of the A token's unit vector each lane keeps in registers (D <= 128 entirely); the
 // rest is read from global memory, in the same order.
@@ -85,22 +86,6 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr uint8_t kZero = 0;   // dest_index out of range
 constexpr uint8_t kCopy = 1;   // the sole source of its out row: g[dest], bitwise
 constexpr uint8_t kScale = 2;  // coef * g[dest]
-
-#define FAT_DISPATCH_TOKEN_TYPES(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
-
-inline unsigned grid_y(int64_t rows) {
-  return static_cast<unsigned>(std::min<int64_t>(rows, kMaxGridY));
-}
-
-// Order of the matching: higher first, NaN above every number, ties to the lower index.
-template <typename A>
-__device__ __forceinline__ bool beats(A a, int64_t ia, A b, int64_t ib) {
-  const bool na = isnan(a), nb = isnan(b);
-  if (na != nb) return na;
-  if (!na && a != b) return a > b;
-  return ia < ib;
-}
 
 // Sum over the warp by a fixed xor butterfly. Each step adds the same two values in every lane
 // of a pair (a + b and b + a are the same IEEE sum), so every lane ends with the same bits.

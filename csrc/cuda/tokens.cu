@@ -41,6 +41,7 @@
 #include <type_traits>
 
 #include "multi_tensor.cuh"
+#include "token_common.cuh"
 #include "tokens.h"
 
 namespace fisheradaptune {
@@ -48,14 +49,14 @@ namespace {
 
 using mt::copy_row;
 using mt::kThreads;
+using tok::beats;
+using tok::grid_y;
+using tok::kMaxGridY;
 
 // Scores kept in shared memory per block (up to 32 KiB, so that with the reductions' static
 // shared memory a block stays under the 48 KiB that needs no opt-in); longer rows read global
 // memory.
 constexpr int64_t kSmemBytes = 32 * 1024;
-
-// The largest grid.y; rows_kernel and backward_rows_kernel stride over the rows beyond it.
-constexpr int64_t kMaxGridY = 65535;
 
 // Note [Token dtypes]: calls f(S{}) with S the scores' element type, which validation restricts
 // to T (x's type) or float: one instantiation for float32 x, two for the others.
@@ -72,22 +73,6 @@ void with_score_type(at::ScalarType scores, F&& f) {
       f(T{});
     }
   }
-}
-
-// The dtypes validation admits for x (check_common in tokens.cpp).
-#define FAT_DISPATCH_TOKEN_TYPES(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
-
-inline unsigned grid_y(int64_t rows) {
-  return static_cast<unsigned>(std::min<int64_t>(rows, kMaxGridY));
-}
-
-template <typename A>
-__device__ __forceinline__ bool beats(A a, int64_t ia, A b, int64_t ib) {
-  const bool na = isnan(a), nb = isnan(b);
-  if (na != nb) return na;
-  if (!na && a != b) return a > b;
-  return ia < ib;
 }
 
 template <typename S, typename A>

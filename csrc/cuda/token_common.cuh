@@ -1,0 +1,36 @@
+// What the token kernels (tokens.cu: token_prune_merge; bipartite.cu: bipartite_merge) share:
+// the dtypes their validation admits, the grid.y cap they stride beyond, and the selection
+// order of both ops.
+#pragma once
+
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fisheradaptune {
+namespace tok {
+
+// The dtypes validation admits for tokens (check_token_dtype, csrc/validate.h).
+#define FAT_DISPATCH_TOKEN_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+// The largest grid.y; kernels that run rows / tokens / groups on grid.y stride beyond it.
+constexpr int64_t kMaxGridY = 65535;
+
+inline unsigned grid_y(int64_t rows) {
+  return static_cast<unsigned>(std::min<int64_t>(rows, kMaxGridY));
+}
+
+// Selection order: higher first, NaN above every number (torch.sort's order), ties to the
+// lower index; a total order, so selections are deterministic.
+template <typename A>
+__device__ __forceinline__ bool beats(A a, int64_t ia, A b, int64_t ib) {
+  const bool na = isnan(a), nb = isnan(b);
+  if (na != nb) return na;
+  if (!na && a != b) return a > b;
+  return ia < ib;
+}
+
+}  // namespace tok
+}  // namespace fisheradaptune
