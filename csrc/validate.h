@@ -6,6 +6,7 @@
 // ValueError is raised for bad shapes, lengths and values; TypeError for bad dtypes.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -65,7 +66,11 @@ inline void check_grad_dtype(const char* op, const std::string& where, const at:
                  "state), got ", t);
 }
 
-// Token ops (token_prune_merge, bipartite_merge): the dtypes of tokens and their metrics.
+// Token ops (token_prune_merge, bipartite_merge): the dtypes of tokens and their metrics, and
+// the dispatch over exactly those.
+#define FAT_DISPATCH_TOKEN_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
 inline void check_token_dtype(const char* op, const char* where, const at::Tensor& t) {
   const auto s = t.scalar_type();
   FAT_CHECK_TYPE(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf || s == at::kDouble, op,

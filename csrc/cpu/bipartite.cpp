@@ -5,7 +5,8 @@
 //   2. each A token's best B token (per (batch row, A token)): its similarities to every B
 //      token as one omp-simd pass over the transposed B vectors (Note [CPU vectorisation]);
 //   3. the matching and the out-row bookkeeping (per batch row): nth_element over the A tokens,
-//      dest_index, sizes, and the sources of every out row in increasing token order;
+//      dest_index, the rows' totals (row_totals, shared with the backward), and the sources of
+//      every out row in increasing token order;
 //   4. the out rows (per (batch row, out row)): a copy, or the weighted mean of the sources.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,21 +25,10 @@
 
 #include "bipartite.h"
 #include "cpu/simd.h"
+#include "validate.h"
 
 namespace fisheradaptune {
 namespace {
-
-#define FAT_DISPATCH_TOKEN_TYPES(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
-
-// Order of the matching: higher first, NaN above every number, ties to the lower index.
-template <typename A>
-bool beats(A a, int64_t ia, A b, int64_t ib) {
-  const bool na = std::isnan(a), nb = std::isnan(b);
-  if (na != nb) return na;
-  if (!na && a != b) return a > b;
-  return ia < ib;
-}
 
 // The unit vector of a metric row, in place: scaled by its largest magnitude first, so that
 // squares cannot overflow (a bfloat16 key of 1e20 is a valid direction); a zero row stays zero
@@ -165,32 +155,25 @@ void best_matches(const BipartiteMergeArgs& a, std::vector<double>& best,
   });
 }
 
-// Per-row bookkeeping of pass 3, shared by the forward (from the matching) and the backward
-// (from dest_index): the sources of every out row in increasing token order (CSR: src, off),
-// their coefficients and the rows' sizes.
-struct Sources {
-  std::vector<int32_t> off, src;  // [R + 1], [N] of one batch row
-  std::vector<double> coef;       // [N]: s_i / W, 1 for a copied row
-  void build(const int64_t* dest, const float* sz, int64_t N, int64_t R, float* out_sizes) {
-    off.assign(R + 1, 0);
-    src.resize(N);
-    coef.resize(N);
-    for (int64_t i = 0; i < N; ++i) ++off[dest[i] + 1];
-    for (int64_t d = 0; d < R; ++d) off[d + 1] += off[d];
-    std::vector<int32_t> fill(off.begin(), off.end() - 1);
-    for (int64_t i = 0; i < N; ++i) src[fill[dest[i]]++] = static_cast<int32_t>(i);
-    for (int64_t d = 0; d < R; ++d) {
-      const int32_t s0 = off[d], s1 = off[d + 1];
-      double w = 0;
-      for (int32_t s = s0; s < s1; ++s) w += sz != nullptr ? sz[src[s]] : 1.0;
-      for (int32_t s = s0; s < s1; ++s) {
-        const double si = sz != nullptr ? sz[src[s]] : 1.0;
-        coef[s] = s1 - s0 == 1 ? 1.0 : (w != 0 ? si / w : 0.0);
-      }
-      if (out_sizes != nullptr) out_sizes[d] = static_cast<float>(w);
-    }
+// Per batch row, from dest_index and the sizes, shared by the forward and the backward so both
+// use one order: w[d] = the sum of the sizes of the tokens whose out row is d (float64, in
+// increasing token order) and count[d], their number.
+void row_totals(const int64_t* dest, const float* sz, int64_t N, int64_t R, double* w,
+                int32_t* count) {
+  std::fill(w, w + R, 0.0);
+  std::fill(count, count + R, 0);
+  for (int64_t i = 0; i < N; ++i) {
+    w[dest[i]] += sz != nullptr ? static_cast<double>(sz[i]) : 1.0;
+    ++count[dest[i]];
   }
-};
+}
+
+// A token's coefficient in its out row (Note [Bipartite merge]): 1 for a row's sole source (a
+// bitwise copy), s_i / W otherwise, 0 when W == 0.
+inline double coefficient(int32_t count, double w, const float* sz, int64_t i) {
+  if (count == 1) return 1.0;
+  return w != 0 ? (sz != nullptr ? static_cast<double>(sz[i]) : 1.0) / w : 0.0;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
     const at::Tensor& x_in, const at::Tensor& metric_in, const std::optional<at::Tensor>& sizes_in,
@@ -213,16 +196,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
     });
   }
 
-  // Pass 3.
+  // Pass 3. The sources of every out row in increasing token order (CSR: off, src) and their
+  // coefficients, written straight into per-batch-row slices.
   const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
   int64_t* dest = dest_index.data_ptr<int64_t>();
   float* osz = out_sizes.data_ptr<float>();
   std::vector<int32_t> off(B * (R + 1)), src(B * N);
   std::vector<double> coef(B * N);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<int32_t> order(na);
+    std::vector<int32_t> order(na), count(R), fill(R);
     std::vector<char> merged(na);
-    Sources rows;
+    std::vector<double> w(R);
     for (int64_t b = b0; b < b1; ++b) {
       const double* bb = best.data() + b * na;
       const int32_t* mb = match.data() + b * na;
@@ -238,16 +222,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
       const int64_t first_b = P + na - r;  // the out row of the first B token
       int64_t next = P;
       for (int64_t k = 0; k < na; ++k) {
-        if (!merged[k]) db[P + 2 * k] = next++;
+        db[P + 2 * k] = merged[k] ? first_b + mb[k] : next++;
       }
       for (int64_t j = 0; j < nb; ++j) db[P + 2 * j + 1] = first_b + j;
-      for (int64_t k = 0; k < na; ++k) {
-        if (merged[k]) db[P + 2 * k] = first_b + mb[k];
+      const float* sz = sizes != nullptr ? sizes + b * N : nullptr;
+      row_totals(db, sz, N, R, w.data(), count.data());
+      int32_t* ob = off.data() + b * (R + 1);
+      ob[0] = 0;
+      for (int64_t d = 0; d < R; ++d) {
+        ob[d + 1] = ob[d] + count[d];
+        fill[d] = ob[d];
+        osz[b * R + d] = static_cast<float>(w[d]);
       }
-      rows.build(db, sizes != nullptr ? sizes + b * N : nullptr, N, R, osz + b * R);
-      std::copy(rows.off.begin(), rows.off.end(), off.begin() + b * (R + 1));
-      std::copy(rows.src.begin(), rows.src.end(), src.begin() + b * N);
-      std::copy(rows.coef.begin(), rows.coef.end(), coef.begin() + b * N);
+      for (int64_t i = 0; i < N; ++i) {
+        const int32_t slot = fill[db[i]]++;
+        src[b * N + slot] = static_cast<int32_t>(i);
+        coef[b * N + slot] = coefficient(count[db[i]], w[db[i]], sz, i);
+      }
     }
   });
 
@@ -292,22 +283,15 @@ at::Tensor bipartite_merge_backward_cpu(const at::Tensor& grad_out,
   if (B == 0 || N == 0) return grad_x;
   const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
   const int64_t* dest = a.dest.const_data_ptr<int64_t>();
-  // coef[b, i]: token i's coefficient in its out row; copied[b, i]: whether it is the sole
-  // source of its row, whose gradient is then copied bitwise. (A flag, not a sentinel
-  // coefficient: sizes may be negative, and so may s_i / W.)
-  std::vector<double> coef(B * N);
-  std::vector<char> copied(B * N);
+  // The out rows' totals, as in the forward; a token's gradient is its coefficient times its
+  // row's, or that row copied bitwise when it is the row's sole source (a count, not a
+  // sentinel coefficient: sizes may be negative, and so may s_i / W).
+  std::vector<double> w(B * R);
+  std::vector<int32_t> count(B * R);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    Sources rows;
     for (int64_t b = b0; b < b1; ++b) {
-      rows.build(dest + b * N, sizes != nullptr ? sizes + b * N : nullptr, N, R, nullptr);
-      for (int64_t d = 0; d < R; ++d) {
-        const bool copied_row = rows.off[d + 1] - rows.off[d] == 1;
-        for (int32_t s = rows.off[d]; s < rows.off[d + 1]; ++s) {
-          coef[b * N + rows.src[s]] = rows.coef[s];
-          copied[b * N + rows.src[s]] = copied_row;
-        }
-      }
+      row_totals(dest + b * N, sizes != nullptr ? sizes + b * N : nullptr, N, R, w.data() + b * R,
+                 count.data() + b * R);
     }
   });
   FAT_DISPATCH_TOKEN_TYPES(a.grad.scalar_type(), "bipartite_merge_backward_cpu", [&] {
@@ -317,11 +301,14 @@ at::Tensor bipartite_merge_backward_cpu(const at::Tensor& grad_out,
     T* gx = grad_x.data_ptr<T>();
     at::parallel_for(0, B * N, 8, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        const T* row = g + ((t / N) * R + dest[t]) * C;
-        if (copied[t]) {
-          std::memcpy(gx + t * C, row, C * sizeof(T));
+        const int64_t b = t / N, row = b * R + dest[t];
+        const T* from = g + row * C;
+        if (count[row] == 1) {
+          std::memcpy(gx + t * C, from, C * sizeof(T));
         } else {
-          scale_row<T, A>(gx + t * C, row, static_cast<A>(coef[t]), C);
+          const double c = coefficient(count[row], w[row], sizes != nullptr ? sizes + b * N : nullptr,
+                                       t % N);
+          scale_row<T, A>(gx + t * C, from, static_cast<A>(c), C);
         }
       }
     });

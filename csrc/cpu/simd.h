@@ -10,6 +10,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "plan.h"
@@ -44,6 +45,17 @@ FAT_CPU_CLONES A blocked_dot(const T* __restrict x, const T* __restrict y, int64
     total += static_cast<double>(acc);
   }
   return static_cast<A>(total);
+}
+
+// Selection order of the token ops (token_prune_merge's scores, bipartite_merge's
+// similarities): higher first, NaN above every number (torch.sort's order), ties to the lower
+// index; a total order, so selections are deterministic.
+template <typename A>
+inline bool beats(A a, int64_t ia, A b, int64_t ib) {
+  const bool na = std::isnan(a), nb = std::isnan(b);
+  if (na != nb) return na;
+  if (!na && a != b) return a > b;
+  return ia < ib;
 }
 
 // Row helpers of the token kernels (inputs T, accumulation A): acc += w * x, out = acc, and

@@ -26,17 +26,11 @@ namespace {
 
 constexpr int64_t kChannelBlock = 512;  // channels per unit of parallel work (forward)
 
-// Selection order: higher score first, NaN above every number, ties to the lower index.
+// Selection order (beats, cpu/simd.h) over a row of scores.
 template <typename A>
 struct Better {
   const A* s;
-  bool operator()(int32_t i, int32_t j) const {
-    const A a = s[i], b = s[j];
-    const bool na = std::isnan(a), nb = std::isnan(b);
-    if (na != nb) return na;
-    if (!na && a != b) return a > b;
-    return i < j;
-  }
+  bool operator()(int32_t i, int32_t j) const { return beats(s[i], i, s[j], j); }
 };
 
 // Per-row result of the selection: kept and merged candidate indices, each in index order,

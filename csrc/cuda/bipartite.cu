@@ -60,6 +60,7 @@
 #include "bipartite.h"
 #include "multi_tensor.cuh"
 #include "token_common.cuh"
+#include "validate.h"
 
 namespace fisheradaptune {
 namespace {

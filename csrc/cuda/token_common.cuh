@@ -1,19 +1,13 @@
-// What the token kernels (tokens.cu: token_prune_merge; bipartite.cu: bipartite_merge) share:
-// the dtypes their validation admits, the grid.y cap they stride beyond, and the selection
-// order of both ops.
+// What the token kernels (tokens.cu: token_prune_merge; bipartite.cu: bipartite_merge) share on
+// the device: the grid.y cap they stride beyond, and the selection order of both ops (its host
+// twin: beats in cpu/simd.h). Their dtype dispatch is FAT_DISPATCH_TOKEN_TYPES (validate.h).
 #pragma once
-
-#include <ATen/Dispatch.h>
 
 #include <algorithm>
 #include <cstdint>
 
 namespace fisheradaptune {
 namespace tok {
-
-// The dtypes validation admits for tokens (check_token_dtype, csrc/validate.h).
-#define FAT_DISPATCH_TOKEN_TYPES(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
 // The largest grid.y; kernels that run rows / tokens / groups on grid.y stride beyond it.
 constexpr int64_t kMaxGridY = 65535;

@@ -42,6 +42,7 @@
 
 #include "multi_tensor.cuh"
 #include "token_common.cuh"
+#include "validate.h"
 #include "tokens.h"
 
 namespace fisheradaptune {
