@@ -84,8 +84,7 @@ class _QkvCapture:
         self.linear, self.inner, self.out = linear, inner, None
 
     def __call__(self, x):
-        fwd = self.inner if self.inner is not None else type(self.linear).forward.__get__(self.linear)
-        self.out = fwd(x)
+        self.out = _vit._original(self.linear, "forward", self.inner)(x)
         return self.out
 
 
@@ -202,20 +201,16 @@ class TokenMergeHandle(_vit._Patch):
                 f"proportional_attention={self.proportional_attention})")
 
 
-class _MergingForward:
-    """A patched block's ``forward`` (a module-level class, so ``deepcopy`` and ``torch.save``
-    work; see the note above ``_WeightedForwardHead`` in _vit_base.py)."""
+class _MergingForward(_vit._PatchedForward):
+    """A patched block's ``forward``: the block in two halves with a merge between them."""
 
-    def __init__(self, handle: TokenMergeHandle, index: int, block: nn.Module, inner=None):
-        self.handle, self.index, self.block, self.inner = handle, index, block, inner
+    mask_message = (
+        "fisheradaptune.vit.token_merge: a patched block received an attention mask; merging "
+        "changes the number of tokens, so a mask over the input tokens cannot apply after the "
+        "first merge. Call the model without attn_mask, or unpatch it")
 
     def __call__(self, x, *args, **kwargs):
-        if kwargs.get("attn_mask") is not None or (len(args) > 0 and args[0] is not None):
-            raise ValueError(
-                "fisheradaptune.vit.token_merge: a patched block received an attention mask; "
-                "merging changes the number of tokens, so a mask over the input tokens cannot "
-                "apply after the first merge. Call the model without attn_mask, or unpatch it")
-        fwd = self.inner if self.inner is not None else type(self.block).forward.__get__(self.block)
+        fwd = self._wrapped(args, kwargs)
         return self.handle._block(self.index, self.block, x, lambda t: fwd(t, *args, **kwargs))
 
 

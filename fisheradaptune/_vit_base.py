@@ -336,6 +336,28 @@ def _in_backward() -> bool:
 # class's method (or a forward set on the instance before patching) at call time.
 
 
+def _original(obj, name: str, inner=None):
+    """The method a patch wraps, resolved at call time: the one set on the instance before
+    patching (``inner``), else the class's."""
+    return inner if inner is not None else getattr(type(obj), name).__get__(obj)
+
+
+class _PatchedForward:
+    """Base of a patched block's ``forward``: holds the handle and the block, refuses an
+    attention mask (a mask over the input tokens cannot apply once their number changes), and
+    resolves the forward it wraps. Subclasses say why in ``mask_message`` and call the hook."""
+
+    mask_message = ""
+
+    def __init__(self, handle: "_Patch", index: int, block: nn.Module, inner=None):
+        self.handle, self.index, self.block, self.inner = handle, index, block, inner
+
+    def _wrapped(self, args, kwargs):
+        if kwargs.get("attn_mask") is not None or (len(args) > 0 and args[0] is not None):
+            raise ValueError(self.mask_message)
+        return _original(self.block, "forward", self.inner)
+
+
 class _WeightedForwardHead:
     """timm ``forward_head`` with the pooled tokens reweighted by their sizes."""
 
@@ -343,6 +365,5 @@ class _WeightedForwardHead:
         self.handle, self.model, self.inner = handle, model, inner
 
     def __call__(self, x, *args, **kwargs):
-        fwd = self.inner if self.inner is not None else \
-            type(self.model).forward_head.__get__(self.model)
+        fwd = _original(self.model, "forward_head", self.inner)
         return fwd(self.handle._pool_weights(x), *args, **kwargs)

@@ -61,7 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from ._vit_base import _ATTR, _Family, _Patch, _family
+from ._vit_base import _ATTR, _Family, _Patch, _PatchedForward, _family
 
 __all__ = ["prune_merge", "token_merge", "unpatch", "handle_of", "sparse_layers",
            "PruneMergeHandle", "TokenMergeHandle", "cls_attention"]
@@ -171,22 +171,18 @@ class PruneMergeHandle(_Patch):
                 f"detach_scores={self.detach_scores})")
 
 
-class _ReducingForward:
+class _ReducingForward(_PatchedForward):
     """A patched block's ``forward``: the block as before, then prune-merge of its output."""
 
-    def __init__(self, handle: "PruneMergeHandle", index: int, block: nn.Module, inner=None):
-        self.handle, self.index, self.block, self.inner = handle, index, block, inner
+    mask_message = (
+        "fisheradaptune.vit.prune_merge: a patched block received an attention mask (given to "
+        "the model, or built for every call by a transformers attention implementation such as "
+        "flex_attention); token reduction changes the number of tokens after this block, so a "
+        "mask over the input tokens cannot apply to the next ones. Call the model without "
+        "attn_mask / attention_mask (transformers: with eager or sdpa attention), or unpatch it")
 
     def __call__(self, x, *args, **kwargs):
-        if kwargs.get("attn_mask") is not None or (len(args) > 0 and args[0] is not None):
-            raise ValueError(
-                "fisheradaptune.vit.prune_merge: a patched block received an attention mask "
-                "(given to the model, or built for every call by a transformers attention "
-                "implementation such as flex_attention); token reduction changes the number of "
-                "tokens after this block, so a mask over the input tokens cannot apply to the "
-                "next ones. Call the model without attn_mask / attention_mask (transformers: "
-                "with eager or sdpa attention), or unpatch it")
-        fwd = self.inner if self.inner is not None else type(self.block).forward.__get__(self.block)
+        fwd = self._wrapped(args, kwargs)
         return self.handle._reduce(self.index, self.block, x, fwd(x, *args, **kwargs))
 
 
