@@ -34,7 +34,8 @@ import fisheradaptune as fat
 from fisheradaptune import ops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import announce, d2d_copy_bandwidth, environment, print_table, timeit, write_results  # noqa: E402
+from common import (announce, d2d_copy_bandwidth, environment, print_table,  # noqa: E402
+                    set_speedup, timeit, write_results)
 
 P = 1
 
@@ -101,10 +102,7 @@ def bench_op(device, dtype, iters, copy_bw, rows, batches=(1, 2, 4, 8, 256)):
                     row["copy_frac"] = row["GB/s"] * 1e9 / copy_bw
                 rows.append(row)
         for r in rows[-4:]:
-            op_t = times[("op", r["pass"])]
-            r["op_speedup"] = r["ms"] / op_t.median_ms
-            if op_t.cpu_ms is not None:
-                r["cpu_speedup"] = r["cpu_ms"] / op_t.cpu_ms
+            set_speedup(r, times[("op", r["pass"])])
         del x, s, x0, s0, grad
 
 

@@ -36,7 +36,8 @@ import torch
 from fisheradaptune import ops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import announce, environment, print_table, timeit, write_results  # noqa: E402
+from common import (announce, environment, print_table, set_speedup, timeit,  # noqa: E402
+                    timing_fields, write_results)
 
 P = 1       # protected tokens (CLS)
 N = 197
@@ -146,18 +147,12 @@ def bench(device, dtype, iters, rows, notes, batches, channels):
                     t = timeit(f, warmup=3, iters=iters, device=device,
                                max_seconds=3.0 if device == "cpu" else 2.0)
                     times[(name, mode)] = t
-                    row = {"table": "bipartite_merge", "B": b, "N": N, "C": c, "D": D, "r": R,
-                           "dtype": str(dtype).replace("torch.", ""), "variant": name,
-                           "pass": mode, "ms": t.median_ms, "iqr_ms": t.iqr_ms, "iters": t.iters}
-                    if t.cpu_ms is not None:
-                        row["cpu_ms"] = t.cpu_ms
-                    row["dest_agree"] = agree
-                    rows.append(row)
+                    rows.append({"table": "bipartite_merge", "B": b, "N": N, "C": c, "D": D,
+                                 "r": R, "dtype": str(dtype).replace("torch.", ""),
+                                 "variant": name, "pass": mode, **timing_fields(t),
+                                 "dest_agree": agree})
             for r_ in rows[-4:]:
-                op_t = times[("op", r_["pass"])]
-                r_["op_speedup"] = r_["ms"] / op_t.median_ms
-                if op_t.cpu_ms is not None:
-                    r_["cpu_speedup"] = r_["cpu_ms"] / op_t.cpu_ms
+                set_speedup(r_, times[("op", r_["pass"])])
             del x, x0, metric, grad
 
 
@@ -184,15 +179,13 @@ def vit_throughput(device, batch, iters, rows, notes, models, rs):
                 tokens = handle.sizes.shape[1] if handle is not None else 197
             if handle is not None:
                 handle.remove()
+            base = base or t
             row = {"table": "vit", "model": name, "batch": batch, "r": r, "final_tokens": tokens,
-                   "ms": t.median_ms, "iqr_ms": t.iqr_ms, "iters": t.iters,
-                   "img_per_s": batch * 1000.0 / t.median_ms}
+                   **timing_fields(t), "img_per_s": batch * 1000.0 / t.median_ms}
+            # speedup = unpatched / patched: the inverse ratio of set_speedup's.
+            row["speedup"] = base.median_ms / t.median_ms
             if t.cpu_ms is not None:
-                row["cpu_ms"] = t.cpu_ms
-            base = base or row
-            row["speedup"] = base["ms"] / t.median_ms
-            if t.cpu_ms is not None:
-                row["cpu_speedup"] = base["cpu_ms"] / t.cpu_ms
+                row["cpu_speedup"] = base.cpu_ms / t.cpu_ms
             rows.append(row)
         del model
     notes.append("vit: timm models at 224 px, random init (no weights here), eval, "

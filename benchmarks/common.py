@@ -205,6 +205,22 @@ def environment(device: Any = "cpu") -> Dict[str, Any]:
     return env
 
 
+def timing_fields(t: Timing) -> Dict[str, Any]:
+    """A result row's timing columns: ms, iqr_ms, iters and, on CPU, cpu_ms."""
+    row: Dict[str, Any] = {"ms": t.median_ms, "iqr_ms": t.iqr_ms, "iters": t.iters}
+    if t.cpu_ms is not None:
+        row["cpu_ms"] = t.cpu_ms
+    return row
+
+
+def set_speedup(row: Dict[str, Any], base: Timing, key: str = "op_speedup") -> None:
+    """``row[key]`` = row's ms / ``base``'s (above 1: ``base`` is faster), and ``cpu_speedup``,
+    the same ratio of process CPU times, where both have one."""
+    row[key] = row["ms"] / base.median_ms
+    if base.cpu_ms is not None and "cpu_ms" in row:
+        row["cpu_speedup"] = row["cpu_ms"] / base.cpu_ms
+
+
 def announce(env: Dict[str, Any], device: Any) -> None:
     """Print the run's environment in one line (and a warning when a loaded CPU makes wall
     times unreliable)."""
