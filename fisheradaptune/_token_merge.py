@@ -121,8 +121,20 @@ def _mlp_torchvision(block: nn.Module, x: Tensor) -> Tensor:
     return x + block.mlp(block.ln_2(x))
 
 
-_PARTS = {"timm": (_check_timm, _attend_timm, _mlp_timm),
-          "torchvision": (_check_torchvision, _attend_torchvision, _mlp_torchvision)}
+def _prepare_timm(handle: "TokenMergeHandle", block: nn.Module) -> None:
+    """Wrap ``attn.qkv.forward`` so that _attend_timm can read the keys."""
+    qkv = block.attn.qkv
+    handle._set(qkv, "forward", _QkvCapture(qkv, qkv.__dict__.get("forward")))
+
+
+def _prepare_nothing(handle: "TokenMergeHandle", block: nn.Module) -> None:
+    """torchvision's attention is recomputed by _attend_torchvision: nothing to wrap."""
+
+
+# Per family: check the model, prepare a patched block, its attention half, its MLP half.
+_PARTS = {"timm": (_check_timm, _prepare_timm, _attend_timm, _mlp_timm),
+          "torchvision": (_check_torchvision, _prepare_nothing, _attend_torchvision,
+                          _mlp_torchvision)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +166,7 @@ class TokenMergeHandle(_vit._Patch):
         self.r = r
         self.proportional_attention = bool(proportional_attention)
         self.patch_rows: Optional[Tensor] = None
-        _, self._attend, self._mlp = _PARTS[family.name]
+        _, self._prepare, self._attend, self._mlp = _PARTS[family.name]
 
     def _clear(self) -> None:
         self.patch_rows = None
@@ -189,9 +201,7 @@ class TokenMergeHandle(_vit._Patch):
         last = len(blocks) if self.proportional_attention else (self.layers[-1] + 1 if self.layers else 0)
         for i in range(first, last):
             block = blocks[i]
-            if self.family.name == "timm":
-                qkv = block.attn.qkv
-                self._set(qkv, "forward", _QkvCapture(qkv, qkv.__dict__.get("forward")))
+            self._prepare(self, block)
             self._set(block, "forward", _MergingForward(self, i, block, block.__dict__.get("forward")))
         self._install_common(blocks)
 
