@@ -129,5 +129,6 @@ class DigitsDemo:
 
     def describe(self, cfg: Config, seeds: int, device, total: int) -> str:
         return (f"fisheradaptune demo: TinyViT dim {cfg.dim} depth {cfg.depth} ({total:,} params), "
-                f"{seeds} seed{'s' if seeds != 1 else ''}, {cfg.finetune_steps} fine-tuning steps, {cfg.labels_per_class} labels "
+                f"{seeds} seed{'s' if seeds != 1 else ''}, {cfg.finetune_steps} fine-tuning steps, "
+                f"{cfg.labels_per_class} labels "
                 f"per class, device {device}")

@@ -222,5 +222,6 @@ class MiniLMDemo:
         c = encoder.config
         return (f"fisheradaptune demo (minilm): BERT encoder {c.num_hidden_layers} layers, width "
                 f"{c.hidden_size} ({total:,} params with the head), VADER lexicon polarity "
-                f"(|mean| >= {cfg.margin}), {cfg.labels_per_class} entries per class, {seeds} seed{'s' if seeds != 1 else ''}, "
+                f"(|mean| >= {cfg.margin}), {cfg.labels_per_class} entries per class, "
+                f"{seeds} seed{'s' if seeds != 1 else ''}, "
                 f"{cfg.finetune_steps} fine-tuning steps, device {device}")
