@@ -1,4 +1,4 @@
-"""Tests for fisheradaptune.adapters (VeFA, LoRFA; SPEC section 8)."""
+"""Tests for fisheradaptune.adapters (VeFA, LoRFA; docs/methods.md section 8)."""
 import copy
 import dataclasses
 import re

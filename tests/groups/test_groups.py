@@ -1,4 +1,4 @@
-"""GroupLayout and its builders (SPEC section 2): per_tensor, slabs, per_module, build."""
+"""GroupLayout and its builders (docs/methods.md section 2): per_tensor, slabs, per_module, build."""
 from __future__ import annotations
 
 import pytest

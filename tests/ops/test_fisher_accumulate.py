@@ -1,5 +1,6 @@
 """ops.fisher_accumulate_: fisher[i] = decay*fisher[i] + scale*grads[i]**2, fused, with per-group
-sums of the updated Fisher and a count of skipped non-finite elements (DESIGN "Operators")."""
+sums of the updated Fisher and a count of skipped non-finite elements (docs/methods.md
+section 1)."""
 from __future__ import annotations
 
 import random

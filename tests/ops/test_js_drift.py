@@ -1,4 +1,4 @@
-"""ops.js_drift: per-group Jensen-Shannon distance between two Fisher snapshots (SPEC section 3),
+"""ops.js_drift: per-group Jensen-Shannon distance between two Fisher snapshots (docs/methods.md section 3),
 "mass" and "histogram" modes, with the optional fused reference EMA update."""
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def group_values(tensors, layout: GroupLayout, g: int) -> np.ndarray:
 
 def numpy_histogram_js(c: np.ndarray, r: np.ndarray, bins=64, lower_q=0.01, upper_q=0.99,
                        min_log_range=1e-3, base=None) -> float:
-    """SPEC section 3's histogram mode written with numpy, independently of the library."""
+    """docs/methods.md section 3's histogram mode written with numpy, independently of the library."""
     if not (np.abs(c).sum() > 0 and np.abs(r).sum() > 0):
         return 0.0
     lc, lr = np.log10(np.abs(c) + 1e-12), np.log10(np.abs(r) + 1e-12)
@@ -341,7 +341,7 @@ def test_update_reference_in_float64():
 
 
 # ---------------------------------------------------------------------------------------------
-# The histogram pathology (documented in SPEC section 3 and ops.js_drift)
+# The histogram pathology (documented in docs/methods.md section 3 and ops.js_drift)
 
 
 def test_histogram_pathology_near_constant_group_and_min_log_range():

@@ -1,5 +1,5 @@
 """ops.per_sample_grad_sq_: fisher += scale * sum_n (grad_out[n]^T x[n])**2 for a Linear weight,
-per-sample gradients formed one tile of samples at a time (SPEC section 1, "per_sample")."""
+per-sample gradients formed one tile of samples at a time (docs/methods.md section 1, "per_sample")."""
 from __future__ import annotations
 
 import pytest

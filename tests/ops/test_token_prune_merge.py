@@ -1,4 +1,4 @@
-"""ops.token_prune_merge: keep the top-scoring tokens, fuse the rest into one (SPEC section 6,
+"""ops.token_prune_merge: keep the top-scoring tokens, fuse the rest into one (docs/methods.md section 6,
 Note [Token prune-merge] in csrc/tokens.h), and its backward op."""
 from __future__ import annotations
 

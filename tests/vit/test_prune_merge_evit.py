@@ -1,5 +1,5 @@
 """fisheradaptune.vit.prune_merge against an eager EViT-style re-implementation written here
-from SPEC section 6, on the stand-ins of conftest.py and on real timm, torchvision and
+from docs/methods.md section 6, on the stand-ins of conftest.py and on real timm, torchvision and
 transformers models wherever they import.
 
 The re-implementation forms the full N x N attention of each chosen block, averages the heads,
@@ -20,7 +20,7 @@ from fisheradaptune.demo.models import TinyViT
 
 
 # ---------------------------------------------------------------------------------------------
-# Eager EViT-style re-implementation (SPEC section 6), independent of fisheradaptune.vit
+# Eager EViT-style re-implementation (docs/methods.md section 6), independent of fisheradaptune.vit
 
 
 def full_cls_row_timm(block, x):
