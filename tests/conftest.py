@@ -11,11 +11,17 @@ test_package.py (the package as a whole).
 Hypothesis profiles: ``ci`` (the default: few, derandomized examples so CI is reproducible) and
 ``dev`` (many random examples). Pick one with ``HYPOTHESIS_PROFILE=dev pytest tests``.
 
+Sweeps: a test over a registry it did not write (timm's models, transformers' auto mappings,
+every ``torch.optim`` optimizer) records each case's outcome with the ``sweep`` fixture
+(``sweep("timm families", name, "verified" | "refused")``); the counts per sweep are printed
+at the end of the run, for the README's integration table.
+
 Markers (declared in pyproject.toml): ``cuda`` on every test that needs a CUDA device, so that
 ``pytest -m cuda`` runs exactly those and ``pytest -m "not cuda"`` the rest; ``slow``.
 """
 from __future__ import annotations
 
+import collections
 import os
 
 import pytest
@@ -54,3 +60,34 @@ def pytest_collection_modifyitems(config, items):
     if unmarked:
         raise pytest.UsageError("tests skipped without CUDA must be marked @pytest.mark.cuda: "
                                 + ", ".join(unmarked))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps over registries we did not write: outcome counts, printed at the end of the run
+
+_SWEEP_OUTCOMES = ("verified", "refused")
+_sweeps: "collections.defaultdict[str, dict]" = collections.defaultdict(dict)
+
+
+@pytest.fixture
+def sweep():
+    """``sweep(kind, case, outcome)`` records that ``case`` of the sweep ``kind`` was
+    ``"verified"`` (agreed with its oracle) or ``"refused"`` (a clear error at patch or
+    construction time, its message checked by the test). A case recorded twice keeps its last
+    outcome, so parametrised variants of one case count once."""
+    def record(kind: str, case: str, outcome: str) -> None:
+        if outcome not in _SWEEP_OUTCOMES:
+            raise ValueError(f"sweep outcome must be one of {_SWEEP_OUTCOMES}, got {outcome!r}")
+        _sweeps[kind][case] = outcome
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _sweeps:
+        return
+    terminalreporter.section("sweeps over external registries")
+    for kind in sorted(_sweeps):
+        outcomes = collections.Counter(_sweeps[kind].values())
+        terminalreporter.line(
+            f"{kind}: {len(_sweeps[kind])} tried, {outcomes['verified']} verified, "
+            f"{outcomes['refused']} refused")
