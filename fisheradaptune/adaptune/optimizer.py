@@ -433,7 +433,7 @@ class FisherAdapTune(WrappedOptimizer):
 
     def _check_state_dict(self, own: dict, inner: dict) -> None:
         state.check_payload(self, own)
-        state.check_inner_state_dict(self.optimizer, self.params, inner)
+        state.check_inner_state_dict(self.optimizer, inner)
 
     def _load_own_state_dict(self, payload: dict) -> None:
         state.load_state_dict(self, payload, checked=True)

@@ -248,8 +248,7 @@ def check_state_dict(opt: "FisherAdapTune", meta: Any, buffers: Optional[Sequenc
             _check_buffer(opt, i, v, shards is None, what)
 
 
-def check_inner_state_dict(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
-                           inner: Dict[str, Any]) -> None:
+def check_inner_state_dict(optimizer: torch.optim.Optimizer, inner: Dict[str, Any]) -> None:
     """Check the wrapped optimizer's state dict beyond what ``Optimizer.load_state_dict``
     checks: every parameter id appears once, state is keyed by those ids, and every state
     tensor is a scalar or shaped like its parameter (the supported optimizers' contract)."""

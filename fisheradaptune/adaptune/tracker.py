@@ -95,8 +95,8 @@ class DriftTracker:
                 raise ValueError(f"argument 'state_dict': 'tracker.{k}' must be a {live.dtype} "
                                  f"tensor of shape {list(live.shape)}, got {got}")
             # Distances, their EMA and sums are finite and >= 0; so are counts.
-            if not bool((torch.isfinite(v) & (v >= 0)).all()) if v.is_floating_point() \
-                    else bool((v < 0).any()):
+            ok = torch.isfinite(v) & (v >= 0) if v.is_floating_point() else v >= 0
+            if not bool(ok.all()):
                 raise ValueError(f"argument 'state_dict': 'tracker.{k}' holds negative or "
                                  "non-finite values")
         if not isinstance(sd["history"], list):
