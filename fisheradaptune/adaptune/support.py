@@ -44,7 +44,7 @@ REFUSED: Dict[str, str] = {
 
 
 def _name(cls: type) -> str:
-    if cls.__module__.startswith("torch.optim.") and getattr(torch.optim, cls.__name__, None) is cls:
+    if getattr(torch.optim, cls.__name__, None) is cls:
         return f"torch.optim.{cls.__name__}"
     return f"{cls.__module__}.{cls.__qualname__}"
 

@@ -102,8 +102,8 @@ def test_trainer_max_grad_norm_clips_by_the_trainable_elements_only(tmp_path):
                             max_grad_norm=max_norm, callbacks=[seen], policy=fat.Observe())
     seen.opt = opt
     # Slabs with large gradients: the pooler's and the position embeddings'.
-    opt.freeze([f"bert.{t}.weight.slab{j}" for t in ("pooler.dense", "embeddings.position_embeddings")
-                for j in (0, 1)])
+    opt.freeze([f"bert.{t}.weight.slab{j}" for j in (0, 1)
+                for t in ("pooler.dense", "embeddings.position_embeddings")])
     trainer.train()
     assert opt.step_count == 3 and len(seen.seen) == 3
     for frozen, active in seen.seen:
