@@ -13,7 +13,8 @@ subclass only says what happens before and after the wrapped step:
   whose first call returns that loss; later calls (LBFGS's line search) re-evaluate it and
   run :meth:`_prepare_grads` again, so frozen or unselected entries stay masked.
 - state dicts: a subclass with state of its own nests it under :attr:`_state_key` next to the
-  wrapped optimizer's; loading something else raises a ``ValueError`` naming the problem.
+  wrapped optimizer's; loading checks both parts (:meth:`_check_state_dict`) before it changes
+  anything, and something else raises a ``ValueError`` naming the problem.
 - ``deepcopy`` and pickling copy the whole wrapper (``Optimizer.__getstate__`` would keep only
   the three shared attributes), minus an LR scheduler's patch of ``step``.
 """
@@ -103,6 +104,11 @@ class WrappedOptimizer(torch.optim.Optimizer):
     def _own_state_dict(self) -> Dict[str, Any]:
         return {}
 
+    def _check_state_dict(self, own: Dict[str, Any], inner: Dict[str, Any]) -> None:
+        """Raise unless ``own`` (this wrapper's part) and ``inner`` (the wrapped optimizer's,
+        already checked against its parameter groups) can both be loaded; change nothing.
+        Called before :meth:`_load_own_state_dict`, which may then assume a checked ``own``."""
+
     def _load_own_state_dict(self, state: Dict[str, Any]) -> None:
         pass
 
@@ -180,6 +186,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
                     + ("; it looks like a plain optimizer's: load it with "
                        "opt.optimizer.load_state_dict(...)" if plain else ""))
             _check_matches(self.optimizer, state_dict["optimizer"])
+            self._check_state_dict(state_dict[self._state_key], state_dict["optimizer"])
             self._load_own_state_dict(state_dict[self._state_key])
             self.optimizer.load_state_dict(state_dict["optimizer"])
         for hook in self._optimizer_load_state_dict_post_hooks.values():

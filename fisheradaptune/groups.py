@@ -23,7 +23,8 @@ from torch import nn
 
 NamedParams = Union[nn.Module, Iterable[Tuple[str, torch.Tensor]]]
 
-__all__ = ["GroupLayout", "per_tensor", "slabs", "per_module", "build", "NamedParams"]
+__all__ = ["GroupLayout", "per_tensor", "slabs", "per_module", "build", "NamedParams",
+           "name_aliases"]
 
 
 @dataclass(eq=False)
@@ -288,3 +289,53 @@ def build(spec: GroupSpec, named_params: List[Tuple[str, torch.Tensor]],
                          f"GroupLayout or a callable, got {spec!r}")
     layout.check_tensors([p for _, p in named_params], arg="groups")
     return layout
+
+
+def _wrapper_free(name: str, model: nn.Module) -> str:
+    """``name`` without the segments that wrapping adds: torch.compile's ``_orig_mod`` and,
+    for a (Distributed)DataParallel ``model``, the leading ``module``."""
+    parts = [s for s in name.split(".") if s != "_orig_mod"]
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and \
+            parts[:1] == ["module"]:
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def name_aliases(model: nn.Module, layout: GroupLayout) -> Dict[str, str]:
+    """Other names a user may type for the tensors and groups of ``layout`` (built over
+    ``model``'s parameters under their ``named_parameters()`` names), mapped to the layout's.
+
+    - a tied parameter (one tensor registered under several names, e.g. an ``lm_head`` sharing
+      the input embedding) is listed once, under its first name: its other names are aliases;
+    - names of a compiled or (Distributed)DataParallel model carry ``_orig_mod.`` or
+      ``module.``: the names without them are aliases.
+
+    Group names that start with a tensor's name (``slabs``, ``per_tensor``) get the same
+    aliases with the same suffix; ``per_module`` group names lose the wrapper segments. An
+    alias that would stand for two different names is left out.
+    """
+    canonical = set(layout.tensor_names)
+    first = {id(p): n for n, p in model.named_parameters() if n in canonical}
+    tensor_alias: Dict[str, set] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        c = first.get(id(p))
+        if c is None:
+            continue
+        for a in {n, _wrapper_free(n, model)}:
+            tensor_alias.setdefault(a, set()).add(c)
+    out: Dict[str, set] = {a: set(cs) for a, cs in tensor_alias.items()}
+    group_alias: Dict[str, set] = {}
+    for g in layout.names:
+        group_alias.setdefault(_wrapper_free(g, model), set()).add(g)
+    by_tensor: Dict[str, List[str]] = {}
+    for g in layout.names:
+        for t in layout.tensor_names:
+            if g == t or g.startswith(t + "."):
+                by_tensor.setdefault(t, []).append(g)
+    for a, cs in tensor_alias.items():
+        for c in cs:
+            for g in by_tensor.get(c, ()):
+                group_alias.setdefault(a + g[len(c):], set()).add(g)
+    for a, gs in group_alias.items():
+        out.setdefault(a, set()).update(gs)
+    return {a: next(iter(cs)) for a, cs in out.items() if len(cs) == 1 and a not in cs}

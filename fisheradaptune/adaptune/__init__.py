@@ -4,7 +4,9 @@
 - :class:`DriftTracker` (``tracker``): per-group drift statistics;
 - :class:`Policy`, :class:`Threshold`, :class:`PaperPolicy`, :class:`Observe`, :class:`Context`
   (``policies``): freeze decisions;
-- ``freezing``: what a freeze does to tensors, gradients and optimizer state;
+- ``freezing``: what a freeze does to tensors, gradients (zeroed at the source by hooks) and
+  optimizer state;
+- ``support``: which optimizers are accepted (the verified allow-list and the refusals);
 - ``state``: checkpoint payloads; ``report``: metrics, summary, plot.
 """
 from .tracker import DriftTracker

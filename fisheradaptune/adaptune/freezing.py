@@ -4,18 +4,23 @@ optimizer state (docs/methods.md section 4, "Applying a freeze").
 - a tensor whose groups are all frozen is *released*: ``requires_grad_(False)``, ``grad =
   None``, its optimizer state dropped (its Fisher and reference buffers are the caller's to
   free), so backward skips its weight gradient and the memory is returned;
-- in a partially frozen tensor, frozen ranges get zero gradients (in place), their optimizer
-  state is zeroed at the freeze, and their values are restored bit for bit after the wrapped
-  optimizer's step, so no optimizer (weight decay, momentum, fused kernels) can move them.
+- in a partially frozen tensor, frozen ranges get zero gradients (in place) as soon as backward
+  accumulates them (a post-accumulate-grad hook, so gradient clipping, logging and
+  ``GradScaler.unscale_`` between ``backward`` and ``step`` see zeros there) and again at the
+  step, their optimizer state is zeroed at the freeze, and their values are restored bit for
+  bit after the wrapped optimizer's step, so no optimizer (weight decay, momentum, fused
+  kernels) can move them.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import weakref
+from functools import partial as _bind
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import Tensor
 
-from ..distributed.sharding import local
+from ..distributed.sharding import is_dtensor, local
 from ..groups import GroupLayout
 
 __all__ = ["Freezer", "PartialFreeze"]
@@ -50,6 +55,7 @@ class Freezer:
         self.group_segments = [layout.segments_of(g) for g in range(G)]
         self.mask_segments = [mask_layout.segments_of(g) for g in range(G)]
         self.partial = PartialFreeze(params, {})
+        self._hooks: List[Any] = []
 
     def freeze(self, groups: Tensor, step: int) -> List[int]:
         """Freeze ``groups`` (bool mask; frozen ones are ignored) from ``step`` on. Returns
@@ -90,17 +96,23 @@ class Freezer:
                         mask[b:e] = True
         return mask.view(part.shape)
 
+    def whole_frozen(self, frozen: Tensor) -> List[int]:
+        """The tensors that the frozen set ``frozen`` freezes whole (sorted indices)."""
+        out = []
+        for i, p in enumerate(self.params):
+            covered = sum(e - b for g in self.tensor_groups[i] if frozen[g]
+                          for t, b, e in self.group_segments[g] if t == i)
+            if covered and covered == p.numel():
+                out.append(i)
+        return out
+
     def _plan(self, frozen: Tensor):
         """For the frozen set ``frozen``: the tensors frozen whole and the partial freeze."""
         ranges: Dict[int, List[Tuple[int, int]]] = {}
-        whole = []
+        whole = self.whole_frozen(frozen)
         for i, p in enumerate(self.params):
             frozen_groups = [g for g in self.tensor_groups[i] if frozen[g]]
-            covered = sum(e - b for g in frozen_groups for t, b, e in self.group_segments[g]
-                          if t == i)
-            if frozen_groups and covered == p.numel():
-                whole.append(i)
-            elif frozen_groups:
+            if frozen_groups and i not in whole:
                 # In this rank's coordinates (its shard of the tensor under FSDP2).
                 local_ranges = sorted((b, e) for g in frozen_groups
                                       for t, b, e in self.mask_segments[g] if t == i)
@@ -133,7 +145,44 @@ class Freezer:
                     else:  # e.g. Adam moments of a channels_last weight (preserve_format)
                         v.masked_fill_(_range_mask(v.shape, rs, v.device), 0)
         self.partial = partial
+        self._install_hooks()
         return newly_whole
+
+    def _install_hooks(self) -> None:
+        """One post-accumulate-grad hook per partially frozen tensor, which zeroes its frozen
+        ranges right after backward accumulates into ``.grad`` (every micro-batch under
+        gradient accumulation; under DDP before the reducer reads the gradient, so the
+        averaged gradient is zero there too). Rebuilt at every change of the frozen set.
+
+        Sharded (FSDP2) parameters get none: FSDP2 assigns their gradients after its
+        reduce-scatter, without accumulating into them; ``step`` and ``mask_frozen_grads``
+        mask those."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        # A weak reference: a hook left on a parameter must not keep a discarded wrapper alive
+        # (it then does nothing).
+        ref = weakref.ref(self)
+        for i in self.partial.index:
+            p = self.params[i]
+            if not is_dtensor(p):
+                self._hooks.append(p.register_post_accumulate_grad_hook(_bind(_mask_hook, ref, i)))
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # Hook handles belong to these parameters; a copy installs hooks on its own.
+        state = self.__dict__.copy()
+        state["_hooks"] = []
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._install_hooks()
+
+
+def _mask_hook(ref: "weakref.ref[Freezer]", i: int, param: Tensor) -> None:
+    freezer = ref()
+    if freezer is not None and freezer.params[i] is param:
+        freezer.partial.mask_grad(i)
 
 
 def _range_mask(shape: torch.Size, ranges: List[Tuple[int, int]], device) -> Tensor:
@@ -203,23 +252,36 @@ class PartialFreeze:
             self._build()
 
     def mask_grads(self) -> None:
-        views = []
+        """Zero the frozen ranges of every partially frozen tensor's ``.grad``, in place."""
+        views: List[Tensor] = []
         for i in self.index:
-            g = local(self.params[i].grad)
-            if g is None:
-                continue
-            if not g.is_contiguous():
-                # In place whatever the strides (a DTensor's local shard cannot be swapped
-                # for another tensor).
-                mask = self.masks.get(i)
-                if mask is None or mask.shape != g.shape:
-                    mask = _range_mask(g.shape, self.ranges[i], g.device)
-                g.masked_fill_(mask, 0)
-                continue
-            flat = g.view(-1)
-            views.extend(flat[b:e] for b, e in self.ranges[i])
+            self._mask(i, views)
         if views:
             torch._foreach_zero_(views)
+
+    def mask_grad(self, i: int) -> None:
+        """Zero the frozen ranges of tensor ``i``'s ``.grad`` (no-op if it is not partial)."""
+        if i not in self.ranges:
+            return
+        views: List[Tensor] = []
+        self._mask(i, views)
+        if views:
+            torch._foreach_zero_(views)
+
+    def _mask(self, i: int, views: List[Tensor]) -> None:
+        g = local(self.params[i].grad)
+        if g is None:
+            return
+        if not g.is_contiguous():
+            # In place whatever the strides (a DTensor's local shard cannot be swapped for
+            # another tensor).
+            mask = self.masks.get(i)
+            if mask is None or mask.shape != g.shape:
+                mask = _range_mask(g.shape, self.ranges[i], g.device)
+            g.masked_fill_(mask, 0)
+            return
+        flat = g.view(-1)
+        views.extend(flat[b:e] for b, e in self.ranges[i])
 
     def save(self) -> None:
         # Saved every step rather than once at the freeze: a user who loads weights into the

@@ -9,6 +9,7 @@ decisions), ``state`` (checkpoints), ``report`` (metrics, summary, plot).
 """
 from __future__ import annotations
 
+import difflib
 import warnings
 from typing import Callable, Iterable, List, Optional, Tuple, Union
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from .. import groups as groups_mod
 from .. import ops
-from .._wrapped import WrappedOptimizer
+from .._wrapped import WrappedOptimizer, check_optimizer
 from ..distributed import comm
 from ..distributed.drift import js_drift
 from ..distributed.sharding import local, local_layout, row_sharding, sharding_of
@@ -25,6 +26,7 @@ from ..fisher.base import EstimatorSpec, estimator_class, make_estimator
 from . import report, state
 from .freezing import Freezer
 from .policies import Context, Policy, Threshold
+from .support import check_supported
 from .tracker import DriftTracker
 
 __all__ = ["FisherAdapTune"]
@@ -36,9 +38,14 @@ class FisherAdapTune(WrappedOptimizer):
     """Wrap an optimizer so that parameter groups whose Fisher has stopped drifting freeze.
 
     Args:
-        optimizer: any ``torch.optim`` optimizer, already built. Its ``param_groups`` and
-            ``state`` are the wrapper's (the same objects), so LR schedulers and
-            ``GradScaler`` work attached to either.
+        optimizer: a ``torch.optim`` optimizer of a verified class (``SGD``, ``Adam``,
+            ``AdamW``, ``Adamax``, ``NAdam``, ``RAdam``, ``RMSprop``, ``Rprop``, ``Adagrad``,
+            ``Adadelta``, ``ASGD``, any of their ``foreach``/``fused``/``capturable``/...
+            variants), already built. ``LBFGS``, ``Adafactor``, ``Muon`` and ``SparseAdam``
+            are refused (see ``adaptune.support``), and so is any other class unless
+            ``allow_unverified_optimizer``. Its ``param_groups`` and ``state`` are the
+            wrapper's (the same objects), so LR schedulers and ``GradScaler`` work attached to
+            either.
         model: the model owning the parameters; gives readable names and is needed for the
             ``"kfac"`` estimator, ``groups="per_module"`` and qkv splitting by name. Every
             optimizer parameter must belong to it.
@@ -64,6 +71,17 @@ class FisherAdapTune(WrappedOptimizer):
             memory by the world size, with sums all-reduced as under FSDP2. Checkpoint it with
             :func:`fisheradaptune.distributed.save` (or one :meth:`state_dict` per rank).
             ``False`` (default) keeps a full replica on every rank, so "save on rank 0" works.
+        allow_unverified_optimizer: accept an optimizer class that is not verified (a
+            subclass, a third-party optimizer), asserting that it updates each element from
+            its own gradient and state only, never moves a parameter whose ``.grad`` is None
+            and keeps only scalar or parameter-shaped state (docs/methods.md section 4).
+
+    Frozen ranges of partially frozen tensors have zero gradients as soon as backward has
+    accumulated them (a hook on each such tensor), so gradient clipping, logging and
+    ``GradScaler.unscale_`` count the trainable elements only; tensors frozen whole have no
+    gradient at all. Names passed to :meth:`freeze` / :meth:`unfreeze` may be any name the
+    model shows for a tensor: tied aliases, or names with or without ``_orig_mod.``
+    (``torch.compile``) and ``module.`` (DDP).
 
     Only parameters with ``requires_grad`` at construction are tracked. A freeze decided at a
     check takes effect from the next step.
@@ -82,9 +100,12 @@ class FisherAdapTune(WrappedOptimizer):
                  drift_mode: str = "mass", fisher_decay: float = 0.9,
                  reference_decay: float = 0.9, score_decay: float = 0.9,
                  check_every: int = 100, policy: Optional[Policy] = None,
-                 drift_kwargs: Optional[dict] = None, shard_state: bool = False):
+                 drift_kwargs: Optional[dict] = None, shard_state: bool = False,
+                 allow_unverified_optimizer: bool = False):
         if isinstance(optimizer, FisherAdapTune):
             raise ValueError("argument 'optimizer': already a FisherAdapTune")
+        check_optimizer(optimizer)
+        check_supported(optimizer, allow_unverified_optimizer)
         super().__init__(optimizer)
         policy = Threshold() if policy is None else policy
         est_cls = self._check_args(model, estimator, drift_mode, fisher_decay, reference_decay,
@@ -95,6 +116,8 @@ class FisherAdapTune(WrappedOptimizer):
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self.model = model
         self.layout = groups_mod.build(groups, named, model)
+        # Other names the user may type for tensors and groups (tied, compiled, DDP).
+        self._aliases = {} if model is None else groups_mod.name_aliases(model, self.layout)
 
         # Which part of each tensor this rank's Fisher covers: its FSDP2 shard, a row split
         # under DDP (shard_state), or all of it.
@@ -200,11 +223,12 @@ class FisherAdapTune(WrappedOptimizer):
     def mask_frozen_grads(self) -> None:
         """Zero the gradients of frozen elements now, in place (``step`` does it anyway).
 
-        Between ``backward`` and ``step``, frozen ranges of partially frozen tensors still
-        hold their gradients (tensors frozen whole have none). Call this before
-        ``torch.nn.utils.clip_grad_norm_`` so that the norm counts trainable elements only.
-        With gradient accumulation, the Fisher is updated once per ``step`` from the
-        accumulated ``.grad`` (the sum over micro-batches), not per micro-batch.
+        Backward already zeroes them (a post-accumulate-grad hook on each partially frozen
+        tensor), so clipping after ``backward`` counts trainable elements only. Call this when
+        gradients reach ``.grad`` another way: assigned by hand, or under FSDP2, which writes
+        sharded gradients after its reduce-scatter without accumulating into them. With
+        gradient accumulation, the Fisher is updated once per ``step`` from the accumulated
+        ``.grad`` (the sum over micro-batches), not per micro-batch.
         """
         self.freezer.partial.mask_grads()
 
@@ -313,12 +337,20 @@ class FisherAdapTune(WrappedOptimizer):
         gindex = {n: g for g, n in enumerate(self.layout.names)}
         tindex = {n: i for i, n in enumerate(self.names)}
         for n in names:
-            if n in gindex:
-                mask[gindex[n]] = True
-            elif n in tindex:
-                mask[self.freezer.tensor_groups[tindex[n]]] = True
+            if not isinstance(n, str):
+                raise TypeError(f"argument '{arg}': expected names (str), got {type(n).__name__}")
+            c = self._aliases.get(n, n)
+            if c in gindex:
+                mask[gindex[c]] = True
+            elif c in tindex:
+                mask[self.freezer.tensor_groups[tindex[c]]] = True
             else:
-                raise ValueError(f"argument '{arg}': {n!r} is neither a group nor a parameter name")
+                close = difflib.get_close_matches(n, list(tindex) + list(gindex) +
+                                                  list(self._aliases), n=3, cutoff=0.6)
+                hint = f"; did you mean {close}?" if close else \
+                    "; parameter names are in opt.names, group names in opt.layout.names"
+                raise ValueError(f"argument '{arg}': {n!r} is neither a group nor a parameter "
+                                 f"name{hint}")
         return mask
 
     def freeze(self, names: Union[str, Iterable[str]]) -> None:
@@ -399,8 +431,12 @@ class FisherAdapTune(WrappedOptimizer):
     def _own_state_dict(self) -> dict:
         return state.state_dict(self)
 
+    def _check_state_dict(self, own: dict, inner: dict) -> None:
+        state.check_payload(self, own)
+        state.check_inner_state_dict(self.optimizer, inner)
+
     def _load_own_state_dict(self, payload: dict) -> None:
-        state.load_state_dict(self, payload)
+        state.load_state_dict(self, payload, checked=True)
 
     def distributed_state_dict(self) -> dict:
         """This wrapper's state (not the wrapped optimizer's) for ``torch.distributed.checkpoint``."""

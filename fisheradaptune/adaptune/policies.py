@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor
@@ -70,6 +70,14 @@ class Policy(abc.ABC):
 
     def state_dict(self) -> dict:
         return {}
+
+    def check_state_dict(self, sd: Any, num_groups: int) -> None:
+        """Raise ``ValueError`` unless :meth:`load_state_dict` can load ``sd`` (for a wrapper
+        with ``num_groups`` groups) as it is; called before anything of a checkpoint is
+        applied. Override it with :meth:`load_state_dict` (the default checks for a dict)."""
+        if not isinstance(sd, dict):
+            raise ValueError(f"argument 'state_dict': the state of {type(self).__name__} must "
+                             f"be a dict, got {type(sd).__name__}")
 
     def load_state_dict(self, sd: dict) -> None:
         pass
@@ -135,6 +143,16 @@ class Threshold(Policy):
     def state_dict(self) -> dict:
         return {"below": None if self._below is None else self._below.clone()}
 
+    def check_state_dict(self, sd: Any, num_groups: int) -> None:
+        super().check_state_dict(sd, num_groups)
+        below = sd.get("below")
+        if below is not None and not (isinstance(below, Tensor) and below.dtype == torch.int64
+                                      and tuple(below.shape) == (num_groups,)
+                                      and bool((below >= 0).all())):
+            raise ValueError("argument 'state_dict': the Threshold state 'below' must be None "
+                             f"or an int64 tensor of shape [{num_groups}] of counts >= 0, got "
+                             f"{getattr(below, 'shape', below)!r}")
+
     def load_state_dict(self, sd: dict) -> None:
         self._below = None if sd.get("below") is None else sd["below"].clone()
 
@@ -195,6 +213,14 @@ class PaperPolicy(Policy):
 
     def state_dict(self) -> dict:
         return {"next": self._next}
+
+    def check_state_dict(self, sd: Any, num_groups: int) -> None:
+        super().check_state_dict(sd, num_groups)
+        nxt = sd.get("next")
+        if nxt is not None and not (isinstance(nxt, int) and not isinstance(nxt, bool)
+                                    and nxt >= 1):
+            raise ValueError("argument 'state_dict': the PaperPolicy state 'next' must be None "
+                             f"or an integer >= 1, got {nxt!r}")
 
     def load_state_dict(self, sd: dict) -> None:
         self._next = sd.get("next")

@@ -78,10 +78,33 @@ class DriftTracker:
                 "checks": self.checks.clone(), "total_variation": self.total_variation.clone(),
                 "jsema_sum": self.jsema_sum.clone(), "history": list(self.history)}
 
+    _KEYS = ("last", "jsema", "checks", "total_variation", "jsema_sum")
+
+    def check_state_dict(self, sd) -> None:
+        """Raise ``ValueError`` unless :meth:`load_state_dict` can load ``sd`` as it is."""
+        want = ("decay", "history") + self._KEYS
+        if not isinstance(sd, dict) or any(k not in sd for k in want):
+            have = sorted(sd) if isinstance(sd, dict) else type(sd).__name__
+            raise ValueError(f"argument 'state_dict': 'tracker' must have keys {list(want)}, "
+                             f"got {have}")
+        for k in self._KEYS:
+            live, v = getattr(self, k), sd[k]
+            if not isinstance(v, Tensor) or v.dtype != live.dtype or v.shape != live.shape:
+                got = (f"{v.dtype} of shape {list(v.shape)}" if isinstance(v, Tensor)
+                       else type(v).__name__)
+                raise ValueError(f"argument 'state_dict': 'tracker.{k}' must be a {live.dtype} "
+                                 f"tensor of shape {list(live.shape)}, got {got}")
+            # Distances, their EMA and sums are finite and >= 0; so are counts.
+            ok = torch.isfinite(v) & (v >= 0) if v.is_floating_point() else v >= 0
+            if not bool(ok.all()):
+                raise ValueError(f"argument 'state_dict': 'tracker.{k}' holds negative or "
+                                 "non-finite values")
+        if not isinstance(sd["history"], list):
+            raise ValueError("argument 'state_dict': 'tracker.history' must be a list, got "
+                             f"{type(sd['history']).__name__}")
+
     def load_state_dict(self, sd: dict) -> None:
-        for k in ("last", "jsema", "checks", "total_variation", "jsema_sum"):
-            if sd[k].shape != getattr(self, k).shape:
-                raise ValueError(f"argument 'state_dict': '{k}' has {sd[k].numel()} groups, "
-                                 f"this wrapper has {getattr(self, k).numel()}")
+        self.check_state_dict(sd)
+        for k in self._KEYS:
             setattr(self, k, sd[k].clone())
         self.history = list(sd["history"])

@@ -375,3 +375,38 @@ def test_segments_on_cuda_is_cached():
     on = layout.segments_on("cuda")
     assert on.is_cuda and torch.equal(on.cpu(), layout.segments)
     assert layout.segments_on("cuda") is on
+
+
+# ---------------------------------------------------------------------------------------------
+# name_aliases
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+
+def test_name_aliases_for_tied_and_compiled_names():
+    model = torch.compile(_Tied(), backend="eager")
+    named_params = list(model.named_parameters())
+    assert [n for n, _ in named_params] == ["_orig_mod.emb.weight"]
+    layout = groups.slabs(named_params)
+    aliases = groups.name_aliases(model, layout)
+    assert aliases["emb.weight"] == "_orig_mod.emb.weight"
+    assert aliases["head.weight"] == "_orig_mod.emb.weight"
+    assert aliases["_orig_mod.head.weight"] == "_orig_mod.emb.weight"
+    assert aliases["head.weight.slab3"] == "_orig_mod.emb.weight.slab3"
+    assert "_orig_mod.emb.weight" not in aliases  # canonical names are not aliases
+
+
+def test_name_aliases_leave_out_an_alias_of_two_names():
+    model = nn.Module()
+    model.a = nn.Linear(2, 2)
+    model._orig_mod = nn.Module()
+    model._orig_mod.a = nn.Linear(2, 2)  # "a.weight" would stand for both tensors
+    layout = groups.per_tensor(model)
+    aliases = groups.name_aliases(model, layout)
+    assert "a.weight" not in aliases and "a.bias" not in aliases
