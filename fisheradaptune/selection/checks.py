@@ -166,9 +166,9 @@ def check_not_peft(model: nn.Module, arg: str = "model") -> None:
     for name, m in model.named_modules():
         from_peft = type(m).__module__.split(".")[0] == "peft"
         if from_peft or any(part in _ADAPTER_PARTS for part in name.split(".")):
-            where = f"module {name!r}, a {type(m).__name__}" if name else type(m).__name__
+            where = f" (module {name!r}, a {type(m).__name__})" if name else ""
             raise ValueError(
-                f"argument '{arg}': {type(model).__name__} is a peft model ({where}); TR-PTS "
+                f"argument '{arg}': {type(model).__name__} is a peft model{where}; TR-PTS "
                 "selection trains entries of the pretrained weights, which peft keeps frozen "
                 "and its save_pretrained does not save, and it would freeze the adapters. "
                 "Select and train on the plain model instead: before peft.get_peft_model(...), "
@@ -183,7 +183,7 @@ def check_untied(model: nn.Module, names: Iterable[str], arg: str = "model") -> 
     holders: Dict[int, list] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         holders.setdefault(id(p), []).append(pname.rpartition(".")[0])
-    mods = dict(model.named_modules())
+    mods = dict(model.named_modules(remove_duplicate=False))
     for n in names:
         w = getattr(mods.get(n), "weight", None)
         if not isinstance(w, nn.Parameter):

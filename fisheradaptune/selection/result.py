@@ -130,7 +130,7 @@ class Selection:
         check_fields(self.index, self.c, self.shapes, self._config(), self.counts,
                      arg="selection")
         check_not_peft(model)
-        mods = dict(model.named_modules())
+        mods = dict(model.named_modules(remove_duplicate=False))
         out = {}
         for n in self.index:
             m = mods.get(n)
