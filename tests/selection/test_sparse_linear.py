@@ -104,6 +104,10 @@ def test_state_dict_is_a_linear_state_dict():
     sp.load_state_dict(lin.state_dict())
     torch.testing.assert_close(sp(x), lin(x))
     assert torch.equal(sp.values.detach(), lin.weight.detach().gather(1, sp.index))
+    lin2 = nn.Linear(6, 4)
+    sp.load_state_dict(lin2.state_dict(), assign=True)
+    torch.testing.assert_close(sp(x), lin2(x))
+    assert isinstance(sp.values, nn.Parameter) and sp.values.requires_grad
     # a checkpoint of the earlier format (weight, values, index, bias): values win at index
     old = {"weight": torch.zeros(4, 6), "values": torch.ones(4, 3), "index": sp.index.clone(),
            "bias": torch.zeros(4)}
