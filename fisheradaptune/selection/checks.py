@@ -4,6 +4,7 @@ supports (no peft adapters, no tied selected weights). Each raises before anythi
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
@@ -22,7 +23,7 @@ _COUNT_KEYS = ("total", "bias", "head")
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def check_budget(budget, arg: str = "budget") -> float:
@@ -38,7 +39,10 @@ def check_budget(budget, arg: str = "budget") -> float:
 
 def check_c_min(c_min, arg: str = "c_min") -> int:
     """``c_min`` as an int ``>= 1``."""
-    ok = not isinstance(c_min, bool) and isinstance(c_min, (int, float)) and int(c_min) == c_min
+    try:
+        ok = not isinstance(c_min, bool) and int(c_min) == c_min
+    except (TypeError, ValueError, OverflowError):
+        ok = False
     if not ok or int(c_min) < 1:
         raise ValueError(f"argument '{arg}': expected an integer >= 1, got {c_min!r}")
     return int(c_min)
