@@ -290,7 +290,7 @@ def test_load_validates_the_file_against_itself(make_net, make_data, loss_fn, tm
         (("config", "budget"), 7.0, r"budget.*\(0, 1\].*7\.0"),
         (("config", "budget"), 0.0, r"budget.*\(0, 1\]"),
         (("config", "c_min"), 0, "c_min.*>= 1"),
-        (("config", "estimator"), "magic", "estimator must be one of"),
+        (("config", "estimator"), 3, "estimator must be a str"),
         (("config", "train_bias"), 1, "train_bias must be a bool"),
         (("config", "head"), "fc1", "head must be None or the name of a module that is not "
                                     "selected"),
