@@ -40,7 +40,8 @@ from fisheradaptune import ops  # noqa: E402
 from fisheradaptune.adapters import find_head  # noqa: E402
 from fisheradaptune.masked import MaskedOptimizer  # noqa: E402
 from fisheradaptune.demo.models import TinyViT  # noqa: E402
-from fisheradaptune.selection import Selection, SparseLinear, _counts, select_from_fisher  # noqa: E402
+from fisheradaptune.selection import Selection, SparseLinear, select_from_fisher  # noqa: E402
+from fisheradaptune.selection.connections import _counts  # noqa: E402
 
 MODELS = {
     "tiny": dict(img_size=32, patch=4, in_chans=3, dim=128, depth=6, heads=4, mlp_ratio=4.0, num_classes=100),
@@ -326,9 +327,9 @@ def main():
         "indices; compact: SparseLinear int64 index buffers (not optimizer state, but memory)",
         "mask mode keeps dense gradients and dense AdamW state for every selected weight, so its "
         "state+grad is close to full fine-tuning's (minus norms/embeddings)",
-        "compact mode's forward multiplies by the SparseLinear's own dense weight buffer, whose "
-        "selected entries are rewritten in place (out x C elements) only after values change: "
-        "no dense copy per forward; the savings are in gradients and optimizer state",
+        "compact mode's forward builds the dense weight from the frozen base and the current "
+        "values (one out x in copy per forward, so that whatever writes values is used); the "
+        "savings are in gradients and optimizer state",
         "lr = 0 in every variant so weights and costs stay identical across steps; step times: the "
         "three variants interleaved one step at a time (after 2 warm-up steps each), median per variant",
     ]

@@ -62,6 +62,15 @@ class _Masked:
         g.scatter_(1, self.index, self.grad_values)
 
 
+def _check_dense_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse optimizers that cannot step a dense gradient: the selected weights are whole
+    Linear weights whose gradients are dense (masked, not sparse)."""
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        raise TypeError(f"argument 'optimizer': {type(optimizer).__name__} steps only sparse "
+                        "gradients (nn.Embedding(sparse=True)); the selected Linear weights get "
+                        "dense gradients: use torch.optim.Adam or AdamW")
+
+
 class MaskedOptimizer(WrappedOptimizer):
     """Wrap ``optimizer`` so that only the selected entries of ``selection``'s weights change.
 
@@ -75,11 +84,17 @@ class MaskedOptimizer(WrappedOptimizer):
 
     Parameters that are not selected weights (biases, the head) are stepped densely. The state
     dict is the wrapped optimizer's (the selection itself is saved with ``Selection.save``).
+
+    Any ``torch.optim`` optimizer keeps the contract (unselected entries bit-identical), since
+    the wrapper restores them after every step whatever the optimizer did; each one and each
+    of its CPU variants (foreach, fused, maximize, ...) is checked by the optimizer sweep in
+    tests/selection. ``SparseAdam`` is refused (``TypeError``): it steps sparse gradients only.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, selection: Selection,
                  model: Optional[nn.Module] = None):
         super().__init__(optimizer)
+        _check_dense_optimizer(optimizer)
         if not isinstance(selection, Selection):
             raise TypeError(f"argument 'selection': expected a Selection, got "
                             f"{type(selection).__name__}")

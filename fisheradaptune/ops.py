@@ -309,10 +309,54 @@ def _token_prune_merge_setup(ctx, inputs, output):
     ctx.has_sizes = sizes is not None
 
 
+def _prune_merge_rows(x, scores, sizes, kept_index, num_protected, normalize):
+    """The op's output rows as a differentiable composition, given the selection it made
+    (``kept_index``; the selection is piecewise constant). Used only to differentiate the
+    backward again: accumulation in float32 (float64 for float64 ``x``), the zero-coefficient
+    rule of Note [Zero coefficients] in csrc/tokens.h."""
+    b, n, c = x.shape
+    p, keep = num_protected, kept_index.shape[1]
+    m = n - p
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cand = x[:, p:]
+    rows = [x[:, :p], cand.gather(1, kept_index.unsqueeze(-1).expand(b, keep, c))]
+    if keep < m:
+        fused_mask = torch.ones(b, m, dtype=torch.bool, device=x.device)
+        fused_mask.scatter_(1, kept_index, False)
+        merged = torch.arange(m, device=x.device).expand(b, m)[fused_mask].view(b, m - keep)
+        xm = cand.gather(1, merged.unsqueeze(-1).expand(b, m - keep, c)).to(acc)
+        cand_sizes = sizes[:, p:] if sizes is not None else torch.ones(b, m, device=x.device)
+        w = scores.gather(1, merged).to(acc) * cand_sizes.gather(1, merged).to(acc)
+        coef = w
+        if normalize:
+            total = w.sum(1, keepdim=True)
+            zero = total == 0
+            coef = torch.where(zero, torch.zeros_like(w),
+                               w / torch.where(zero, torch.ones_like(total), total))
+        taken = (coef != 0).unsqueeze(-1) | torch.isfinite(xm)
+        xm = torch.where(taken, xm, torch.zeros_like(xm))
+        rows.append((coef.unsqueeze(-1) * xm).sum(1).to(x.dtype).unsqueeze(1))
+    return torch.cat(rows, 1)
+
+
 def _token_prune_merge_backward(ctx, grad_out, grad_kept, grad_sizes):
     x, scores, sizes, kept_index = ctx.saved_tensors
     if not ctx.has_sizes:
         sizes = None
+    if torch.is_grad_enabled():
+        # A graph is being built through this backward (create_graph=True: gradient
+        # penalties, Hessian-vector products): differentiate a composition of the forward at
+        # the same selection, so that second and higher derivatives are right, not zero.
+        wanted = [t for t, need in ((x, ctx.needs_input_grad[0]),
+                                    (scores, ctx.needs_input_grad[1])) if need]
+        out = _prune_merge_rows(x, scores, sizes, kept_index, ctx.num_protected, ctx.normalize)
+        got = list(torch.autograd.grad(out, wanted, grad_out, create_graph=True,
+                                       allow_unused=True))
+        grads = []
+        for t, need in ((x, ctx.needs_input_grad[0]), (scores, ctx.needs_input_grad[1])):
+            g = got.pop(0) if need else None
+            grads.append(torch.zeros_like(t) if need and g is None else g)
+        return grads[0], grads[1], None, None, None, None
     grad_x, grad_scores = _ops.token_prune_merge_backward(
         grad_out.contiguous(), x, scores, sizes, kept_index, ctx.num_protected, ctx.normalize)
     return grad_x, grad_scores, None, None, None, None
@@ -381,10 +425,35 @@ def _bipartite_merge_setup(ctx, inputs, output):
     ctx.has_sizes = sizes is not None
 
 
+def _bipartite_merge_coef(sizes, dest_index, rows, dtype):
+    """Each input token's weight in its out row (the merge is linear in ``x``): 1 for a row
+    that absorbed nothing, ``s / sum s`` over the row otherwise, 0 in a row of total size 0."""
+    b, n = dest_index.shape
+    s = torch.ones(b, n, dtype=dtype, device=dest_index.device) if sizes is None \
+        else sizes.to(dtype)
+    total = torch.zeros(b, rows, dtype=dtype, device=s.device).scatter_add(1, dest_index, s)
+    count = torch.zeros(b, rows, dtype=dtype, device=s.device).scatter_add(
+        1, dest_index, torch.ones_like(s))
+    w_row, n_row = total.gather(1, dest_index), count.gather(1, dest_index)
+    safe = torch.where(w_row != 0, w_row, torch.ones_like(w_row))
+    return torch.where(n_row == 1, torch.ones_like(s),
+                       torch.where(w_row != 0, s / safe, torch.zeros_like(s)))
+
+
 def _bipartite_merge_backward(ctx, grad_out, grad_sizes, grad_dest):
     sizes, dest_index = ctx.saved_tensors
-    grad_x = _ops.bipartite_merge_backward(grad_out.contiguous(),
-                                           sizes if ctx.has_sizes else None, dest_index)
+    sizes = sizes if ctx.has_sizes else None
+    if torch.is_grad_enabled():
+        # A graph is being built through this backward (create_graph=True): the gradient of x
+        # is linear in grad_out (a weighted gather), written with differentiable ops so that
+        # higher derivatives are right, not zero. It does not depend on x.
+        b, n = dest_index.shape
+        acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+        coef = _bipartite_merge_coef(sizes, dest_index, grad_out.shape[1], acc).unsqueeze(-1)
+        g = grad_out.to(acc).gather(1, dest_index.unsqueeze(-1).expand(b, n, grad_out.shape[2]))
+        grad_x = torch.where(coef != 0, coef * g, torch.zeros_like(g)).to(grad_out.dtype)
+        return grad_x, None, None, None, None
+    grad_x = _ops.bipartite_merge_backward(grad_out.contiguous(), sizes, dest_index)
     return grad_x, None, None, None, None
 
 
@@ -416,3 +485,27 @@ def sampled_grad(grad_out: Tensor, x: Tensor, index: Tensor) -> Tensor:
     op cannot be captured in a CUDA graph (a clear error).
     """
     return _ops.sampled_grad.default(grad_out, x, index)
+
+
+def _sampled_grad_setup(ctx, inputs, output):
+    grad_out, x, index = inputs
+    ctx.save_for_backward(grad_out, x, index)
+
+
+def _sampled_grad_backward(ctx, grad):
+    # out[i, c] = sum_t grad_out[t, i] * x[t, index[i, c]] is bilinear. With the incoming
+    # gradient scattered (added: a row may repeat a column) into a dense [out, in] matrix G,
+    # d grad_out = x G^T and d x = grad_out G. Written with differentiable ops, so a graph
+    # built through this backward (create_graph=True) is differentiated again correctly.
+    grad_out, x, index = ctx.saved_tensors
+    dense = grad.new_zeros(index.shape[0], x.shape[1]).scatter_add(1, index, grad)
+    d_grad_out = d_x = None
+    if ctx.needs_input_grad[0]:
+        d_grad_out = (x.to(grad.dtype) @ dense.T).to(grad_out.dtype)
+    if ctx.needs_input_grad[1]:
+        d_x = (grad_out.to(grad.dtype) @ dense).to(x.dtype)
+    return d_grad_out, d_x, None
+
+
+torch.library.register_autograd("fisheradaptune::sampled_grad", _sampled_grad_backward,
+                                setup_context=_sampled_grad_setup)

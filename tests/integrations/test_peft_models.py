@@ -57,16 +57,40 @@ def test_fisher_adaptune_tracks_and_freezes_lora_parameters_exactly():
     assert (opt.tracker.checks[opt.drift_defined] > 0).any()
 
 
-def test_select_connections_on_a_peft_model_selects_base_layers_not_adapters():
+PEFT_REFUSAL = (r"argument 'model': PeftModel\w* is a peft model; TR-PTS selection trains.*"
+                r"save_pretrained does not save.*before peft.get_peft_model\(...\), or after "
+                r"model.merge_and_unload\(\)")
+
+
+def test_selection_refuses_a_peft_model_and_changes_nothing():
+    # Before: select_connections picked the base layers, apply set the LoRA adapters to
+    # requires_grad=False and trained base weights that save_pretrained does not save
+    # (reloaded logits 1.07-1.56 off). Now both refuse, saying what to do instead.
     model = _lora_bert()
-    sel = fat.selection.select_connections(model, [_batch(0), _batch(1)], _loss, budget=0.05,
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=PEFT_REFUSAL):
+        fat.selection.select_connections(model, [_batch(0), _batch(1)], _loss, budget=0.05,
+                                         estimator="empirical")
+    # a selection made on the plain (merged) model, applied to the peft one
+    plain = _lora_bert().merge_and_unload()
+    sel = fat.selection.select_connections(plain, [_batch(0), _batch(1)], _loss, budget=0.05,
                                            estimator="empirical")
-    names = list(sel.index)
-    assert any(n.endswith("query.base_layer") for n in names)
-    assert any(n.endswith("attention.self.key") for n in names)  # not wrapped by LoRA
-    assert not any("lora_" in n for n in names)
-    mods = dict(model.named_modules())
-    for n, idx in sel.index.items():
-        w = mods[n].weight
-        assert idx.shape[0] == w.shape[0] and idx.dtype == torch.int64
-        assert int(idx.max()) < w.shape[1]
+    assert not any("lora_" in n or "base_layer" in n for n in sel.index)
+    for mode in ("mask", "compact"):
+        with pytest.raises(ValueError, match=PEFT_REFUSAL):
+            sel.apply(model, mode=mode)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    # what the message suggests works: train the merged model, nothing lost on reload
+    params = sel.apply(plain, mode="compact")
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for s in range(2):
+        _loss(plain, _batch(s)).backward()
+        opt.step()
+        opt.zero_grad()
+    sel.merge(plain)
+    again = _lora_bert().merge_and_unload()
+    again.load_state_dict(plain.state_dict())
+    again.eval(), plain.eval()
+    ids = _batch(7)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, plain(input_ids=ids).logits)

@@ -1,9 +1,12 @@
 """TR-PTS parameter selection (fisheradaptune.selection, fisheradaptune.masked): the selection
-formula and select_connections (test_selection.py), mode="mask" with MaskedOptimizer
-(test_masked_optimizer.py) and mode="compact" with SparseLinear (test_sparse_linear.py; on
-nn.TransformerEncoder, whose attention reads out_proj.weight: test_compact_transformer.py).
+formula, select_connections and the saved file's validation (test_selection.py), mode="mask"
+with MaskedOptimizer (test_masked_optimizer.py), mode="compact" with SparseLinear
+(test_sparse_linear.py; on nn.TransformerEncoder, whose attention reads out_proj.weight:
+test_compact_transformer.py), what is refused about a model (tied weights, peft adapters) or an
+optimizer (test_model_checks.py), and the sweep of every torch.optim optimizer variant in both
+modes (test_optimizer_sweep.py).
 
-The fixtures are the small token model, its data and loss that all three files select on.
+The fixtures are the small token model, its data and loss that most files select on.
 """
 from __future__ import annotations
 

@@ -256,3 +256,109 @@ def test_budget_is_monotone_and_nested(fisher, b1, b2, c_min, skip_empty):
     k = min(total, max(1, math.floor(b2 * total + 0.5)))
     slack = sum(f.shape[0] for f in fisher.values()) / 2
     assert sum(int(m.sum()) for m in m2.values()) >= k - slack
+
+
+# --------------------------------------------------------------------------- file validation
+
+
+def _saved(make_net, make_data, loss_fn):
+    model = make_net()
+    sel = select_connections(model, make_data(), loss_fn, budget=0.05, c_min=1)
+    return model, sel, sel.state_dict()
+
+
+def _corrupt(state, path, value):
+    """A deep-enough copy of ``state`` with ``state[path[0]][path[1]]... = value``."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in state.items()}
+    d = out
+    for key in path[:-1]:
+        d = d[key]
+    d[path[-1]] = value
+    return out
+
+
+def test_load_validates_the_file_against_itself(make_net, make_data, loss_fn, tmp_path):
+    # The issue's reproducers first: each was accepted before (the 6-wide index with c=1 then
+    # trained all 6 columns in mask mode).
+    model, sel, state = _saved(make_net, make_data, loss_fn)
+    out_f, in_f = sel.shapes["fc1"]
+    wide = torch.arange(6).expand(out_f, 6).clone()
+    cases = [
+        (("c", "fc1"), -1, r"c\['fc1'\] must be an int in \[0, in_features=8\], got -1"),
+        (("c", "fc1"), 5, r"index\['fc1'\].*1 columns per row, but its count C_l is 5"),
+        (("index", "fc1"), wide, r"index\['fc1'\].*6 columns per row, but its count C_l is 1"),
+        (("config", "budget"), 7.0, r"budget.*\(0, 1\].*7\.0"),
+        (("config", "budget"), 0.0, r"budget.*\(0, 1\]"),
+        (("config", "c_min"), 0, "c_min.*>= 1"),
+        (("config", "estimator"), 3, "estimator must be a str"),
+        (("config", "train_bias"), 1, "train_bias must be a bool"),
+        (("config", "head"), "fc1", "head must be None or the name of a module that is not "
+                                    "selected"),
+        (("index", "fc1"), sel.index["fc1"] + in_f, r"index\['fc1'\].*\[0, 8\).*max"),
+        (("index", "fc1"), sel.index["fc1"] - 100, r"index\['fc1'\].*\[0, 8\).*min"),
+        (("index", "fc1"), sel.index["fc1"].int(), r"index\['fc1'\].*expected int64"),
+        (("index", "fc1"), sel.index["fc1"][:3], r"index\['fc1'\].*out_features=16"),
+        (("index", "fc1"), sel.index["fc1"].float(), r"index\['fc1'\].*int64"),
+        (("index", "fc1"), [[0]] * 16, r"index\['fc1'\].*expected a Tensor"),
+        (("shapes", "fc1"), [16], r"shapes\['fc1'\] must be two ints"),
+        (("shapes", "fc1"), [16, -8], r"shapes\['fc1'\] must be two ints"),
+        (("c", "fc3"), 1, "'c' names layers"),
+        (("counts", "total"), -3, "counts must map"),
+        (("counts", "weird"), 3, "counts must map"),
+        (("version",), 2, "unsupported version 2"),
+        (("extra",), 1, "expected the keys"),
+    ]
+    for path, value, match in cases:
+        bad = _corrupt(state, path, value)
+        with pytest.raises((ValueError, TypeError), match=match):
+            Selection.from_state_dict(bad)
+        torch.save(bad, tmp_path / "bad.pt")
+        with pytest.raises((ValueError, TypeError), match=match):
+            Selection.load(tmp_path / "bad.pt")
+    two = sel.index["fc1"].clone()
+    two[4, 0] = two[4, 1] if two.shape[1] > 1 else two[4, 0]
+    dup = _corrupt(_corrupt(state, ("index", "fc1"), torch.cat([two, two[:, :1]], 1)),
+                   ("c", "fc1"), two.shape[1] + 1)
+    with pytest.raises(ValueError, match=r"index\['fc1'\].*row 0 repeats a column"):
+        Selection.from_state_dict(dup)
+    cfg = dict(state["config"])
+    cfg.pop("head")
+    with pytest.raises(ValueError, match="'config' must have the keys"):
+        Selection.from_state_dict({**state, "config": cfg})
+    Selection.from_state_dict(state)   # the untouched file loads
+
+
+def test_apply_checks_the_selection_and_the_model_before_changing_anything(
+        make_net, make_data, loss_fn):
+    model, sel, state = _saved(make_net, make_data, loss_fn)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    mutated = Selection.from_state_dict(state)
+    mutated.c["fc1"] = 6   # edited after loading: contradicts its index
+    other = make_net()
+    other.fc2 = nn.Linear(16, 9)
+    renamed = make_net()
+    renamed.fc1, renamed.fc9 = nn.Identity(), renamed.fc1
+    for bad_sel, bad_model, match in [
+            (mutated, model, r"selection.*index\['fc1'\].*C_l is 6"),
+            (sel, other, r"'fc2' has weight shape \[9, 16\], the selection \[8, 16\]"),
+            (sel, renamed, r"'fc1' is not an nn.Linear of the model \(a Identity\)")]:
+        for mode in ("mask", "compact"):
+            with pytest.raises(ValueError, match=match):
+                bad_sel.apply(bad_model, mode=mode)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert isinstance(model.fc1, nn.Linear)
+
+
+def test_mask_mode_trains_only_the_loaded_columns(make_net, make_data, loss_fn, selected_mask,
+                                                  tmp_path):
+    from fisheradaptune.masked import MaskedOptimizer
+    model, sel, _ = _saved(make_net, make_data, loss_fn)
+    sel.save(tmp_path / "sel.pt")
+    back = Selection.load(tmp_path / "sel.pt")
+    before = model.fc1.weight.detach().clone()
+    opt = MaskedOptimizer(torch.optim.SGD(back.apply(model), lr=0.1), back)
+    loss_fn(model, make_data(1)[0]).backward()
+    opt.step()
+    moved = model.fc1.weight.detach() != before
+    assert not (moved & ~selected_mask(back, "fc1", before.shape)).any()
+    assert int(moved.sum(1).max()) <= back.c["fc1"]

@@ -2,13 +2,17 @@
 back into nn.Linear, equal to mode="mask" with MaskedOptimizer."""
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 from torch import nn
 
 from fisheradaptune import ops
 from fisheradaptune.masked import MaskedOptimizer
-from fisheradaptune.selection import SparseLinear, _SparseLinearFn, select_connections
+from fisheradaptune.selection import SparseLinear, select_connections
+from fisheradaptune.selection.sparse_linear import _SparseLinearFn
 
 
 def test_sparse_linear_gradcheck():
@@ -19,11 +23,12 @@ def test_sparse_linear_gradcheck():
     x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
 
     def f(x, v, b):
-        return _SparseLinearFn.apply(x, sp.weight, v, sp.index, b)
+        return _SparseLinearFn.apply(x, sp.base, v, sp.index, b)
 
     v = sp.values.detach().clone().requires_grad_(True)
     b = sp.bias.detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(f, (x, v, b))
+    assert torch.autograd.gradgradcheck(f, (x, v, b))
     # forward equals the dense Linear before any training
     torch.testing.assert_close(sp(x), lin(x))
 
@@ -35,38 +40,99 @@ def _sparse_case(seed=0):
     return SparseLinear.from_linear(lin, index), torch.randn(3, 6, generator=g)
 
 
-def test_sparse_linear_forward_tracks_values_without_a_dense_copy_per_forward():
-    sp, x = _sparse_case()
-    opt = torch.optim.SGD(sp.parameters(), lr=0.5)
-    for _ in range(3):  # after every optimizer step the output is the merged layer's
-        sp(x).square().sum().backward()
+def _fused_case(fused):
+    """The issue's reproducer: SparseLinear.from_linear(nn.Linear(6, 4), idx) trained by AdamW
+    on a mean-squared error; returns the five losses and the layer."""
+    torch.manual_seed(0)
+    sp = SparseLinear.from_linear(nn.Linear(6, 4), torch.tensor([[0, 2], [1, 3], [4, 5], [0, 5]]))
+    x, y = torch.randn(8, 6), torch.randn(8, 4)
+    opt = torch.optim.AdamW([sp.values], lr=0.1, fused=fused)
+    losses = []
+    for _ in range(5):
+        loss = nn.functional.mse_loss(sp(x), y)
+        losses.append(round(loss.item(), 4))
+        loss.backward()
         opt.step()
         opt.zero_grad()
-        torch.testing.assert_close(sp(x), nn.functional.linear(x, sp.dense_weight(), sp.bias))
-    # The layer multiplies by its own buffer: the selected entries hold `values`, in place.
-    assert torch.equal(sp.weight.gather(1, sp.index), sp.values.detach())
-    # Several forwards before one backward (gradient accumulation) leave what the first saved
-    # for backward untouched, and the gradients add up.
-    ptr = sp.weight.data_ptr()
+        # right after the step, before any forward: the state dict and a plain Linear loaded
+        # from it give the layer's own output
+        plain = nn.Linear(6, 4)
+        plain.load_state_dict(sp.state_dict())
+        torch.testing.assert_close(plain(x), sp(x), rtol=0, atol=0)
+    return losses, sp, x
+
+
+def test_fused_optimizer_steps_reach_the_forward_and_the_state_dict():
+    # Before: the dense weight was synced through the version counter, which fused AdamW does
+    # not bump: the loss stayed at 1.4466 for five steps (1.0691 with fused=False) and a state
+    # dict taken after step() held the previous values.
+    fused, sp, x = _fused_case(True)
+    unfused, _, _ = _fused_case(False)
+    assert fused[0] == 1.4466 and fused[-1] == 1.0691
+    assert fused == unfused
+    torch.testing.assert_close(sp(x), nn.functional.linear(x, sp.dense_weight(), sp.bias))
+
+
+def test_forward_follows_every_write_of_values():
+    sp, x = _sparse_case()
+    for write in (lambda v: v.data.add_(0.5),                      # .data: no version bump
+                  lambda v: setattr(v, "data", v.data * 2),          # a new storage
+                  lambda v: torch.no_grad()(v.copy_)(v + 1)):        # in place, bumped
+        write(sp.values)
+        want = sp.base.scatter(1, sp.index, sp.values.detach())
+        torch.testing.assert_close(sp(x), nn.functional.linear(x, want, sp.bias))
+        torch.testing.assert_close(sp.weight, want)
+        torch.testing.assert_close(sp.state_dict()["weight"], want)
+    # Several forwards before one backward (gradient accumulation): the gradients add up.
     loss = sp(x).sum() + sp(2 * x).sum()
     loss.backward()
-    assert sp.weight.data_ptr() == ptr
     expected = ops.sampled_grad(torch.ones(3, 4), 3 * x, sp.index)
     torch.testing.assert_close(sp.values.grad, expected)
 
 
-def test_sparse_linear_resyncs_after_loads_and_outside_writes():
+def test_state_dict_is_a_linear_state_dict():
     sp, x = _sparse_case(0)
+    assert set(sp.state_dict()) == {"weight", "bias"}
     other, _ = _sparse_case(0)
     with torch.no_grad():
         other.values.add_(1.0)
-    sp(x)
-    sp.load_state_dict(other.state_dict())  # copies values (and weight) in place
+    sp.load_state_dict(other.state_dict())   # values come from the loaded weight at index
+    assert torch.equal(sp.values.detach(), other.values.detach())
     torch.testing.assert_close(sp(x), nn.functional.linear(x, other.dense_weight(), other.bias))
-    with torch.no_grad():
-        sp.weight.fill_(0.25)  # someone overwrites the dense buffer: values are put back
-    want = torch.full((4, 6), 0.25).scatter(1, sp.index, sp.values.detach())
-    torch.testing.assert_close(sp(x), nn.functional.linear(x, want, sp.bias))
+    # a plain Linear's checkpoint loads too (base and values both from it), and back
+    lin = nn.Linear(6, 4)
+    sp.load_state_dict(lin.state_dict())
+    torch.testing.assert_close(sp(x), lin(x))
+    assert torch.equal(sp.values.detach(), lin.weight.detach().gather(1, sp.index))
+    lin2 = nn.Linear(6, 4)
+    sp.load_state_dict(lin2.state_dict(), assign=True)
+    torch.testing.assert_close(sp(x), lin2(x))
+    assert isinstance(sp.values, nn.Parameter) and sp.values.requires_grad
+    # a checkpoint of the earlier format (weight, values, index, bias): values win at index
+    old = {"weight": torch.zeros(4, 6), "values": torch.ones(4, 3), "index": sp.index.clone(),
+           "bias": torch.zeros(4)}
+    sp.load_state_dict(old)
+    assert torch.equal(sp.weight.detach(), torch.zeros(4, 6).scatter(1, sp.index, 1.0))
+    before = sp.state_dict()
+    with pytest.raises(RuntimeError, match="index differs"):
+        sp.load_state_dict({**old, "index": sp.index.flip(1)})
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight.*\[4, 5\]"):
+        sp.load_state_dict({"weight": torch.zeros(4, 5), "bias": torch.zeros(4)})
+    with pytest.raises(RuntimeError, match="Missing key.*\"weight\""):
+        sp.load_state_dict({"bias": torch.zeros(4)})
+    for k, v in sp.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # deepcopy and torch.save keep one source of truth
+    cp = copy.deepcopy(sp)
+    buf = io.BytesIO()
+    torch.save(sp, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for m in (cp, loaded):
+        with torch.no_grad():
+            m.values.mul_(3)
+        torch.testing.assert_close(m(x), nn.functional.linear(x, m.dense_weight(), m.bias))
+    assert not torch.equal(cp.values, sp.values)
 
 
 def test_compact_matches_mask_and_merge(make_net, make_data, loss_fn, selected_mask):
