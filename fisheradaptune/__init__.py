@@ -9,9 +9,10 @@ from ._loader import has_cuda_kernels, load as _load
 _load()
 
 from . import ops, reference, groups, fisher  # noqa: E402  (ops need the library loaded)
-from . import _inplace  # noqa: E402
+from . import _inplace, _nondiff  # noqa: E402
 
 _inplace.register()
+_nondiff.register()
 from . import adapters, vit, selection, masked, distributed, adaptune  # noqa: E402
 from .groups import GroupLayout  # noqa: E402
 from .adaptune import FisherAdapTune, Observe, PaperPolicy, Policy, Threshold  # noqa: E402

@@ -10,7 +10,7 @@ from outside:
    ranges at a freeze, checked on ``load_state_dict``).
 
 The ``torch.optim`` classes below were verified to keep it, with every variant that runs on the
-CPU (tests/adaptune/test_optimizer_sweep.py enumerates ``torch.optim``). The classes in
+CPU (tests/adaptune/test_adaptune_optimizer_sweep.py enumerates ``torch.optim``). The classes in
 :data:`REFUSED` break it and are never accepted. Any other optimizer (a subclass, a third-party
 one, a ``torch.optim`` class added after this list) is refused unless the caller passes
 ``allow_unverified_optimizer=True``, asserting the contract above.

@@ -4,7 +4,7 @@ with MaskedOptimizer (test_masked_optimizer.py), mode="compact" with SparseLinea
 (test_sparse_linear.py; on nn.TransformerEncoder, whose attention reads out_proj.weight:
 test_compact_transformer.py), what is refused about a model (tied weights, peft adapters) or an
 optimizer (test_model_checks.py), and the sweep of every torch.optim optimizer variant in both
-modes (test_optimizer_sweep.py).
+modes (test_masked_compact_optimizer_sweep.py).
 
 The fixtures are the small token model, its data and loss that most files select on.
 """
