@@ -111,6 +111,12 @@ _FAMILIES: List[Family] = [
            ("transformers.models.audio_spectrogram_transformer."
             "modeling_audio_spectrogram_transformer:ASTAttention",), _PRUNE,
            "class + distillation tokens; eager or sdpa attention"),
+    Family("transformers ViTMSN", "transformers-vit",
+           {"transformers.models.vit_msn.modeling_vit_msn:ViTMSNModel": None,
+            "transformers.models.vit_msn.modeling_vit_msn:ViTMSNForImageClassification": "vit"},
+           ("transformers.models.vit_msn.modeling_vit_msn:ViTMSNLayer",),
+           ("transformers.models.vit_msn.modeling_vit_msn:ViTMSNAttention",), _PRUNE,
+           "class token; eager or sdpa attention"),
     Family("fisheradaptune demo TinyViT", "timm",
            {"fisheradaptune.demo.models:TinyViT": None},
            ("fisheradaptune.demo.models:_Block",), ("fisheradaptune.demo.models:_Attention",),
