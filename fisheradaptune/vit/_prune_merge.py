@@ -226,7 +226,9 @@ def prune_merge(model: nn.Module, keep: KeepArg = 0.7,
             ``VisionTransformerDistilled``, torchvision ``VisionTransformer``, transformers
             ``ViTModel`` / ``ViTForImageClassification``, ``DeiTModel`` /
             ``DeiTForImageClassification(WithTeacher)``, ``ASTModel`` /
-            ``ASTForAudioClassification`` (eager or sdpa attention), the demo's ``TinyViT``.
+            ``ASTForAudioClassification``, ``ViTMSNModel`` / ``ViTMSNForImageClassification``,
+            ``Dinov2Model``, ``Dinov2WithRegistersModel`` (eager or sdpa attention), the demo's
+            ``TinyViT``.
             Any other class is refused, naming it and the supported families.
         keep: fraction of the current non-protected tokens kept at each chosen block
             (``ceil(keep * (N - P))``), or a callable ``step -> fraction`` advanced with

@@ -19,7 +19,7 @@ from torch import nn
 from ._layout import API_NAMES, Layout, Prefix, refusal
 from ._timm import TimmDistilledLayout, TimmLayout
 from ._torchvision import TorchvisionLayout
-from ._transformers import TransformersViTLayout
+from ._transformers import TransformersDinov2Layout, TransformersViTLayout
 
 ClassRef = Union[str, type]
 
@@ -28,6 +28,7 @@ LAYOUTS: Dict[str, Layout] = {
     "timm-distilled": TimmDistilledLayout(),
     "torchvision": TorchvisionLayout(),
     "transformers-vit": TransformersViTLayout(),
+    "transformers-dinov2": TransformersDinov2Layout(),
 }
 
 
@@ -117,6 +118,19 @@ _FAMILIES: List[Family] = [
            ("transformers.models.vit_msn.modeling_vit_msn:ViTMSNLayer",),
            ("transformers.models.vit_msn.modeling_vit_msn:ViTMSNAttention",), _PRUNE,
            "class token; eager or sdpa attention"),
+    Family("transformers Dinov2", "transformers-dinov2",
+           {"transformers.models.dinov2.modeling_dinov2:Dinov2Model": None},
+           ("transformers.models.dinov2.modeling_dinov2:Dinov2Layer",),
+           ("transformers.models.dinov2.modeling_dinov2:Dinov2Attention",), _PRUNE,
+           "class token; eager or sdpa attention"),
+    Family("transformers Dinov2WithRegisters", "transformers-dinov2",
+           {"transformers.models.dinov2_with_registers.modeling_dinov2_with_registers:"
+            "Dinov2WithRegistersModel": None},
+           ("transformers.models.dinov2_with_registers.modeling_dinov2_with_registers:"
+            "Dinov2WithRegistersLayer",),
+           ("transformers.models.dinov2_with_registers.modeling_dinov2_with_registers:"
+            "Dinov2WithRegistersAttention",), _PRUNE,
+           "class + register tokens; eager or sdpa attention"),
     Family("fisheradaptune demo TinyViT", "timm",
            {"fisheradaptune.demo.models:TinyViT": None},
            ("fisheradaptune.demo.models:_Block",), ("fisheradaptune.demo.models:_Attention",),

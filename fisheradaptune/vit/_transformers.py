@@ -50,3 +50,18 @@ class TransformersViTLayout(Layout):
         return QK(block.layernorm_before, attn.q_proj.weight, attn.q_proj.bias,
                   attn.k_proj.weight, attn.k_proj.bias, int(attn.num_attention_heads),
                   float(attn.scaling))
+
+
+class TransformersDinov2Layout(TransformersViTLayout):
+    """``Dinov2Model`` / ``Dinov2WithRegistersModel``: ``encoder.layer[i]`` with ``norm1``,
+    ``attention.q_proj`` / ``k_proj``, layer scale; class token (and register tokens), the
+    pooler reads the class token. (Their image-classification heads average the patch tokens
+    unweighted, so they are not registered.)"""
+
+    def blocks(self, enc):
+        return list(enc.encoder.layer)
+
+    def qk(self, block):
+        attn = block.attention
+        return QK(block.norm1, attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight,
+                  attn.k_proj.bias, int(attn.num_attention_heads), float(attn.scaling))

@@ -55,8 +55,10 @@ REQUIRED = {"ViTModel", "ViTForImageClassification", "DeiTModel",
 # Verified for prune_merge: the registered transformers families. Everything else is refused.
 VERIFIED = {"ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
             "DeiTForImageClassificationWithTeacher", "ASTModel", "ASTForAudioClassification",
-            "ViTMSNModel", "ViTMSNForImageClassification"}
-PROTECTED = {"DeiT": 2, "AST": 2}  # class + distillation token; the others: the class token
+            "ViTMSNModel", "ViTMSNForImageClassification", "Dinov2Model",
+            "Dinov2WithRegistersModel"}
+# class + distillation tokens; class + 2 registers (the tiny config's); the others: class token
+PROTECTED = {"DeiT": 2, "AST": 2, "Dinov2WithRegisters": 3}
 
 
 def test_the_sweep_reaches_the_required_encoders():
@@ -66,6 +68,8 @@ def test_the_sweep_reaches_the_required_encoders():
 
 def _config(cls, **extra):
     kw = AST_TINY if cls.__name__.startswith("AST") else TINY
+    if cls.__name__.startswith("Dinov2WithRegisters"):
+        kw = dict(kw, num_register_tokens=2)
     return cls.config_class(**{**kw, **extra})
 
 
@@ -121,10 +125,12 @@ def _oracle(model, ref, inputs, keep, layers, p):
     enc = _encoder(ref)
     t = enc.embeddings(*inputs.values())
     sizes = torch.ones(t.shape[:2])
-    for i, blk in enumerate(enc.layers):
+    blocks = enc.layers if hasattr(enc, "layers") else enc.encoder.layer  # ViT-like / Dinov2
+    for i, blk in enumerate(blocks):
         y = blk(t)
         if i in layers:
-            _, w = blk.attention(blk.layernorm_before(t), None)
+            norm = blk.layernorm_before if hasattr(blk, "layernorm_before") else blk.norm1
+            _, w = blk.attention(norm(t), None)
             y, sizes = evit_reduce(y, w.mean(1)[:, 0], sizes, keep, p)
         t = y
     final = t
@@ -226,10 +232,11 @@ def test_deit_with_teacher_distillation_logits_keep_their_token():
         fat.vit.prune_merge(_build(cls, "sdpa"), keep=0.5, layers=(0,), num_protected=1)
 
 
-@pytest.mark.parametrize("name", ["IJepaModel", "BeitModel", "Dinov2Model"])
+@pytest.mark.parametrize("name", ["IJepaModel", "BeitModel", "Dinov2ForImageClassification"])
 def test_look_alikes_are_refused_at_patch_time(name):
     # IJepaModel has no class token (patch 0 was protected and scored the others); BeitModel
-    # has relative position biases (a raw shape error at the first reducing forward).
+    # has relative position biases (a raw shape error at the first reducing forward); Dinov2's
+    # classifier averages the patch tokens unweighted.
     cls = getattr(transformers, name)
     torch.manual_seed(0)
     model = cls(_config(cls)).eval()
