@@ -103,7 +103,12 @@ def test_two_checkpointed_forwards_in_one_loss(timm_like, hook, reentrant):
         model.blocks = nn.Sequential(*blocks)
     assert got.keys() == ref.keys()
     for n in ref:
-        torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-7, msg=n)
+        if reentrant and hook == "prune_merge":
+            # reentrant recomputation adds the scores' gradient into a block's input in another
+            # order: equal to rounding (every other case is bitwise)
+            torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-7, msg=n)
+        else:
+            assert torch.equal(got[n], ref[n]), n
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -119,7 +124,7 @@ def test_checkpoint_sequential_with_multi_block_segments(timm_like, hook, reentr
     out = cp.checkpoint_sequential(model.blocks, 2, t2, use_reentrant=reentrant)  # 3 blocks each
     assert torch.equal(out, ref)
     out.square().sum().backward()
-    torch.testing.assert_close(t2.grad, t1.grad, rtol=1e-6, atol=1e-7)
+    assert torch.equal(t2.grad, t1.grad)
 
 
 @pytest.mark.parametrize("hook", list(HOOKS))
