@@ -7,7 +7,6 @@ module per library (``_timm``, ``_torchvision``, ``_transformers``), ``_state`` 
 carried with each token tensor), ``_patch`` (the patch base), ``_prune_merge``,
 ``_token_merge``.
 """
-from ._layout import Prefix
 from ._patch import ATTR as _ATTR, Patch as _Patch
 from ._prune_merge import PruneMergeHandle, cls_attention, prune_merge, sparse_layers
 from ._registry import Family, families, register_family
@@ -15,7 +14,7 @@ from ._token_merge import TokenMergeHandle, token_merge
 
 __all__ = ["prune_merge", "token_merge", "unpatch", "handle_of", "sparse_layers",
            "PruneMergeHandle", "TokenMergeHandle", "cls_attention", "families", "Family",
-           "register_family", "Prefix"]
+           "register_family"]
 
 
 def handle_of(model) -> "_Patch | None":
