@@ -6,9 +6,8 @@ The demo's TinyViT has the same layout (fisheradaptune/demo/models.py)."""
 from __future__ import annotations
 
 import inspect
-from typing import List, Optional, Sequence, Tuple
 
-from torch import Tensor, nn
+from torch import nn
 
 from ._layout import QK, Layout, Prefix, packed_qk, refusal
 from ._patch import original
