@@ -257,9 +257,12 @@ def test_torch_save_of_a_patched_model(tiny):
     assert fat.vit.handle_of(loaded).model is loaded
 
 
-def test_torch_compile_matches_eager(timm_like):
-    model, x = timm_like()
-    fat.vit.token_merge(model, r=3)
+def test_torch_compile_matches_eager(tiny):
+    # The demo's TinyViT, not a conftest stand-in: the token-state lookups are graph breaks,
+    # and dynamo's guards on the resumed frames look globals up by module name, which
+    # "conftest" does not identify when several test folders have one.
+    model, x = tiny(img_size=32)
+    fat.vit.token_merge(model, r=8)
     with torch.no_grad():
         ref = model(x)
         compiled = torch.compile(model)
