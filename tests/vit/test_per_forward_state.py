@@ -135,6 +135,7 @@ def test_the_state_dies_with_its_tensors(timm_like, hook):
         for _ in range(200):
             model(x)
     assert len(h._states) <= 2 * len(model.blocks) + 2  # only what a live tensor holds
+    assert len(h._states._map) <= 2 * 64  # expired entries are swept as new ones come in
 
 
 @pytest.mark.parametrize("hook", list(HOOKS))
