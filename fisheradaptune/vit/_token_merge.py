@@ -119,7 +119,8 @@ def decreasing(r: int, k: int) -> Tuple[int, ...]:
     return tuple(counts)
 
 
-def _per_block(r: RArg, depth: int, layers: Optional[Sequence[int]], schedule: str) -> Tuple[int, ...]:
+def _per_block(r: RArg, depth: int, layers: Optional[Sequence[int]],
+               schedule: str) -> Tuple[int, ...]:
     if schedule not in SCHEDULES:
         raise _err("schedule", f"expected one of {SCHEDULES}, got {schedule!r}")
     if isinstance(r, bool) or not isinstance(r, (int, list, tuple)):

@@ -30,6 +30,8 @@ V = dict(img_size=32, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_clas
 SMALL = dict(num_classes=5)
 NO_CLS = "it has no class token"
 POOL = r"global_pool 'map' is not supported"
+PARALLEL = "block 0 of VisionTransformer is a .*ParallelThingsBlock"
+RES_POST = "block 0 of VisionTransformer is a .*ResPostBlock"
 
 # family -> (model name, kwargs, {hook: "verified" or a refusal pattern}); a hook not listed is
 # expected to be refused because the class is not a registered family.
@@ -61,13 +63,12 @@ FAMILIES = {
                                     {"prune_merge": NO_CLS, "token_merge": "verified"}),
     "flexivit": ("flexivit_small", V, {"prune_merge": "verified", "token_merge": "verified"}),
     "vit_parallel_blocks": ("vit_small_patch16_18x2_224", V,
-                            {"prune_merge": "block 0 of VisionTransformer is a .*ParallelThingsBlock",
-                             "token_merge": "block 0 of VisionTransformer is a .*ParallelThingsBlock"}),
+                            {"prune_merge": PARALLEL, "token_merge": PARALLEL}),
     "vit_respost_blocks": ("vit_base_patch16_rpn_224", V,
-                           {"prune_merge": "block 0 of VisionTransformer is a .*ResPostBlock",
-                            "token_merge": "block 0 of VisionTransformer is a .*ResPostBlock"}),
+                           {"prune_merge": RES_POST, "token_merge": RES_POST}),
     "vit_hybrid (resnet stem)": ("vit_tiny_r_s16_p8_224",
-                                 dict(img_size=128, embed_dim=32, depth=3, num_heads=2, num_classes=5),
+                                 dict(img_size=128, embed_dim=32, depth=3, num_heads=2,
+                                      num_classes=5),
                                  {"prune_merge": "verified", "token_merge": "verified"}),
     "vit_relpos": ("vit_relpos_small_patch16_224", V, {}),
     "samvit": ("samvit_base_patch16", dict(img_size=32, patch_size=8, embed_dim=32, depth=2,

@@ -73,10 +73,22 @@ def _config(cls, **extra):
     return cls.config_class(**{**kw, **extra})
 
 
+# Classes whose config needs a value the defaults do not give (refused classes: the meta device
+# builds them without memory whatever their size).
+CONFIG_EXTRA = {
+    "TimmBackbone": dict(backbone="resnet18", use_pretrained_backbone=False),
+    "PerceiverForImageClassificationFourier": dict(d_model=258,
+                                                   num_cross_attention_heads=1),
+    "PerceiverForImageClassificationConvProcessing": dict(d_model=322,
+                                                          num_cross_attention_heads=1),
+}
+
+
 def _build_meta(cls):
     """The class built on the meta device from a tiny config (its default config if the tiny
     one does not build); None if neither builds here."""
-    for make in (lambda: _config(cls), lambda: cls.config_class()):
+    extra = CONFIG_EXTRA.get(cls.__name__, {})
+    for make in (lambda: _config(cls, **extra), lambda: cls.config_class(**extra)):
         try:
             with torch.device("meta"):
                 return cls(make())
