@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fisheradaptune as fat
 from fisheradaptune.demo.models import TinyViT
 
 
@@ -151,6 +152,21 @@ class TorchvisionLikeViT(nn.Module):
         x = self.proj(x)
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1)
         return self.heads(self.encoder(x)[:, 0])
+
+
+# The hooks patch registered classes only (fisheradaptune.vit.families()): the stand-ins copy
+# timm's and torchvision's layouts, so they are registered with those layouts.
+_STANDIN_FAMILIES = [
+    fat.vit.Family("test stand-in (timm layout)", "timm", {TimmLikeViT: None}, (TimmBlock,),
+                   (TimmAttention,), frozenset({"prune_merge", "token_merge"}),
+                   "class + distillation + register tokens"),
+    fat.vit.Family("test stand-in (torchvision layout)", "torchvision", {TorchvisionLikeViT: None},
+                   (TvEncoderBlock,), (nn.MultiheadAttention,),
+                   frozenset({"prune_merge", "token_merge"}), "class token"),
+]
+for _f in _STANDIN_FAMILIES:
+    if _f.name not in {g.name for g in fat.vit.families()}:
+        fat.vit.register_family(_f)
 
 
 # ---------------------------------------------------------------------------------------------
