@@ -28,7 +28,7 @@ def _pair(requires_grad=True):
     return c, r, per_tensor([("a", c)])
 
 
-def test_js_drift_refuses_an_input_that_requires_grad():
+def test_js_drift_refuses_an_input_that_requires_grad(sweep):
     c, r, lay = _pair()
     with pytest.raises(RuntimeError, match=r"js_drift: argument 'current' requires grad, but "
                                            r"js_drift is not differentiable"):
@@ -40,6 +40,7 @@ def test_js_drift_refuses_an_input_that_requires_grad():
     assert not got.requires_grad
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert expected.item() > 0
+    sweep("autograd", "ops.js_drift", "refused")
 
 
 def test_js_drift_refuses_before_updating_the_reference():
@@ -50,13 +51,15 @@ def test_js_drift_refuses_before_updating_the_reference():
     assert torch.equal(r, before)
 
 
-def test_js_mass_ops_refuse_an_input_that_requires_grad():
+def test_js_mass_ops_refuse_an_input_that_requires_grad(sweep):
     c, r, lay = _pair()
     with pytest.raises(RuntimeError, match="js_mass_totals: argument 'current' requires grad"):
         fat.ops.js_mass_totals([c], [r], lay)
     totals = fat.ops.js_mass_totals([c.detach()], [r], lay)
     with pytest.raises(RuntimeError, match="js_mass_partial: argument 'current' requires grad"):
         fat.ops.js_mass_partial([c], [r], lay, totals)
+    sweep("autograd", "ops.js_mass_totals", "refused")
+    sweep("autograd", "ops.js_mass_partial", "refused")
 
 
 def test_backward_helpers_refuse_direct_calls_that_require_grad():
