@@ -269,6 +269,8 @@ CASES = [
     ("js_drift", _set(drift_mode="bogus"), ValueError, "drift_mode"),
     ("js_drift", _set(bins=1), ValueError, "bins"),
     ("js_drift", _set(bins=0), ValueError, "bins"),
+    ("js_drift", _set(bins=2 ** 31), ValueError, "bins"),
+    ("js_drift", _set(bins=2 ** 30 + 1, drift_mode="mass"), ValueError, "bins"),
     ("js_drift", _set(lower_q=0.5, upper_q=0.5), ValueError, "lower_q/upper_q"),
     ("js_drift", _set(lower_q=-0.1), ValueError, "lower_q/upper_q"),
     ("js_drift", _set(upper_q=1.5), ValueError, "lower_q/upper_q"),
@@ -411,6 +413,7 @@ def test_fake_kernel_refuses_what_the_op_refuses(device, op, change, exc, arg, f
 COMPILE_CASES = [
     ("fisher_accumulate_", _item("grads", 1, lambda t: t.reshape(3, 2)), "grads[1]"),
     ("js_drift", _set(bins=1), "bins"),
+    ("js_drift", _set(bins=2 ** 31), "bins"),
     ("sampled_grad", _set(x=lambda t: t[:3]), "x"),
 ]
 
