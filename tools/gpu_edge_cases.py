@@ -119,6 +119,33 @@ def drift_cases(device: str):
         assert torch.isfinite(got).all(), got
     yield "drift histogram: range below an ulp", tiny_range
 
+    def tiny_totals():
+        # Note [Tiny totals]: totals handed to js_mass_partial below ~5.6e-309 made 1 / total
+        # inf (NaN partials); float32 state cannot sum to one, so they come from the caller.
+        cur = [torch.tensor([1e-40, 2e-40, 0.0, 5e-41, 3e-40, 1e-41])]
+        ref = [torch.tensor([3e-40, 1e-41, 1e-40, 0.0, 2e-40, 2e-40])]
+        layout = groups.GroupLayout(("a",), ((6,),), ("g0", "g1"),
+                                    torch.tensor([[0, 0, 4, 0], [0, 4, 6, 1]]))
+        totals = torch.tensor([[1e-320, 4e-310], [5e-324, 1e-300]], dtype=torch.float64)
+        want = reference.js_mass_partial(cur, ref, layout, totals)
+        got = ops.js_mass_partial([t.to(device) for t in cur], [t.to(device) for t in ref],
+                                  layout, totals.to(device))
+        assert bool(torch.isfinite(got).all()), got
+        _close(got, want, rtol=1e-9, atol=0)
+    yield "drift mass: subnormal totals (js_mass_partial)", tiny_totals
+
+    def bins_bound():
+        x = [torch.rand(8, device=device)]
+        layout = groups.per_tensor([("w", x[0])])
+        for bins in (2 ** 30 + 1, 2 ** 31):
+            try:
+                ops.js_drift(x, [t.clone() for t in x], layout, drift_mode="histogram", bins=bins)
+            except ValueError as e:
+                assert "argument 'bins': expected 2 <= bins <= 2^30" in str(e), e
+                continue
+            raise AssertionError(f"bins={bins} accepted")
+    yield "drift histogram: bins above 2^30 refused", bins_bound
+
 
 def per_sample_cases(device: str):
     def run(n, t, o, i, seed, nonfinite=False):

@@ -85,16 +85,19 @@ FAT_CPU_CLONES void abs_sums(const S* x, const S* y, int64_t n, double& sx, doub
   }
 }
 
+// p_i = (|x_i| * pc.pre) * pc.inv (Note [Tiny totals], drift_math.h; pre is 1 for a normal
+// total, and multiplying by it is exact).
 template <typename S>
-FAT_CPU_CLONES double js_sum(const S* x, const S* y, int64_t n, double ic, double ir) {
+FAT_CPU_CLONES double js_sum(const S* x, const S* y, int64_t n, MassScale pc, MassScale pr) {
+  const double cpre = pc.pre, cinv = pc.inv, rpre = pr.pre, rinv = pr.inv;
   double total = 0;
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t e = std::min(n, b + kBlock);
     double acc = 0;
     FAT_SIMD_REDUCE(acc)
     for (int64_t i = b; i < e; ++i) {
-      acc += js_term_simd(std::abs(static_cast<double>(x[i])) * ic,
-                          std::abs(static_cast<double>(y[i])) * ir);
+      acc += js_term_simd((std::abs(static_cast<double>(x[i])) * cpre) * cinv,
+                          (std::abs(static_cast<double>(y[i])) * rpre) * rinv);
     }
     total += acc;
   }
@@ -147,7 +150,7 @@ void mass_partial(const JsDriftArgs& a, int64_t G, const double* tc, const doubl
       const S* x = cptr<S>(a.current[c.tensor], c);
       S* y = a.reference[c.tensor].data_ptr<S>() + c.begin;
       if (c.group >= 0 && tc[c.group] > 0 && tr[c.group] > 0) {
-        partial[k] = js_sum(x, y, n, 1.0 / tc[c.group], 1.0 / tr[c.group]);
+        partial[k] = js_sum(x, y, n, mass_scale(tc[c.group]), mass_scale(tr[c.group]));
       }
       if (rho) ema_chunk<S>(y, x, n, static_cast<S>(*rho));
     }

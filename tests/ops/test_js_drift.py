@@ -603,3 +603,32 @@ def test_rejects_device_mismatch():
     ref_mixed = [ref[0].cuda(), ref[1]]
     assert_rejects(ValueError, r"argument 'reference\[1\]': expected a tensor on cuda", cur,
                    ref_mixed, lambda: ops.js_drift(cur, ref_mixed, layout, update_reference=0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Note [Tiny totals] (csrc/drift_math.h): a float64 group whose total is subnormal
+
+
+def _subnormal_case(exponent: int):
+    """Integer-valued float64 snapshots of two groups (group 1's total is 11 and 12) scaled by
+    2^exponent: exact for every exponent down to -1074, so mass mode's distance must not
+    change, to the bit."""
+    cur = [torch.tensor([3.0, 1.0, 0.0, 7.0, 2.0, 5.0], dtype=torch.float64)]
+    ref = [torch.tensor([1.0, 4.0, 2.0, 5.0, 5.0, 2.0], dtype=torch.float64)]
+    layout = GroupLayout(("a",), ((6,),), ("g0", "g1"), torch.tensor([[0, 0, 4, 0], [0, 4, 6, 1]]))
+    return [torch.ldexp(c, torch.tensor(exponent)) for c in cur], \
+        [torch.ldexp(r, torch.tensor(exponent)) for r in ref], layout
+
+
+@pytest.mark.parametrize("exponent", [-1000, -1040, -1070, -1074])
+def test_mass_mode_scores_a_group_with_a_subnormal_total(exponent):
+    """Issue 21: a float64 group whose total is below ~5.6e-309 read as settled (0.0, the
+    reference 0.4528): 1 / total overflowed to inf."""
+    cur, ref, layout = _subnormal_case(exponent)
+    assert float(cur[0][:4].abs().sum()) < 5.6e-309 or exponent == -1000
+    got = ops.js_drift(cur, ref, layout, drift_mode="mass")
+    want = reference.js_drift(cur, ref, layout, drift_mode="mass")
+    torch.testing.assert_close(got, want, rtol=F32_EPS, atol=0)
+    assert bool((got > 0.1).all()), got
+    # scale invariance, bitwise: the unscaled snapshots give the same distances
+    assert_bitwise_equal(got, ops.js_drift(*_subnormal_case(0), drift_mode="mass"))
