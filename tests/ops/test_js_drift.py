@@ -632,3 +632,55 @@ def test_mass_mode_scores_a_group_with_a_subnormal_total(exponent):
     assert bool((got > 0.1).all()), got
     # scale invariance, bitwise: the unscaled snapshots give the same distances
     assert_bitwise_equal(got, ops.js_drift(*_subnormal_case(0), drift_mode="mass"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Note [Sparse histogram] (csrc/cpu/drift.cpp): bins up to 2^30 on the CPU in O(values) memory
+
+
+def _sparse_histogram_distance(c: np.ndarray, r: np.ndarray, bins: int, lower_q=0.01,
+                               upper_q=0.99, min_log_range=1e-3) -> float:
+    """docs/methods.md section 3's histogram distance with the bins held sparsely (numpy), for a
+    bin count whose dense histogram would not fit in memory."""
+    lc, lr = np.log10(np.abs(c) + 1e-12), np.log10(np.abs(r) + 1e-12)
+    union = torch.from_numpy(np.concatenate([lc, lr]))
+    lo, hi = reference.log_quantile(union, lower_q), reference.log_quantile(union, upper_q)
+    hi = max(hi, lo + min_log_range)
+
+    def bin_index(v):
+        v = v[(v >= lo) & (v <= hi)]
+        return np.minimum(np.floor((v - lo) * (bins / (hi - lo))), bins - 1).astype(np.int64)
+
+    ic, ir = bin_index(lc), bin_index(lr)
+    nc, nr = len(ic) + bins * 1e-12, len(ir) + bins * 1e-12
+    occupied = np.union1d(ic, ir)
+    hc = np.array([np.count_nonzero(ic == b) for b in occupied], dtype=np.float64)
+    hr = np.array([np.count_nonzero(ir == b) for b in occupied], dtype=np.float64)
+
+    def term(p, q):
+        m = (p + q) / 2
+        return 0.5 * (p * np.log(p / m) + q * np.log(q / m))
+
+    js = term((hc + 1e-12) / nc, (hr + 1e-12) / nr).sum()
+    js += (bins - len(occupied)) * term(1e-12 / nc, 1e-12 / nr)
+    return math.sqrt(max(js, 0.0))
+
+
+@pytest.mark.parametrize("bins", [2 ** 16 + 1, 100_000])
+def test_histogram_beyond_the_dense_bins_matches_the_reference(bins):
+    cur, ref, layout = _case()
+    got = ops.js_drift(cur, ref, layout, drift_mode="histogram", bins=bins)
+    want = reference.js_drift(cur, ref, layout, drift_mode="histogram", bins=bins)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_histogram_with_two_to_the_30_bins_runs_in_small_memory():
+    """The largest accepted bins on the CPU: dense counts would take 16 GiB per thread (issue
+    21: bins=2**31 was accepted and the process killed); the distance is the sparse form's."""
+    cur, ref, layout = _case()
+    got = ops.js_drift(cur, ref, layout, drift_mode="histogram", bins=2 ** 30)
+    for g in range(layout.num_groups):
+        (t, b, e), = layout.segments_of(g)
+        want = _sparse_histogram_distance(cur[t].reshape(-1)[b:e].double().numpy(),
+                                          ref[t].reshape(-1)[b:e].double().numpy(), 2 ** 30)
+        assert float(got[g]) == pytest.approx(want, rel=1e-5)
