@@ -279,7 +279,8 @@ void histogram_drift(const JsDriftArgs& a, int64_t G, int64_t bins, double lower
       // Note [Histogram range] (drift_math.h): never an empty range.
       const double hi = histogram_hi(lo, log_quantile(absval, upper_q), min_log_range);
       if (!dense) {
-        out[g] = static_cast<float>(js_distance(sparse_histogram_js<S>(a, by_group[g], lo, hi, bins, ic, ir), base2));
+        const double js = sparse_histogram_js<S>(a, by_group[g], lo, hi, bins, ic, ir);
+        out[g] = static_cast<float>(js_distance(js, base2));
         continue;
       }
       std::fill(hc.begin(), hc.end(), 0.0);

@@ -234,7 +234,8 @@ std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cpu(
           if (normalize) {
             for (int64_t j = 0; j < nm; ++j) {
               const double w = coef[b * M + mb[j]];
-              if (w != 0.0) fg += w * static_cast<double>(dots[b * M + mb[j]]);  // Note [Zero coefficients]
+              // Note [Zero coefficients]
+              if (w != 0.0) fg += w * static_cast<double>(dots[b * M + mb[j]]);
             }
           }
           for (int64_t i = 0; i < M; ++i) gs[b * M + i] = static_cast<scalar_t>(0);

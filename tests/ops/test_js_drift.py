@@ -461,8 +461,10 @@ def assert_rejects(exc, match, cur, ref, call):
     (dict(bins=-5), ValueError, r"argument 'bins'"),
     # issue 21: bins=2**31 was accepted on the CPU and the process was killed for memory; one
     # bound (CUDA's 2^30) on every backend, in both modes
-    (dict(bins=2 ** 31), ValueError, r"argument 'bins': expected 2 <= bins <= 2\^30, got 2147483648"),
-    (dict(bins=2 ** 30 + 1), ValueError, r"argument 'bins': expected 2 <= bins <= 2\^30, got 1073741825"),
+    (dict(bins=2 ** 31), ValueError,
+     r"argument 'bins': expected 2 <= bins <= 2\^30, got 2147483648"),
+    (dict(bins=2 ** 30 + 1), ValueError,
+     r"argument 'bins': expected 2 <= bins <= 2\^30, got 1073741825"),
     (dict(lower_q=0.5, upper_q=0.5), ValueError, r"argument 'lower_q/upper_q'"),
     (dict(lower_q=0.9, upper_q=0.1), ValueError, r"argument 'lower_q/upper_q'"),
     (dict(lower_q=-0.1), ValueError, r"argument 'lower_q/upper_q'"),
