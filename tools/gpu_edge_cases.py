@@ -219,6 +219,16 @@ def token_cases(device: str):
         yield f"tokens: W outside float32's range ({name})", lambda d=dtype: tiny_weights(
             d, True, [[1.0, 1.0, 3.0]], [[3e38, 3e38, 3e38]], [[1.0, 1.0], [3.0, 3.0], [5.0, 5.0]])
 
+    def fused_size_in_float64():
+        # the fused token's size is summed in float64 on both backends, as in the reference:
+        # 3e38 + 3e38 - 3e38 is 3e38, not inf
+        x = torch.ones(1, 4, 2, device=device)
+        z = torch.tensor([[1.0, 3e38, 3e38, -3e38]], device=device)
+        _, _, out_sizes = ops.token_prune_merge(x, torch.ones(1, 3, device=device), 0, sizes=z)
+        _, _, want = reference.token_prune_merge(x.cpu(), torch.ones(1, 3), 0, sizes=z.cpu())
+        _close(out_sizes, want, rtol=1e-6, atol=0)
+    yield "tokens: fused size summed in float64", fused_size_in_float64
+
 
 def bipartite_cases(device: str):
     def run(b, n, c, d, r, seed, dtype=torch.float32, p=1, with_sizes=True, metric=None):

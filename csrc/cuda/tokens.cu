@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kThreads)
     orow[r] = zrow != nullptr ? zrow[r] : 1.f;
   }
   double w_sum = 0;  // Note [Merge weights] (tokens.h): weights, W, coefficients in float64
-  float size_sum = 0.f;
+  double size_sum = 0;  // in float64, as the CPU's and the reference's (3e38 + 3e38 - 3e38)
   int64_t kept_before = 0;  // kept candidates in earlier chunks (uniform over the block)
   for (int64_t base = 0; base < M; base += kThreads) {
     const int64_t i = base + threadIdx.x;
@@ -140,15 +140,15 @@ __global__ void __launch_bounds__(kThreads)
         mrow[m] = static_cast<int32_t>(i);
         crow[m] = w;
         w_sum += w;
-        size_sum += size;
+        size_sum += static_cast<double>(size);
       }
     }
     kept_before += mt::block_sum_all(flag);
   }
   if (nm == 0) return;
   const double total = mt::block_sum_all(w_sum);
-  const float fused_size = mt::block_sum(size_sum);
-  if (threadIdx.x == 0) orow[R - 1] = fused_size;
+  const double fused_size = mt::block_sum(size_sum);
+  if (threadIdx.x == 0) orow[R - 1] = static_cast<float>(fused_size);
   if (normalize) {
     // crow was written by other threads of this block: __syncthreads (inside block_sum_all)
     // made those writes visible.

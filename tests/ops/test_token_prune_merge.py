@@ -476,3 +476,14 @@ def test_weights_outside_float32s_range_fuse_as_in_float64(device, dtype, scores
     r_gx, r_gs = torch.autograd.grad(r_out, (x, scores), g)
     torch.testing.assert_close(gx, r_gx, **TOL[dtype])
     torch.testing.assert_close(gs, r_gs, rtol=TOL[dtype]["rtol"], atol=0)
+
+
+@pytest.mark.parametrize("device", devices)
+def test_fused_size_is_summed_in_float64(device):
+    """out_sizes' fused entry adds the merged sizes in float64 on every backend, as the
+    reference does: 3e38 + 3e38 - 3e38 is 3e38 (a float32 sum in this order is inf)."""
+    x = torch.ones(1, 4, 2, device=device)
+    sizes = torch.tensor([[1.0, 3e38, 3e38, -3e38]], device=device)
+    _, _, out_sizes = ops.token_prune_merge(x, torch.ones(1, 3, device=device), 0, sizes=sizes)
+    _, _, want = reference.token_prune_merge(x, torch.ones(1, 3, device=device), 0, sizes=sizes)
+    assert out_sizes.tolist() == want.tolist() == [[1.0, pytest.approx(3e38, rel=1e-6)]]
