@@ -150,7 +150,11 @@ JsDriftArgs validate_js_drift(at::TensorList current, at::TensorList reference,
     FAT_CHECK_VALUE(false, op, "drift_mode", "expected \"mass\" or \"histogram\", got \"",
                     std::string(drift_mode), "\"");
   }
-  FAT_CHECK_VALUE(bins >= 2, op, "bins", "expected >= 2, got ", bins);
+  // One bound on every backend: the CUDA kernels count bins in 32-bit shared-memory slots and
+  // index 2 * bins of them in int32; without a bound, bins = 2^31 on the CPU allocated two
+  // 16 GiB count arrays and had the process killed for memory instead of raising.
+  FAT_CHECK_VALUE(bins >= 2 && bins <= kMaxBins, op, "bins", "expected 2 <= bins <= 2^30, got ",
+                  bins);
   FAT_CHECK_VALUE(0.0 <= lower_q && lower_q < upper_q && upper_q <= 1.0, op,
                   "lower_q/upper_q", "expected 0 <= lower_q < upper_q <= 1, got ", lower_q,
                   " and ", upper_q);

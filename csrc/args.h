@@ -29,6 +29,9 @@ FisherAccumulateArgs validate_fisher_accumulate(
 
 enum class DriftMode { kMass, kHistogram };
 
+// js_drift's largest `bins` (2^30), the same on every backend (validate_js_drift).
+constexpr int64_t kMaxBins = int64_t(1) << 30;
+
 struct JsDriftArgs {
   std::vector<at::Tensor> current;  // contiguous
   std::vector<at::Tensor> reference;

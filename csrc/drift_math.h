@@ -50,6 +50,31 @@ FAT_HD T js_term(T p, T q) {
 // elements, so a group whose elements are spread over ranks (FSDP shards) is scored exactly by
 // all-reducing the totals, then all-reducing the js_term sums computed with the global totals,
 // then taking the root: ops js_mass_totals and js_mass_partial are those two halves.
+//
+// Note [Tiny totals]
+// Kernels form p_i = |c_i| / C as |c_i| * (1 / C), a multiply in the vectorised loop. A total
+// below ~5.6e-309 (a float64 group of subnormal values, or a tiny total handed to
+// js_mass_partial) makes 1 / C overflow to inf: every p_i became inf or NaN (0 * inf), and the
+// group read as settled (0) or NaN, where the reference divides and scores it. A total below
+// DBL_MIN (subnormal) is therefore scaled with its elements by 2^54, exactly (a power of two):
+// C * 2^54 >= 2^-1020 is normal, 1 / (C * 2^54) is finite, and
+//   p_i = (|c_i| * 2^54) * (1 / (C * 2^54)),
+// rounded as a normal total's p_i (mass mode is then invariant, bitwise, under scaling by a
+// power of two, also into the subnormal range). For C >= DBL_MIN the scale is 1: bitwise the
+// plain |c_i| * (1 / C). Shared by both backends.
+struct MassScale {
+  double pre;  // 1, or 2^54 for a subnormal total
+  double inv;  // 1 / (C * pre)
+  FAT_HD double of(double magnitude) const { return (magnitude * pre) * inv; }
+};
+
+FAT_HD MassScale mass_scale(double total) {
+  constexpr double kMinNormal = 2.2250738585072014e-308;  // DBL_MIN
+  constexpr double kUp = 18014398509481984.0;             // 2^54
+  return total >= kMinNormal ? MassScale{1.0, 1.0 / total}
+                             : MassScale{kUp, 1.0 / (total * kUp)};
+}
+
 // JS^2 (in nats) -> distance, in nats or bits.
 FAT_HD double js_distance(double js_sq, bool base2) {
   const double v = js_sq > 0 ? js_sq : 0.0;

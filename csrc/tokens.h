@@ -13,7 +13,8 @@
 //       fused = sum_merged w_i x_i         (not normalize; EViT's)
 //   - out_sizes: the protected and kept tokens' sizes, then sum_merged sizes_{P+i}.
 // Sizes are float32 (default: ones) and out_sizes is float32 whatever x's dtype: sizes count
-// tokens and need no gradient. scores are x's dtype or float32. Accumulation is in float32 for
+// tokens and need no gradient. scores are x's dtype or float32. The weights, W and the
+// coefficients are float64 (Note [Merge weights]); the rows accumulate in float32 for
 // float32/bfloat16/float16 inputs and in float64 for float64 (at::opmath_type).
 //
 // Backward, with g the gradient of the fused row (coef_i = w_i / W or w_i):
@@ -39,6 +40,23 @@
 // For finite tokens nothing changes (adding 0 * x_i was a no-op, and the dots are the same
 // sums in the same order). The reference (fisheradaptune.reference.token_prune_merge) computes
 // the same function, with masks that keep its autograd gradients free of 0 * inf.
+// "Exactly 0" is the float64 coefficient's (Note [Merge weights]): only a zero score or size, or
+// W == 0 under normalize, makes a token weigh nothing.
+//
+// Note [Merge weights]
+// Both token ops (and bipartite_merge, Note [Bipartite merge]) compute the weights, their total
+// W and the coefficients in float64, whatever x's dtype, as the reference does: the product of
+// two float32 values and a sum of up to 2^31 of them can neither underflow nor overflow there,
+// so a token whose score and size are nonzero always has a nonzero coefficient. In float32 they
+// could: scores 1e-30 and size 1e-20 gave w = 0 (the token silently dropped), and sizes
+// [1e-45, 3e38] gave a coefficient 1e-45 / 3e38 that is 0 in float32, hiding an inf or NaN token
+// (the merged row read 1.0 where float64 and the reference give inf). The rows then accumulate
+// in the opmath type A: a coefficient that is a finite nonzero A value is applied in A (the fast
+// path); one that rounds to 0 or overflows in A has its products c * x_i formed in float64 and
+// rounded to A, so a token that weighs something propagates its inf/NaN values (inf * 3e-84 =
+// inf) and its finite ones round as they should. The gradients use the same coefficients
+// (dx_i = c_i * g the same way; the score gradient's W, fused . g and the quotient in float64).
+// Only a coefficient of exactly 0 in float64 means "adds nothing" (Note [Zero coefficients]).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -11,6 +11,10 @@ order, raising the same exception types with the same messages
 (``fisheradaptune.<op>: argument '<name>': expected ...``; ValueError for shapes, lengths,
 devices and values, TypeError for dtypes).
 
+Aliasing (Note [Aliasing] in csrc/validate.h): the fakes refuse the same overlaps as the C++,
+compared within each storage (a fake tensor has no address), so that torch.compile does not run
+what eager refuses.
+
 What a fake kernel cannot check is what needs data: it never reads a tensor's values, so the
 rows of ``segments`` (indices in range, no overlap), the range of ``sampled_grad``'s ``index``,
 the order of ``token_prune_merge_backward``'s ``kept_index`` and the range of
@@ -39,6 +43,7 @@ __all__: List[str] = []
 
 _INT32_MAX = 2 ** 31 - 1
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+_MAX_BINS = 2 ** 30  # js_drift's bins, every backend (kMaxBins, csrc/args.h)
 
 # c10::ScalarType's names, which the C++ messages print (``Float``, not ``torch.float32``).
 _SCALAR_TYPE_NAMES = {
@@ -158,6 +163,57 @@ def _check_segments(op: str, arg: str, segments: Tensor, device: torch.device) -
                  "GroupLayout.segments is the CPU copy), got one on ", on)
 
 
+def _byte_span(t: Optional[Tensor]) -> Optional[Tuple[int, int, int]]:
+    """``(storage, begin, end)``: the bytes ``t`` spans in its storage, or None when it owns no
+    memory (absent, empty). As check_no_aliasing: a tensor with gaps counts by its whole span."""
+    if t is None or t.numel() == 0:
+        return None
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    begin = t.storage_offset() * t.element_size()
+    return t.untyped_storage()._cdata, begin, begin + (last + 1) * t.element_size()
+
+
+def _check_no_aliasing(op: str, args: Sequence[Tuple[Optional[Tensor], str, bool]]) -> None:
+    """check_no_aliasing (csrc/validate.h, Note [Aliasing]): ``args`` are ``(tensor, name,
+    written)`` in the schema's order; refuse any overlap that involves a written tensor, naming
+    the later argument and the earlier one, as the C++ does.
+
+    The C++ compares addresses; a fake or meta tensor has none, so ranges are compared within
+    each storage (FakeTensorMode and torch.compile keep the inputs' storage sharing and
+    offsets). The same address sweep runs per storage: the same pair is named whenever the
+    overlaps are within one storage (with overlaps in several, eager names the one at the
+    lowest address, which a fake tensor cannot know)."""
+    by_storage: dict = {}
+    for k, (t, _, _) in enumerate(args):
+        span = _byte_span(t)
+        if span is not None:
+            by_storage.setdefault(span[0], []).append((span[1], span[2], k))
+    if not any(args[k][2] for spans in by_storage.values() for _, _, k in spans):
+        return
+    for spans in by_storage.values():
+        spans.sort(key=lambda s: (s[0], s[2]))
+        far_any = far_written = None
+        for begin, end, k in spans:
+            hit = far_any if args[k][2] else far_written
+            if hit is not None and hit[1] > begin:
+                first, second = min(hit[2], k), max(hit[2], k)
+                both = args[first][2] and args[second][2]
+                _check_value(False, op, args[second][1], "shares memory with '", args[first][1],
+                             "', and ", "both are" if both else "one is", " written in place: "
+                             "the kernels' parallel chunks would race. Pass tensors that do not "
+                             "overlap (e.g. clone one of them)")
+            if far_any is None or end > far_any[1]:
+                far_any = (begin, end, k)
+            if args[k][2] and (far_written is None or end > far_written[1]):
+                far_written = (begin, end, k)
+
+
+def _as_read(t: Optional[Tensor]) -> Optional[Tensor]:
+    """An input as the kernel reads it: a non-contiguous one is copied first, and the copy
+    aliases nothing (Note [Aliasing])."""
+    return t if t is not None and t.is_contiguous() else None
+
+
 # ---------------------------------------------------------------------------------------------
 # fisher_accumulate_ (validate_fisher_accumulate)
 
@@ -197,6 +253,9 @@ def _fisher_accumulate_fake(fisher: List[Tensor], grads: List[Optional[Tensor]],
         _check_value(group_sums.numel() == 0, op, "group_sums",
                      "expected an empty tensor when no segments are given, got ",
                      group_sums.numel(), " elements")
+    _check_no_aliasing(op, [*[(f, _item("fisher", i), True) for i, f in enumerate(fisher)],
+                            *[(_as_read(g), _item("grads", i), False) for i, g in enumerate(grads)],
+                            (group_sums, "group_sums", True), (nonfinite, "nonfinite", True)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +293,18 @@ def _check_drift_lists(op: str, current: List[Tensor], reference: List[Tensor], 
     return device
 
 
+def _check_drift_aliasing(op: str, current: List[Tensor], reference: List[Tensor],
+                          update_reference: Optional[float],
+                          totals: Optional[Tensor] = None) -> None:
+    """check_drift_aliasing: only an update writes (the reference list)."""
+    if update_reference is None:
+        return
+    _check_no_aliasing(op, [*[(_as_read(c), _item("current", i), False)
+                              for i, c in enumerate(current)],
+                            *[(r, _item("reference", i), True) for i, r in enumerate(reference)],
+                            (totals, "totals", False)])
+
+
 @torch.library.register_fake("fisheradaptune::js_drift")
 def _js_drift_fake(current: List[Tensor], reference: List[Tensor], segments: Tensor,
                    num_groups: int, drift_mode: str, bins: int, lower_q: float, upper_q: float,
@@ -241,14 +312,13 @@ def _js_drift_fake(current: List[Tensor], reference: List[Tensor], segments: Ten
     op = "js_drift"
     _check_value(drift_mode in ("mass", "histogram"), op, "drift_mode",
                  "expected \"mass\" or \"histogram\", got \"", drift_mode, "\"")
-    _check_value(bins >= 2, op, "bins", "expected >= 2, got ", bins)
+    _check_value(2 <= bins <= _MAX_BINS, op, "bins", "expected 2 <= bins <= 2^30, got ", bins)
     _check_value(0.0 <= lower_q < upper_q <= 1.0, op, "lower_q/upper_q",
                  "expected 0 <= lower_q < upper_q <= 1, got ", lower_q, " and ", upper_q)
     _check_value(math.isfinite(min_log_range) and min_log_range > 0, op, "min_log_range",
                  "expected a finite number > 0, got ", min_log_range)
     device = _check_drift_lists(op, current, reference, segments, num_groups, update_reference)
-    if device.type == "cuda" and drift_mode == "histogram" and num_groups > 0:
-        _check_value(bins <= 2 ** 30, op, "bins", "at most 2^30 bins on CUDA, got ", bins)
+    _check_drift_aliasing(op, current, reference, update_reference)
     return torch.empty(num_groups, dtype=torch.float32, device=device)
 
 
@@ -275,6 +345,7 @@ def _js_mass_partial_fake(current: List[Tensor], reference: List[Tensor], segmen
     device = _check_drift_lists(op, current, reference, segments, num_groups, update_reference,
                                 totals)
     _check_totals(op, totals, num_groups, device)
+    _check_drift_aliasing(op, current, reference, update_reference, totals)
     return torch.empty(num_groups, dtype=torch.float64, device=device)
 
 
@@ -305,6 +376,8 @@ def _per_sample_grad_sq_fake(fisher: Tensor, x: Tensor, grad_out: Tensor, scale:
     _check_grad_dtype(op, "x", x, fisher)
     _check_type(grad_out.dtype == x.dtype, op, "grad_out", "expected the dtype of x (", x.dtype,
                 "), got ", grad_out.dtype)
+    _check_no_aliasing(op, [(fisher, "fisher", True), (x, "x", False),
+                            (grad_out, "grad_out", False), (nonfinite, "nonfinite", True)])
 
 
 # ---------------------------------------------------------------------------------------------

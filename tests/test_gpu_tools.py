@@ -26,8 +26,12 @@ def test_quick_plan_fits_the_lease():
 
 
 def test_edge_cases_pass_on_cpu():
+    # PYTHONPATH: the checkout's package, not whichever one is installed (a script's sys.path
+    # starts at its own folder, tools/).
     r = subprocess.run([sys.executable, "tools/gpu_edge_cases.py", "--device", "cpu"],
-                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                           [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all cases ok" in r.stdout and r.stdout.count(" ok") >= 25
 

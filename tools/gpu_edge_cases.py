@@ -119,6 +119,33 @@ def drift_cases(device: str):
         assert torch.isfinite(got).all(), got
     yield "drift histogram: range below an ulp", tiny_range
 
+    def tiny_totals():
+        # Note [Tiny totals]: totals handed to js_mass_partial below ~5.6e-309 made 1 / total
+        # inf (NaN partials); float32 state cannot sum to one, so they come from the caller.
+        cur = [torch.tensor([1e-40, 2e-40, 0.0, 5e-41, 3e-40, 1e-41])]
+        ref = [torch.tensor([3e-40, 1e-41, 1e-40, 0.0, 2e-40, 2e-40])]
+        layout = groups.GroupLayout(("a",), ((6,),), ("g0", "g1"),
+                                    torch.tensor([[0, 0, 4, 0], [0, 4, 6, 1]]))
+        totals = torch.tensor([[1e-320, 4e-310], [5e-324, 1e-300]], dtype=torch.float64)
+        want = reference.js_mass_partial(cur, ref, layout, totals)
+        got = ops.js_mass_partial([t.to(device) for t in cur], [t.to(device) for t in ref],
+                                  layout, totals.to(device))
+        assert bool(torch.isfinite(got).all()), got
+        _close(got, want, rtol=1e-9, atol=0)
+    yield "drift mass: subnormal totals (js_mass_partial)", tiny_totals
+
+    def bins_bound():
+        x = [torch.rand(8, device=device)]
+        layout = groups.per_tensor([("w", x[0])])
+        for bins in (2 ** 30 + 1, 2 ** 31):
+            try:
+                ops.js_drift(x, [t.clone() for t in x], layout, drift_mode="histogram", bins=bins)
+            except ValueError as e:
+                assert "argument 'bins': expected 2 <= bins <= 2^30" in str(e), e
+                continue
+            raise AssertionError(f"bins={bins} accepted")
+    yield "drift histogram: bins above 2^30 refused", bins_bound
+
 
 def per_sample_cases(device: str):
     def run(n, t, o, i, seed, nonfinite=False):
@@ -166,6 +193,42 @@ def token_cases(device: str):
     yield "tokens: misaligned channels", lambda: run(2, 9, 3, 4, 4)
     yield "tokens: 70000 tokens (grid-stride)", lambda: run(1, 70_000, 8, 10, 5, with_sizes=False)
 
+    def tiny_weights(dtype, normalize, scores, sizes, x_rows):
+        # Note [Merge weights]: weights in float64, so that a coefficient that underflows in
+        # float32 neither hides an inf token nor turns a fuse into zeros; against the reference.
+        x = torch.tensor([x_rows], dtype=dtype, device=device, requires_grad=True)
+        s = torch.tensor(scores, device=device, requires_grad=True)
+        z = torch.tensor(sizes, device=device)
+        out, _, _ = ops.token_prune_merge(x, s, 0, num_protected=0, sizes=z, normalize=normalize)
+        r_out, _, _ = reference.token_prune_merge(x, s, 0, num_protected=0, sizes=z,
+                                                  normalize=normalize)
+        g = torch.full_like(out, float("inf"))
+        g[..., 1:] = 1.0
+        gx, gs = torch.autograd.grad(out, (x, s), g)
+        r_gx, r_gs = torch.autograd.grad(r_out, (x, s), g)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        for a, b_ in ((out, r_out), (gx, r_gx), (gs, r_gs)):
+            _close(a, b_.to(a.dtype), **tol)
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        name = str(dtype).split(".")[1]
+        for normalize in (True, False):
+            yield f"tokens: inf token, weight underflows ({name}, normalize={normalize})", \
+                lambda d=dtype, n=normalize: tiny_weights(
+                    d, n, [[1.0, 1.0]], [[1e-45, 3e38]], [[float("inf"), 2.0], [1.0, 1.0]])
+        yield f"tokens: W outside float32's range ({name})", lambda d=dtype: tiny_weights(
+            d, True, [[1.0, 1.0, 3.0]], [[3e38, 3e38, 3e38]], [[1.0, 1.0], [3.0, 3.0], [5.0, 5.0]])
+
+    def fused_size_in_float64():
+        # the fused token's size is summed in float64 on both backends, as in the reference:
+        # 3e38 + 3e38 - 3e38 is 3e38, not inf
+        x = torch.ones(1, 4, 2, device=device)
+        z = torch.tensor([[1.0, 3e38, 3e38, -3e38]], device=device)
+        _, _, out_sizes = ops.token_prune_merge(x, torch.ones(1, 3, device=device), 0, sizes=z)
+        _, _, want = reference.token_prune_merge(x.cpu(), torch.ones(1, 3), 0, sizes=z.cpu())
+        _close(out_sizes, want, rtol=1e-6, atol=0)
+    yield "tokens: fused size summed in float64", fused_size_in_float64
+
 
 def bipartite_cases(device: str):
     def run(b, n, c, d, r, seed, dtype=torch.float32, p=1, with_sizes=True, metric=None):
@@ -208,6 +271,24 @@ def bipartite_cases(device: str):
     yield "bipartite: 9000 tokens (|A| > 4096)", lambda: run(1, 9001, 8, 4, 100, 7)
     yield "bipartite: 600 batch rows, 520 A tokens", lambda: run(600, 1041, 2, 2, 8, 8,
                                                                     with_sizes=False)
+
+    def tiny_coefficient(dtype, bad):
+        # Note [Merge weights]: 1e-45 / 3e38 is 0 in float32; the bad token must still show
+        x = torch.tensor([[[bad, 2.0], [1.0, 1.0]]], dtype=dtype, device=device,
+                         requires_grad=True)
+        m, z = torch.ones(1, 2, 3, device=device), torch.tensor([[1e-45, 3e38]], device=device)
+        out, _, _ = ops.bipartite_merge(x, m, 1, num_protected=0, sizes=z)
+        r_out, _, _ = reference.bipartite_merge(x, m, 1, num_protected=0, sizes=z)
+        g = torch.tensor([[[float("inf"), 1.0]]], dtype=dtype, device=device)
+        (gx,) = torch.autograd.grad(out, x, g)
+        (r_gx,) = torch.autograd.grad(r_out, x, g)
+        for a, b_ in ((out, r_out), (gx, r_gx)):
+            _close(a, b_.to(a.dtype), rtol=2e-2, atol=2e-2)
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for bad in (float("inf"), float("nan")):
+            yield (f"bipartite: {bad} token, coefficient underflows "
+                   f"({str(dtype).split('.')[1]})"), lambda d=dtype, v=bad: tiny_coefficient(d, v)
     if device != "cpu":
         yield "bipartite: backward out-of-range dest", backward_out_of_range
 

@@ -263,9 +263,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
         }
         std::fill(acc.begin(), acc.end(), A(0));
         for (int32_t s = ob[d]; s < ob[d + 1]; ++s) {
-          const A w = static_cast<A>(cb[s]);
-          if (w == A(0)) continue;  // Note [Zero coefficients] (csrc/tokens.h)
-          axpy<T, A>(acc.data(), xb + static_cast<int64_t>(sb[s]) * C, w, C);
+          // Note [Zero coefficients] (csrc/tokens.h): exactly 0 in float64 adds nothing; any
+          // other coefficient takes part, also one that underflows in A (Note [Merge weights]).
+          if (cb[s] == 0.0) continue;
+          axpy_coef<T, A>(acc.data(), xb + static_cast<int64_t>(sb[s]) * C, cb[s], C);
         }
         store<T, A>(dst, acc.data(), C);
       }
@@ -308,7 +309,7 @@ at::Tensor bipartite_merge_backward_cpu(const at::Tensor& grad_out,
         } else {
           const double c = coefficient(count[row], w[row], sizes != nullptr ? sizes + b * N : nullptr,
                                        t % N);
-          scale_row<T, A>(gx + t * C, from, static_cast<A>(c), C);
+          scale_coef<T, A>(gx + t * C, from, c, C);  // Note [Merge weights]
         }
       }
     });

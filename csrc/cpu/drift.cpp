@@ -85,16 +85,19 @@ FAT_CPU_CLONES void abs_sums(const S* x, const S* y, int64_t n, double& sx, doub
   }
 }
 
+// p_i = (|x_i| * pc.pre) * pc.inv (Note [Tiny totals], drift_math.h; pre is 1 for a normal
+// total, and multiplying by it is exact).
 template <typename S>
-FAT_CPU_CLONES double js_sum(const S* x, const S* y, int64_t n, double ic, double ir) {
+FAT_CPU_CLONES double js_sum(const S* x, const S* y, int64_t n, MassScale pc, MassScale pr) {
+  const double cpre = pc.pre, cinv = pc.inv, rpre = pr.pre, rinv = pr.inv;
   double total = 0;
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t e = std::min(n, b + kBlock);
     double acc = 0;
     FAT_SIMD_REDUCE(acc)
     for (int64_t i = b; i < e; ++i) {
-      acc += js_term_simd(std::abs(static_cast<double>(x[i])) * ic,
-                          std::abs(static_cast<double>(y[i])) * ir);
+      acc += js_term_simd((std::abs(static_cast<double>(x[i])) * cpre) * cinv,
+                          (std::abs(static_cast<double>(y[i])) * rpre) * rinv);
     }
     total += acc;
   }
@@ -147,7 +150,7 @@ void mass_partial(const JsDriftArgs& a, int64_t G, const double* tc, const doubl
       const S* x = cptr<S>(a.current[c.tensor], c);
       S* y = a.reference[c.tensor].data_ptr<S>() + c.begin;
       if (c.group >= 0 && tc[c.group] > 0 && tr[c.group] > 0) {
-        partial[k] = js_sum(x, y, n, 1.0 / tc[c.group], 1.0 / tr[c.group]);
+        partial[k] = js_sum(x, y, n, mass_scale(tc[c.group]), mass_scale(tr[c.group]));
       }
       if (rho) ema_chunk<S>(y, x, n, static_cast<S>(*rho));
     }
@@ -197,6 +200,51 @@ double log_quantile(std::vector<S>& absval, double q) {
   return lerp_numpy(a, b, h - static_cast<double>(i));
 }
 
+// Note [Sparse histogram]
+// Dense count arrays cost 16 bytes per bin per thread, and bins may be up to 2^30 (kMaxBins):
+// 32 GiB for two threads. Above kDenseBins bins a group's histogram is built from the sorted
+// bin indices of its in-range values instead (memory O(values), time O(values log values)): the
+// occupied bins in increasing order, then all empty bins at once, each of which contributes
+// js_term(1e-12 / nc, 1e-12 / nr). nc = (values in range) + bins * 1e-12, the same sum as the
+// dense loop's up to its rounding (which adds 1e-12 bin by bin), so results agree with the dense
+// form and the reference to rounding, not bitwise.
+constexpr int64_t kDenseBins = int64_t(1) << 16;
+
+template <typename S>
+double sparse_histogram_js(const JsDriftArgs& a, const std::vector<Segment>& segs, double lo,
+                           double hi, int64_t bins, std::vector<int64_t>& ic,
+                           std::vector<int64_t>& ir) {
+  ic.clear();
+  ir.clear();
+  for (const Segment& s : segs) {
+    const S* x = a.current[s.tensor].const_data_ptr<S>();
+    const S* y = a.reference[s.tensor].const_data_ptr<S>();
+    for (int64_t i = s.begin; i < s.end; ++i) {
+      const int64_t bx = bin_of(log_magnitude(static_cast<double>(x[i])), lo, hi, bins);
+      const int64_t by = bin_of(log_magnitude(static_cast<double>(y[i])), lo, hi, bins);
+      if (bx >= 0) ic.push_back(bx);
+      if (by >= 0) ir.push_back(by);
+    }
+  }
+  std::sort(ic.begin(), ic.end());
+  std::sort(ir.begin(), ir.end());
+  const double nc = static_cast<double>(ic.size()) + static_cast<double>(bins) * 1e-12;
+  const double nr = static_cast<double>(ir.size()) + static_cast<double>(bins) * 1e-12;
+  double js = 0;
+  int64_t occupied = 0;
+  size_t i = 0, j = 0;
+  while (i < ic.size() || j < ir.size()) {
+    const int64_t b = j == ir.size() || (i < ic.size() && ic[i] < ir[j]) ? ic[i] : ir[j];
+    double hc = 0, hr = 0;
+    for (; i < ic.size() && ic[i] == b; ++i) hc += 1.0;
+    for (; j < ir.size() && ir[j] == b; ++j) hr += 1.0;
+    js += js_term<double>((hc + 1e-12) / nc, (hr + 1e-12) / nr);
+    ++occupied;
+  }
+  const double empty = static_cast<double>(bins - occupied);
+  return js + empty * js_term<double>(1e-12 / nc, 1e-12 / nr);
+}
+
 // Histogram mode (the paper's), one group at a time: percentiles of the union of both
 // snapshots' log-magnitudes give the bin range, then both snapshots are binned.
 template <typename S>
@@ -204,9 +252,12 @@ void histogram_drift(const JsDriftArgs& a, int64_t G, int64_t bins, double lower
                      double upper_q, double min_log_range, bool base2, float* out) {
   std::vector<std::vector<Segment>> by_group(G);
   for (const Segment& s : a.segments) by_group[s.group].push_back(s);
+  // Note [Sparse histogram]: dense count arrays up to kDenseBins bins.
+  const bool dense = bins <= kDenseBins;
   at::parallel_for(0, G, 1, [&](int64_t glo, int64_t ghi) {
     std::vector<S> absval;
-    std::vector<double> hc(bins), hr(bins);
+    std::vector<double> hc(dense ? bins : 0), hr(dense ? bins : 0);
+    std::vector<int64_t> ic, ir;  // the sparse path's bin indices
     for (int64_t g = glo; g < ghi; ++g) {
       absval.clear();
       double tc = 0, tr = 0;
@@ -227,6 +278,11 @@ void histogram_drift(const JsDriftArgs& a, int64_t G, int64_t bins, double lower
       const double lo = log_quantile(absval, lower_q);
       // Note [Histogram range] (drift_math.h): never an empty range.
       const double hi = histogram_hi(lo, log_quantile(absval, upper_q), min_log_range);
+      if (!dense) {
+        const double js = sparse_histogram_js<S>(a, by_group[g], lo, hi, bins, ic, ir);
+        out[g] = static_cast<float>(js_distance(js, base2));
+        continue;
+      }
       std::fill(hc.begin(), hc.end(), 0.0);
       std::fill(hr.begin(), hr.end(), 0.0);
       for (const Segment& s : by_group[g]) {

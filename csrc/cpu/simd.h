@@ -78,4 +78,39 @@ FAT_CPU_CLONES void scale_row(T* __restrict out, const T* __restrict g, A w, int
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(w * static_cast<A>(g[i]));
 }
 
+// Note [Merge weights] (tokens.h): a token's float64 coefficient c is applied in A when it is a
+// finite nonzero A value (the vectorised rows above); one that rounds to 0 or overflows in A
+// (float32: below 1.4e-45 or above 3.4e38) has its products formed in float64 and rounded to A,
+// so that an inf or NaN value of a token that weighs something propagates as in float64
+// (inf * 3e-84 = inf) instead of being hidden by a coefficient of exactly 0. Rare (extreme
+// sizes or scores), hence the plain loop.
+template <typename A>
+inline bool fits_accumulation(double c) {
+  const A w = static_cast<A>(c);
+  return w != A(0) && std::isfinite(w);
+}
+
+// acc += c * x (c != 0; a zero coefficient is skipped by the callers: Note [Zero coefficients]).
+template <typename T, typename A>
+inline void axpy_coef(A* __restrict acc, const T* __restrict x, double c, int64_t n) {
+  if (fits_accumulation<A>(c)) {
+    axpy<T, A>(acc, x, static_cast<A>(c), n);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<A>(c * static_cast<double>(x[i]));
+}
+
+// out = c * g (c == 0 included: every channel is scaled, 0 * inf being NaN as in the reference's
+// gradient).
+template <typename T, typename A>
+inline void scale_coef(T* __restrict out, const T* __restrict g, double c, int64_t n) {
+  if (c == 0.0 || fits_accumulation<A>(c)) {
+    scale_row<T, A>(out, g, static_cast<A>(c), n);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = static_cast<T>(static_cast<A>(c * static_cast<double>(g[i])));
+  }
+}
+
 }  // namespace fisheradaptune

@@ -33,30 +33,21 @@ struct Better {
   bool operator()(int32_t i, int32_t j) const { return beats(s[i], i, s[j], j); }
 };
 
-// Per-row result of the selection: kept and merged candidate indices, each in index order,
-// and the fused token's coefficients (coef_i = w_i / W or w_i) in merged order.
+// Note [Merge weights] (tokens.h): w_i = scores_i * sizes_i, W and the coefficients
+// (coef_i = w_i / W, or w_i) in float64, in merged order.
 template <typename A>
-struct Rows {
-  int64_t keep, merged;
-  std::vector<int32_t> kept_idx;    // [B, keep]
-  std::vector<int32_t> merged_idx;  // [B, M - keep]
-  std::vector<A> coef;              // [B, M - keep]
-  std::vector<A> total;             // [B]: W
-};
-
-template <typename S, typename A>
-void weights(const S* scores, const float* sizes, const int32_t* merged, int64_t count, bool normalize,
-             A* coef, A& total) {
-  A w_sum = 0;
+void weights(const A* scores, const float* sizes, const int32_t* merged, int64_t count,
+             bool normalize, double* coef, double& total) {
+  double w_sum = 0;
   for (int64_t j = 0; j < count; ++j) {
     const int32_t i = merged[j];
-    const A w = static_cast<A>(scores[i]) * (sizes ? static_cast<A>(sizes[i]) : A(1));
+    const double w = static_cast<double>(scores[i]) * (sizes ? static_cast<double>(sizes[i]) : 1.0);
     coef[j] = w;
     w_sum += w;
   }
   total = w_sum;
   if (normalize) {
-    for (int64_t j = 0; j < count; ++j) coef[j] = w_sum != A(0) ? coef[j] / w_sum : A(0);
+    for (int64_t j = 0; j < count; ++j) coef[j] = w_sum != 0.0 ? coef[j] / w_sum : 0.0;
   }
 }
 
@@ -95,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_prune_merge_cpu(
     using T = scalar_t;
     using A = at::opmath_type<T>;
     std::vector<int32_t> kept_idx(B * keep), merged_idx(B * nm);
-    std::vector<A> coef(B * nm);
+    std::vector<double> coef(B * nm);
     const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
     int64_t* kept_out = kept_index.data_ptr<int64_t>();
     float* sizes_out = out_sizes.data_ptr<float>();
@@ -116,9 +107,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_prune_merge_cpu(
         std::copy(idx.begin(), idx.begin() + keep, kept_idx.begin() + b * keep);
         std::copy(idx.begin() + keep, idx.end(), merged_idx.begin() + b * nm);
         const float* sz = sizes ? sizes + b * N : nullptr;
-        A total = 0;
-        weights<A, A>(s.data(), sz ? sz + P : nullptr, merged_idx.data() + b * nm, nm, normalize,
-                      coef.data() + b * nm, total);
+        double total = 0;
+        weights<A>(s.data(), sz ? sz + P : nullptr, merged_idx.data() + b * nm, nm, normalize,
+                   coef.data() + b * nm, total);
         for (int64_t j = 0; j < keep; ++j) kept_out[b * keep + j] = idx[j];
         float* so = sizes_out + b * R;
         for (int64_t r = 0; r < P; ++r) so[r] = sz ? sz[r] : 1.f;
@@ -151,12 +142,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_prune_merge_cpu(
         if (!a.fused) continue;
         std::fill(acc.begin(), acc.begin() + n, A(0));
         const int32_t* mb = merged_idx.data() + b * nm;
-        const A* cb = coef.data() + b * nm;
+        const double* cb = coef.data() + b * nm;
         for (int64_t j = 0; j < nm; ++j) {
           // Note [Zero coefficients] (tokens.h): a zero coefficient adds nothing, even for an
-          // inf/NaN token (0 * inf would make the fused token NaN).
-          if (cb[j] == A(0)) continue;
-          axpy<T, A>(acc.data(), xb + (P + mb[j]) * C, cb[j], n);
+          // inf/NaN token (0 * inf would make the fused token NaN); any other takes part, also
+          // one that underflows in A (Note [Merge weights]).
+          if (cb[j] == 0.0) continue;
+          axpy_coef<T, A>(acc.data(), xb + (P + mb[j]) * C, cb[j], n);
         }
         store<T, A>(ob + (R - 1) * C, acc.data(), n);
       }
@@ -183,7 +175,8 @@ std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cpu(
     using A = at::opmath_type<T>;
     // row_of[b, i]: the out row of candidate i, or -1 when merged (then coef[b, i] applies).
     std::vector<int32_t> row_of(B * M, -1);
-    std::vector<A> s(B * M), coef(B * M, A(0)), total(B), dots(B * M, A(0));
+    std::vector<A> s(B * M), dots(B * M, A(0));
+    std::vector<double> coef(B * M, 0.0), total(B);  // Note [Merge weights]
     std::vector<int32_t> merged_idx(B * nm);
     const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
     const int64_t* kept = kept_t.const_data_ptr<int64_t>();
@@ -192,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cpu(
       for (int64_t i = 0; i < B * M; ++i) s[i] = static_cast<A>(sc[i]);
     });
     at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-      std::vector<A> c(nm);
+      std::vector<double> c(nm);
       for (int64_t b = b0; b < b1; ++b) {
         int32_t* rb = row_of.data() + b * M;
         for (int64_t j = 0; j < keep; ++j) rb[kept[b * keep + j]] = static_cast<int32_t>(P + j);
@@ -201,8 +194,8 @@ std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cpu(
         for (int64_t i = 0; i < M; ++i) {
           if (rb[i] < 0) mb[m++] = static_cast<int32_t>(i);
         }
-        weights<A, A>(s.data() + b * M, sizes ? sizes + b * N + P : nullptr, mb, nm, normalize,
-                      c.data(), total[b]);
+        weights<A>(s.data() + b * M, sizes ? sizes + b * N + P : nullptr, mb, nm, normalize,
+                   c.data(), total[b]);
         for (int64_t j = 0; j < nm; ++j) coef[b * M + mb[j]] = c[j];
       }
     });
@@ -221,12 +214,12 @@ std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cpu(
           continue;
         }
         const T* gf = g + (b * R + R - 1) * C;
-        const A w = coef[b * M + i - P];
-        scale_row<T, A>(dst, gf, w, C);
+        const double w = coef[b * M + i - P];
+        scale_coef<T, A>(dst, gf, w, C);  // Note [Merge weights]
         // Note [Zero coefficients]: a token that weighs nothing takes part with its finite
         // values only.
-        dots[b * M + i - P] = w != A(0) ? blocked_dot<T, A>(x + t * C, gf, C)
-                                        : finite_dot<T, A>(x + t * C, gf, C);
+        dots[b * M + i - P] = w != 0.0 ? blocked_dot<T, A>(x + t * C, gf, C)
+                                       : finite_dot<T, A>(x + t * C, gf, C);
       }
     });
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scores.scalar_type(), "token_scores_grad", [&] {
@@ -235,25 +228,23 @@ std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cpu(
         for (int64_t b = b0; b < b1; ++b) {
           const int32_t* mb = merged_idx.data() + b * nm;
           const float* sz = sizes ? sizes + b * N + P : nullptr;
-          const A W = total[b];
-          A fg = 0;  // fused . g (normalize)
+          // In float64 like the weights (Note [Merge weights]); the dots are A sums.
+          const double W = total[b];
+          double fg = 0;  // fused . g (normalize)
           if (normalize) {
             for (int64_t j = 0; j < nm; ++j) {
-              const A w = coef[b * M + mb[j]];
-              if (w != A(0)) fg += w * dots[b * M + mb[j]];  // Note [Zero coefficients]
+              const double w = coef[b * M + mb[j]];
+              // Note [Zero coefficients]
+              if (w != 0.0) fg += w * static_cast<double>(dots[b * M + mb[j]]);
             }
           }
           for (int64_t i = 0; i < M; ++i) gs[b * M + i] = static_cast<scalar_t>(0);
           for (int64_t j = 0; j < nm; ++j) {
             const int32_t i = mb[j];
-            const A size = sz ? static_cast<A>(sz[i]) : A(1);
-            A d;
-            if (normalize) {
-              d = W != A(0) ? size * (dots[b * M + i] - fg) / W : A(0);
-            } else {
-              d = size * dots[b * M + i];
-            }
-            gs[b * M + i] = static_cast<scalar_t>(d);
+            const double size = sz ? static_cast<double>(sz[i]) : 1.0;
+            const double dot = static_cast<double>(dots[b * M + i]);
+            const double d = normalize ? (W != 0.0 ? size * (dot - fg) / W : 0.0) : size * dot;
+            gs[b * M + i] = static_cast<scalar_t>(static_cast<A>(d));
           }
         }
       });

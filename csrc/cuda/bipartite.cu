@@ -22,7 +22,8 @@
 //   4. rows_kernel, a block per (batch row, out row), grid-striding over the out rows: a
 //      (16-byte vectorised when aligned) bitwise row copy for a single source, else a
 //      per-channel sum of coef * x over the sources in increasing token order in x's opmath
-//      type, zero coefficients skipped (Note [Zero coefficients], csrc/tokens.h).
+//      type, zero coefficients skipped (Note [Zero coefficients], csrc/tokens.h), one that
+//      underflows or overflows there applied in float64 (Note [Merge weights]).
 // Backward, two launches: prep (build_sources from dest_index and sizes, exactly as the forward,
 // one block per batch row; out-of-range dest_index values are left out of counts and W) and rows
 // (a block per token, grid-striding over the tokens: a copy of g[dest], coef * g[dest], or zeros
@@ -348,11 +349,13 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t c = threadIdx.x; c < C; c += kThreads) {
       A acc = 0;
       for (int32_t s = s0; s < s1; ++s) {
-        // Note [Zero coefficients] (tokens.h): a zero coefficient adds nothing, even for an
-        // inf/NaN token. Uniform over the block (same s for every thread).
-        const A w = static_cast<A>(cb[s]);
-        if (w == A(0)) continue;
-        acc += w * static_cast<A>(xb[static_cast<int64_t>(sb[s]) * C + c]);
+        // Note [Zero coefficients] (tokens.h): a zero coefficient (in float64) adds nothing,
+        // even for an inf/NaN token; any other takes part, also one that underflows in A (Note
+        // [Merge weights]). Uniform over the block (same s for every thread).
+        const double w = cb[s];
+        if (w == 0.0) continue;
+        acc += tok::scaled<A>(w, tok::fits_accumulation<A>(w),
+                              static_cast<A>(xb[static_cast<int64_t>(sb[s]) * C + c]));
       }
       orow[c] = static_cast<T>(acc);
     }
@@ -474,10 +477,12 @@ __global__ void __launch_bounds__(kThreads)
       copy_row(dst, row, C);
       continue;
     }
-    // As the CPU twin: every channel is scaled, a zero coefficient included.
-    const A w = static_cast<A>(coef_tok[i]);
+    // As the CPU twin: every channel is scaled, a zero coefficient included; one that
+    // underflows or overflows in A in float64 (Note [Merge weights]).
+    const double w = coef_tok[i];
+    const bool fits = w == 0.0 || tok::fits_accumulation<A>(w);
     for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-      dst[c] = static_cast<T>(w * static_cast<A>(row[c]));
+      dst[c] = static_cast<T>(tok::scaled<A>(w, fits, static_cast<A>(row[c])));
     }
   }
 }

@@ -167,13 +167,13 @@ struct MassScoreOp {
   __device__ void operator()(const DriftChunk& d, int64_t k) const {
     const bool grouped = k < num_grouped;
     bool score = false;
-    double ic = 0.0, ir = 0.0;
+    MassScale pc{1.0, 0.0}, pr{1.0, 0.0};
     if (grouped) {
       const double a = tc[d.group], b = tr[d.group];
       score = a > 0 && b > 0;
-      if (score) {
-        ic = 1.0 / a;
-        ir = 1.0 / b;
+      if (score) {  // Note [Tiny totals] (drift_math.h): no inf from a subnormal total
+        pc = mass_scale(a);
+        pr = mass_scale(b);
       }
     }
     double s = 0.0;
@@ -183,8 +183,8 @@ struct MassScoreOp {
       const int64_t head = mt::aligned_head(d.n, 4, d.current, 4, r, 4);
       auto one = [&](float x, float y) -> float {
         if (score) {
-          s += js_term<double>(fabs(static_cast<double>(x)) * ic,
-                               fabs(static_cast<double>(y)) * ir);
+          s += js_term<double>(pc.of(fabs(static_cast<double>(x))),
+                               pr.of(fabs(static_cast<double>(y))));
         }
         return update ? ema(y, x, rho, one_minus_rho) : y;
       };
@@ -594,9 +594,7 @@ void histogram_drift(const JsDriftArgs& a, int64_t G, int64_t bins, double lower
                      cudaStream_t stream) {
   if (G == 0) return;
   const c10::Device device = out.device();
-  TORCH_CHECK_VALUE(bins <= (int64_t(1) << 30),
-                    "fisheradaptune.js_drift: argument 'bins': at most 2^30 bins on CUDA, got ",
-                    bins);
+  // bins <= kMaxBins = 2^30: checked for every backend by validate_js_drift (args.cpp).
   const Plan plan = make_plan(a.segments, a.numels, G, kChunk, /*cover_gaps=*/false);
   std::vector<DriftChunk> table;
   table.reserve(plan.group_chunks.size());

@@ -26,5 +26,20 @@ __device__ __forceinline__ bool beats(A a, int64_t ia, A b, int64_t ib) {
   return ia < ib;
 }
 
+// Note [Merge weights] (tokens.h): c * x for a float64 coefficient c in the accumulation type
+// A: in A when c is a finite nonzero A value; otherwise (c rounds to 0 or overflows in A) in
+// float64, rounded to A, so that inf * 3e-84 is inf, not 0 * inf. The branch depends on c only
+// (uniform wherever c is).
+template <typename A>
+__device__ __forceinline__ bool fits_accumulation(double c) {
+  const A w = static_cast<A>(c);
+  return w != A(0) && isfinite(w);
+}
+
+template <typename A>
+__device__ __forceinline__ A scaled(double c, bool fits, A x) {
+  return fits ? static_cast<A>(c) * x : static_cast<A>(c * static_cast<double>(x));
+}
+
 }  // namespace tok
 }  // namespace fisheradaptune

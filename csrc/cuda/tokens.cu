@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kThreads)
     select_kernel(const S* __restrict__ scores, const float* __restrict__ sizes,
                   int64_t N, int64_t P, int64_t M, int64_t keep, bool normalize, bool use_smem,
                   int64_t* __restrict__ kept_index, int32_t* __restrict__ src,
-                  int32_t* __restrict__ merged, A* __restrict__ coef,
+                  int32_t* __restrict__ merged, double* __restrict__ coef,
                   float* __restrict__ out_sizes) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* smem = reinterpret_cast<A*>(smem_raw);
@@ -107,14 +107,14 @@ __global__ void __launch_bounds__(kThreads)
   int64_t* krow = kept_index + b * keep;
   int32_t* srcrow = src + b * (P + keep);
   int32_t* mrow = merged + b * nm;
-  A* crow = coef + b * nm;
+  double* crow = coef + b * nm;
   float* orow = out_sizes + b * R;
   for (int64_t r = threadIdx.x; r < P; r += kThreads) {
     srcrow[r] = static_cast<int32_t>(r);
     orow[r] = zrow != nullptr ? zrow[r] : 1.f;
   }
-  A w_sum = 0;
-  float size_sum = 0.f;
+  double w_sum = 0;  // Note [Merge weights] (tokens.h): weights, W, coefficients in float64
+  double size_sum = 0;  // in float64, as the CPU's and the reference's (3e38 + 3e38 - 3e38)
   int64_t kept_before = 0;  // kept candidates in earlier chunks (uniform over the block)
   for (int64_t base = 0; base < M; base += kThreads) {
     const int64_t i = base + threadIdx.x;
@@ -136,24 +136,24 @@ __global__ void __launch_bounds__(kThreads)
         orow[P + k] = size;
       } else {
         const int64_t m = i - (kept_before + pos);
-        const A w = s[i] * static_cast<A>(size);
+        const double w = static_cast<double>(s[i]) * static_cast<double>(size);
         mrow[m] = static_cast<int32_t>(i);
         crow[m] = w;
         w_sum += w;
-        size_sum += size;
+        size_sum += static_cast<double>(size);
       }
     }
     kept_before += mt::block_sum_all(flag);
   }
   if (nm == 0) return;
-  const A total = mt::block_sum_all(w_sum);
-  const float fused_size = mt::block_sum(size_sum);
-  if (threadIdx.x == 0) orow[R - 1] = fused_size;
+  const double total = mt::block_sum_all(w_sum);
+  const double fused_size = mt::block_sum(size_sum);
+  if (threadIdx.x == 0) orow[R - 1] = static_cast<float>(fused_size);
   if (normalize) {
     // crow was written by other threads of this block: __syncthreads (inside block_sum_all)
     // made those writes visible.
     for (int64_t m = threadIdx.x; m < nm; m += kThreads) {
-      crow[m] = total != A(0) ? crow[m] / total : A(0);
+      crow[m] = total != 0.0 ? crow[m] / total : 0.0;
     }
   }
 }
@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
     rows_kernel(const T* __restrict__ x, T* __restrict__ out, const int32_t* __restrict__ src,
-                const int32_t* __restrict__ merged, const A* __restrict__ coef, int64_t N,
+                const int32_t* __restrict__ merged, const double* __restrict__ coef, int64_t N,
                 int64_t C, int64_t P, int64_t keep, int64_t nm) {
   const int64_t b = blockIdx.x;
   const int64_t R = P + keep + (nm > 0 ? 1 : 0);
@@ -174,16 +174,18 @@ __global__ void __launch_bounds__(kThreads)
       continue;
     }
     const int32_t* mrow = merged + b * nm;
-    const A* crow = coef + b * nm;
+    const double* crow = coef + b * nm;
     const T* cand = xb + P * C;
     for (int64_t c = threadIdx.x; c < C; c += kThreads) {
       A acc = 0;
       for (int64_t j = 0; j < nm; ++j) {
         // Note [Zero coefficients] (tokens.h): a zero coefficient adds nothing, even for an
-        // inf/NaN token. The branch is uniform over the block (same j for every thread).
-        const A w = crow[j];
-        if (w == A(0)) continue;
-        acc += w * static_cast<A>(cand[static_cast<int64_t>(mrow[j]) * C + c]);
+        // inf/NaN token; any other takes part, also one that underflows in A (Note [Merge
+        // weights]). The branches are uniform over the block (same j for every thread).
+        const double w = crow[j];
+        if (w == 0.0) continue;
+        acc += tok::scaled<A>(w, tok::fits_accumulation<A>(w),
+                              static_cast<A>(cand[static_cast<int64_t>(mrow[j]) * C + c]));
       }
       orow[c] = static_cast<T>(acc);
     }
@@ -217,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_prune_merge_cuda(
   FAT_DISPATCH_TOKEN_TYPES(a.x.scalar_type(), "token_prune_merge_cuda", [&] {
     using T = scalar_t;
     using A = at::opmath_type<T>;
-    at::Tensor coef = at::empty({B, nm}, a.x.options().dtype(c10::CppTypeToScalarType<A>::value));
+    at::Tensor coef = at::empty({B, nm}, a.x.options().dtype(at::kDouble));
     const bool use_smem = M * static_cast<int64_t>(sizeof(A)) <= kSmemBytes;
     const size_t smem = use_smem ? static_cast<size_t>(M) * sizeof(A) : 0;
     with_score_type<T>(a.scores.scalar_type(), [&](auto score_tag) {
@@ -225,14 +227,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_prune_merge_cuda(
       select_kernel<S, A><<<static_cast<unsigned>(B), kThreads, smem, stream>>>(
           a.scores.const_data_ptr<S>(), sizes, N, P, M, keep, normalize, use_smem,
           kept_index.data_ptr<int64_t>(), src.data_ptr<int32_t>(), merged.data_ptr<int32_t>(),
-          coef.data_ptr<A>(), out_sizes.data_ptr<float>());
+          coef.data_ptr<double>(), out_sizes.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     if (C > 0) {
       const dim3 grid(static_cast<unsigned>(B), grid_y(R));
       rows_kernel<T, A><<<grid, kThreads, 0, stream>>>(
           a.x.const_data_ptr<T>(), out.data_ptr<T>(), src.const_data_ptr<int32_t>(),
-          merged.const_data_ptr<int32_t>(), coef.const_data_ptr<A>(), N, C, P, keep, nm);
+          merged.const_data_ptr<int32_t>(), coef.const_data_ptr<double>(), N, C, P, keep, nm);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -247,10 +249,10 @@ __global__ void __launch_bounds__(kThreads)
     backward_prep_kernel(const S* __restrict__ scores, const float* __restrict__ sizes,
                          const int64_t* __restrict__ kept_index, int64_t N, int64_t P, int64_t M,
                          int64_t keep, bool normalize, int32_t* __restrict__ row_of,
-                         A* __restrict__ coef, A* __restrict__ total) {
+                         double* __restrict__ coef, double* __restrict__ total) {
   const int64_t b = blockIdx.x;
   int32_t* rrow = row_of + b * M;
-  A* crow = coef + b * M;
+  double* crow = coef + b * M;
   const S* srow = scores + b * M;
   const float* zrow = sizes != nullptr ? sizes + b * N + P : nullptr;
   for (int64_t i = threadIdx.x; i < M; i += kThreads) rrow[i] = -1;
@@ -260,20 +262,21 @@ __global__ void __launch_bounds__(kThreads)
     if (0 <= i && i < M) rrow[i] = static_cast<int32_t>(P + j);  // out of range: ignored
   }
   __syncthreads();
-  A w_sum = 0;
+  double w_sum = 0;  // Note [Merge weights]: as the forward, in float64
   for (int64_t i = threadIdx.x; i < M; i += kThreads) {
-    A w = 0;
+    double w = 0;
     if (rrow[i] < 0) {
-      w = static_cast<A>(srow[i]) * (zrow != nullptr ? static_cast<A>(zrow[i]) : A(1));
+      w = static_cast<double>(static_cast<A>(srow[i])) *
+          (zrow != nullptr ? static_cast<double>(zrow[i]) : 1.0);
       w_sum += w;
     }
     crow[i] = w;
   }
-  const A W = mt::block_sum_all(w_sum);
+  const double W = mt::block_sum_all(w_sum);
   if (threadIdx.x == 0) total[b] = W;
   if (normalize) {
     for (int64_t i = threadIdx.x; i < M; i += kThreads) {
-      crow[i] = W != A(0) ? crow[i] / W : A(0);  // each thread rescales what it wrote
+      crow[i] = W != 0.0 ? crow[i] / W : 0.0;  // each thread rescales what it wrote
     }
   }
 }
@@ -281,7 +284,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
     backward_rows_kernel(const T* __restrict__ grad_out, const T* __restrict__ x,
-                         const int32_t* __restrict__ row_of, const A* __restrict__ coef,
+                         const int32_t* __restrict__ row_of, const double* __restrict__ coef,
                          int64_t N, int64_t C, int64_t P, int64_t M, int64_t R,
                          T* __restrict__ grad_x, A* __restrict__ dots) {
   const int64_t b = blockIdx.x;
@@ -296,14 +299,15 @@ __global__ void __launch_bounds__(kThreads)
     }
     const T* gf = grad_out + (b * R + R - 1) * C;
     const T* xr = x + (b * N + t) * C;
-    const A w = coef[b * M + t - P];
+    const double w = coef[b * M + t - P];
     // Note [Zero coefficients]: a token that weighs nothing takes part with its finite values
-    // only (uniform over the block).
-    const bool weightless = w == A(0);
+    // only (uniform over the block). Note [Merge weights]: w * g in float64 when w does not fit A.
+    const bool weightless = w == 0.0;
+    const bool fits = weightless || tok::fits_accumulation<A>(w);
     A d = 0;
     for (int64_t c = threadIdx.x; c < C; c += kThreads) {
       const A g = static_cast<A>(gf[c]);
-      dst[c] = static_cast<T>(w * g);
+      dst[c] = static_cast<T>(tok::scaled<A>(w, fits, g));
       const A xv = static_cast<A>(xr[c]);
       if (!weightless || isfinite(xv)) d += xv * g;
     }
@@ -315,30 +319,32 @@ __global__ void __launch_bounds__(kThreads)
 template <typename S, typename A>
 __global__ void __launch_bounds__(kThreads)
     backward_scores_kernel(const float* __restrict__ sizes, const int32_t* __restrict__ row_of,
-                           const A* __restrict__ coef, const A* __restrict__ total,
+                           const double* __restrict__ coef, const double* __restrict__ total,
                            const A* __restrict__ dots, int64_t N, int64_t P, int64_t M,
                            bool normalize, S* __restrict__ grad_scores) {
   const int64_t b = blockIdx.x;
   const int32_t* rrow = row_of + b * M;
-  const A* crow = coef + b * M;
+  const double* crow = coef + b * M;
   const A* drow = dots + b * M;
   const float* zrow = sizes != nullptr ? sizes + b * N + P : nullptr;
-  A fg = 0;
+  // In float64 like the weights (Note [Merge weights]); the dots are A sums.
+  double fg = 0;
   if (normalize) {
     for (int64_t i = threadIdx.x; i < M; i += kThreads) {
       // Note [Zero coefficients]: as in the forward, a zero coefficient adds nothing.
-      if (rrow[i] < 0 && crow[i] != A(0)) fg += crow[i] * drow[i];
+      if (rrow[i] < 0 && crow[i] != 0.0) fg += crow[i] * static_cast<double>(drow[i]);
     }
     fg = mt::block_sum_all(fg);
   }
-  const A W = total[b];
+  const double W = total[b];
   for (int64_t i = threadIdx.x; i < M; i += kThreads) {
-    A d = 0;
+    double d = 0;
     if (rrow[i] < 0) {
-      const A size = zrow != nullptr ? static_cast<A>(zrow[i]) : A(1);
-      d = normalize ? (W != A(0) ? size * (drow[i] - fg) / W : A(0)) : size * drow[i];
+      const double size = zrow != nullptr ? static_cast<double>(zrow[i]) : 1.0;
+      const double dot = static_cast<double>(drow[i]);
+      d = normalize ? (W != 0.0 ? size * (dot - fg) / W : 0.0) : size * dot;
     }
-    grad_scores[b * M + i] = static_cast<S>(d);
+    grad_scores[b * M + i] = static_cast<S>(static_cast<A>(d));
   }
 }
 
@@ -363,28 +369,29 @@ std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cuda(
     using T = scalar_t;
     using A = at::opmath_type<T>;
     const auto acc = a.x.options().dtype(c10::CppTypeToScalarType<A>::value);
-    at::Tensor coef = at::empty({B, M}, acc);
-    at::Tensor total = at::empty({B}, acc);
+    at::Tensor coef = at::empty({B, M}, a.x.options().dtype(at::kDouble));
+    at::Tensor total = at::empty({B}, a.x.options().dtype(at::kDouble));
     at::Tensor dots = at::zeros({B, M}, acc);
     with_score_type<T>(a.scores.scalar_type(), [&](auto score_tag) {
       using S = decltype(score_tag);
       backward_prep_kernel<S, A><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
           a.scores.const_data_ptr<S>(), sizes, kept_t.const_data_ptr<int64_t>(), N, P, M,
-          keep, normalize, row_of.data_ptr<int32_t>(), coef.data_ptr<A>(), total.data_ptr<A>());
+          keep, normalize, row_of.data_ptr<int32_t>(), coef.data_ptr<double>(),
+          total.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     if (C > 0) {
       const dim3 grid(static_cast<unsigned>(B), grid_y(N));
       backward_rows_kernel<T, A><<<grid, kThreads, 0, stream>>>(
           grad_t.const_data_ptr<T>(), a.x.const_data_ptr<T>(), row_of.const_data_ptr<int32_t>(),
-          coef.const_data_ptr<A>(), N, C, P, M, R, grad_x.data_ptr<T>(), dots.data_ptr<A>());
+          coef.const_data_ptr<double>(), N, C, P, M, R, grad_x.data_ptr<T>(), dots.data_ptr<A>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     with_score_type<T>(a.scores.scalar_type(), [&](auto score_tag) {
       using S = decltype(score_tag);
       backward_scores_kernel<S, A><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-          sizes, row_of.const_data_ptr<int32_t>(), coef.const_data_ptr<A>(),
-          total.const_data_ptr<A>(), dots.const_data_ptr<A>(), N, P, M, normalize,
+          sizes, row_of.const_data_ptr<int32_t>(), coef.const_data_ptr<double>(),
+          total.const_data_ptr<double>(), dots.const_data_ptr<A>(), N, P, M, normalize,
           grad_scores.data_ptr<S>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -730,3 +730,46 @@ def test_a_non_int_r_is_refused_not_truncated(bad):
     x, m = torch.randn(1, 9, 4), torch.randn(1, 9, 3)
     with pytest.raises(TypeError, match=r"fisheradaptune.bipartite_merge: argument 'r': expected an int"):
         ops.bipartite_merge(x, m, bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Note [Merge weights] (csrc/tokens.h): a source that weighs something is never dropped
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
+def test_a_weight_that_underflows_does_not_hide_a_nonfinite_token(device, dtype, bad):
+    """Issue 21: sizes [[1e-45, 3e38]] with an inf token merged to 1.0 in float32, bfloat16
+    and float16 (its coefficient 1e-45 / 3e38 is 0 in float32); float64 and the reference give
+    inf. A nonzero size is a nonzero weight: the bad value propagates, forward and backward."""
+    x = torch.tensor([[[bad, 2.0], [1.0, 1.0]]], dtype=dtype, device=device, requires_grad=True)
+    m = torch.ones(1, 2, 3, device=device)
+    sizes = torch.tensor([[1e-45, 3e38]], device=device)
+    out, out_sizes, dest = ops.bipartite_merge(x, m, 1, num_protected=0, sizes=sizes)
+    r_out, r_sizes, r_dest = reference.bipartite_merge(x, m, 1, num_protected=0, sizes=sizes)
+    assert dest.tolist() == r_dest.tolist() == [[0, 0]]
+    assert out.shape == (1, 1, 2)
+    if bad != bad:
+        assert bool(out.detach()[0, 0, 0].isnan())
+    else:
+        assert float(out.detach()[0, 0, 0]) == bad  # was 1.0
+    assert float(out.detach()[0, 0, 1]) == 1.0     # 2 * 3.3e-84 + 1 * 1
+    torch.testing.assert_close(out, r_out, equal_nan=True, **TOL[dtype])
+    torch.testing.assert_close(out_sizes, r_sizes)
+    # backward: the tiny coefficient times an inf gradient is inf (not 0), as the reference's
+    g = torch.tensor([[[float("inf"), 1.0]]], dtype=dtype, device=device)
+    (gx,) = torch.autograd.grad(out, x, g)
+    (r_gx,) = torch.autograd.grad(r_out, x, g)
+    assert float(gx[0, 0, 0]) == float("inf")
+    torch.testing.assert_close(gx, r_gx, equal_nan=True, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_zero_size_still_hides_a_nonfinite_token(device, dtype):
+    """The contrast (Note [Zero coefficients]): a size of exactly 0 weighs nothing."""
+    x = torch.tensor([[[float("inf"), 2.0], [1.0, 1.0]]], dtype=dtype, device=device)
+    out, _, _ = ops.bipartite_merge(x, torch.ones(1, 2, 3, device=device), 1, num_protected=0,
+                                    sizes=torch.tensor([[0.0, 3e38]], device=device))
+    assert out[0, 0].tolist() == [1.0, 1.0]

@@ -269,6 +269,8 @@ CASES = [
     ("js_drift", _set(drift_mode="bogus"), ValueError, "drift_mode"),
     ("js_drift", _set(bins=1), ValueError, "bins"),
     ("js_drift", _set(bins=0), ValueError, "bins"),
+    ("js_drift", _set(bins=2 ** 31), ValueError, "bins"),
+    ("js_drift", _set(bins=2 ** 30 + 1, drift_mode="mass"), ValueError, "bins"),
     ("js_drift", _set(lower_q=0.5, upper_q=0.5), ValueError, "lower_q/upper_q"),
     ("js_drift", _set(lower_q=-0.1), ValueError, "lower_q/upper_q"),
     ("js_drift", _set(upper_q=1.5), ValueError, "lower_q/upper_q"),
@@ -411,6 +413,7 @@ def test_fake_kernel_refuses_what_the_op_refuses(device, op, change, exc, arg, f
 COMPILE_CASES = [
     ("fisher_accumulate_", _item("grads", 1, lambda t: t.reshape(3, 2)), "grads[1]"),
     ("js_drift", _set(bins=1), "bins"),
+    ("js_drift", _set(bins=2 ** 31), "bins"),
     ("sampled_grad", _set(x=lambda t: t[:3]), "x"),
 ]
 
@@ -478,3 +481,135 @@ def test_all_meta_float64_state_is_admitted():
     args.update(fisher=[f.double() for f in args["fisher"]],
                 grads=[g.double() for g in args["grads"]])
     assert _call("fisher_accumulate_", _meta(args, "cpu")) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# (4) Aliasing (Note [Aliasing], csrc/validate.h): every overlap the C++ refuses is refused by
+# the fake kernel too, with the same exception and message, so that torch.compile(fullgraph)
+# does not run what eager refuses (issue 21: `js_drift([c], [c], update_reference=0.5)` and
+# per_sample_grad_sq_ with `fisher` overlapping `x` ran when compiled). Each case: (op, change
+# to the base call, argument named, the argument it overlaps, both written).
+
+def _same_tensor_twice_drift(a):
+    """The issue's reproducer: one tensor as both current and reference, one group."""
+    c = a["current"][0]
+    return dict(current=[c], reference=[c], segments=torch.tensor([[0, 0, 6, 0]]), num_groups=1)
+
+
+def _shared(make):
+    """A change that builds its overlapping tensors from one buffer on the base call's device."""
+    def change(a):
+        device = next(iter(_tensors(a))).device
+        return make(device, a)
+    return change
+
+
+ALIAS_CASES = [
+    # fisher_accumulate_: every fisher tensor, group_sums and nonfinite are written; grads read
+    ("fisher_accumulate_", _shared(lambda d, a: (lambda buf: dict(
+        fisher=[buf[:6], buf[:6].view(2, 3)]))(torch.rand(12, device=d))),
+     "fisher[1]", "fisher[0]", True),
+    ("fisher_accumulate_", _shared(lambda d, a: (lambda buf: dict(
+        fisher=[a["fisher"][0], buf[:6].view(2, 3)], grads=[buf[3:9], a["grads"][1]]))(
+            torch.rand(12, device=d))),
+     "grads[0]", "fisher[1]", False),
+    ("fisher_accumulate_", _shared(lambda d, a: (lambda buf: dict(
+        fisher=[buf[:6], a["fisher"][1]], group_sums=buf[5:7]))(torch.rand(8, device=d))),
+     "group_sums", "fisher[0]", True),
+    ("fisher_accumulate_", _shared(lambda d, a: (lambda buf: dict(
+        grads=[a["grads"][0], buf[:6].view(2, 3)], nonfinite=buf.view(torch.int64)[1]))(
+            torch.zeros(8, device=d))),
+     "nonfinite", "grads[1]", False),
+    # js_drift / js_mass_partial with an update: reference written, current (and totals) read
+    ("js_drift", _same_tensor_twice_drift, "reference[0]", "current[0]", False),
+    ("js_drift", _shared(lambda d, a: (lambda buf: dict(
+        reference=[buf[:6], buf[:6].view(2, 3)]))(torch.rand(12, device=d))),
+     "reference[1]", "reference[0]", True),
+    ("js_mass_partial", lambda a: {**_same_tensor_twice_drift(a),
+                                   "totals": a["totals"][:, :1].contiguous()},
+     "reference[0]", "current[0]", False),
+    ("js_mass_partial", _shared(lambda d, a: (lambda buf: dict(
+        reference=[buf[:6], a["reference"][1]],
+        totals=buf[4:12].view(torch.float64).view(2, 2)))(torch.rand(14, device=d))),
+     "totals", "reference[0]", False),
+    # per_sample_grad_sq_: fisher and nonfinite written, x and grad_out read in place
+    ("per_sample_grad_sq_", _shared(lambda d, a: (lambda buf: dict(
+        x=buf.view(2, 4, 5), fisher=buf[10:25].view(3, 5)))(torch.randn(40, device=d))),
+     "x", "fisher", False),
+    ("per_sample_grad_sq_", _shared(lambda d, a: (lambda buf: dict(
+        fisher=buf[:15].view(3, 5), grad_out=buf[12:36].view(2, 4, 3)))(
+            torch.randn(36, device=d))),
+     "grad_out", "fisher", False),
+    ("per_sample_grad_sq_", _shared(lambda d, a: (lambda buf: dict(
+        fisher=buf[:15].view(3, 5), nonfinite=buf.view(torch.int64)[7]))(
+            torch.rand(16, device=d))),
+     "nonfinite", "fisher", True),
+]
+
+#: Sharing that the C++ accepts (nothing written overlaps): accepted everywhere too.
+ALIAS_OK = [
+    # nothing is written without an update: current and reference may be the same tensors
+    ("js_drift", lambda a: {**_same_tensor_twice_drift(a), "update_reference": None}),
+    ("js_mass_partial", lambda a: {**_same_tensor_twice_drift(a), "update_reference": None,
+                                   "totals": a["totals"][:, :1].contiguous()}),
+    # inputs only read may overlap each other
+    ("fisher_accumulate_", _shared(lambda d, a: (lambda buf: dict(
+        grads=[buf[:6], buf[:6].view(2, 3)]))(torch.randn(6, device=d)))),
+    # a non-contiguous input is copied before the kernel reads it: the copy aliases nothing
+    ("js_drift", lambda a: (lambda buf: dict(current=[buf[::2], a["current"][1]],
+                                             reference=[buf[:6], a["reference"][1]]))(
+        torch.rand(12, device=a["current"][0].device))),
+]
+
+
+def _alias_ids(cases):
+    return [f"{c[0]}-{c[2]}" if len(c) > 2 else f"{c[0]}-{i}" for i, c in enumerate(cases)]
+
+
+def _compiled(op: str):
+    return torch.compile(lambda *a: getattr(_ops, op)(*a), backend="aot_eager", fullgraph=True)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("op, change, arg, other, both", ALIAS_CASES, ids=_alias_ids(ALIAS_CASES))
+def test_aliasing_is_refused_eagerly_under_fake_mode_and_compiled(device, op, change, arg, other,
+                                                                    both):
+    args = _changed(op, change, device)
+    message = (rf"^fisheradaptune\.{op}: argument '{re.escape(arg)}': shares memory with "
+               rf"'{re.escape(other)}', and {'both are' if both else 'one is'} written in place")
+    live = _tensors(args)
+    before = snapshot(live)
+    with pytest.raises(ValueError, match=message) as eager:
+        _call(op, args)
+    assert_unchanged(before, live)
+
+    mode = FakeTensorMode()
+    fake = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, args)
+    with mode, pytest.raises(ValueError) as traced:
+        _call(op, fake)
+    assert str(traced.value) == str(eager.value)
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"ValueError.*" + message[1:]):
+        _compiled(op)(*args.values())
+    assert_unchanged(before, live)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("op, change", ALIAS_OK, ids=_alias_ids(ALIAS_OK))
+def test_sharing_that_eager_accepts_is_accepted_under_fake_mode_and_compiled(device, op, change):
+    def make():
+        torch.manual_seed(0)  # the same values in every call (the bases are random)
+        return _changed(op, change, device)
+
+    eager_args, compiled_args = make(), make()
+    want = _call(op, eager_args)
+    mode = FakeTensorMode()
+    fake = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t,
+                    make())
+    with mode:
+        _call(op, fake)
+    torch._dynamo.reset()
+    got = _compiled(op)(*compiled_args.values())
+    torch.testing.assert_close(got, want)
+    assert_unchanged(_tensors(eager_args), _tensors(compiled_args))

@@ -457,8 +457,14 @@ def assert_rejects(exc, match, cur, ref, call):
 
 
 @pytest.mark.parametrize("kw, exc, match", [
-    (dict(bins=1), ValueError, r"argument 'bins': expected >= 2, got 1"),
+    (dict(bins=1), ValueError, r"argument 'bins': expected 2 <= bins <= 2\^30, got 1"),
     (dict(bins=-5), ValueError, r"argument 'bins'"),
+    # issue 21: bins=2**31 was accepted on the CPU and the process was killed for memory; one
+    # bound (CUDA's 2^30) on every backend, in both modes
+    (dict(bins=2 ** 31), ValueError,
+     r"argument 'bins': expected 2 <= bins <= 2\^30, got 2147483648"),
+    (dict(bins=2 ** 30 + 1), ValueError,
+     r"argument 'bins': expected 2 <= bins <= 2\^30, got 1073741825"),
     (dict(lower_q=0.5, upper_q=0.5), ValueError, r"argument 'lower_q/upper_q'"),
     (dict(lower_q=0.9, upper_q=0.1), ValueError, r"argument 'lower_q/upper_q'"),
     (dict(lower_q=-0.1), ValueError, r"argument 'lower_q/upper_q'"),
@@ -599,3 +605,84 @@ def test_rejects_device_mismatch():
     ref_mixed = [ref[0].cuda(), ref[1]]
     assert_rejects(ValueError, r"argument 'reference\[1\]': expected a tensor on cuda", cur,
                    ref_mixed, lambda: ops.js_drift(cur, ref_mixed, layout, update_reference=0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Note [Tiny totals] (csrc/drift_math.h): a float64 group whose total is subnormal
+
+
+def _subnormal_case(exponent: int):
+    """Integer-valued float64 snapshots of two groups (group 1's total is 11 and 12) scaled by
+    2^exponent: exact for every exponent down to -1074, so mass mode's distance must not
+    change, to the bit."""
+    cur = [torch.tensor([3.0, 1.0, 0.0, 7.0, 2.0, 5.0], dtype=torch.float64)]
+    ref = [torch.tensor([1.0, 4.0, 2.0, 5.0, 5.0, 2.0], dtype=torch.float64)]
+    layout = GroupLayout(("a",), ((6,),), ("g0", "g1"), torch.tensor([[0, 0, 4, 0], [0, 4, 6, 1]]))
+    return [torch.ldexp(c, torch.tensor(exponent)) for c in cur], \
+        [torch.ldexp(r, torch.tensor(exponent)) for r in ref], layout
+
+
+@pytest.mark.parametrize("exponent", [-1000, -1040, -1070, -1074])
+def test_mass_mode_scores_a_group_with_a_subnormal_total(exponent):
+    """Issue 21: a float64 group whose total is below ~5.6e-309 read as settled (0.0, the
+    reference 0.4528): 1 / total overflowed to inf."""
+    cur, ref, layout = _subnormal_case(exponent)
+    assert float(cur[0][:4].abs().sum()) < 5.6e-309 or exponent == -1000
+    got = ops.js_drift(cur, ref, layout, drift_mode="mass")
+    want = reference.js_drift(cur, ref, layout, drift_mode="mass")
+    torch.testing.assert_close(got, want, rtol=F32_EPS, atol=0)
+    assert bool((got > 0.1).all()), got
+    # scale invariance, bitwise: the unscaled snapshots give the same distances
+    assert_bitwise_equal(got, ops.js_drift(*_subnormal_case(0), drift_mode="mass"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Note [Sparse histogram] (csrc/cpu/drift.cpp): bins up to 2^30 on the CPU in O(values) memory
+
+
+def _sparse_histogram_distance(c: np.ndarray, r: np.ndarray, bins: int, lower_q=0.01,
+                               upper_q=0.99, min_log_range=1e-3) -> float:
+    """docs/methods.md section 3's histogram distance with the bins held sparsely (numpy), for a
+    bin count whose dense histogram would not fit in memory."""
+    lc, lr = np.log10(np.abs(c) + 1e-12), np.log10(np.abs(r) + 1e-12)
+    union = torch.from_numpy(np.concatenate([lc, lr]))
+    lo, hi = reference.log_quantile(union, lower_q), reference.log_quantile(union, upper_q)
+    hi = max(hi, lo + min_log_range)
+
+    def bin_index(v):
+        v = v[(v >= lo) & (v <= hi)]
+        return np.minimum(np.floor((v - lo) * (bins / (hi - lo))), bins - 1).astype(np.int64)
+
+    ic, ir = bin_index(lc), bin_index(lr)
+    nc, nr = len(ic) + bins * 1e-12, len(ir) + bins * 1e-12
+    occupied = np.union1d(ic, ir)
+    hc = np.array([np.count_nonzero(ic == b) for b in occupied], dtype=np.float64)
+    hr = np.array([np.count_nonzero(ir == b) for b in occupied], dtype=np.float64)
+
+    def term(p, q):
+        m = (p + q) / 2
+        return 0.5 * (p * np.log(p / m) + q * np.log(q / m))
+
+    js = term((hc + 1e-12) / nc, (hr + 1e-12) / nr).sum()
+    js += (bins - len(occupied)) * term(1e-12 / nc, 1e-12 / nr)
+    return math.sqrt(max(js, 0.0))
+
+
+@pytest.mark.parametrize("bins", [2 ** 16 + 1, 100_000])
+def test_histogram_beyond_the_dense_bins_matches_the_reference(bins):
+    cur, ref, layout = _case()
+    got = ops.js_drift(cur, ref, layout, drift_mode="histogram", bins=bins)
+    want = reference.js_drift(cur, ref, layout, drift_mode="histogram", bins=bins)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_histogram_with_two_to_the_30_bins_runs_in_small_memory():
+    """The largest accepted bins on the CPU: dense counts would take 16 GiB per thread (issue
+    21: bins=2**31 was accepted and the process killed); the distance is the sparse form's."""
+    cur, ref, layout = _case()
+    got = ops.js_drift(cur, ref, layout, drift_mode="histogram", bins=2 ** 30)
+    for g in range(layout.num_groups):
+        (t, b, e), = layout.segments_of(g)
+        want = _sparse_histogram_distance(cur[t].reshape(-1)[b:e].double().numpy(),
+                                          ref[t].reshape(-1)[b:e].double().numpy(), 2 ** 30)
+        assert float(got[g]) == pytest.approx(want, rel=1e-5)

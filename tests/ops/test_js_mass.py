@@ -598,3 +598,48 @@ def test_rejects_reference_on_another_device():
                                              update_reference=0.5)):
         assert_rejects(ValueError, r"argument 'reference\[1\]': expected a tensor on cuda", cur,
                        ref_mixed, call)
+
+
+# ---------------------------------------------------------------------------------------------
+# Note [Tiny totals] (csrc/drift_math.h)
+
+
+@pytest.mark.parametrize("exponent", [-1040, -1074])
+def test_partial_with_subnormal_totals_is_finite_and_scale_invariant(exponent):
+    """Issue 21: js_mass_partial returned NaN for a float64 group whose totals are subnormal
+    (1 / total overflowed, and 0 * inf is NaN); the reference scores it. Integer values scaled
+    by 2^exponent are exact, so the partial must equal the unscaled one, to the bit."""
+    layout = GroupLayout(("a",), ((6,),), ("g0", "g1"), torch.tensor([[0, 0, 4, 0], [0, 4, 6, 1]]))
+
+    def case(e):
+        cur = [torch.ldexp(torch.tensor([3.0, 1.0, 0.0, 7.0, 2.0, 5.0], dtype=torch.float64),
+                           torch.tensor(e))]
+        ref = [torch.ldexp(torch.tensor([1.0, 4.0, 2.0, 5.0, 5.0, 2.0], dtype=torch.float64),
+                           torch.tensor(e))]
+        return cur, ref, ops.js_mass_totals(cur, ref, layout)
+
+    cur, ref, totals = case(exponent)
+    assert float(totals.max()) < 5.6e-309
+    got = ops.js_mass_partial(cur, ref, layout, totals)
+    assert bool(torch.isfinite(got).all()), got
+    torch.testing.assert_close(got, reference.js_mass_partial(cur, ref, layout, totals),
+                               rtol=1e-12, atol=0)
+    plain_cur, plain_ref, plain_totals = case(0)
+    assert_bitwise_equal(got, ops.js_mass_partial(plain_cur, plain_ref, layout, plain_totals))
+    # a zero total still gives 0 (the contract), next to a subnormal one
+    zero = totals.clone()
+    zero[0, 1] = 0.0
+    assert float(ops.js_mass_partial(cur, ref, layout, zero)[1]) == 0.0
+
+
+def test_partial_with_a_subnormal_total_and_larger_elements_matches_the_reference():
+    """Totals handed in need not be these elements' (other shards): a subnormal total with
+    normal elements scores like the reference's division, not NaN."""
+    layout = GroupLayout(("a",), ((4,),), ("g",), torch.tensor([[0, 0, 4, 0]]))
+    cur = [torch.tensor([1e-310, 2e-310, 0.0, 5e-311], dtype=torch.float64)]
+    ref = [torch.tensor([3e-310, 1e-311, 1e-310, 0.0], dtype=torch.float64)]
+    for t in ([[1e-320], [1.0]], [[5e-324], [5e-324]]):
+        totals = torch.tensor(t, dtype=torch.float64)
+        got = ops.js_mass_partial(cur, ref, layout, totals)
+        torch.testing.assert_close(got, reference.js_mass_partial(cur, ref, layout, totals),
+                                   rtol=1e-12, atol=0)

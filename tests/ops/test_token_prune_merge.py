@@ -416,3 +416,74 @@ def test_cuda_matches_cpu_large(n):
     torch.testing.assert_close(a[0].cpu(), b[0])
     again = ops.token_prune_merge(x.cuda(), scores.cuda(), keep, sizes=sizes.cuda())
     assert all(torch.equal(u, v) for u, v in zip(a, again))
+
+
+# ---------------------------------------------------------------------------------------------
+# Note [Merge weights] (csrc/tokens.h): weights in float64, a token that weighs something is
+# never dropped
+
+LOW_AND_FULL = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", LOW_AND_FULL)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
+@pytest.mark.parametrize("scores, sizes", [
+    ([[1.0, 1.0]], [[1e-45, 3e38]]),   # the issue's: coefficient 1e-45 / 3e38 is 0 in float32
+    ([[1e-30, 1.0]], [[1e-20, 1.0]]),  # w = 1e-50 is 0 in float32
+], ids=["coefficient-underflow", "weight-underflow"])
+def test_a_weight_that_underflows_does_not_hide_a_nonfinite_token(device, dtype, normalize, bad,
+                                                                   scores, sizes):
+    """Issue 21: with sizes [[1e-45, 3e38]] an inf token fused to 1.0 in float32, bfloat16 and
+    float16; float64 and the reference give inf."""
+    x = torch.tensor([[[bad, 2.0], [1.0, 1.0]]], dtype=dtype, device=device, requires_grad=True)
+    scores = torch.tensor(scores, device=device)
+    sizes = torch.tensor(sizes, device=device)
+    out, _, _ = ops.token_prune_merge(x, scores, 0, num_protected=0, sizes=sizes,
+                                      normalize=normalize)
+    r_out, _, _ = reference.token_prune_merge(x, scores, 0, num_protected=0, sizes=sizes,
+                                              normalize=normalize)
+    fused = float(out.detach()[0, -1, 0])
+    assert (math.isnan(fused) if bad != bad else fused == bad), out  # was 1.0 (normalize)
+    torch.testing.assert_close(out, r_out, equal_nan=True, **TOL[dtype])
+    g = torch.tensor([[[float("inf"), 1.0]]], dtype=dtype, device=device)
+    gx, = torch.autograd.grad(out, x, g)
+    r_gx, = torch.autograd.grad(r_out, x, g)
+    assert float(gx[0, 0, 0]) == float("inf")  # coef * inf, coef > 0 however small
+    torch.testing.assert_close(gx, r_gx, equal_nan=True, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", LOW_AND_FULL)
+@pytest.mark.parametrize("scores, sizes", [
+    ([[1e-30, 1e-30, 3e-30]], [[1e-20, 1e-20, 1e-20]]),  # every w_i underflowed: W == 0, zeros
+    ([[1.0, 1.0, 3.0]], [[3e38, 3e38, 3e38]]),           # W overflowed: every coefficient 0
+], ids=["underflow", "overflow"])
+def test_weights_outside_float32s_range_fuse_as_in_float64(device, dtype, scores, sizes):
+    """A float32 W of 0 or inf turned a fuse of finite tokens into zeros; in float64 (the
+    reference's) it is the weighted mean (1, 3, 5) with weights (1, 1, 3): 19 / 5 = 3.8. The
+    score gradients, whose quotient is by W, match the reference's too."""
+    x = torch.tensor([[[1.0], [3.0], [5.0]]], dtype=dtype, device=device, requires_grad=True)
+    scores = torch.tensor(scores, device=device, requires_grad=True)
+    sizes = torch.tensor(sizes, device=device)
+    out, _, _ = ops.token_prune_merge(x, scores, 0, num_protected=0, sizes=sizes)
+    r_out, _, _ = reference.token_prune_merge(x, scores, 0, num_protected=0, sizes=sizes)
+    assert float(out.detach()[0, 0, 0]) == pytest.approx(3.8, rel=1e-2)  # was 0.0
+    torch.testing.assert_close(out, r_out, **TOL[dtype])
+    g = torch.ones_like(out)
+    gx, gs = torch.autograd.grad(out, (x, scores), g)
+    r_gx, r_gs = torch.autograd.grad(r_out, (x, scores), g)
+    torch.testing.assert_close(gx, r_gx, **TOL[dtype])
+    torch.testing.assert_close(gs, r_gs, rtol=TOL[dtype]["rtol"], atol=0)
+
+
+@pytest.mark.parametrize("device", devices)
+def test_fused_size_is_summed_in_float64(device):
+    """out_sizes' fused entry adds the merged sizes in float64 on every backend, as the
+    reference does: 3e38 + 3e38 - 3e38 is 3e38 (a float32 sum in this order is inf)."""
+    x = torch.ones(1, 4, 2, device=device)
+    sizes = torch.tensor([[1.0, 3e38, 3e38, -3e38]], device=device)
+    _, _, out_sizes = ops.token_prune_merge(x, torch.ones(1, 3, device=device), 0, sizes=sizes)
+    _, _, want = reference.token_prune_merge(x, torch.ones(1, 3, device=device), 0, sizes=sizes)
+    assert out_sizes.tolist() == want.tolist() == [[1.0, pytest.approx(3e38, rel=1e-6)]]
