@@ -8,11 +8,8 @@ from ._loader import has_cuda_kernels, load as _load
 
 _load()
 
+# Importing ops registers every Python kernel of the ops (fake, autograd, ADInplaceOrView), once.
 from . import ops, reference, groups, fisher  # noqa: E402  (ops need the library loaded)
-from . import _inplace, _nondiff  # noqa: E402
-
-_inplace.register()
-_nondiff.register()
 from . import adapters, vit, selection, masked, distributed, adaptune  # noqa: E402
 from .groups import GroupLayout  # noqa: E402
 from .adaptune import FisherAdapTune, Observe, PaperPolicy, Policy, Threshold  # noqa: E402

@@ -148,3 +148,14 @@ def test_no_pointer_outside_the_repository():
             if word in text:
                 offenders.append(f"{path.relative_to(ROOT)}: {word}")
     assert not offenders, offenders
+
+
+def test_ops_exports_the_typed_wrappers_of_every_family():
+    from fisheradaptune import ops
+    families = {"fisher": ["fisher_accumulate_", "per_sample_grad_sq_"],
+                "drift": ["js_drift", "js_mass_totals", "js_mass_partial"],
+                "tokens": ["token_prune_merge", "bipartite_merge"], "sparse": ["sampled_grad"]}
+    assert sorted(ops.__all__) == sorted(n for names in families.values() for n in names)
+    for family, names in families.items():
+        for name in names:
+            assert getattr(ops, name).__module__ == f"fisheradaptune.ops.{family}", name

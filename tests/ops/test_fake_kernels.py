@@ -1,7 +1,8 @@
-"""The fake kernels (fisheradaptune._fake): they make the C++ validation's checks, so that a meta
-tensor among real ones is refused by name instead of silently doing nothing, and FakeTensor
-tracing (torch.compile) refuses what the eager op refuses, with the same exception and message;
-a call whose tensors are all meta still returns the right shapes.
+"""The fake kernels (fisheradaptune/ops/<family>.py, checks in fisheradaptune/ops/_checks.py):
+they make the C++ validation's checks, so that a meta tensor among real ones is refused by name
+instead of silently doing nothing, and FakeTensor tracing (torch.compile) refuses what the eager
+op refuses, with the same exception and message; a call whose tensors are all meta still returns
+the right shapes.
 
 Every op has a valid base call (``BASES``); the cases change one argument of it.
 """

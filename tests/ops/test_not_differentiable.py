@@ -1,12 +1,13 @@
-"""Ops without a derivative never hand back a silent zero gradient (fisheradaptune/_nondiff.py):
-distances refuse an input that requires grad, statistics treat their inputs as data."""
+"""Ops without a derivative never hand back a silent zero gradient (Note [No derivative] in
+fisheradaptune/ops/_library.py): distances refuse an input that requires grad, statistics treat
+their inputs as data."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import fisheradaptune as fat
-from fisheradaptune import _nondiff
+from fisheradaptune.ops import _library
 from fisheradaptune.groups import per_tensor
 
 
@@ -117,5 +118,12 @@ def test_fisher_adaptune_after_create_graph_backward():
 
 def test_the_lists_cover_the_ops_without_a_derivative():
     differentiable = {"bipartite_merge", "token_prune_merge", "sampled_grad"}
-    assert set(_nondiff.STATISTICS) | set(_nondiff.NOT_DIFFERENTIABLE) | differentiable \
+    assert set(_library.STATISTICS) | set(_library.NOT_DIFFERENTIABLE) | differentiable \
         == set(_ops())
+
+
+def test_a_kernel_is_registered_once():
+    # import fisheradaptune registered every Python kernel; a second one for the same op and
+    # dispatch key is refused rather than silently replacing the first.
+    with pytest.raises(RuntimeError, match="js_drift already has a kernel for Autograd"):
+        _library.impl("js_drift", "Autograd")(lambda *args: None)

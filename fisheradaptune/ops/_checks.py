@@ -1,15 +1,16 @@
-"""Fake kernels of the ``torch.ops.fisheradaptune`` operators, with the argument checks of the
-C++ validation.
+"""The argument checks of the ``torch.ops.fisheradaptune`` operators in Python: one
+``validate_<op>`` per op, the twin of the C++ validation, shared by every Python kernel that
+must refuse what the compiled op refuses (the fake kernels of each family module).
 
 A fake kernel runs instead of the C++ one whenever the op sees a FakeTensor (``torch.compile``,
 FakeTensor tracing) or a meta tensor (the Meta dispatch key wins over CPU and CUDA, so one meta
 tensor among CPU ones is enough). Returning output shapes alone would let tracing accept input
 that the eager op rejects, and turn a stray meta tensor into a call that silently writes nothing.
-So every fake kernel first makes the checks of its C++ twin (csrc/validate.h, csrc/args.cpp,
-csrc/plan.cpp, csrc/tokens.cpp, csrc/bipartite.cpp, csrc/sparse.cpp and the CUDA kernels' own limits), in the same
-order, raising the same exception types with the same messages
-(``fisheradaptune.<op>: argument '<name>': expected ...``; ValueError for shapes, lengths,
-devices and values, TypeError for dtypes).
+So every fake kernel first calls its op's ``validate_<op>``, which makes the checks of its C++
+twin (csrc/validate.h, csrc/args.cpp, csrc/plan.cpp, csrc/tokens.cpp, csrc/bipartite.cpp,
+csrc/sparse.cpp and the CUDA kernels' own limits), in the same order, raising the same exception
+types with the same messages (``fisheradaptune.<op>: argument '<name>': expected ...``;
+ValueError for shapes, lengths, devices and values, TypeError for dtypes).
 
 Aliasing (Note [Aliasing] in csrc/validate.h): the fakes refuse the same overlaps as the C++,
 compared within each storage (a fake tensor has no address), so that torch.compile does not run
@@ -19,7 +20,7 @@ What a fake kernel cannot check is what needs data: it never reads a tensor's va
 rows of ``segments`` (indices in range, no overlap), the range of ``sampled_grad``'s ``index``,
 the order of ``token_prune_merge_backward``'s ``kept_index`` and the range of
 ``bipartite_merge_backward``'s ``dest_index`` stay unchecked while tracing;
-the real kernel checks them when it runs.
+the real kernel checks them when it runs. (A kernel that runs on data must add those checks.)
 
 Devices. Every tensor must be on the op's device, which is chosen as in the C++ (the first
 tensor in each op's order), except that a meta tensor decides it only when no tensor of the call
@@ -28,8 +29,6 @@ tensors are all meta (meta tracing) passes and returns meta outputs of the right
 ``segments`` may stay on the CPU (``GroupLayout.segments``) or be meta as well, and float64
 state counts as CPU state, the meta device standing for any real one. Under FakeTensorMode a
 tensor reports its fake device (cpu, cuda), so the checks are exactly those of real validation.
-
-Registered at import; :mod:`fisheradaptune.ops` imports this module.
 """
 from __future__ import annotations
 
@@ -39,7 +38,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__: List[str] = []
+__all__ = ["validate_fisher_accumulate", "validate_js_drift", "validate_js_mass_totals",
+           "validate_js_mass_partial", "validate_per_sample_grad_sq", "validate_token_prune_merge",
+           "validate_token_prune_merge_backward", "validate_bipartite_merge",
+           "validate_bipartite_merge_backward", "validate_sampled_grad"]
 
 _INT32_MAX = 2 ** 31 - 1
 _FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -218,10 +220,10 @@ def _as_read(t: Optional[Tensor]) -> Optional[Tensor]:
 # fisher_accumulate_ (validate_fisher_accumulate)
 
 
-@torch.library.register_fake("fisheradaptune::fisher_accumulate_")
-def _fisher_accumulate_fake(fisher: List[Tensor], grads: List[Optional[Tensor]], decay: float,
-                            scale: float, segments: Optional[Tensor], group_sums: Tensor,
-                            nonfinite: Tensor) -> None:
+def validate_fisher_accumulate(fisher: List[Tensor], grads: List[Optional[Tensor]], decay: float,
+                               scale: float, segments: Optional[Tensor], group_sums: Tensor,
+                               nonfinite: Tensor) -> torch.device:
+    """validate_fisher_accumulate. Returns the op's device."""
     op = "fisher_accumulate_"
     _check_same_length(op, "fisher", len(fisher), "grads", len(grads))
     _check_coefficient(op, "decay", decay)
@@ -256,6 +258,7 @@ def _fisher_accumulate_fake(fisher: List[Tensor], grads: List[Optional[Tensor]],
     _check_no_aliasing(op, [*[(f, _item("fisher", i), True) for i, f in enumerate(fisher)],
                             *[(_as_read(g), _item("grads", i), False) for i, g in enumerate(grads)],
                             (group_sums, "group_sums", True), (nonfinite, "nonfinite", True)])
+    return device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,10 +308,11 @@ def _check_drift_aliasing(op: str, current: List[Tensor], reference: List[Tensor
                             (totals, "totals", False)])
 
 
-@torch.library.register_fake("fisheradaptune::js_drift")
-def _js_drift_fake(current: List[Tensor], reference: List[Tensor], segments: Tensor,
-                   num_groups: int, drift_mode: str, bins: int, lower_q: float, upper_q: float,
-                   min_log_range: float, base2: bool, update_reference: Optional[float]) -> Tensor:
+def validate_js_drift(current: List[Tensor], reference: List[Tensor], segments: Tensor,
+                      num_groups: int, drift_mode: str, bins: int, lower_q: float, upper_q: float,
+                      min_log_range: float, base2: bool,
+                      update_reference: Optional[float]) -> torch.device:
+    """validate_js_drift. Returns the op's device."""
     op = "js_drift"
     _check_value(drift_mode in ("mass", "histogram"), op, "drift_mode",
                  "expected \"mass\" or \"histogram\", got \"", drift_mode, "\"")
@@ -319,7 +323,7 @@ def _js_drift_fake(current: List[Tensor], reference: List[Tensor], segments: Ten
                  "expected a finite number > 0, got ", min_log_range)
     device = _check_drift_lists(op, current, reference, segments, num_groups, update_reference)
     _check_drift_aliasing(op, current, reference, update_reference)
-    return torch.empty(num_groups, dtype=torch.float32, device=device)
+    return device
 
 
 def _check_totals(op: str, totals: Tensor, num_groups: int, device: torch.device) -> None:
@@ -330,32 +334,31 @@ def _check_totals(op: str, totals: Tensor, num_groups: int, device: torch.device
     _check_device(op, "totals", totals, device)
 
 
-@torch.library.register_fake("fisheradaptune::js_mass_totals")
-def _js_mass_totals_fake(current: List[Tensor], reference: List[Tensor], segments: Tensor,
-                         num_groups: int) -> Tensor:
-    device = _check_drift_lists("js_mass_totals", current, reference, segments, num_groups, None)
-    return torch.empty(2, num_groups, dtype=torch.float64, device=device)
+def validate_js_mass_totals(current: List[Tensor], reference: List[Tensor], segments: Tensor,
+                            num_groups: int) -> torch.device:
+    """validate_js_mass (totals). Returns the op's device."""
+    return _check_drift_lists("js_mass_totals", current, reference, segments, num_groups, None)
 
 
-@torch.library.register_fake("fisheradaptune::js_mass_partial")
-def _js_mass_partial_fake(current: List[Tensor], reference: List[Tensor], segments: Tensor,
-                          num_groups: int, totals: Tensor,
-                          update_reference: Optional[float]) -> Tensor:
+def validate_js_mass_partial(current: List[Tensor], reference: List[Tensor], segments: Tensor,
+                             num_groups: int, totals: Tensor,
+                             update_reference: Optional[float]) -> torch.device:
+    """validate_js_mass (partial). Returns the op's device."""
     op = "js_mass_partial"
     device = _check_drift_lists(op, current, reference, segments, num_groups, update_reference,
                                 totals)
     _check_totals(op, totals, num_groups, device)
     _check_drift_aliasing(op, current, reference, update_reference, totals)
-    return torch.empty(num_groups, dtype=torch.float64, device=device)
+    return device
 
 
 # ---------------------------------------------------------------------------------------------
 # per_sample_grad_sq_ (validate_per_sample_grad_sq)
 
 
-@torch.library.register_fake("fisheradaptune::per_sample_grad_sq_")
-def _per_sample_grad_sq_fake(fisher: Tensor, x: Tensor, grad_out: Tensor, scale: float,
-                             nonfinite: Tensor) -> None:
+def validate_per_sample_grad_sq(fisher: Tensor, x: Tensor, grad_out: Tensor, scale: float,
+                                nonfinite: Tensor) -> torch.device:
+    """validate_per_sample_grad_sq. Returns the op's device."""
     op = "per_sample_grad_sq_"
     _check_coefficient(op, "scale", scale)
     device = _op_device([fisher, nonfinite, x, grad_out], fisher.device)
@@ -378,6 +381,7 @@ def _per_sample_grad_sq_fake(fisher: Tensor, x: Tensor, grad_out: Tensor, scale:
                 "), got ", grad_out.dtype)
     _check_no_aliasing(op, [(fisher, "fisher", True), (x, "x", False),
                             (grad_out, "grad_out", False), (nonfinite, "nonfinite", True)])
+    return device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,25 +438,23 @@ def _check_launch_shape(op: str, device: torch.device, b: int, n: int) -> None:
         _check_value(n <= _INT32_MAX, op, "x", "at most 2^31 - 1 tokens on CUDA, got ", n)
 
 
-@torch.library.register_fake("fisheradaptune::token_prune_merge")
-def _token_prune_merge_fake(x: Tensor, scores: Tensor, sizes: Optional[Tensor],
-                            num_protected: int, keep: int,
-                            normalize: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def validate_token_prune_merge(x: Tensor, scores: Tensor, sizes: Optional[Tensor],
+                               num_protected: int, keep: int, normalize: bool) -> int:
+    """token_prune_merge's checks (csrc/tokens.cpp). Returns the number of out rows,
+    ``num_protected + keep`` plus the fused token when there is one."""
     op = "token_prune_merge"
     device = _op_device([x, scores, sizes], x.device)
     b, n, c, m = _check_tokens(op, x, scores, sizes, num_protected, device)
     _check_value(0 <= keep <= m, op, "keep", "expected 0 <= keep <= N - num_protected = ", m,
                  ", got ", keep)
     _check_launch_shape(op, device, b, n)
-    rows = num_protected + keep + (1 if keep < m else 0)
-    return (x.new_empty(b, rows, c), x.new_empty(b, keep, dtype=torch.int64),
-            x.new_empty(b, rows, dtype=torch.float32))
+    return num_protected + keep + (1 if keep < m else 0)
 
 
-@torch.library.register_fake("fisheradaptune::token_prune_merge_backward")
-def _token_prune_merge_backward_fake(grad_out: Tensor, x: Tensor, scores: Tensor,
-                                     sizes: Optional[Tensor], kept_index: Tensor,
-                                     num_protected: int, normalize: bool) -> Tuple[Tensor, Tensor]:
+def validate_token_prune_merge_backward(grad_out: Tensor, x: Tensor, scores: Tensor,
+                                        sizes: Optional[Tensor], kept_index: Tensor,
+                                        num_protected: int, normalize: bool) -> None:
+    """token_prune_merge_backward's checks (csrc/tokens.cpp)."""
     op = "token_prune_merge_backward"
     device = _op_device([x, scores, sizes, kept_index, grad_out], x.device)
     b, n, c, m = _check_tokens(op, x, scores, sizes, num_protected, device)
@@ -471,17 +473,15 @@ def _token_prune_merge_backward_fake(grad_out: Tensor, x: Tensor, scores: Tensor
                  ", ", c, "], got ", grad_out.shape)
     # kept_index's values (strictly increasing, in [0, M)) are data: checked by the CPU kernel.
     _check_launch_shape(op, device, b, n)
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(scores, memory_format=torch.contiguous_format))
 
 
 # ---------------------------------------------------------------------------------------------
 # bipartite_merge and its backward (csrc/bipartite.cpp)
 
 
-@torch.library.register_fake("fisheradaptune::bipartite_merge")
-def _bipartite_merge_fake(x: Tensor, metric: Tensor, sizes: Optional[Tensor], num_protected: int,
-                          r: int) -> Tuple[Tensor, Tensor, Tensor]:
+def validate_bipartite_merge(x: Tensor, metric: Tensor, sizes: Optional[Tensor],
+                             num_protected: int, r: int) -> None:
+    """bipartite_merge's checks (csrc/bipartite.cpp)."""
     op = "bipartite_merge"
     device = _op_device([x, metric, sizes], x.device)
     _check_device(op, "x", x, device)
@@ -501,14 +501,11 @@ def _bipartite_merge_fake(x: Tensor, metric: Tensor, sizes: Optional[Tensor], nu
     _check_value(0 <= r <= set_b, op, "r", "expected 0 <= r <= (N - num_protected) // 2 = ", set_b,
                  " (each merge needs its own A token and the B set is the smaller), got ", r)
     _check_launch_shape(op, device, b, n)
-    rows = n - r
-    return (x.new_empty(b, rows, c), x.new_empty(b, rows, dtype=torch.float32),
-            x.new_empty(b, n, dtype=torch.int64))
 
 
-@torch.library.register_fake("fisheradaptune::bipartite_merge_backward")
-def _bipartite_merge_backward_fake(grad_out: Tensor, sizes: Optional[Tensor],
-                                   dest_index: Tensor) -> Tensor:
+def validate_bipartite_merge_backward(grad_out: Tensor, sizes: Optional[Tensor],
+                                      dest_index: Tensor) -> None:
+    """bipartite_merge_backward's checks (csrc/bipartite.cpp)."""
     op = "bipartite_merge_backward"
     device = _op_device([grad_out, sizes, dest_index], grad_out.device)
     _check_device(op, "grad_out", grad_out, device)
@@ -527,7 +524,6 @@ def _bipartite_merge_backward_fake(grad_out: Tensor, sizes: Optional[Tensor],
     _check_sizes(op, sizes, b, n, device)
     # dest_index's values (in [0, N - r)) are data: checked by the CPU kernel.
     _check_launch_shape(op, device, b, n)
-    return grad_out.new_empty(b, n, c)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,8 +532,8 @@ def _bipartite_merge_backward_fake(grad_out: Tensor, sizes: Optional[Tensor],
 _SPARSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-@torch.library.register_fake("fisheradaptune::sampled_grad")
-def _sampled_grad_fake(grad_out: Tensor, x: Tensor, index: Tensor) -> Tensor:
+def validate_sampled_grad(grad_out: Tensor, x: Tensor, index: Tensor) -> None:
+    """validate_sampled_grad (csrc/sparse.cpp)."""
     op = "sampled_grad"
     device = _op_device([grad_out, x, index], grad_out.device)
     _check_device(op, "grad_out", grad_out, device)
@@ -561,5 +557,3 @@ def _sampled_grad_fake(grad_out: Tensor, x: Tensor, index: Tensor) -> Tensor:
     _check_value(rows * picks == 0 or cols > 0, op, "index",
                  "expected no columns (C = 0) when x has no features (in = 0), got shape ",
                  index.shape)
-    dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
-    return grad_out.new_empty((rows, picks), dtype=dtype)

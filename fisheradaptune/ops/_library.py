@@ -1,0 +1,191 @@
+"""What every op family needs: the operator namespace, the one ``torch.library.Library`` that
+holds the Python kernels, the wrappers' argument conversions, and the shared pieces of the
+``ADInplaceOrView`` and ``Autograd`` kernels.
+
+Every family module (:mod:`.fisher`, :mod:`.drift`, :mod:`.tokens`, :mod:`.sparse`) registers
+its kernels when it is imported, through :func:`impl` (one kernel per op and dispatch key: a
+second registration is a programming error, refused) or ``torch.library.register_fake`` /
+``register_autograd``. :mod:`fisheradaptune.ops` imports every family, and
+``import fisheradaptune`` imports it once, right after loading the compiled library, so direct
+``torch.ops.fisheradaptune.*`` calls are covered as well as the typed wrappers.
+
+Note [In-place writes]
+~~~~~~~~~~~~~~~~~~~~~~
+A kernel registered in C++ for CPU/CUDA writes into its ``Tensor(a!)`` arguments, but nothing
+bumps their version counters, so autograd would not notice that a tensor it saved for backward
+was overwritten and would silently compute wrong gradients. An ``ADInplaceOrView`` kernel per
+mutating op (the dispatch key where torch's own in-place ops do this) runs the op below that
+key, then bumps the version of every tensor it wrote (:func:`bump`). It also refuses, as
+torch's in-place ops do, to write into a leaf that requires grad while grad mode is on
+(:func:`check_leaves`).
+
+Note [No derivative]
+~~~~~~~~~~~~~~~~~~~~
+An op with no kernel at the ``Autograd`` dispatch key gets PyTorch's fallback, which marks its
+outputs as requiring grad when an input does and, at backward, leaves the inputs' ``.grad`` at
+``None`` with only a warning: a drift used in a loss would contribute nothing, silently. Each op
+without a derivative therefore gets an ``Autograd`` kernel that says what it does with inputs
+that require grad, before it runs:
+
+- **Statistics** (``fisher_accumulate_``, ``per_sample_grad_sq_``; :func:`register_statistic`)
+  treat their inputs as data: they accumulate squared gradients into a Fisher buffer, a
+  quantity nothing differentiates through (under ``loss.backward(create_graph=True)`` the
+  ``.grad`` they read requires grad). They run below autograd, so what they write never
+  requires grad.
+- **Distances and backward helpers** (``js_drift``, ``js_mass_totals``, ``js_mass_partial``,
+  ``token_prune_merge_backward``, ``bipartite_merge_backward``;
+  :func:`register_not_differentiable`) refuse, with grad mode on, an input that requires grad,
+  naming the op and the argument: their derivatives are not implemented, and a result that
+  would not carry one must not look as if it did. Detach the inputs or call them under
+  ``torch.no_grad()``. (Higher-order gradients through the token ops never reach their
+  ``*_backward`` ops: see :mod:`.tokens`.)
+
+:data:`STATISTICS` and :data:`NOT_DIFFERENTIABLE` list the ops registered each way.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ..groups import GroupLayout
+
+__all__: List[str] = []
+
+#: The operator namespace (``torch.ops.fisheradaptune``).
+OPS = torch.ops.fisheradaptune
+
+#: Ops whose tensor inputs are data: run below autograd, outputs never require grad.
+STATISTICS: List[str] = []
+#: Ops that refuse an input requiring grad while grad mode is on.
+NOT_DIFFERENTIABLE: List[str] = []
+
+# The one library every Python kernel is registered on (kept alive: dropping it deregisters).
+_LIB = torch.library.Library("fisheradaptune", "IMPL")
+_REGISTERED: Dict[Tuple[str, str], Callable] = {}
+
+
+def impl(name: str, key: str) -> Callable[[Callable], Callable]:
+    """Decorator: register the function as ``fisheradaptune::<name>``'s kernel for the dispatch
+    key ``key``, once (a second kernel for the same op and key raises instead of replacing)."""
+    def register(fn: Callable) -> Callable:
+        if (name, key) in _REGISTERED:
+            raise RuntimeError(f"fisheradaptune::{name} already has a kernel for {key} "
+                               f"({_REGISTERED[name, key].__qualname__})")
+        _LIB.impl(name, fn, key)
+        _REGISTERED[name, key] = fn
+        return fn
+    return register
+
+
+# ---------------------------------------------------------------------------------------------
+# The typed wrappers' argument conversions
+
+
+def count(op: str, arg: str, v) -> int:
+    """An int argument as an int: a float or bool is refused rather than truncated (``r=2.7``
+    would otherwise merge 2 tokens without a word). SymInts pass, for dynamic shapes."""
+    if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool):
+        return v
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        return operator.index(v)  # numpy integers and other index-like values
+    except TypeError:
+        raise TypeError(f"fisheradaptune.{op}: argument '{arg}': expected an int, got "
+                        f"{type(v).__name__} {v!r}") from None
+
+
+def segments(layout: Optional[GroupLayout], tensors: Sequence[Optional[Tensor]], arg: str,
+             required: bool = False):
+    """``(segments, num_groups)`` of ``layout`` after checking it describes ``tensors``;
+    ``(None, 0)`` without a layout when none is required."""
+    if layout is None and not required:
+        return None, 0
+    if not isinstance(layout, GroupLayout):
+        raise TypeError(f"argument 'layout': expected a GroupLayout, got {type(layout).__name__}")
+    layout.check_tensors(tensors, arg=arg)
+    # Kernels plan their work on the host, so the CPU copy is the one to pass (no sync).
+    return layout.segments, layout.num_groups
+
+
+# ---------------------------------------------------------------------------------------------
+# ADInplaceOrView kernels (Note [In-place writes])
+
+
+def tensors(*items) -> List[Tensor]:
+    """The tensors among ``items`` (tensors and lists of tensors or None)."""
+    out = []
+    for it in items:
+        if isinstance(it, Tensor):
+            out.append(it)
+        elif isinstance(it, (list, tuple)):
+            out.extend(t for t in it if isinstance(t, Tensor))
+    return out
+
+
+def check_leaves(op: str, targets: List[Tensor], arg: str) -> None:
+    """Refuse, with grad mode on, to write in place into a leaf that requires grad."""
+    if not torch.is_grad_enabled():
+        return
+    for t in targets:
+        if t.requires_grad and t.is_leaf:
+            raise RuntimeError(f"fisheradaptune.{op}: argument '{arg}': a leaf tensor that "
+                               "requires grad cannot be written in place (detach it, or call "
+                               "under torch.no_grad())")
+
+
+def bump(targets: List[Tensor]) -> None:
+    """Bump the version counters of the tensors an op wrote."""
+    if targets:
+        torch.autograd.graph.increment_version(targets)
+
+
+def below_inplace():
+    """The context in which an ``ADInplaceOrView`` kernel calls its op."""
+    return torch._C._AutoDispatchBelowADInplaceOrView()
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd kernels of the ops without a derivative (Note [No derivative])
+
+
+def _requiring_grad(schema, args, kwargs) -> Iterator[str]:
+    """Names of the read-only tensor arguments that require grad."""
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            continue  # written in place: the ADInplaceOrView kernel refuses a leaf needing grad
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        if any(isinstance(t, Tensor) and t.requires_grad for t in items):
+            yield arg.name
+
+
+def register_statistic(name: str) -> None:
+    """Register ``name``'s Autograd kernel as a statistic: it runs below autograd."""
+    op = getattr(OPS, name).default
+
+    def kernel(*args, **kwargs):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args, **kwargs)
+    impl(name, "Autograd")(kernel)
+    STATISTICS.append(name)
+
+
+def register_not_differentiable(name: str) -> None:
+    """Register ``name``'s Autograd kernel as refusing an input that requires grad."""
+    op = getattr(OPS, name).default
+
+    def kernel(*args, **kwargs):
+        if torch.is_grad_enabled():
+            for arg in _requiring_grad(op._schema, args, kwargs):
+                raise RuntimeError(
+                    f"fisheradaptune.{name}: argument '{arg}' requires grad, but {name} is not "
+                    "differentiable (its result would carry no gradient); pass detached "
+                    "tensors (.detach()) or call it under torch.no_grad()")
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args, **kwargs)
+    impl(name, "Autograd")(kernel)
+    NOT_DIFFERENTIABLE.append(name)

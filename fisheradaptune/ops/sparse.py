@@ -1,0 +1,76 @@
+"""The sparse family: ``sampled_grad``, the sampled weight gradient (SDDMM) of TR-PTS compact
+training (:class:`fisheradaptune.selection.SparseLinear`; Note [Sampled gradient] in
+csrc/sparse.h).
+
+The op's Python story in one place: the typed wrapper, the fake kernel (the C++ checks, from
+:mod:`._checks`) and the autograd formula (the op is bilinear, differentiated with
+differentiable ops so higher derivatives are right). Nothing is written in place.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from ._library import OPS as _ops
+
+__all__ = ["sampled_grad"]
+
+
+# ---------------------------------------------------------------------------------------------
+# sampled_grad
+
+
+def sampled_grad(grad_out: Tensor, x: Tensor, index: Tensor) -> Tensor:
+    """Sampled weight gradient (SDDMM) of a Linear layer with a row-balanced index.
+
+    ``out[i, c] = sum_t grad_out[t, i] * x[t, index[i, c]]`` for ``grad_out [T, out]``,
+    ``x [T, in]`` (same dtype: float32, bfloat16, float16 or float64) and ``index`` int64
+    ``[out, C]`` with values in ``[0, in)``: the entries of ``grad_out.T @ x`` that the index
+    picks, without forming the dense gradient. Returns float32 ``[out, C]`` (float64 for float64
+    inputs). Bitwise deterministic.
+
+    The same contract on CPU and CUDA: an index value outside ``[0, in)`` is a ``ValueError``
+    naming ``index`` (so with ``in == 0`` only ``C == 0`` is accepted); repeated columns in a
+    row are allowed; ``T == 0`` gives zeros. On CUDA the range check reads the index's minimum
+    and maximum back to the host, a synchronisation made once per index tensor and version (an
+    in-place write to the index forces a new check): the static index of
+    :class:`fisheradaptune.selection.SparseLinear` is checked once, not at every backward. The
+    op cannot be captured in a CUDA graph (a clear error).
+    """
+    return _ops.sampled_grad.default(grad_out, x, index)
+
+
+@torch.library.register_fake("fisheradaptune::sampled_grad")
+def _sampled_grad_fake(grad_out: Tensor, x: Tensor, index: Tensor) -> Tensor:
+    _checks.validate_sampled_grad(grad_out, x, index)
+    dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    return grad_out.new_empty((index.shape[0], index.shape[1]), dtype=dtype)
+
+
+def _sampled_grad_setup(ctx, inputs, output):
+    grad_out, x, index = inputs
+    ctx.save_for_backward(grad_out, x, index)
+
+
+def _sampled_grad_backward(ctx, grad):
+    # out[i, c] = sum_t grad_out[t, i] * x[t, index[i, c]] is bilinear. With the incoming
+    # gradient scattered (added: a row may repeat a column) into a dense [out, in] matrix G,
+    # d grad_out = x G^T and d x = grad_out G. Written with differentiable ops, so a graph
+    # built through this backward (create_graph=True) is differentiated again correctly.
+    grad_out, x, index = ctx.saved_tensors
+    dense = grad.new_zeros(index.shape[0], x.shape[1]).scatter_add(1, index, grad)
+    d_grad_out = d_x = None
+    if ctx.needs_input_grad[0]:
+        d_grad_out = (x.to(grad.dtype) @ dense.T).to(grad_out.dtype)
+    if ctx.needs_input_grad[1]:
+        d_x = (grad_out.to(grad.dtype) @ dense).to(x.dtype)
+    return d_grad_out, d_x, None
+
+
+torch.library.register_autograd("fisheradaptune::sampled_grad", _sampled_grad_backward,
+                                setup_context=_sampled_grad_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fallback kernels (pure PyTorch, the same contract as the compiled ones)
