@@ -464,10 +464,11 @@ def _js_drift_fallback(current: List[Tensor], reference: List[Tensor], segments:
             js = []
             zero = torch.zeros((), dtype=torch.float64, device=device)
             for pieces in by_group:
-                c = torch.cat([_fb_flat(current[t], b, e) for t, b, e in pieces]) \
-                    if pieces else zero.reshape(0)
-                r = torch.cat([_fb_flat(reference[t], b, e) for t, b, e in pieces]) \
-                    if pieces else zero.reshape(0)
+                if not pieces:
+                    js.append(zero)
+                    continue
+                c = torch.cat([_fb_flat(current[t], b, e) for t, b, e in pieces])
+                r = torch.cat([_fb_flat(reference[t], b, e) for t, b, e in pieces])
                 tc = c.abs().sum(dtype=torch.float64)
                 tr = r.abs().sum(dtype=torch.float64)
                 if not bool((tc > 0) & (tr > 0)):
