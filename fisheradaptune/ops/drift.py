@@ -281,29 +281,21 @@ def _fb_flat(t: Tensor, b: int, e: int) -> Tensor:
     return t.reshape(-1)[b:e]
 
 
-def _fb_chunk_sums(x: Tensor) -> Tensor:
-    """The plan's chunk partials of one segment's values (float64 sums of CHUNK-element runs)."""
-    n = x.numel()
-    full = n - n % _FB_CHUNK
-    parts = []
-    if full:
-        parts.append(x[:full].reshape(-1, _FB_CHUNK).sum(1, dtype=torch.float64))
-    if full < n:
-        parts.append(x[full:].sum(dtype=torch.float64).reshape(1))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-
 def _fb_group_sums(by_group, fn, device: torch.device, skip=None) -> Tensor:
-    """float64 ``[G]``: per group, the sum in plan order of the chunk partials of ``fn(t, b, e,
-    g)`` over its pieces (0 for a group with none or one in ``skip``)."""
+    """float64 ``[G]``: per group, the sum in plan order of the chunk partials ``fn(t, b, e,
+    g).sum()`` over the plan's chunks ``[b, e)`` (CHUNK elements of one piece at most) of its
+    pieces; 0 for a group with none or one in ``skip``. Working chunk by chunk also keeps every
+    temporary small: whole-tensor temporaries of a ViT's largest weights cost more in page faults
+    than in arithmetic."""
     out = []
     zero = torch.zeros((), dtype=torch.float64, device=device)
     for g, pieces in enumerate(by_group):
         if not pieces or (skip is not None and skip[g]):
             out.append(zero)
             continue
-        partials = [_fb_chunk_sums(fn(t, b, e, g)) for t, b, e in pieces]
-        out.append(torch.cat(partials).sum() if len(partials) > 1 else partials[0].sum())
+        partials = [fn(t, b, min(b + _FB_CHUNK, e), g).sum(dtype=torch.float64)
+                    for t, begin, e in pieces for b in range(begin, e, _FB_CHUNK)]
+        out.append(torch.stack(partials).sum() if len(partials) > 1 else partials[0])
     if not out:
         return torch.zeros(0, dtype=torch.float64, device=device)
     return torch.stack(out)
@@ -334,8 +326,10 @@ def _fb_mass_terms(p: Tensor, q: Tensor) -> Tensor:
     for c in _FB_SERIES:
         series.mul_(u).add_(c)
     series.mul_(u)
+    # a ln a + b ln b with 0 ln 0 = 0: a, b are 0 or at least 2^-53, so the clamp changes no
+    # other value
     a, b = 1.0 + d, 1.0 - d
-    logs = torch.xlogy(a, a).add_(torch.xlogy(b, b))
+    logs = a.clamp_min(1e-300).log_().mul_(a).add_(b.clamp_min(1e-300).log_().mul_(b))
     f = torch.where(u < 1.0 / 64, series, logs)
     scored = s > 0
     return torch.where(scored, s.mul_(f).mul_(0.25), 0.0)

@@ -333,6 +333,7 @@ def test_two_to_the_30_bins_allocate_no_dense_histogram(monkeypatch):
 
     def recording_bincount(x, weights=None, minlength=0):
         sizes.append(max(minlength, x.numel()))
+        assert minlength <= 2 ** 16, f"a dense count of {minlength} bins"  # before allocating
         return bincount(x, weights, minlength)
     monkeypatch.setattr(torch, "bincount", recording_bincount)
     got, _ = assert_same("js_drift", drift_args(cur, ref, layout, "histogram", 2 ** 30),
