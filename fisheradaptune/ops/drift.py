@@ -392,10 +392,14 @@ def _fb_log_quantile(v: Tensor, q: float) -> float:
     n = v.numel()
     h = float(n - 1) * q
     i = int(_math.floor(h))
-    a = float(torch.kthvalue(v, i + 1).values)
     if i + 1 >= n:
-        return a
-    b = float(torch.kthvalue(v, i + 2).values)
+        return float(v.max())
+    # The i-th and (i+1)-th smallest from the shorter end: a partial sort of a few percent of
+    # the values is several times faster than two full selections (kthvalue).
+    if i + 2 <= n - i:
+        a, b = torch.topk(v, i + 2, largest=False, sorted=True).values[i:].tolist()
+    else:
+        b, a = torch.topk(v, n - i, largest=True, sorted=True).values[-2:].tolist()
     return _fb_lerp_numpy(a, b, h - float(i))
 
 
