@@ -215,9 +215,9 @@ _library.register_not_differentiable("js_mass_partial")
 # Results agree with the compiled CPU kernel to rounding (its SIMD lanes sum in another order and
 # its logarithm is its own polynomial), not bitwise; a float32 distance almost always matches to
 # the bit. Histogram bins use torch's log10 both for the values and for the quantiles taken from
-# them, so the extreme values always fall inside [lo, hi], as they do in the C++. Every reduction
-# is a plain ``sum`` over fixed slices (no atomics, no scatter): deterministic on every device,
-# for any thread count.
+# them, so the extreme values always fall inside [lo, hi], as they do in the C++. Every float
+# reduction is a plain ``sum`` over fixed slices (no float atomics, no scatter; bin counts are
+# integers): deterministic on every device, for any thread count.
 
 import math as _math
 from typing import Tuple
