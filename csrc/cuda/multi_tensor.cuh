@@ -292,7 +292,7 @@ __device__ __forceinline__ double slot_sum(const double* partials, int64_t begin
 
 // A token row copied by the block (kThreads threads): 16-byte vectors when both rows are aligned
 // and the row is whole vectors, else element by element; bitwise either way. Used by the token
-// kernels (tokens.cu, bipartite.cu).
+// kernels (tokens/token_prune_merge_cuda.cu, tokens/bipartite_merge_cuda.cu).
 template <typename T>
 __device__ __forceinline__ void copy_row(T* __restrict__ dst, const T* __restrict__ from,
                                          int64_t C) {

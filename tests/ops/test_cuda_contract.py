@@ -1,7 +1,8 @@
 """One contract on both backends: the edge cases where the CUDA kernels once differed from the CPU
 ones, and the claims of CPU-identical rounding (Note [CPU-identical Fisher update] in
-csrc/cuda/fisher.cu, the reference EMA in csrc/cuda/drift.cu). CPU parts run everywhere; the
-CUDA parts skip without a GPU and run on the GPU machine (``pytest -m cuda``)."""
+csrc/fisher/fisher_accumulate_cuda.cu, the reference EMA in csrc/drift/drift_mass_cuda.cu). CPU
+parts run everywhere; the CUDA parts skip without a GPU and run on the GPU machine
+(``pytest -m cuda``)."""
 from __future__ import annotations
 
 import pytest
