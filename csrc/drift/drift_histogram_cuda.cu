@@ -309,7 +309,9 @@ struct HistFinishOp {
 // Bounds the batch's scratch (radix rows + bin counts), so that any number of groups and bins
 // runs in bounded memory; ViT-B's ~600 groups at 64 bins take one batch.
 constexpr int64_t kBatchBytes = int64_t(64) << 20;
-constexpr int64_t kSharedBinsMax = 4096;  // 2 x 4096 x 4 B = 32 KiB of shared memory
+// BinCountOp counts in dynamic shared memory up to 4096 bins: 2 x 4096 x 4 B = kMaxDynamicSmem
+// (Note [Launch resources]); more bins count in global memory.
+constexpr int64_t kSharedBinsMax = mt::kMaxDynamicSmem / (2 * sizeof(unsigned));
 
 }  // namespace
 

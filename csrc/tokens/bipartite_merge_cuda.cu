@@ -74,10 +74,10 @@ using tok::grid_y;
 using tok::kMaxGridY;
 using mt::kWarps;
 
-// Best similarities kept in shared memory per block (up to 32 KiB, so that with the scans' static
-// shared memory a block stays under the 48 KiB that needs no opt-in); more A tokens read global
-// memory.
-constexpr int64_t kSmemBytes = 32 * 1024;
+// Best similarities kept in shared memory per block (up to kMaxDynamicSmem, 32 KiB, so that with
+// the scans' static shared memory a block stays under the 48 KiB that needs no opt-in: Note
+// [Launch resources]); more A tokens read global memory.
+constexpr int64_t kSmemBytes = mt::kMaxDynamicSmem;
 
 // Elements of the A token's unit vector each lane keeps in registers (D <= 128 entirely); the
 // rest is read from global memory, in the same order.

@@ -54,10 +54,10 @@ using tok::beats;
 using tok::grid_y;
 using tok::kMaxGridY;
 
-// Scores kept in shared memory per block (up to 32 KiB, so that with the reductions' static
-// shared memory a block stays under the 48 KiB that needs no opt-in); longer rows read global
-// memory.
-constexpr int64_t kSmemBytes = 32 * 1024;
+// Scores kept in shared memory per block (up to kMaxDynamicSmem, 32 KiB, so that with the
+// reductions' static shared memory a block stays under the 48 KiB that needs no opt-in: Note
+// [Launch resources]); longer rows read global memory.
+constexpr int64_t kSmemBytes = mt::kMaxDynamicSmem;
 
 // Note [Token dtypes]: calls f(S{}) with S the scores' element type, which validation restricts
 // to T (x's type) or float: one instantiation for float32 x, two for the others.
