@@ -48,8 +48,11 @@ def _load_build_config():
 build_config = _load_build_config()
 
 
-def _sources(pattern: str):
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(CSRC, pattern)))
+def _sources(suffix: str):
+    """Every ``csrc/**/*<suffix>``: the shared files at the top and each op family's folder
+    (``csrc/<family>/``: validation, CPU kernel, CUDA kernel), so a new file needs no edit here."""
+    pattern = os.path.join(CSRC, "**", "*" + suffix)
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(pattern, recursive=True))
 
 
 def make_extension():
@@ -64,7 +67,7 @@ def make_extension():
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-DFISHERADAPTUNE_BUILD"]
     # Mirror torch's choice so at::parallel_for uses the same OpenMP runtime as libtorch.
     link_flags = ["-fopenmp"]
-    sources = _sources("*.cpp") + _sources("cpu/*.cpp")
+    sources = _sources(".cpp")
     kwargs = dict(
         name="fisheradaptune._C",
         sources=sources,
@@ -73,10 +76,11 @@ def make_extension():
         py_limited_api=False,
     )
     if with_cuda:
-        sources += _sources("cuda/*.cu")
+        sources += _sources(".cu")
         # nvcc keeps its default --fmad=true: where a kernel must round as the CPU does, the
         # rounding is spelled out with __fmul_rn / __fadd_rn (Note [Uncontracted arithmetic],
-        # csrc/drift_math.h; Note [CPU-identical Fisher update], csrc/cuda/fisher.cu).
+        # csrc/drift/drift_math.h; Note [CPU-identical Fisher update],
+        # csrc/fisher/fisher_accumulate_cuda.cu).
         nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
                       "-DFISHERADAPTUNE_WITH_CUDA"]
         cxx_flags.append("-DFISHERADAPTUNE_WITH_CUDA")

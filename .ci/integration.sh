@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The integration stage: the real ecosystem (torch 2.14.1 CUDA build running on the CPU,
 # torchvision 0.29.1, timm, peft, transformers) in its own venv, with the CUDA kernels compiled
-# AND linked against that torch (FORCE_CUDA=1), every op's CPU/CUDA/Meta kernels checked, and
-# the whole suite run there (the CPU kernels serve the tests; CUDA cases skip without a GPU).
+# AND linked against that torch (FORCE_CUDA=1) for sm_80 and sm_90, every op's CPU/CUDA/Meta
+# kernels checked, every CUDA kernel's launch resources checked (tools/cuda_resources.py: registers,
+# spills and shared memory within a block's limits, Note [Launch resources] in
+# csrc/cuda/multi_tensor.cuh), and the whole suite run there (the CPU kernels serve the tests;
+# CUDA cases skip without a GPU).
 #
 # It works on a copy of the tree so that its CUDA build never replaces the CPU build of the
 # main stage (both would be fisheradaptune/_C.cpython-*.so). No model weights are downloaded.
@@ -31,10 +34,11 @@ step "copy of the tree in $WORK"
 # Tracked and untracked-but-not-ignored files only: no build outputs of the main stage.
 git ls-files -z --cached --others --exclude-standard | tar -C "$ROOT" --null -T - -cf - | tar -C "$WORK" -xf -
 
-step "CUDA build, linked (FORCE_CUDA=1)"
+step "CUDA build, linked (FORCE_CUDA=1, sm_80 and sm_90)"
 # No CUDA_HOME here: setup.py (tools/build_config.py) must find the toolkit itself, although
 # the nvcc on PATH is a wrapper script, and print it in its build configuration.
-(cd "$WORK" && FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+# Both architectures the resource check below reads (A100 and H100/H200 limits).
+(cd "$WORK" && FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0} \
    MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -v --no-build-isolation --no-deps -e . \
    >"$WORK/build.log" 2>&1 || { tail -60 "$WORK/build.log"; exit 1; })
 grep -A8 "fisheradaptune build configuration" "$WORK/build.log"
@@ -56,6 +60,11 @@ EOF
 # Linked against a real CUDA runtime (torch's own libraries resolve through torch at import).
 (cd "$WORK" && ldd fisheradaptune/_C*.so | grep -E "libcudart[^ ]* => /") ||
   { echo "fisheradaptune/_C is not linked against a CUDA runtime (libcudart)"; exit 1; }
+
+step "CUDA launch resources (cuobjdump, sm_80 and sm_90)"
+# Fails when a kernel could not launch for lack of registers or shared memory, has no
+# __launch_bounds__, or spills without a comment saying why; prints every kernel's row.
+(cd "$WORK" && "$PY" tools/cuda_resources.py --arch sm_80,sm_90)
 
 step "tests on the real ecosystem"
 set +e

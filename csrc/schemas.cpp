@@ -1,6 +1,8 @@
-// The operator contract: every fisheradaptune op's schema, in one place. Kernels live in
-// cpu/<family>.cpp and cuda/<family>.cu; fake kernels in fisheradaptune/_fake.py; autograd in
-// fisheradaptune/ops.py (version counters of in-place writes: fisheradaptune/_inplace.py).
+// The operator contract: every fisheradaptune op's schema, in one place. Each op family has a
+// folder, csrc/<family>/ (fisher, drift, tokens, sparse), holding per op (or algorithm) its
+// contract header and validation (<op>.h, <op>_args.cpp), its CPU kernel (<op>_cpu.cpp) and its
+// CUDA kernel (<op>_cuda.cu). Fake kernels, autograd and the in-place registrations are on the
+// Python side (fisheradaptune/).
 // The methods behind the ops are specified in docs/methods.md.
 #include <Python.h>
 #include <torch/library.h>
@@ -22,12 +24,12 @@ TORCH_LIBRARY(fisheradaptune, m) {
       "js_drift(Tensor[] current, Tensor(a!)[] reference, Tensor segments, int num_groups, "
       "str drift_mode, int bins, float lower_q, float upper_q, float min_log_range, bool base2, "
       "float? update_reference) -> Tensor");
-  // Sharded mass drift (Note [Sharded drift], csrc/drift_math.h): js_drift's "mass" mode in two
-  // halves whose results add over shards. js_mass_totals gives float64 [2, num_groups]: per
-  // group, sum |current| and sum |reference| over the elements given. js_mass_partial gives
-  // float64 [num_groups]: per group, the sum of JS^2 terms (nats) of the elements given, with
-  // p = |current| / totals[0], q = |reference| / totals[1] (0 where a total is 0), and applies
-  // the reference update as js_drift does.
+  // Sharded mass drift (Note [Sharded drift], csrc/drift/drift_math.h): js_drift's "mass" mode in
+  // two halves whose results add over shards. js_mass_totals gives float64 [2, num_groups]: per
+  // group, sum |current| and sum |reference| over the elements given. js_mass_partial gives float64
+  // [num_groups]: per group, the sum of JS^2 terms (nats) of the elements given, with p = |current|
+  // / totals[0], q = |reference| / totals[1] (0 where a total is 0), and applies the reference
+  // update as js_drift does.
   m.def(
       "js_mass_totals(Tensor[] current, Tensor[] reference, Tensor segments, int num_groups) "
       "-> Tensor");
@@ -38,7 +40,7 @@ TORCH_LIBRARY(fisheradaptune, m) {
   // x [N, T, in] and grad_out [N, T, out]; per-sample gradients exist one tile at a time.
   // Elements whose update would not be finite are skipped, and their number written into
   // nonfinite (int64, 0-d), as fisher_accumulate_ does. See Note [Skipping in
-  // per_sample_grad_sq_] (csrc/per_sample.cpp).
+  // per_sample_grad_sq_] (csrc/fisher/per_sample_grad_sq.cpp).
   m.def(
       "per_sample_grad_sq_(Tensor(a!) fisher, Tensor x, Tensor grad_out, float scale, "
       "Tensor(b!) nonfinite) -> ()");
@@ -46,7 +48,7 @@ TORCH_LIBRARY(fisheradaptune, m) {
   // keep the `keep` with the highest score (ties: lower index) in their original order and fuse
   // the rest into one token sum_i w_i x_i [/ sum_i w_i], w_i = scores_i * sizes_i. Returns
   // (out [B, P + keep (+1), C], kept_index int64 [B, keep], out_sizes float32 [B, P + keep (+1)]).
-  // See Note [Token prune-merge] (csrc/tokens.h).
+  // See Note [Token prune-merge] (csrc/tokens/token_prune_merge.h).
   m.def(
       "token_prune_merge(Tensor x, Tensor scores, Tensor? sizes, int num_protected, int keep, "
       "bool normalize) -> (Tensor, Tensor, Tensor)");
@@ -58,7 +60,7 @@ TORCH_LIBRARY(fisheradaptune, m) {
   // num_protected, alternate ones form sets A and B; the r A tokens most similar (cosine on
   // metric) to their best B token merge into it by size-weighted mean. Returns (out [B, N - r, C]:
   // protected, unmerged A, B tokens; out_sizes float32 [B, N - r]; dest_index int64 [B, N], the
-  // out row of every token). See Note [Bipartite merge] (csrc/bipartite.h).
+  // out row of every token). See Note [Bipartite merge] (csrc/tokens/bipartite_merge.h).
   m.def(
       "bipartite_merge(Tensor x, Tensor metric, Tensor? sizes, int num_protected, int r) "
       "-> (Tensor, Tensor, Tensor)");
@@ -66,7 +68,7 @@ TORCH_LIBRARY(fisheradaptune, m) {
   m.def("bipartite_merge_backward(Tensor grad_out, Tensor? sizes, Tensor dest_index) -> Tensor");
   // TR-PTS sampled weight gradient (SDDMM): out[i, c] = sum_t grad_out[t, i] * x[t, index[i, c]]
   // with grad_out [T, out], x [T, in], index int64 [out, C]; float32 out (float64 for float64
-  // inputs). See Note [Sampled gradient] (csrc/sparse.h).
+  // inputs). See Note [Sampled gradient] (csrc/sparse/sampled_grad.h).
   m.def("sampled_grad(Tensor grad_out, Tensor x, Tensor index) -> Tensor");
 }
 

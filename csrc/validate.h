@@ -56,6 +56,21 @@ inline void check_state(const char* op, const std::string& where, const at::Tens
   FAT_CHECK_VALUE(t.is_contiguous(), op, where, "expected a contiguous tensor");
 }
 
+// A list of state tensors (fisher_accumulate_'s fisher, js_drift's reference): each on `device`,
+// a state dtype, contiguous. Returns their numels.
+inline std::vector<int64_t> check_state_list(const char* op, const char* arg,
+                                             at::TensorList list, const c10::Device& device) {
+  std::vector<int64_t> numels;
+  numels.reserve(list.size());
+  for (size_t i = 0; i < list.size(); ++i) {
+    const std::string where = item_name(arg, i);
+    check_device(op, where, list[i], device);
+    check_state(op, where, list[i]);
+    numels.push_back(list[i].numel());
+  }
+  return numels;
+}
+
 // Gradient-like input: float32, bfloat16 or float16 (float64 too when the state is float64).
 inline void check_grad_dtype(const char* op, const std::string& where, const at::Tensor& g,
                              const at::Tensor& state) {

@@ -78,11 +78,11 @@ FAT_CPU_CLONES void scale_row(T* __restrict out, const T* __restrict g, A w, int
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(w * static_cast<A>(g[i]));
 }
 
-// Note [Merge weights] (tokens.h): a token's float64 coefficient c is applied in A when it is a
-// finite nonzero A value (the vectorised rows above); one that rounds to 0 or overflows in A
-// (float32: below 1.4e-45 or above 3.4e38) has its products formed in float64 and rounded to A,
-// so that an inf or NaN value of a token that weighs something propagates as in float64
-// (inf * 3e-84 = inf) instead of being hidden by a coefficient of exactly 0. Rare (extreme
+// Note [Merge weights] (tokens/token_prune_merge.h): a token's float64 coefficient c is applied in
+// A when it is a finite nonzero A value (the vectorised rows above); one that rounds to 0 or
+// overflows in A (float32: below 1.4e-45 or above 3.4e38) has its products formed in float64 and
+// rounded to A, so that an inf or NaN value of a token that weighs something propagates as in
+// float64 (inf * 3e-84 = inf) instead of being hidden by a coefficient of exactly 0. Rare (extreme
 // sizes or scores), hence the plain loop.
 template <typename A>
 inline bool fits_accumulation(double c) {

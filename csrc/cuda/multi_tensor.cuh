@@ -54,9 +54,30 @@ namespace mt {
 
 // Every kernel of the extension runs blocks of kThreads threads; the reductions below rely on
 // it being a fixed multiple of the warp size (Note [Fixed-shape reductions]).
+//
+// Note [Launch resources]
+// A launch that asks for more than a block may have fails only when it runs, on a GPU ("too
+// many resources requested for launch"). So the per-block limits hold by construction, and CI
+// checks them without a GPU:
+//   - threads: every kernel declares __launch_bounds__(kThreads) and every launch uses kThreads,
+//     the one named constant shared by the bound and the launch (tests/ops/test_cuda_contract.py
+//     checks both in the sources). ptxas then limits the registers so that a block of kThreads
+//     threads fits: registers x threads <= 65536.
+//   - shared memory: a block's static (__shared__ arrays) plus dynamic shared memory stays within
+//     the 48 KiB a block gets without opting in (no launch opts in): dynamic shared memory is at
+//     most kMaxDynamicSmem, for the three kernels that take any (token_prune_merge's
+//     select_kernel, bipartite_merge's plan_kernel, js_drift's BinCountOp), whose static part is
+//     small.
+//   - spills: a kernel that spills registers to local memory says why in a comment at the kernel
+//     (none does today).
+// tools/cuda_resources.py reads every kernel's registers, spills and static shared memory for
+// sm_80 and sm_90 from the built library (cuobjdump) and fails CI (.ci/integration.sh) when a
+// limit is exceeded or a spill is unexplained; it prints the table of all kernels.
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 static_assert(kThreads % 32 == 0 && kWarps <= 32, "block reductions assume whole warps");
+// The most dynamic shared memory a launch asks for (Note [Launch resources]).
+constexpr int64_t kMaxDynamicSmem = 32 * 1024;
 // Grid cap: beyond it the grid-stride loops take over, so the count never limits a launch.
 constexpr int64_t kMaxGrid = int64_t(1) << 20;
 
@@ -177,6 +198,7 @@ template <typename Desc, typename Op>
 void launch_chunks(const Desc* table, int64_t count, const Op& op, cudaStream_t stream,
                    size_t dynamic_smem = 0) {
   if (count <= 0) return;
+  TORCH_INTERNAL_ASSERT(dynamic_smem <= static_cast<size_t>(kMaxDynamicSmem));
   chunk_kernel<Desc, Op><<<grid_for(count), kThreads, dynamic_smem, stream>>>(table, count, op);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -292,7 +314,7 @@ __device__ __forceinline__ double slot_sum(const double* partials, int64_t begin
 
 // A token row copied by the block (kThreads threads): 16-byte vectors when both rows are aligned
 // and the row is whole vectors, else element by element; bitwise either way. Used by the token
-// kernels (tokens.cu, bipartite.cu).
+// kernels (tokens/token_prune_merge_cuda.cu, tokens/bipartite_merge_cuda.cu).
 template <typename T>
 __device__ __forceinline__ void copy_row(T* __restrict__ dst, const T* __restrict__ from,
                                          int64_t C) {

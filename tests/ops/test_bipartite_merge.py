@@ -1,5 +1,6 @@
 """ops.bipartite_merge: ToMe bipartite token merging (docs/methods.md section 7, Note [Bipartite
-merge] in csrc/bipartite.h), its backward op, and its float64 twin reference.bipartite_merge.
+merge] in csrc/tokens/bipartite_merge.h), its backward op, and its float64 twin
+reference.bipartite_merge.
 
 Exact discrete agreement (dest_index) with the reference needs similarities that round the same
 way in the op and in the reference: a float64 metric of continuous random rows (the op then
@@ -733,7 +734,8 @@ def test_a_non_int_r_is_refused_not_truncated(bad):
 
 
 # ---------------------------------------------------------------------------------------------
-# Note [Merge weights] (csrc/tokens.h): a source that weighs something is never dropped
+# Note [Merge weights] (csrc/tokens/token_prune_merge.h): a source that weighs something is never
+# dropped
 
 
 @pytest.mark.parametrize("device", devices)

@@ -1,14 +1,20 @@
 """One contract on both backends: the edge cases where the CUDA kernels once differed from the CPU
 ones, and the claims of CPU-identical rounding (Note [CPU-identical Fisher update] in
-csrc/cuda/fisher.cu, the reference EMA in csrc/cuda/drift.cu). CPU parts run everywhere; the
-CUDA parts skip without a GPU and run on the GPU machine (``pytest -m cuda``)."""
+csrc/fisher/fisher_accumulate_cuda.cu, the reference EMA in csrc/drift/drift_mass_cuda.cu). CPU
+parts run everywhere; the CUDA parts skip without a GPU and run on the GPU machine
+(``pytest -m cuda``)."""
 from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
 
 import pytest
 import torch
 
-from helpers import (assert_bitwise_equal, assert_unchanged, devices, make_generator, make_layout,
-                     requires_cuda, snapshot)
+from helpers import (REPO_ROOT, assert_bitwise_equal, assert_unchanged, devices, make_generator,
+                     make_layout, requires_cuda, snapshot)
 from fisheradaptune import groups, ops, reference
 
 _ops = torch.ops.fisheradaptune
@@ -239,3 +245,118 @@ def test_reference_update_bitwise_cpu_cuda(mode):
         assert_bitwise_equal(a, b.cpu())
     # distances agree to rounding (not bitwise: the device's log differs in the last ulp)
     torch.testing.assert_close(d_gpu.cpu(), d_cpu, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch resources (Note [Launch resources], csrc/cuda/multi_tensor.cuh), in the sources: every
+# kernel's block size is its __launch_bounds__, and tools/cuda_resources.py, which reads the
+# compiled kernels' registers and shared memory, knows every launch's dynamic shared memory.
+
+def _resources_tool():
+    path = os.path.join(REPO_ROOT, "tools", "cuda_resources.py")
+    spec = importlib.util.spec_from_file_location("fisheradaptune_cuda_resources_contract", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cuda_sources():
+    """{path relative to csrc/: text} of every CUDA source and header."""
+    root = REPO_ROOT / "csrc"
+    return {str(p.relative_to(root)): p.read_text()
+            for p in sorted(root.rglob("*")) if p.suffix in (".cu", ".cuh")}
+
+
+def _kernels(text):
+    """{kernel name: __launch_bounds__ argument or None} of the __global__ kernels in text."""
+    out = {}
+    for m in re.finditer(r"__global__\s+void\s+(?:__launch_bounds__\(([^)]*)\)\s+)?(\w+)\s*\(",
+                         text):
+        out[m.group(2)] = m.group(1).strip() if m.group(1) else None
+    return out
+
+
+def _split_top_level(args):
+    parts, depth, cur = [], 0, ""
+    for ch in args:
+        if ch in "(<[":
+            depth += 1
+        elif ch in ")>]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur.strip())
+    return parts
+
+
+def _launches(text):
+    """(kernel name, block-size expression, dynamic shared memory expression or None) of every
+    `kernel<...><<<grid, block[, smem[, stream]]>>>` launch in text."""
+    out = []
+    for m in re.finditer(r"<<<(.*?)>>>", text, re.S):
+        i = m.start() - 1
+        if text[i] == ">":  # skip the template arguments, balanced
+            depth = 0
+            while True:
+                depth += {">": 1, "<": -1}.get(text[i], 0)
+                if depth == 0:
+                    break
+                i -= 1
+            i -= 1
+        name = re.search(r"(\w+)\s*$", text[:i + 1]).group(1)
+        args = _split_top_level(m.group(1))
+        out.append((name, args[1], args[2] if len(args) > 2 else None))
+    return out
+
+
+def test_every_kernel_is_launched_with_its_launch_bounds():
+    sources = _cuda_sources()
+    kernels = {}  # name -> (file, bound); a name may be defined in several files
+    for path, text in sources.items():
+        for name, bound in _kernels(text).items():
+            assert bound is not None, f"{path}: kernel {name} has no __launch_bounds__"
+            # A named constant, shared with the launch: a literal could drift from it.
+            assert re.fullmatch(r"[A-Za-z_][\w:]*", bound), f"{path}: {name}: {bound}"
+            kernels.setdefault(name, []).append((path, bound))
+    # Every __global__ outside comments was parsed (none hides from the checks below).
+    declared = sum(len(re.findall(r"^[^/\n]*__global__", t, re.M)) for t in sources.values())
+    assert sum(map(len, kernels.values())) == declared >= 15, kernels
+    launched = set()
+    for path, text in sources.items():
+        local = _kernels(text)
+        for name, block, _ in _launches(text):
+            # The definition in the same file, else the one shared header that defines it.
+            defs = [(p, b) for p, b in kernels[name] if p == path or name not in local]
+            assert len(defs) == 1, (path, name, defs)
+            assert block == defs[0][1], (
+                f"{path}: {name} is launched with {block} threads but declares "
+                f"__launch_bounds__({defs[0][1]})")
+            launched.add((defs[0][0], name))
+    defined = {(p, n) for n, ds in kernels.items() for p, _ in ds}
+    assert launched == defined, f"kernels never launched: {sorted(defined - launched)}"
+
+
+def test_dynamic_shared_memory_is_known_to_the_resource_check():
+    tool = _resources_tool()
+    sources = _cuda_sources()
+    users = set()
+    for path, text in sources.items():
+        lines = text.splitlines()
+        defs = list(tool._definitions(lines))
+        for i, line in enumerate(lines):
+            if "extern __shared__" in line:
+                users.add((os.path.basename(path), [n for j, n in defs if j < i][-1]))
+    assert {n for _, n in users} == set(tool.DYNAMIC_SMEM_NAMES)
+    assert {f for f, _ in users} == {f for f, _ in tool.DYNAMIC_SMEM}
+    header = sources[os.path.join("cuda", "multi_tensor.cuh")]
+    m = re.search(r"constexpr int64_t kMaxDynamicSmem = (\d+) \* 1024;", header)
+    assert m and int(m.group(1)) * 1024 == tool.MAX_DYNAMIC_SMEM
+    # Each launch with dynamic shared memory bounds it by a constant defined from kMaxDynamicSmem.
+    for path, text in sources.items():
+        for name, _, smem in _launches(text):
+            if smem not in (None, "0"):
+                assert "kMaxDynamicSmem" in text, (path, name)

@@ -608,7 +608,7 @@ def test_rejects_device_mismatch():
 
 
 # ---------------------------------------------------------------------------------------------
-# Note [Tiny totals] (csrc/drift_math.h): a float64 group whose total is subnormal
+# Note [Tiny totals] (csrc/drift/drift_math.h): a float64 group whose total is subnormal
 
 
 def _subnormal_case(exponent: int):
@@ -637,7 +637,8 @@ def test_mass_mode_scores_a_group_with_a_subnormal_total(exponent):
 
 
 # ---------------------------------------------------------------------------------------------
-# Note [Sparse histogram] (csrc/cpu/drift.cpp): bins up to 2^30 on the CPU in O(values) memory
+# Note [Sparse histogram] (csrc/drift/drift_histogram_cpu.cpp): bins up to 2^30 on the CPU in
+# O(values) memory
 
 
 def _sparse_histogram_distance(c: np.ndarray, r: np.ndarray, bins: int, lower_q=0.01,

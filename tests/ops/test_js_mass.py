@@ -1,6 +1,6 @@
 """ops.js_mass_totals / ops.js_mass_partial: js_drift's "mass" mode in two halves whose results
-add over any split of a group's elements (Note [Sharded drift] in csrc/drift_math.h), the basis
-of distributed.js_drift over FSDP2 shards."""
+add over any split of a group's elements (Note [Sharded drift] in csrc/drift/drift_math.h), the
+basis of distributed.js_drift over FSDP2 shards."""
 from __future__ import annotations
 
 import math
@@ -601,7 +601,7 @@ def test_rejects_reference_on_another_device():
 
 
 # ---------------------------------------------------------------------------------------------
-# Note [Tiny totals] (csrc/drift_math.h)
+# Note [Tiny totals] (csrc/drift/drift_math.h)
 
 
 @pytest.mark.parametrize("exponent", [-1040, -1074])

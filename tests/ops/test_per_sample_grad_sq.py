@@ -312,7 +312,7 @@ def test_rejects_count_sharing_memory_with_fisher():
 
 # ---------------------------------------------------------------------------------------------
 # Non-finite inputs: skipped and counted, as fisher_accumulate_ (Note [Skipping in
-# per_sample_grad_sq_], csrc/per_sample.cpp)
+# per_sample_grad_sq_], csrc/fisher/per_sample_grad_sq.cpp)
 
 
 def _poisoned(device, seed=20):

@@ -1,5 +1,5 @@
 """ops.sampled_grad: the TR-PTS sampled weight gradient (SDDMM), Note [Sampled gradient] in
-csrc/sparse.h."""
+csrc/sparse/sampled_grad.h."""
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,5 @@
 """ops.token_prune_merge: keep the top-scoring tokens, fuse the rest into one (docs/methods.md section 6,
-Note [Token prune-merge] in csrc/tokens.h), and its backward op."""
+Note [Token prune-merge] in csrc/tokens/token_prune_merge.h), and its backward op."""
 from __future__ import annotations
 
 import math
@@ -162,8 +162,9 @@ def test_zero_weight_fused_token_is_zeros():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
 def test_zero_weight_fused_row_with_nonfinite_token_is_zeros(device, dtype, bad):
-    # Note [Zero coefficients] (csrc/tokens.h): W == 0 gives zeros even when a fused token is
-    # inf or NaN (0 * inf would be NaN), with zero gradients, on the kernels and the reference
+    # Note [Zero coefficients] (csrc/tokens/token_prune_merge.h): W == 0 gives zeros even when a
+    # fused token is inf or NaN (0 * inf would be NaN), with zero gradients, on the kernels and the
+    # reference
     g = make_generator(13)
     x = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
     x[0, 2, 1] = bad                   # candidate 1 of row 0: merged, weight 0
@@ -419,8 +420,8 @@ def test_cuda_matches_cpu_large(n):
 
 
 # ---------------------------------------------------------------------------------------------
-# Note [Merge weights] (csrc/tokens.h): weights in float64, a token that weighs something is
-# never dropped
+# Note [Merge weights] (csrc/tokens/token_prune_merge.h): weights in float64, a token that weighs
+# something is never dropped
 
 LOW_AND_FULL = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 

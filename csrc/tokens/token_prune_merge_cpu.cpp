@@ -1,8 +1,8 @@
 // CPU kernels of token_prune_merge and token_prune_merge_backward (Note [Token prune-merge],
-// csrc/tokens.h). Selection runs per row (nth_element with an index tie-break); the copies and
-// the fused token run in parallel over (row, block of channels), the fused token's sum as an
-// omp-simd axpy per merged token (Note [CPU vectorisation]). Every output element is produced
-// by one thread in a fixed order: bitwise deterministic for any thread count.
+// csrc/tokens/token_prune_merge.h). Selection runs per row (nth_element with an index tie-break);
+// the copies and the fused token run in parallel over (row, block of channels), the fused token's
+// sum as an omp-simd axpy per merged token (Note [CPU vectorisation]). Every output element is
+// produced by one thread in a fixed order: bitwise deterministic for any thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "cpu/simd.h"
-#include "tokens.h"
+#include "tokens/token_prune_merge.h"
 
 namespace fisheradaptune {
 namespace {
@@ -33,8 +33,8 @@ struct Better {
   bool operator()(int32_t i, int32_t j) const { return beats(s[i], i, s[j], j); }
 };
 
-// Note [Merge weights] (tokens.h): w_i = scores_i * sizes_i, W and the coefficients
-// (coef_i = w_i / W, or w_i) in float64, in merged order.
+// Note [Merge weights] (tokens/token_prune_merge.h): w_i = scores_i * sizes_i, W and the
+// coefficients (coef_i = w_i / W, or w_i) in float64, in merged order.
 template <typename A>
 void weights(const A* scores, const float* sizes, const int32_t* merged, int64_t count,
              bool normalize, double* coef, double& total) {
@@ -51,7 +51,7 @@ void weights(const A* scores, const float* sizes, const int32_t* merged, int64_t
   }
 }
 
-// blocked_dot (simd.h) with x's inf/NaN values read as 0 (Note [Zero coefficients]): the same
+// blocked_dot (cpu/simd.h) with x's inf/NaN values read as 0 (Note [Zero coefficients]): the same
 // blocks and order, so bitwise blocked_dot's for a finite x.
 template <typename T, typename A>
 FAT_CPU_CLONES A finite_dot(const T* __restrict x, const T* __restrict y, int64_t n) {
@@ -144,9 +144,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_prune_merge_cpu(
         const int32_t* mb = merged_idx.data() + b * nm;
         const double* cb = coef.data() + b * nm;
         for (int64_t j = 0; j < nm; ++j) {
-          // Note [Zero coefficients] (tokens.h): a zero coefficient adds nothing, even for an
-          // inf/NaN token (0 * inf would make the fused token NaN); any other takes part, also
-          // one that underflows in A (Note [Merge weights]).
+          // Note [Zero coefficients] (tokens/token_prune_merge.h): a zero coefficient adds nothing,
+          // even for an inf/NaN token (0 * inf would make the fused token NaN); any other takes
+          // part, also one that underflows in A (Note [Merge weights]).
           if (cb[j] == 0.0) continue;
           axpy_coef<T, A>(acc.data(), xb + (P + mb[j]) * C, cb[j], n);
         }

@@ -16,9 +16,9 @@
 //     (each is computed independently).
 //   - T == 0 (no tokens) gives zeros [out, C]; out == 0 or C == 0 gives an empty result.
 // On CUDA the range check reads the index's min and max back to the host (a synchronisation),
-// once per index tensor and version (Note [Checked indices], sparse.cpp): a static index
-// (SparseLinear's) costs one synchronisation in all, not one per call. The op refuses CUDA-graph
-// capture (Note [No CUDA-graph capture], cuda/multi_tensor.cuh).
+// once per index tensor and version (Note [Checked indices], sparse/sampled_grad_args.cpp): a
+// static index (SparseLinear's) costs one synchronisation in all, not one per call. The op refuses
+// CUDA-graph capture (Note [No CUDA-graph capture], cuda/multi_tensor.cuh).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,6 +1,7 @@
-// What the token kernels (tokens.cu: token_prune_merge; bipartite.cu: bipartite_merge) share on
-// the device: the grid.y cap they stride beyond, and the selection order of both ops (its host
-// twin: beats in cpu/simd.h). Their dtype dispatch is FAT_DISPATCH_TOKEN_TYPES (validate.h).
+// What the token kernels (tokens/token_prune_merge_cuda.cu: token_prune_merge;
+// tokens/bipartite_merge_cuda.cu: bipartite_merge) share on the device: the grid.y cap they stride
+// beyond, and the selection order of both ops (its host twin: beats in cpu/simd.h). Their dtype
+// dispatch is FAT_DISPATCH_TOKEN_TYPES (validate.h).
 #pragma once
 
 #include <algorithm>
@@ -26,10 +27,10 @@ __device__ __forceinline__ bool beats(A a, int64_t ia, A b, int64_t ib) {
   return ia < ib;
 }
 
-// Note [Merge weights] (tokens.h): c * x for a float64 coefficient c in the accumulation type
-// A: in A when c is a finite nonzero A value; otherwise (c rounds to 0 or overflows in A) in
-// float64, rounded to A, so that inf * 3e-84 is inf, not 0 * inf. The branch depends on c only
-// (uniform wherever c is).
+// Note [Merge weights] (tokens/token_prune_merge.h): c * x for a float64 coefficient c in the
+// accumulation type A: in A when c is a finite nonzero A value; otherwise (c rounds to 0 or
+// overflows in A) in float64, rounded to A, so that inf * 3e-84 is inf, not 0 * inf. The branch
+// depends on c only (uniform wherever c is).
 template <typename A>
 __device__ __forceinline__ bool fits_accumulation(double c) {
   const A w = static_cast<A>(c);

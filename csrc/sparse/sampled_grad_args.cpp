@@ -1,4 +1,4 @@
-#include "sparse.h"
+#include "sparse/sampled_grad.h"
 
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/stack.h>

@@ -1,4 +1,4 @@
-#include "bipartite.h"
+#include "tokens/bipartite_merge.h"
 
 #include <cstdint>
 

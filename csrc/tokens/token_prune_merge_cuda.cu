@@ -1,5 +1,5 @@
 // CUDA kernels of token_prune_merge and token_prune_merge_backward (semantics: Note [Token
-// prune-merge], csrc/tokens.h; CPU twin: csrc/cpu/tokens.cpp).
+// prune-merge], csrc/tokens/token_prune_merge.h; CPU twin: csrc/tokens/token_prune_merge_cpu.cpp).
 //
 // Forward, two launches on the current stream:
 //   1. select_kernel, one block per batch row: each candidate's rank is the number of
@@ -8,7 +8,7 @@
 //      in shared memory when they fit (kSmemBytes) and read from global memory otherwise.
 //      A block scan in index order turns the kept flags into positions: kept_index, the source
 //      token of every out row, and the merged list with its weights; W and the fused size are
-//      fixed-tree block sums (Note [Fixed-shape reductions], multi_tensor.cuh).
+//      fixed-tree block sums (Note [Fixed-shape reductions], cuda/multi_tensor.cuh).
 //   2. rows_kernel, a block per (batch row, out row), grid-striding over the out rows: a
 //      (16-byte vectorised when aligned) row copy, or for the fused row a per-channel sum over
 //      the merged tokens in index order.
@@ -40,10 +40,10 @@
 #include <tuple>
 #include <type_traits>
 
-#include "multi_tensor.cuh"
-#include "token_common.cuh"
+#include "cuda/multi_tensor.cuh"
+#include "tokens/tokens_cuda.cuh"
 #include "validate.h"
-#include "tokens.h"
+#include "tokens/token_prune_merge.h"
 
 namespace fisheradaptune {
 namespace {
@@ -54,10 +54,10 @@ using tok::beats;
 using tok::grid_y;
 using tok::kMaxGridY;
 
-// Scores kept in shared memory per block (up to 32 KiB, so that with the reductions' static
-// shared memory a block stays under the 48 KiB that needs no opt-in); longer rows read global
-// memory.
-constexpr int64_t kSmemBytes = 32 * 1024;
+// Scores kept in shared memory per block (up to kMaxDynamicSmem, 32 KiB, so that with the
+// reductions' static shared memory a block stays under the 48 KiB that needs no opt-in: Note
+// [Launch resources]); longer rows read global memory.
+constexpr int64_t kSmemBytes = mt::kMaxDynamicSmem;
 
 // Note [Token dtypes]: calls f(S{}) with S the scores' element type, which validation restricts
 // to T (x's type) or float: one instantiation for float32 x, two for the others.
@@ -113,7 +113,8 @@ __global__ void __launch_bounds__(kThreads)
     srcrow[r] = static_cast<int32_t>(r);
     orow[r] = zrow != nullptr ? zrow[r] : 1.f;
   }
-  double w_sum = 0;  // Note [Merge weights] (tokens.h): weights, W, coefficients in float64
+  // Note [Merge weights] (tokens/token_prune_merge.h): weights, W, coefficients in float64.
+  double w_sum = 0;
   double size_sum = 0;  // in float64, as the CPU's and the reference's (3e38 + 3e38 - 3e38)
   int64_t kept_before = 0;  // kept candidates in earlier chunks (uniform over the block)
   for (int64_t base = 0; base < M; base += kThreads) {
@@ -179,9 +180,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t c = threadIdx.x; c < C; c += kThreads) {
       A acc = 0;
       for (int64_t j = 0; j < nm; ++j) {
-        // Note [Zero coefficients] (tokens.h): a zero coefficient adds nothing, even for an
-        // inf/NaN token; any other takes part, also one that underflows in A (Note [Merge
-        // weights]). The branches are uniform over the block (same j for every thread).
+        // Note [Zero coefficients] (tokens/token_prune_merge.h): a zero coefficient adds nothing,
+        // even for an inf/NaN token; any other takes part, also one that underflows in A (Note
+        // [Merge weights]). The branches are uniform over the block (same j for every thread).
         const double w = crow[j];
         if (w == 0.0) continue;
         acc += tok::scaled<A>(w, tok::fits_accumulation<A>(w),
@@ -193,7 +194,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // The launch shape's own limit: one block per batch row on grid.x. (The int32 token index
-// limit, N < 2^31, is checked for both backends in check_common, csrc/tokens.cpp.)
+// limit, N < 2^31, is checked for both backends in check_common,
+// csrc/tokens/token_prune_merge_args.cpp.)
 void check_launch_shape(const char* op, int64_t B) {
   TORCH_CHECK_VALUE(B <= std::numeric_limits<int32_t>::max(), "fisheradaptune.", op,
                     ": argument 'x': at most 2^31 - 1 batch rows on CUDA, got ", B);

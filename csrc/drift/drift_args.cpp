@@ -1,84 +1,8 @@
-#include "args.h"
+#include "drift/drift.h"
 
 #include "validate.h"
 
 namespace fisheradaptune {
-
-namespace {
-
-// Common to every op over a list of state tensors: same device, state dtype, contiguous.
-std::vector<int64_t> check_state_list(const char* op, const char* arg, at::TensorList list,
-                                      const c10::Device& device) {
-  std::vector<int64_t> numels;
-  numels.reserve(list.size());
-  for (size_t i = 0; i < list.size(); ++i) {
-    const std::string where = item_name(arg, i);
-    check_device(op, where, list[i], device);
-    check_state(op, where, list[i]);
-    numels.push_back(list[i].numel());
-  }
-  return numels;
-}
-
-}  // namespace
-
-FisherAccumulateArgs validate_fisher_accumulate(
-    at::TensorList fisher, const c10::List<std::optional<at::Tensor>>& grads, double decay,
-    double scale, const std::optional<at::Tensor>& segments, const at::Tensor& group_sums,
-    const at::Tensor& nonfinite) {
-  constexpr const char* op = "fisher_accumulate_";
-  check_same_length(op, "fisher", fisher.size(), "grads", grads.size());
-  check_coefficient(op, "decay", decay);  // Note [Coefficients]
-  check_coefficient(op, "scale", scale);
-  // The outputs decide the device, so that empty lists still have one.
-  const c10::Device device = nonfinite.device();
-  FAT_CHECK_TYPE(nonfinite.scalar_type() == at::kLong, op, "nonfinite", "expected int64, got ",
-                 nonfinite.scalar_type());
-  FAT_CHECK_VALUE(nonfinite.numel() == 1, op, "nonfinite", "expected one element, got ",
-                  nonfinite.numel());
-  check_device(op, "group_sums", group_sums, device);
-  FAT_CHECK_TYPE(group_sums.scalar_type() == at::kFloat, op, "group_sums",
-                 "expected float32, got ", group_sums.scalar_type());
-  FAT_CHECK_VALUE(group_sums.dim() == 1 && group_sums.is_contiguous(), op, "group_sums",
-                  "expected a contiguous 1-D tensor, got shape ", group_sums.sizes());
-
-  FisherAccumulateArgs out;
-  out.numels = check_state_list(op, "fisher", fisher, device);
-  out.fisher.assign(fisher.begin(), fisher.end());
-  out.grads.resize(fisher.size());
-  for (size_t i = 0; i < fisher.size(); ++i) {
-    const std::optional<at::Tensor> g = grads.get(i);
-    if (!g.has_value() || !g->defined()) continue;
-    const std::string where = item_name("grads", i);
-    check_device(op, where, *g, device);
-    check_same_shape(op, where, *g, fisher[i]);
-    check_grad_dtype(op, where, *g, fisher[i]);
-    out.grads[i] = g->contiguous();
-  }
-  out.num_groups = group_sums.numel();
-  if (segments.has_value() && segments->defined()) {
-    out.segments = read_segments(op, "segments", *segments, out.numels, out.num_groups);
-  } else {
-    FAT_CHECK_VALUE(out.num_groups == 0, op, "group_sums",
-                    "expected an empty tensor when no segments are given, got ",
-                    out.num_groups, " elements");
-  }
-  // Note [Aliasing]: every Fisher tensor and both outputs are written; the gradients are read
-  // in place (out.grads, after the copy of a non-contiguous one). In the schema's argument
-  // order, so that an error names the later of the two.
-  std::vector<MemoryArg> mem;
-  mem.reserve(2 * fisher.size() + 2);
-  for (size_t i = 0; i < fisher.size(); ++i) {
-    mem.push_back({&out.fisher[i], item_name("fisher", i), true});
-  }
-  for (size_t i = 0; i < fisher.size(); ++i) {
-    mem.push_back({&out.grads[i], item_name("grads", i), false});
-  }
-  mem.push_back({&group_sums, "group_sums", true});
-  mem.push_back({&nonfinite, "nonfinite", true});
-  check_no_aliasing(op, mem);
-  return out;
-}
 
 namespace {
 
@@ -182,41 +106,6 @@ JsDriftArgs validate_js_mass(const char* op, at::TensorList current, at::TensorL
   }
   check_drift_aliasing(op, out, update_reference, totals.has_value() ? &*totals : nullptr);
   return out;
-}
-
-void validate_per_sample_grad_sq(const at::Tensor& fisher, const at::Tensor& x,
-                                 const at::Tensor& grad_out, double scale,
-                                 const at::Tensor& nonfinite) {
-  constexpr const char* op = "per_sample_grad_sq_";
-  check_coefficient(op, "scale", scale);  // Note [Coefficients]
-  check_state(op, "fisher", fisher);
-  check_device(op, "nonfinite", nonfinite, fisher.device());
-  FAT_CHECK_TYPE(nonfinite.scalar_type() == at::kLong, op, "nonfinite", "expected int64, got ",
-                 nonfinite.scalar_type());
-  FAT_CHECK_VALUE(nonfinite.numel() == 1, op, "nonfinite", "expected one element, got ",
-                  nonfinite.numel());
-  check_device(op, "x", x, fisher.device());
-  check_device(op, "grad_out", grad_out, fisher.device());
-  FAT_CHECK_VALUE(x.dim() == 3, op, "x", "expected [N, T, in_features], got shape ", x.sizes());
-  FAT_CHECK_VALUE(grad_out.dim() == 3, op, "grad_out",
-                  "expected [N, T, out_features], got shape ", grad_out.sizes());
-  FAT_CHECK_VALUE(grad_out.size(0) == x.size(0) && grad_out.size(1) == x.size(1), op,
-                  "grad_out", "expected the same N and T as x ", x.sizes(), ", got ",
-                  grad_out.sizes());
-  FAT_CHECK_VALUE(fisher.dim() == 2 && fisher.size(0) == grad_out.size(2) &&
-                      fisher.size(1) == x.size(2),
-                  op, "fisher", "expected shape [", grad_out.size(2), ", ", x.size(2),
-                  "] (out_features, in_features), got ", fisher.sizes());
-  check_grad_dtype(op, "x", x, fisher);
-  FAT_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op, "grad_out",
-                 "expected the dtype of x (", x.scalar_type(), "), got ",
-                 grad_out.scalar_type());
-  // Note [Aliasing]: the GEMMs read x and grad_out in place (strided), fisher and the count
-  // are written.
-  check_no_aliasing(op, {{&fisher, "fisher", true},
-                         {&x, "x", false},
-                         {&grad_out, "grad_out", false},
-                         {&nonfinite, "nonfinite", true}});
 }
 
 }  // namespace fisheradaptune

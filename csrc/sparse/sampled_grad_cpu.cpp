@@ -1,5 +1,5 @@
-// CPU kernel of sampled_grad (Note [Sampled gradient], csrc/sparse.h). grad_out and x are
-// transposed once to [out, T] and [in, T] in the accumulation type, so every output element is
+// CPU kernel of sampled_grad (Note [Sampled gradient], csrc/sparse/sampled_grad.h). grad_out and x
+// are transposed once to [out, T] and [in, T] in the accumulation type, so every output element is
 // one contiguous dot product over T (an omp-simd reduction flushed into a double every block,
 // Note [CPU vectorisation]); rows run in parallel, each element computed by one thread in a
 // fixed order: bitwise deterministic for any thread count.
@@ -14,7 +14,7 @@
 #include <algorithm>
 
 #include "cpu/simd.h"
-#include "sparse.h"
+#include "sparse/sampled_grad.h"
 #include "validate.h"
 
 namespace fisheradaptune {

@@ -1,9 +1,11 @@
-// Per-op argument validation shared by the CPU and CUDA kernels: each validate_* function checks
-// every argument (raising before anything is written) and returns what the kernels need.
+// js_drift, js_mass_totals and js_mass_partial: argument validation shared by the CPU and CUDA
+// kernels (drift_args.cpp). Each validate_* function checks every argument (raising before
+// anything is written) and returns what the kernels need. The two algorithms of js_drift live
+// in their own files: drift_mass_{cpu.cpp,cuda.cu} (mode "mass", and the sharded mass ops) and
+// drift_histogram_{cpu.cpp,cuda.cu} (mode "histogram").
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/core/List.h>
 
 #include <optional>
 #include <string>
@@ -12,20 +14,6 @@
 #include "plan.h"
 
 namespace fisheradaptune {
-
-// Dense lists after validation. grads[i] is undefined where the caller passed None.
-struct FisherAccumulateArgs {
-  std::vector<at::Tensor> fisher;
-  std::vector<at::Tensor> grads;  // contiguous, or undefined
-  std::vector<int64_t> numels;
-  std::vector<Segment> segments;
-  int64_t num_groups = 0;
-};
-
-FisherAccumulateArgs validate_fisher_accumulate(
-    at::TensorList fisher, const c10::List<std::optional<at::Tensor>>& grads, double decay,
-    double scale, const std::optional<at::Tensor>& segments, const at::Tensor& group_sums,
-    const at::Tensor& nonfinite);
 
 enum class DriftMode { kMass, kHistogram };
 
@@ -52,11 +40,5 @@ JsDriftArgs validate_js_mass(const char* op, at::TensorList current, at::TensorL
                              const at::Tensor& segments, int64_t num_groups,
                              const std::optional<at::Tensor>& totals,
                              std::optional<double> update_reference);
-
-// nonfinite: int64, one element, on fisher's device (Note [Skipping in per_sample_grad_sq_],
-// per_sample.cpp).
-void validate_per_sample_grad_sq(const at::Tensor& fisher, const at::Tensor& x,
-                                 const at::Tensor& grad_out, double scale,
-                                 const at::Tensor& nonfinite);
 
 }  // namespace fisheradaptune

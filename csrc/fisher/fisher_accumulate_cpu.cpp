@@ -10,7 +10,7 @@
 #include <cfloat>
 #include <limits>
 
-#include "args.h"
+#include "fisher/fisher_accumulate.h"
 #include "cpu/simd.h"
 #include "plan.h"
 

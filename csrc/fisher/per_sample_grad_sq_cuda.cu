@@ -1,5 +1,6 @@
-// CUDA registration of per_sample_grad_sq_: the shared tiling (per_sample.cpp) forms each tile of
-// per-sample gradients with one batched GEMM; this kernel squares and accumulates a tile.
+// CUDA registration of per_sample_grad_sq_: the shared tiling (fisher/per_sample_grad_sq.cpp) forms
+// each tile of per-sample gradients with one batched GEMM; this kernel squares and accumulates a
+// tile.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,8 +10,8 @@
 #include <algorithm>
 #include <cfloat>
 
-#include "multi_tensor.cuh"
-#include "per_sample.h"
+#include "cuda/multi_tensor.cuh"
+#include "fisher/per_sample_grad_sq.h"
 
 namespace fisheradaptune {
 namespace {
@@ -19,20 +20,20 @@ namespace {
 // fills an H100, small next to 80 GB. ViT-B's largest Linear (3072 x 768) gets 28 samples a tile.
 constexpr int64_t kTileElems = int64_t(1) << 26;
 
-// One tile's step (per_sample.h): r = carry (or 0) + sum_k tile[k, j]^2, k in order, as
-// r = fma(v, v, r) per sample, then either the Fisher update u = fma(r, scale, fisher) kept only
-// where finite (Note [Skipping in per_sample_grad_sq_], per_sample.cpp), or r back into carry.
-// Each fma is explicit (__fmaf_rn), so the rounding is fixed whatever nvcc's contraction
-// settings; r continues the same fma chain across tiles, so the result is that of a single tile.
-// Each thread owns its elements across all samples, so the result does not depend on the launch
-// shape: deterministic on a device. The count is an integer block sum, then one atomicAdd per
-// block: exact in any order.
+// One tile's step (fisher/per_sample_grad_sq.h): r = carry (or 0) + sum_k tile[k, j]^2, k in order,
+// as r = fma(v, v, r) per sample, then either the Fisher update u = fma(r, scale, fisher) kept only
+// where finite (Note [Skipping in per_sample_grad_sq_], fisher/per_sample_grad_sq.cpp), or r back
+// into carry. Each fma is explicit (__fmaf_rn), so the rounding is fixed whatever nvcc's
+// contraction settings; r continues the same fma chain across tiles, so the result is that of a
+// single tile. Each thread owns its elements across all samples, so the result does not depend on
+// the launch shape: deterministic on a device. The count is an integer block sum, then one
+// atomicAdd per block: exact in any order.
 // NOT bitwise the CPU's: the tiles come from another GEMM (cuBLAS here, the CPU BLAS there, with
 // their own summation orders), and the CPU kernel, built with -ffp-contract=off, rounds the
 // product and the sum separately. CPU and CUDA agree to float32 rounding (tests compare both
 // with a float64 reference), and on which elements are skipped wherever an input is NaN or Inf.
 // Both GEMMs run in full fp32 whatever the float32 matmul precision (Note [Full fp32 per-sample
-// GEMM], per_sample.cpp).
+// GEMM], fisher/per_sample_grad_sq.cpp).
 __device__ __forceinline__ void finish(float& f, float r, float scale, unsigned& bad) {
   const float updated = __fmaf_rn(r, scale, f);
   const bool ok = fabsf(updated) <= FLT_MAX;  // false for NaN too

@@ -1,11 +1,11 @@
-// CUDA kernel of sampled_grad (Note [Sampled gradient], csrc/sparse.h; CPU twin:
-// csrc/cpu/sparse.cpp). grad_out and x are transposed once to [out, T] and [in, T] in the
-// accumulation type, so each output element is a dot product of two contiguous rows. One warp
-// per output element (grid-stride over the out * C elements): the lanes read coalesced strides
-// of the two rows, accumulate their share in index order and combine by a fixed-tree warp sum
-// (warp_sum, multi_tensor.cuh). No atomics: bitwise deterministic. validate_sampled_grad checks
-// the index range before the launch (one synchronisation, Note [Sampled gradient]), as on CPU;
-// the kernel still guards every read, so an index rewritten concurrently by another stream
+// CUDA kernel of sampled_grad (Note [Sampled gradient], csrc/sparse/sampled_grad.h; CPU twin:
+// csrc/sparse/sampled_grad_cpu.cpp). grad_out and x are transposed once to [out, T] and [in, T] in
+// the accumulation type, so each output element is a dot product of two contiguous rows. One warp
+// per output element (grid-stride over the out * C elements): the lanes read coalesced strides of
+// the two rows, accumulate their share in index order and combine by a fixed-tree warp sum
+// (warp_sum, cuda/multi_tensor.cuh). No atomics: bitwise deterministic. validate_sampled_grad
+// checks the index range before the launch (one synchronisation, Note [Sampled gradient]), as on
+// CPU; the kernel still guards every read, so an index rewritten concurrently by another stream
 // yields NaN for that element, never an out-of-bounds read.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -19,8 +19,8 @@
 #include <algorithm>
 #include <limits>
 
-#include "multi_tensor.cuh"
-#include "sparse.h"
+#include "cuda/multi_tensor.cuh"
+#include "sparse/sampled_grad.h"
 
 namespace fisheradaptune {
 namespace {

@@ -33,8 +33,8 @@ namespace fisheradaptune {
 // has no cancellation when p ~ q (f(d) ~ d^2), which is exactly the regime of settled groups.
 // A zero p_i (d = -1) contributes nothing for p (0 log 0 = 0; docs/methods.md section 3).
 // Not CPU-identical on the device (nvcc may contract it, and the device's log1p is not glibc's);
-// the CPU's mass mode uses its own vectorised form (cpu/drift.cpp js_term_simd) anyway, so JS
-// distances agree across backends to rounding, not bitwise.
+// the CPU's mass mode uses its own vectorised form (drift/drift_mass_cpu.cpp js_term_simd) anyway,
+// so JS distances agree across backends to rounding, not bitwise.
 template <typename T>
 FAT_HD T js_term(T p, T q) {
   const T s = p + q;

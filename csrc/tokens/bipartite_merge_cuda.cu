@@ -1,5 +1,5 @@
 // CUDA kernels of bipartite_merge and bipartite_merge_backward (ToMe; semantics: Note [Bipartite
-// merge], csrc/bipartite.h; CPU twin: csrc/cpu/bipartite.cpp).
+// merge], csrc/tokens/bipartite_merge.h; CPU twin: csrc/tokens/bipartite_merge_cpu.cpp).
 //
 // Forward, up to four launches on the current stream:
 //   1. normalise_kernel (r > 0 only), one warp per token, grid-striding over the B * N tokens
@@ -22,8 +22,9 @@
 //   4. rows_kernel, a block per (batch row, out row), grid-striding over the out rows: a
 //      (16-byte vectorised when aligned) bitwise row copy for a single source, else a
 //      per-channel sum of coef * x over the sources in increasing token order in x's opmath
-//      type, zero coefficients skipped (Note [Zero coefficients], csrc/tokens.h), one that
-//      underflows or overflows there applied in float64 (Note [Merge weights]).
+//      type, zero coefficients skipped (Note [Zero coefficients],
+//      csrc/tokens/token_prune_merge.h), one that underflows or overflows there applied in
+//      float64 (Note [Merge weights]).
 // Backward, two launches: prep (build_sources from dest_index and sizes, exactly as the forward,
 // one block per batch row; out-of-range dest_index values are left out of counts and W) and rows
 // (a block per token, grid-striding over the tokens: a copy of g[dest], coef * g[dest], or zeros
@@ -58,9 +59,9 @@
 #include <limits>
 #include <tuple>
 
-#include "bipartite.h"
-#include "multi_tensor.cuh"
-#include "token_common.cuh"
+#include "tokens/bipartite_merge.h"
+#include "cuda/multi_tensor.cuh"
+#include "tokens/tokens_cuda.cuh"
 #include "validate.h"
 
 namespace fisheradaptune {
@@ -73,10 +74,10 @@ using tok::grid_y;
 using tok::kMaxGridY;
 using mt::kWarps;
 
-// Best similarities kept in shared memory per block (up to 32 KiB, so that with the scans' static
-// shared memory a block stays under the 48 KiB that needs no opt-in); more A tokens read global
-// memory.
-constexpr int64_t kSmemBytes = 32 * 1024;
+// Best similarities kept in shared memory per block (up to kMaxDynamicSmem, 32 KiB, so that with
+// the scans' static shared memory a block stays under the 48 KiB that needs no opt-in: Note
+// [Launch resources]); more A tokens read global memory.
+constexpr int64_t kSmemBytes = mt::kMaxDynamicSmem;
 
 // Elements of the A token's unit vector each lane keeps in registers (D <= 128 entirely); the
 // rest is read from global memory, in the same order.
@@ -349,9 +350,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t c = threadIdx.x; c < C; c += kThreads) {
       A acc = 0;
       for (int32_t s = s0; s < s1; ++s) {
-        // Note [Zero coefficients] (tokens.h): a zero coefficient (in float64) adds nothing,
-        // even for an inf/NaN token; any other takes part, also one that underflows in A (Note
-        // [Merge weights]). Uniform over the block (same s for every thread).
+        // Note [Zero coefficients] (tokens/token_prune_merge.h): a zero coefficient (in float64)
+        // adds nothing, even for an inf/NaN token; any other takes part, also one that underflows
+        // in A (Note [Merge weights]). Uniform over the block (same s for every thread).
         const double w = cb[s];
         if (w == 0.0) continue;
         acc += tok::scaled<A>(w, tok::fits_accumulation<A>(w),

@@ -1,4 +1,4 @@
-#include "per_sample.h"
+#include "fisher/per_sample_grad_sq.h"
 
 #include <ATen/Context.h>
 #include <ATen/ops/bmm.h>
@@ -7,7 +7,6 @@
 
 #include <algorithm>
 
-#include "args.h"
 
 namespace fisheradaptune {
 
@@ -71,12 +70,12 @@ class FullFp32Matmul {
 }  // namespace
 
 // Note [Skipping in per_sample_grad_sq_]
-// As fisher_accumulate_ (Note [Skipping], cpu/fisher.cpp), an element whose update would not be
-// finite keeps its Fisher value and is counted, so one NaN or Inf in x or grad_out (or a
-// per-sample square that overflows the state's dtype) cannot poison the Fisher for good. The
-// update of an element is the whole call's, fisher[j] + scale * sum_n g_n[j]^2: the running sum
-// of squares is carried from tile to tile in a buffer like the Fisher (`carry`) and the Fisher is
-// written once, at the last tile. Hence
+// As fisher_accumulate_ (Note [Skipping], fisher/fisher_accumulate_cpu.cpp), an element whose
+// update would not be finite keeps its Fisher value and is counted, so one NaN or Inf in x or
+// grad_out (or a per-sample square that overflows the state's dtype) cannot poison the Fisher for
+// good. The update of an element is the whole call's, fisher[j] + scale * sum_n g_n[j]^2: the
+// running sum of squares is carried from tile to tile in a buffer like the Fisher (`carry`) and the
+// Fisher is written once, at the last tile. Hence
 //   - the skip decision does not depend on the tiling (which differs between CPU and CUDA), and
 //     a skipped element keeps the value it had before the call, not a partial sum;
 //   - each element sums its squares in sample order, continuing one chain across tiles, so the

@@ -1,6 +1,7 @@
-// CUDA kernel of fisher_accumulate_ (semantics: csrc/cpu/fisher.cpp). One launch over the chunk
-// table updates every Fisher element and writes one partial per grouped chunk; a second launch
-// adds each group's partials in plan order (Note [Group order], multi_tensor.cuh).
+// CUDA kernel of fisher_accumulate_ (semantics: csrc/fisher/fisher_accumulate_cpu.cpp). One launch
+// over the chunk table updates every Fisher element and writes one partial per grouped chunk; a
+// second launch adds each group's partials in plan order (Note [Group order],
+// cuda/multi_tensor.cuh).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -12,8 +13,8 @@
 
 #include <cfloat>
 
-#include "args.h"
-#include "multi_tensor.cuh"
+#include "fisher/fisher_accumulate.h"
+#include "cuda/multi_tensor.cuh"
 #include "plan.h"
 
 namespace fisheradaptune {
@@ -69,8 +70,8 @@ __device__ __forceinline__ void load16(const __half* p, float (&out)[8]) {
   }
 }
 
-// One element, Note [Skipping] (cpu/fisher.cpp): an update that is not finite (NaN/Inf gradient,
-// or a square that overflows) leaves the element as it was and is counted.
+// One element, Note [Skipping] (fisher/fisher_accumulate_cpu.cpp): an update that is not finite
+// (NaN/Inf gradient, or a square that overflows) leaves the element as it was and is counted.
 //
 // Note [CPU-identical Fisher update]
 // The CPU kernel computes decay * old + scale * g * g in float with -ffp-contract=off, i.e.

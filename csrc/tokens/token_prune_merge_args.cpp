@@ -1,4 +1,4 @@
-#include "tokens.h"
+#include "tokens/token_prune_merge.h"
 
 #include <cstdint>
 #include <limits>

@@ -1,6 +1,6 @@
 // CPU kernels of bipartite_merge and bipartite_merge_backward (Note [Bipartite merge],
-// csrc/bipartite.h). Four passes, each parallel and each output element produced by one thread
-// in a fixed order, so bitwise deterministic for any thread count:
+// csrc/tokens/bipartite_merge.h). Four passes, each parallel and each output element produced by
+// one thread in a fixed order, so bitwise deterministic for any thread count:
 //   1. normalise the metric rows (per token);
 //   2. each A token's best B token (per (batch row, A token)): its similarities to every B
 //      token as one omp-simd pass over the transposed B vectors (Note [CPU vectorisation]);
@@ -23,7 +23,7 @@
 #include <tuple>
 #include <vector>
 
-#include "bipartite.h"
+#include "tokens/bipartite_merge.h"
 #include "cpu/simd.h"
 #include "validate.h"
 
@@ -263,8 +263,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
         }
         std::fill(acc.begin(), acc.end(), A(0));
         for (int32_t s = ob[d]; s < ob[d + 1]; ++s) {
-          // Note [Zero coefficients] (csrc/tokens.h): exactly 0 in float64 adds nothing; any
-          // other coefficient takes part, also one that underflows in A (Note [Merge weights]).
+          // Note [Zero coefficients] (csrc/tokens/token_prune_merge.h): exactly 0 in float64 adds
+          // nothing; any other coefficient takes part, also one that underflows in A (Note [Merge
+          // weights]).
           if (cb[s] == 0.0) continue;
           axpy_coef<T, A>(acc.data(), xb + static_cast<int64_t>(sb[s]) * C, cb[s], C);
         }

@@ -1,6 +1,6 @@
-// CPU kernel of per_sample_grad_sq_: BLAS batched GEMM per tile (per_sample.cpp), then a
-// vectorised (Note [CPU vectorisation]), parallel square-and-accumulate over the tile's samples
-// that skips and counts non-finite updates (Note [Skipping in per_sample_grad_sq_]).
+// CPU kernel of per_sample_grad_sq_: BLAS batched GEMM per tile (fisher/per_sample_grad_sq.cpp),
+// then a vectorised (Note [CPU vectorisation]), parallel square-and-accumulate over the tile's
+// samples that skips and counts non-finite updates (Note [Skipping in per_sample_grad_sq_]).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,7 +11,7 @@
 #include <limits>
 
 #include "cpu/simd.h"
-#include "per_sample.h"
+#include "fisher/per_sample_grad_sq.h"
 
 namespace fisheradaptune {
 namespace {

@@ -1,5 +1,7 @@
-// per_sample_grad_sq_: the device-independent part (tiling over samples, one batched GEMM per
-// tile); each backend supplies the fused square-and-accumulate of a tile.
+// per_sample_grad_sq_: the device-independent part (per_sample_grad_sq.cpp: tiling over
+// samples, one batched GEMM per tile) and the argument validation (per_sample_grad_sq_args.cpp);
+// each backend supplies the fused square-and-accumulate of a tile (per_sample_grad_sq_cpu.cpp,
+// per_sample_grad_sq_cuda.cu).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -7,7 +9,7 @@
 namespace fisheradaptune {
 
 // One tile's part of the per-element sum r[j] = sum_n g_n[j]^2 (Note [Skipping in
-// per_sample_grad_sq_], per_sample.cpp). For a contiguous tile [b, out, in] of the fisher's
+// per_sample_grad_sq_], per_sample_grad_sq.cpp). For a contiguous tile [b, out, in] of the fisher's
 // dtype, summing b in order (deterministic):
 //   r[j] = (first ? 0 : carry[j]) + sum_b tile[b, j]^2;
 //   last:     u = fisher[j] + scale * r[j]; fisher[j] = u where u is finite, else fisher[j]
@@ -18,6 +20,12 @@ namespace fisheradaptune {
 using SquareAccumulateFn = void (*)(const at::Tensor& fisher, const at::Tensor& tile,
                                     double scale, const at::Tensor& carry, bool first, bool last,
                                     const at::Tensor& nonfinite);
+
+// nonfinite: int64, one element, on fisher's device (Note [Skipping in per_sample_grad_sq_],
+// per_sample_grad_sq.cpp).
+void validate_per_sample_grad_sq(const at::Tensor& fisher, const at::Tensor& x,
+                                 const at::Tensor& grad_out, double scale,
+                                 const at::Tensor& nonfinite);
 
 // Validates, then walks the samples in tiles of at most `tile_elems` per-sample-gradient
 // elements (at least one sample per tile), so per-sample gradients never exist beyond a tile.

@@ -22,8 +22,9 @@
 //       out = sum_sources (s_i / W) x_i, in increasing token order,
 //     and a zero row when W == 0; a source whose coefficient s_i / W is exactly 0 (in float64:
 //     a zero size) adds nothing, its inf/NaN values read as 0 (Note [Zero coefficients],
-//     csrc/tokens.h); any other source takes part with its inf/NaN values, also when its
-//     coefficient underflows in the accumulation type (Note [Merge weights], csrc/tokens.h).
+//     csrc/tokens/token_prune_merge.h); any other source takes part with its inf/NaN values,
+//     also when its coefficient underflows in the accumulation type (Note [Merge weights],
+//     csrc/tokens/token_prune_merge.h).
 //   - out_sizes [B, N - r] float32: W for every row (s_i for a copied row).
 // Sizes are float32 (default: ones) and need no gradient. Accumulation is in float32 for
 // float32/bfloat16/float16 x and in float64 for float64 (at::opmath_type).

@@ -1,0 +1,341 @@
+// js_drift's mode "mass" on CUDA (semantics: drift_mass_cpu.cpp), and the sharded mass ops
+// js_mass_totals / js_mass_partial (its two halves, Note [Sharded drift] in drift/drift_math.h):
+// pass 1 sums |current| and |reference| per chunk, then per group; pass 2 sums js_term per chunk
+// (and updates the reference), then per group (Note [Group order], cuda/multi_tensor.cuh).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "cuda/multi_tensor.cuh"
+#include "drift/drift.h"
+#include "drift/drift_cuda.cuh"
+#include "drift/drift_math.h"
+#include "plan.h"
+
+namespace fisheradaptune {
+namespace {
+
+// kChunk: Note [Chunk and block sizes] (plan.h).
+
+// The reference EMA with the CPU's rounding: rho * ref + (1 - rho) * cur in float, no fma
+// (the CPU's ema_chunk, built with -ffp-contract=off; __fmul_rn / __fadd_rn are never
+// contracted by nvcc): bitwise the CPU's result, tested by tests/ops/test_cuda_contract.py.
+__device__ __forceinline__ float ema(float ref, float cur, float rho, float one_minus_rho) {
+  return __fadd_rn(__fmul_rn(rho, ref), __fmul_rn(one_minus_rho, cur));
+}
+
+// Visits the elements of a chunk as (current, reference) pairs, with vector loads where both are
+// aligned together (Note [Vector alignment]); body(x, y, i) gets the pair at element i.
+template <typename Body>
+__device__ __forceinline__ void for_pairs(const DriftChunk& d, Body&& body) {
+  const int64_t head = mt::aligned_head(d.n, 4, d.current, 4, d.reference, 4);
+  mt::split_loop<4>(
+      d.n, head, [&](int64_t i) { body(d.current[i], d.reference[i], i); },
+      [&](int64_t i) {
+        const float4 x = load4(d.current + i);
+        const float4 y = load4(d.reference + i);
+        body(x.x, y.x, i);
+        body(x.y, y.y, i + 1);
+        body(x.z, y.z, i + 2);
+        body(x.w, y.w, i + 3);
+      });
+}
+
+struct EmaOp {
+  float rho, one_minus_rho;
+  __device__ void operator()(const DriftChunk& d, int64_t) const {
+    const int64_t head = mt::aligned_head(d.n, 4, d.current, 4, d.reference, 4);
+    const float* __restrict__ c = d.current;
+    float* __restrict__ r = d.reference;
+    mt::split_loop<4>(
+        d.n, head, [&](int64_t i) { r[i] = ema(r[i], c[i], rho, one_minus_rho); },
+        [&](int64_t i) {
+          const float4 x = load4(c + i);
+          float4 y = load4(r + i);
+          y.x = ema(y.x, x.x, rho, one_minus_rho);
+          y.y = ema(y.y, x.y, rho, one_minus_rho);
+          y.z = ema(y.z, x.z, rho, one_minus_rho);
+          y.w = ema(y.w, x.w, rho, one_minus_rho);
+          *reinterpret_cast<float4*>(r + i) = y;
+        });
+  }
+};
+
+struct MassTotalsOp {
+  double* pc;
+  double* pr;
+  __device__ void operator()(const DriftChunk& d, int64_t k) const {
+    double sc = 0.0, sr = 0.0;
+    for_pairs(d, [&](float x, float y, int64_t) {
+      sc += fabs(static_cast<double>(x));
+      sr += fabs(static_cast<double>(y));
+    });
+    sc = mt::block_sum(sc);
+    sr = mt::block_sum(sr);
+    if (threadIdx.x == 0) {
+      pc[k] = sc;
+      pr[k] = sr;
+    }
+  }
+};
+
+struct MassGroupTotalsOp {
+  const double* pc;
+  const double* pr;
+  const int64_t* offsets;
+  double* tc;
+  double* tr;
+  __device__ void operator()(int64_t g) const {
+    const double a = mt::slot_sum(pc, offsets[g], offsets[g + 1]);
+    const double b = mt::slot_sum(pr, offsets[g], offsets[g + 1]);
+    if (threadIdx.x == 0) {
+      tc[g] = a;
+      tr[g] = b;
+    }
+  }
+};
+
+struct MassScoreOp {
+  const double* tc;
+  const double* tr;
+  double* partials;
+  int64_t num_grouped;
+  float rho, one_minus_rho;
+  bool update;
+
+  __device__ void operator()(const DriftChunk& d, int64_t k) const {
+    const bool grouped = k < num_grouped;
+    bool score = false;
+    MassScale pc{1.0, 0.0}, pr{1.0, 0.0};
+    if (grouped) {
+      const double a = tc[d.group], b = tr[d.group];
+      score = a > 0 && b > 0;
+      if (score) {  // Note [Tiny totals] (drift/drift_math.h): no inf from a subnormal total
+        pc = mass_scale(a);
+        pr = mass_scale(b);
+      }
+    }
+    double s = 0.0;
+    if (score || update) {
+      float* __restrict__ r = d.reference;
+      // Each element is scored from the reference as it was, then updated by the same thread.
+      const int64_t head = mt::aligned_head(d.n, 4, d.current, 4, r, 4);
+      auto one = [&](float x, float y) -> float {
+        if (score) {
+          s += js_term<double>(pc.of(fabs(static_cast<double>(x))),
+                               pr.of(fabs(static_cast<double>(y))));
+        }
+        return update ? ema(y, x, rho, one_minus_rho) : y;
+      };
+      mt::split_loop<4>(
+          d.n, head,
+          [&](int64_t i) {
+            const float y = one(d.current[i], r[i]);
+            if (update) r[i] = y;
+          },
+          [&](int64_t i) {
+            const float4 x = load4(d.current + i);
+            float4 y = load4(r + i);
+            y.x = one(x.x, y.x);
+            y.y = one(x.y, y.y);
+            y.z = one(x.z, y.z);
+            y.w = one(x.w, y.w);
+            if (update) *reinterpret_cast<float4*>(r + i) = y;
+          });
+    }
+    if (grouped) {
+      s = mt::block_sum(s);
+      if (threadIdx.x == 0) partials[k] = s;
+    }
+  }
+};
+
+// Per group: the sum of its chunks' js_term partials (the sharded ops' second half).
+struct MassGroupSumOp {
+  const double* partials;
+  const int64_t* offsets;
+  double* js;
+  __device__ void operator()(int64_t g) const {
+    const double s = mt::slot_sum(partials, offsets[g], offsets[g + 1]);
+    if (threadIdx.x == 0) js[g] = s;
+  }
+};
+
+struct MassFinishOp {
+  const double* js;
+  const double* tc;
+  const double* tr;
+  float* out;
+  bool base2;
+  __device__ void operator()(int64_t g) const {
+    if (threadIdx.x == 0) {
+      out[g] = (tc[g] > 0 && tr[g] > 0) ? static_cast<float>(js_distance(js[g], base2)) : 0.f;
+    }
+  }
+};
+
+// The chunk table of the mass passes on the device: the grouped chunks in group order, then
+// (with `gaps`, for the reference update) the ungrouped ones. The grouped prefix is the same
+// either way, so one table serves both passes.
+struct MassTable {
+  const DriftChunk* chunks;
+  const int64_t* group_offsets;
+  int64_t num_grouped;  // grouped chunks, first in the table
+  int64_t count;        // all chunks
+};
+
+// Builds and uploads the table, and calls body(table) while it is alive.
+template <typename Body>
+void with_mass_table(const JsDriftArgs& a, int64_t G, bool gaps, const c10::Device& device,
+                     Body body) {
+  const Plan plan = make_plan(a.segments, a.numels, G, kChunk, /*cover_gaps=*/gaps);
+  std::vector<DriftChunk> table;
+  for (const int64_t k : mt::group_ordered(plan, /*with_ungrouped=*/gaps)) {
+    const Chunk& c = plan.chunks[k];
+    table.push_back(DriftChunk{a.current[c.tensor].const_data_ptr<float>() + c.begin,
+                               a.reference[c.tensor].data_ptr<float>() + c.begin,
+                               c.end - c.begin, c.group});
+  }
+  mt::DeviceBundle bundle;
+  const int64_t table_at = bundle.add(table);
+  const int64_t offsets_at = bundle.add(plan.group_offsets);
+  bundle.upload(device);
+  body(MassTable{bundle.get<DriftChunk>(table_at), bundle.get<int64_t>(offsets_at),
+                 static_cast<int64_t>(plan.group_chunks.size()),
+                 static_cast<int64_t>(table.size())});
+}
+
+// Mass mode, first half: tc[g] = sum |current|, tr[g] = sum |reference| over each group.
+void mass_totals(const MassTable& t, int64_t G, double* tc, double* tr,
+                 const c10::Device& device, cudaStream_t stream) {
+  if (G == 0) return;
+  const at::Tensor scratch = at::empty({2 * t.num_grouped + 1},
+                                       at::TensorOptions().dtype(at::kDouble).device(device));
+  double* pc = scratch.data_ptr<double>();
+  double* pr = pc + t.num_grouped;
+  mt::launch_chunks(t.chunks, t.num_grouped, MassTotalsOp{pc, pr}, stream);
+  mt::launch_groups(G, MassGroupTotalsOp{pc, pr, t.group_offsets, tc, tr}, stream);
+}
+
+// Mass mode, second half: js[g] = the sum of js_term over the group's elements with the
+// totals tc, tr; with rho (the table then has the gaps too), also the reference update
+// (every element, after it is scored).
+void mass_partial(const MassTable& t, int64_t G, const double* tc, const double* tr,
+                  std::optional<double> rho, double* js, const c10::Device& device,
+                  cudaStream_t stream) {
+  const bool update = rho.has_value();
+  if (t.count == 0 && G == 0) return;
+  const at::Tensor scratch = at::empty({t.num_grouped + 1},
+                                       at::TensorOptions().dtype(at::kDouble).device(device));
+  double* partials = scratch.data_ptr<double>();
+  const float rho_f = update ? static_cast<float>(*rho) : 0.f;
+  const float one_minus = 1.f - rho_f;  // in float, as the CPU's (S(1) - rho)
+  mt::launch_chunks(t.chunks, update ? t.count : t.num_grouped,
+                    MassScoreOp{tc, tr, partials, t.num_grouped, rho_f, one_minus, update},
+                    stream);
+  mt::launch_groups(G, MassGroupSumOp{partials, t.group_offsets, js}, stream);
+}
+
+}  // namespace
+
+void mass_drift_cuda(const JsDriftArgs& a, int64_t G, std::optional<double> rho, bool base2,
+                     const at::Tensor& out, cudaStream_t stream) {
+  const c10::Device device = out.device();
+  // tc, tr, js: one per group.
+  const at::Tensor scratch =
+      at::zeros({3 * G + 1}, at::TensorOptions().dtype(at::kDouble).device(device));
+  double* tc = scratch.data_ptr<double>();
+  double* tr = tc + G;
+  double* js = tr + G;
+  with_mass_table(a, G, /*gaps=*/rho.has_value(), device, [&](const MassTable& t) {
+    mass_totals(t, G, tc, tr, device, stream);
+    mass_partial(t, G, tc, tr, rho, js, device, stream);
+  });
+  if (G > 0) {
+    mt::launch_groups(G, MassFinishOp{js, tc, tr, out.data_ptr<float>(), base2}, stream);
+  }
+}
+
+void update_reference_cuda(const JsDriftArgs& a, double rho, const c10::Device& device,
+                           cudaStream_t stream) {
+  const Plan all = make_plan({}, a.numels, 0, kChunk, /*cover_gaps=*/true);
+  if (all.chunks.empty()) return;
+  std::vector<DriftChunk> table;
+  table.reserve(all.chunks.size());
+  for (const Chunk& c : all.chunks) {
+    table.push_back(DriftChunk{a.current[c.tensor].const_data_ptr<float>() + c.begin,
+                               a.reference[c.tensor].data_ptr<float>() + c.begin,
+                               c.end - c.begin, -1});
+  }
+  mt::DeviceBundle bundle;
+  const int64_t table_at = bundle.add(table);
+  bundle.upload(device);
+  const float rho_f = static_cast<float>(rho);
+  mt::launch_chunks(bundle.get<DriftChunk>(table_at), static_cast<int64_t>(table.size()),
+                    EmaOp{rho_f, 1.f - rho_f}, stream);
+}
+
+namespace {
+
+// The device validate_js_mass checked every tensor against, made current.
+c10::Device mass_device(at::TensorList current, const at::Tensor& segments, const char* op) {
+  const c10::Device device = current.empty() ? segments.device() : current[0].device();
+  TORCH_CHECK(device.is_cuda(), "fisheradaptune.", op, ": the CUDA kernel got tensors on ",
+              device);
+  return device;
+}
+
+at::Tensor js_mass_totals_cuda(at::TensorList current, at::TensorList reference,
+                               const at::Tensor& segments, int64_t num_groups) {
+  mt::check_not_capturing("js_mass_totals", "it uploads a per-call chunk table from pinned host "
+                          "memory", current.empty() ? segments : current[0]);
+  const JsDriftArgs a = validate_js_mass("js_mass_totals", current, reference, segments,
+                                         num_groups, std::nullopt, std::nullopt);
+  const c10::Device device = mass_device(current, segments, "js_mass_totals");
+  const c10::cuda::CUDAGuard guard(device);
+  at::Tensor out =
+      at::zeros({2, num_groups}, at::TensorOptions().dtype(at::kDouble).device(device));
+  double* o = out.data_ptr<double>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_mass_table(a, num_groups, /*gaps=*/false, device, [&](const MassTable& t) {
+    mass_totals(t, num_groups, o, o + num_groups, device, stream);
+  });
+  return out;
+}
+
+at::Tensor js_mass_partial_cuda(at::TensorList current, at::TensorList reference,
+                                const at::Tensor& segments, int64_t num_groups,
+                                const at::Tensor& totals,
+                                std::optional<double> update_reference) {
+  mt::check_not_capturing("js_mass_partial", "it uploads a per-call chunk table from pinned host "
+                          "memory", current.empty() ? segments : current[0]);
+  const JsDriftArgs a = validate_js_mass("js_mass_partial", current, reference, segments,
+                                         num_groups, totals, update_reference);
+  const c10::Device device = mass_device(current, segments, "js_mass_partial");
+  const c10::cuda::CUDAGuard guard(device);
+  const at::Tensor t = totals.contiguous();
+  at::Tensor out = at::zeros({num_groups}, at::TensorOptions().dtype(at::kDouble).device(device));
+  const double* tc = t.const_data_ptr<double>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_mass_table(a, num_groups, /*gaps=*/update_reference.has_value(), device,
+                  [&](const MassTable& t) {
+    mass_partial(t, num_groups, tc, tc + num_groups, update_reference, out.data_ptr<double>(),
+                 device, stream);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) {
+  m.impl("js_mass_totals", &js_mass_totals_cuda);
+  m.impl("js_mass_partial", &js_mass_partial_cuda);
+}
+
+}  // namespace fisheradaptune
