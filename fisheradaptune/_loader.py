@@ -1,12 +1,13 @@
 """Makes ``torch.ops.fisheradaptune.*`` exist: the compiled library, or the pure-PyTorch
 fallback.
 
-:func:`load` (run once, by ``import fisheradaptune``, before any op is used) imports the
+:func:`load` (run once, by :mod:`fisheradaptune.ops` as ``import fisheradaptune`` imports it,
+before any op is used) imports the
 compiled library ``fisheradaptune._C``, whose static initialisers define every schema and
 register the C++ CPU/CUDA kernels. When that library is missing or cannot be loaded (built
 without a compiler, for another platform, against an incompatible torch), or when the
 environment variable ``FISHERADAPTUNE_FALLBACK=1`` asks for it, the same schemas are defined
-from :mod:`fisheradaptune.ops._schemas` instead, :mod:`fisheradaptune.ops` registers the
+from :mod:`fisheradaptune.ops._schemas` (passed in by :mod:`fisheradaptune.ops`) instead, :mod:`fisheradaptune.ops` registers the
 pure-PyTorch kernels of every family for the CPU and CUDA dispatch keys, and ONE
 :class:`FallbackWarning` says why and how to get the compiled operators. Everything above the
 kernels (fake kernels, autograd, in-place bookkeeping, the typed wrappers and the whole Python
@@ -20,7 +21,7 @@ import importlib
 import os
 import warnings
 from types import ModuleType
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -65,8 +66,9 @@ def _message(reason: str) -> str:
             "which operators are running.")
 
 
-def load() -> None:
-    """Load the compiled operators, or define the schemas for the fallback (idempotent).
+def load(namespace: str, schemas: Mapping[str, str]) -> None:
+    """Load the compiled operators, or define ``schemas`` (op name -> schema string) under
+    ``namespace`` for the fallback (idempotent: later calls do nothing).
 
     Raises ``ValueError`` for a value of ``FISHERADAPTUNE_FALLBACK`` other than "1", "0" or
     empty. Emits one :class:`FallbackWarning` when the fallback is used."""
@@ -83,9 +85,8 @@ def load() -> None:
             reason = ("the compiled library fisheradaptune._C could not be loaded "
                       f"({type(e).__name__}: {e})")
     if reason is not None:
-        from .ops._schemas import NAMESPACE, SCHEMAS
-        lib = torch.library.Library(NAMESPACE, "DEF")
-        for schema in SCHEMAS.values():
+        lib = torch.library.Library(namespace, "DEF")
+        for schema in schemas.values():
             lib.define(schema)
         _def_lib = lib
         _reason = reason
@@ -93,23 +94,28 @@ def load() -> None:
     _loaded = True
 
 
+def _require_loaded() -> None:
+    if not _loaded:  # import fisheradaptune loads them before anything can ask
+        raise RuntimeError("fisheradaptune's operators are not loaded yet (import fisheradaptune)")
+
+
 def has_compiled_ops() -> bool:
     """True when the compiled operators (``fisheradaptune._C``) are running, False under the
     pure-PyTorch fallback (see :class:`FallbackWarning`)."""
-    load()
+    _require_loaded()
     return _reason is None
 
 
 def fallback_reason() -> Optional[str]:
     """Why the fallback runs (the load error, or the environment variable), None when the
     compiled operators do."""
-    load()
+    _require_loaded()
     return _reason
 
 
 def compiled_module() -> Optional[ModuleType]:
     """The loaded compiled library module, None under the fallback."""
-    load()
+    _require_loaded()
     return _module
 
 

@@ -31,10 +31,11 @@ read only.
 """
 
 from .. import _loader
+from . import _schemas
 
 # The ops must exist before the families register kernels for them: the compiled library, or
 # the schemas of ._schemas for the fallback.
-_loader.load()
+_loader.load(_schemas.NAMESPACE, _schemas.SCHEMAS)
 
 from . import _library, drift, fisher, sparse, tokens  # noqa: E402
 from .fisher import fisher_accumulate_, per_sample_grad_sq_  # noqa: E402
