@@ -171,12 +171,25 @@ _library.register_statistic("per_sample_grad_sq_")
 _TILE_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
-def _skip_nonfinite(updated: Tensor, old: Tensor) -> Tuple[Tensor, Tensor]:
-    """Note [Skipping] (csrc/cpu/fisher.cpp): ``(kept, skipped)``, the update where it is
-    finite (``|u| <= max``, false for NaN) and the old value elsewhere, and how many were
-    skipped (a 0-d int64 tensor, no synchronisation)."""
+def _write_finite(target: Tensor, updated: Tensor) -> Tensor:
+    """Note [Skipping] (csrc/cpu/fisher.cpp): write ``updated`` into ``target`` in place where
+    it is finite (the C++'s ``|u| <= max``, false for NaN and Inf), keep ``target`` elsewhere,
+    and return how many were skipped (a 0-d int64 tensor: no synchronisation)."""
     ok = updated.abs() <= torch.finfo(updated.dtype).max
-    return torch.where(ok, updated, old), ok.numel() - ok.sum()
+    torch.where(ok, updated, target, out=target)
+    return ok.numel() - torch.count_nonzero(ok)
+
+
+def _segment_sum(values: Tensor) -> Tensor:
+    """A segment's partial as the C++ forms it (cpu/fisher.cpp): sums of BLOCK elements in the
+    state's dtype (blocks start at the segment's first element, and chunk boundaries fall on
+    block boundaries), added in float64. A 0-d float64 tensor."""
+    n = values.numel()
+    full = n - n % _library.BLOCK
+    total = values[:full].view(-1, _library.BLOCK).sum(1).to(torch.float64).sum()
+    if full < n:
+        total = total + values[full:].sum().to(torch.float64)
+    return total
 
 
 def _fisher_accumulate_fallback(fisher: List[Tensor], grads: List[Optional[Tensor]],
@@ -187,9 +200,10 @@ def _fisher_accumulate_fallback(fisher: List[Tensor], grads: List[Optional[Tenso
     Each element's update is spelled as the C++ spells it, ``(decay * F) + ((scale * g) * g)``
     in the state's dtype with the gradient cast to it first and every operation rounded
     separately (the C++ is compiled without floating-point contraction), so the updated Fisher
-    is bitwise the compiled op's. A group's sum adds float64 partials (one per segment, each the
-    float64 sum of its elements) in plan order and rounds once to float32: equal to the compiled
-    op's (float lanes per block of BLOCK elements, then double) to rounding, and deterministic.
+    is bitwise the compiled op's. A group's sum adds per-segment partials (block sums of BLOCK
+    elements in the state's dtype, added in float64: the C++'s blocks) in plan order, in
+    float64, and rounds once to float32: equal to the compiled op's to rounding (within a block
+    the C++ adds in vector lanes, torch in its own order), and deterministic.
     With a layout on CUDA the partials are read back to the host (one synchronisation)."""
     op = "fisher_accumulate_"
     if nonfinite.device.type == "cuda":
@@ -211,15 +225,13 @@ def _fisher_accumulate_fallback(fisher: List[Tensor], grads: List[Optional[Tenso
             current[i] = flat if i in grouped else None
             continue
         gv = g.reshape(-1).to(f.dtype)
-        updated = (flat * decay).add_(gv * scale * gv)
-        kept, bad = _skip_nonfinite(updated, flat)
-        flat.copy_(kept)
-        skipped += bad
+        square = torch.mul(gv, scale).mul_(gv)
+        skipped += _write_finite(flat, torch.mul(flat, decay).add_(square))
         current[i] = flat
     nonfinite.fill_(skipped)
     if num_groups == 0:
         return
-    partials = [current[t][begin:end].sum(dtype=torch.float64) for t, begin, end, _ in rows]
+    partials = [_segment_sum(current[t][begin:end]) for t, begin, end, _ in rows]
     values = torch.stack(partials).tolist() if partials else []
     sums = [0.0] * num_groups
     for (_, _, _, group), value in zip(rows, values):
@@ -252,10 +264,7 @@ def _per_sample_grad_sq_fallback(fisher: Tensor, x: Tensor, grad_out: Tensor, sc
             tile.mul_(tile)
             for k in range(b):
                 r.add_(tile[k])
-    updated = r.mul_(scale).add_(fisher)
-    kept, bad = _skip_nonfinite(updated, fisher)
-    fisher.copy_(kept)
-    nonfinite.fill_(bad)
+    nonfinite.fill_(_write_finite(fisher, r.mul_(scale).add_(fisher)))
 
 
 #: The family's fallback kernels, by op name (registered by ops/__init__.py when needed).
