@@ -20,8 +20,8 @@ import torch
 from hypothesis import strategies as st
 
 import fisheradaptune
-import fisheradaptune._C
 from fisheradaptune.groups import GroupLayout
+from fisheradaptune.ops import _library
 
 #: The repository's root (examples/, docs/ ...).
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -47,14 +47,23 @@ devices = [
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON)
 
 
+#: Which operators run: the compiled library, or the pure-PyTorch fallback
+#: (FISHERADAPTUNE_FALLBACK=1, or no loadable library).
+COMPILED = fisheradaptune.has_compiled_ops()
+COMPILED_SKIP_REASON = ("asserts a property of the compiled kernels, which the pure-PyTorch "
+                        "fallback running here does not have (the same contract otherwise)")
+#: Skips a test of a compiled-only fact under the fallback, with the reason.
+requires_compiled = pytest.mark.skipif(not COMPILED, reason=COMPILED_SKIP_REASON)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sizes
 
-# Read from the build (csrc/plan.h defines them once), never restated here.
+# fisheradaptune.ops._library holds them (a test checks they equal the compiled library's).
 #: The kernels' chunk: the unit of parallel work and of deterministic reduction.
-CHUNK = fisheradaptune._C.CHUNK
+CHUNK = _library.CHUNK
 #: The fisher kernel's float -> double flush block.
-BLOCK = fisheradaptune._C.BLOCK
+BLOCK = _library.BLOCK
 #: Element counts straddling the block and chunk sizes.
 EDGE_NUMELS = [1, 7, BLOCK - 1, BLOCK, BLOCK + 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 1]
 
@@ -299,3 +308,34 @@ def token_calibration():
 def token_loss(model, batch):
     x, y = batch
     return torch.nn.functional.cross_entropy(model(x).mean(1), y)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure-PyTorch fallback kernels (tests/ops/test_fallback_<family>.py)
+
+#: Skips a comparison with the compiled op when the fallback is what runs (the compiled op is
+#: then the fallback itself: the comparison would be with itself).
+requires_compiled_op = pytest.mark.skipif(
+    not COMPILED, reason="compares the fallback kernel with the compiled op, which is not "
+    "loaded here (the pure-PyTorch fallback is running)")
+
+
+def raised(call) -> BaseException:
+    """The exception ``call()`` raises (a test failure if it returns)."""
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - returned to be compared
+        return e
+    raise AssertionError("expected an exception, the call returned")
+
+
+def assert_same_refusal(fallback_call, compiled_call, live) -> BaseException:
+    """Both calls refuse with the same exception type and message, and neither writes into
+    ``live`` (the tensors of the call). Returns the fallback's exception."""
+    before = snapshot(live)
+    got = raised(fallback_call)
+    assert_unchanged(before, live)
+    want = raised(compiled_call)
+    assert_unchanged(before, live)
+    assert type(got) is type(want) and str(got) == str(want), (got, want)
+    return got

@@ -6,7 +6,7 @@
 Each case runs the op on ``--device`` and compares with the same op on the CPU (or, on the CPU,
 with :mod:`fisheradaptune.reference`), so the run checks results as well as memory accesses:
 empty lists and tensors, one element, sizes straddling the kernels' block and chunk
-(``fisheradaptune._C.BLOCK`` / ``CHUNK``), views whose data pointer is not 16-byte aligned
+(``fisheradaptune.ops._library.BLOCK`` / ``CHUNK``), views whose data pointer is not 16-byte aligned
 (the vectorised paths must fall back), non-finite values, and the grid limits (more than 65535
 tokens; more chunks than blocks in one launch row). ``tools/gpu_check.sh`` runs it under
 memcheck (every family) and racecheck (drift and tokens, the kernels with shared memory).
@@ -22,10 +22,8 @@ from typing import Callable, Dict, List
 import torch
 
 import fisheradaptune
-import fisheradaptune._C as _C
 from fisheradaptune import groups, ops, reference
-
-CHUNK, BLOCK = _C.CHUNK, _C.BLOCK
+from fisheradaptune.ops._library import BLOCK, CHUNK
 EDGE = [0, 1, 7, BLOCK - 1, BLOCK + 1, CHUNK - 1, CHUNK, CHUNK + 1]
 
 

@@ -17,16 +17,37 @@ compiled library), so direct ``torch.ops.fisheradaptune.*`` calls are covered to
 float64 twin of the same name in :mod:`fisheradaptune.reference`, the independent oracle of the
 tests.
 
+Every family module also ends with its fallback kernels (pure PyTorch, the same contract as the
+compiled ones: the same checks and messages, results to rounding, non-finite skipping and
+counting, determinism, in-place writes), gathered in its ``FALLBACK_KERNELS``. They are
+registered for the CPU and CUDA dispatch keys only when the compiled library is not in use
+(:func:`fisheradaptune.has_compiled_ops`; :mod:`fisheradaptune._loader`); the fake, autograd and
+in-place kernels above them are the same either way.
+
 Mutation, said the same way everywhere: an op whose name ends in ``_`` always writes into its
 first argument(s) in place; an op that writes into an argument only on request
 (``update_reference=``) says so in a "Mutates:" line of its docstring. Every other argument is
 read only.
 """
 
-from .fisher import fisher_accumulate_, per_sample_grad_sq_
-from .drift import js_drift, js_mass_partial, js_mass_totals
-from .tokens import bipartite_merge, token_prune_merge
-from .sparse import sampled_grad
+from .. import _loader
+from . import _schemas
+
+# The ops must exist before the families register kernels for them: the compiled library, or
+# the schemas of ._schemas for the fallback.
+_loader.load(_schemas.NAMESPACE, _schemas.SCHEMAS)
+
+from . import _library, drift, fisher, sparse, tokens  # noqa: E402
+from .fisher import fisher_accumulate_, per_sample_grad_sq_  # noqa: E402
+from .drift import js_drift, js_mass_partial, js_mass_totals  # noqa: E402
+from .tokens import bipartite_merge, token_prune_merge  # noqa: E402
+from .sparse import sampled_grad  # noqa: E402
+
+#: The op families, each a module with its ops' Python side and ``FALLBACK_KERNELS``.
+FAMILIES = (fisher, drift, tokens, sparse)
+
+if not _loader.has_compiled_ops():
+    _library.register_fallbacks(FAMILIES)
 
 __all__ = ["fisher_accumulate_", "js_drift", "js_mass_totals", "js_mass_partial",
            "per_sample_grad_sq_", "token_prune_merge", "bipartite_merge", "sampled_grad"]

@@ -9,6 +9,12 @@ second registration is a programming error, refused) or ``torch.library.register
 ``import fisheradaptune`` imports it once, right after loading the compiled library, so direct
 ``torch.ops.fisheradaptune.*`` calls are covered as well as the typed wrappers.
 
+Under the pure-PyTorch fallback (:mod:`fisheradaptune._loader`), :func:`register_fallbacks`
+also registers each family's ``FALLBACK_KERNELS`` for the CPU and CUDA keys, where the compiled
+library registers its C++ kernels; the fallback kernels share :func:`read_segments`,
+:func:`check_not_capturing` and :func:`full_fp32_matmul` (the C++ kernels' plan, capture and
+precision rules) and size their work by :data:`CHUNK` / :data:`BLOCK`.
+
 Note [In-place writes]
 ~~~~~~~~~~~~~~~~~~~~~~
 A kernel registered in C++ for CPU/CUDA writes into its ``Tensor(a!)`` arguments, but nothing
@@ -44,13 +50,17 @@ that require grad, before it runs:
 """
 from __future__ import annotations
 
+import contextlib
 import operator
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from types import ModuleType
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from .. import _loader
 from ..groups import GroupLayout
+from ._schemas import SCHEMAS
 
 __all__: List[str] = []
 
@@ -61,6 +71,13 @@ OPS = torch.ops.fisheradaptune
 STATISTICS: List[str] = []
 #: Ops that refuse an input requiring grad while grad mode is on.
 NOT_DIFFERENTIABLE: List[str] = []
+
+# Note [Chunk and block sizes] (csrc/plan.h), the same values in Python, for the fallback kernels
+# and for tests that size their edge cases (a test checks they equal the compiled library's).
+#: Elements per chunk: the unit of parallel work and of deterministic per-group reduction.
+CHUNK = 1 << 15
+#: Elements per block: the CPU kernels' float-lane accumulation length before a double flush.
+BLOCK = 1024
 
 # The one library every Python kernel is registered on (kept alive: dropping it deregisters).
 _LIB = torch.library.Library("fisheradaptune", "IMPL")
@@ -189,3 +206,97 @@ def register_not_differentiable(name: str) -> None:
             return op(*args, **kwargs)
     impl(name, "Autograd")(kernel)
     NOT_DIFFERENTIABLE.append(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure-PyTorch fallback (registered only when the compiled library is not in use)
+
+
+def register_fallback(kernels: Dict[str, Callable]) -> None:
+    """Register each ``{op name: kernel}`` as the op's kernel for the CPU and CUDA dispatch keys
+    (the keys of the compiled kernels). A name that is not an op is refused."""
+    for name, fn in kernels.items():
+        if name not in SCHEMAS:
+            raise ValueError(f"register_fallback: {name!r} is not a fisheradaptune op; expected "
+                             f"one of {sorted(SCHEMAS)}")
+        for key in ("CPU", "CUDA"):
+            impl(name, key)(fn)
+
+
+def _missing(name: str) -> Callable:
+    def kernel(*args, **kwargs):
+        raise NotImplementedError(
+            f"fisheradaptune.{name}: this build has no pure-PyTorch fallback for the op, and the "
+            f"compiled operators are not in use ({_loader.fallback_reason()})")
+    kernel.__qualname__ = f"_missing_{name}"
+    return kernel
+
+
+def register_fallbacks(families: Iterable[ModuleType]) -> None:
+    """Register every family's ``FALLBACK_KERNELS`` (:func:`register_fallback`); an op that no
+    family covers gets a kernel raising ``NotImplementedError`` that names it, never silence."""
+    covered: Dict[str, str] = {}
+    for family in families:
+        kernels = getattr(family, "FALLBACK_KERNELS", {})
+        for name in kernels:
+            if name in covered:
+                raise RuntimeError(f"fisheradaptune.{name}: fallback kernels in both "
+                                   f"{covered[name]} and {family.__name__}")
+            covered[name] = family.__name__
+        register_fallback(kernels)
+    register_fallback({name: _missing(name) for name in SCHEMAS if name not in covered})
+
+
+def read_segments(op: str, arg: str, segments: Tensor, numels: Sequence[int],
+                  num_groups: int) -> List[Tuple[int, int, int, int]]:
+    """read_segments (csrc/plan.cpp) with the data: the rows ``(tensor, begin, end, group)`` of
+    an int64 ``[S, 4]`` layout, checked against the tensor sizes and the number of groups
+    (``ValueError`` naming ``arg``, the C++ messages), without empty rows, sorted by
+    ``(tensor, begin)`` and checked not to overlap. A CUDA tensor is copied to the host (a
+    synchronisation, as in the C++). The dtype/shape/device checks are the caller's
+    (``_checks.validate_<op>``)."""
+    rows = segments.detach().cpu().tolist()
+    out = []
+    for r, (t, begin, end, group) in enumerate(rows):
+        if not 0 <= t < len(numels):
+            raise ValueError(f"fisheradaptune.{op}: argument '{arg}': row {r}: tensor_index {t} "
+                             f"is out of range for {len(numels)} tensors")
+        if not (0 <= begin <= end <= numels[t]):
+            raise ValueError(f"fisheradaptune.{op}: argument '{arg}': row {r}: range [{begin}, "
+                             f"{end}) is out of bounds for tensor {t} with {numels[t]} elements")
+        if not 0 <= group < num_groups:
+            raise ValueError(f"fisheradaptune.{op}: argument '{arg}': row {r}: group_id {group} "
+                             f"is out of range for {num_groups} groups")
+        if begin < end:
+            out.append((t, begin, end, group))
+    out.sort(key=lambda s: (s[0], s[1]))  # stable, as std::stable_sort
+    for a, b in zip(out, out[1:]):
+        if a[0] == b[0] and a[2] > b[1]:
+            raise ValueError(f"fisheradaptune.{op}: argument '{arg}': segments [{a[1]}, {a[2]}) "
+                             f"and [{b[1]}, {b[2]}) of tensor {a[0]} overlap")
+    return out
+
+
+def check_not_capturing(op: str, why: str, device: torch.device) -> None:
+    """Note [No CUDA-graph capture] (csrc/cuda/multi_tensor.cuh): an op that reads values back
+    to the host cannot be captured; refuse before anything is done, with the C++ message."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"fisheradaptune.{op}: cannot be captured in a CUDA graph (the current "
+                           f"stream is capturing): {why}. Call it outside the captured region.")
+
+
+@contextlib.contextmanager
+def full_fp32_matmul(device: torch.device):
+    """Note [Full fp32 per-sample GEMM] (csrc/per_sample.cpp): float32 matmuls on ``device``'s
+    backend in full IEEE fp32 (no TF32, no bfloat16) for the duration, the caller's setting
+    restored afterwards, also on error. Process-global, as in the C++."""
+    backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
+    saved = backend.fp32_precision
+    changed = saved != "ieee"
+    if changed:
+        backend.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        if changed:
+            backend.fp32_precision = saved

@@ -160,3 +160,115 @@ _library.register_statistic("per_sample_grad_sq_")
 
 # ---------------------------------------------------------------------------------------------
 # Fallback kernels (pure PyTorch, the same contract as the compiled ones)
+#
+# Registered for the CPU and CUDA keys only when the compiled library is not in use
+# (_library.register_fallbacks). Each takes the schema's arguments in order, checks them with
+# the C++'s checks and messages (_checks.validate_<op>, then the data: the layout's rows) before
+# writing anything, and writes its outputs in place.
+
+# Per-sample gradient elements per tile (csrc/cpu/per_sample.cpp, csrc/cuda/per_sample.cu): the
+# same tiling, so the batched GEMMs are those of the compiled op.
+_TILE_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 26}
+
+
+def _write_finite(target: Tensor, updated: Tensor) -> Tensor:
+    """Note [Skipping] (csrc/cpu/fisher.cpp): write ``updated`` into ``target`` in place where
+    it is finite (the C++'s ``|u| <= max``, false for NaN and Inf), keep ``target`` elsewhere,
+    and return how many were skipped (a 0-d int64 tensor: no synchronisation)."""
+    ok = updated.abs() <= torch.finfo(updated.dtype).max
+    torch.where(ok, updated, target, out=target)
+    return ok.numel() - torch.count_nonzero(ok)
+
+
+def _segment_sum(values: Tensor) -> Tensor:
+    """A segment's partial as the C++ forms it (cpu/fisher.cpp): sums of BLOCK elements in the
+    state's dtype (blocks start at the segment's first element, and chunk boundaries fall on
+    block boundaries), added in float64. A 0-d float64 tensor."""
+    n = values.numel()
+    full = n - n % _library.BLOCK
+    total = values[:full].view(-1, _library.BLOCK).sum(1).to(torch.float64).sum()
+    if full < n:
+        total = total + values[full:].sum().to(torch.float64)
+    return total
+
+
+def _fisher_accumulate_fallback(fisher: List[Tensor], grads: List[Optional[Tensor]],
+                                decay: float, scale: float, segments: Optional[Tensor],
+                                group_sums: Tensor, nonfinite: Tensor) -> None:
+    """fisher_accumulate_ in PyTorch ops.
+
+    Each element's update is spelled as the C++ spells it, ``(decay * F) + ((scale * g) * g)``
+    in the state's dtype with the gradient cast to it first and every operation rounded
+    separately (the C++ is compiled without floating-point contraction), so the updated Fisher
+    is bitwise the compiled op's. A group's sum adds per-segment partials (block sums of BLOCK
+    elements in the state's dtype, added in float64: the C++'s blocks) in plan order, in
+    float64, and rounds once to float32: equal to the compiled op's to rounding (within a block
+    the C++ adds in vector lanes, torch in its own order), and deterministic.
+    With a layout on CUDA the partials are read back to the host (one synchronisation)."""
+    op = "fisher_accumulate_"
+    if nonfinite.device.type == "cuda":
+        _library.check_not_capturing(op, "it uploads a per-call chunk table from a pinned host "
+                                     "buffer", nonfinite.device)
+    _checks.validate_fisher_accumulate(fisher, grads, decay, scale, segments, group_sums,
+                                       nonfinite)
+    num_groups = group_sums.numel()
+    rows = ([] if segments is None else
+            _library.read_segments(op, "segments", segments, [f.numel() for f in fisher],
+                                   num_groups))
+    # Nothing has been written so far; every check has passed.
+    grouped = {t for t, _, _, _ in rows}
+    skipped = torch.zeros((), dtype=torch.int64, device=nonfinite.device)
+    current: List[Optional[Tensor]] = [None] * len(fisher)  # the Fisher after the update, flat
+    for i, (f, g) in enumerate(zip(fisher, grads)):
+        flat = f.view(-1)
+        if g is None or f.numel() == 0:
+            current[i] = flat if i in grouped else None
+            continue
+        gv = g.reshape(-1).to(f.dtype)
+        square = torch.mul(gv, scale).mul_(gv)
+        skipped += _write_finite(flat, torch.mul(flat, decay).add_(square))
+        current[i] = flat
+    nonfinite.fill_(skipped)
+    if num_groups == 0:
+        return
+    partials = [_segment_sum(current[t][begin:end]) for t, begin, end, _ in rows]
+    values = torch.stack(partials).tolist() if partials else []
+    sums = [0.0] * num_groups
+    for (_, _, _, group), value in zip(rows, values):
+        sums[group] += value  # plan order within each group, in double
+    group_sums.copy_(torch.tensor(sums, dtype=torch.float64).to(torch.float32))
+
+
+def _per_sample_grad_sq_fallback(fisher: Tensor, x: Tensor, grad_out: Tensor, scale: float,
+                                 nonfinite: Tensor) -> None:
+    """per_sample_grad_sq_ in PyTorch ops (Note [Skipping in per_sample_grad_sq_],
+    csrc/per_sample.cpp): the samples in tiles, each tile's per-sample gradients by one batched
+    GEMM in full fp32 (the compiled op's tiling and precision), their squares added to a
+    running sum in sample order (rounded separately, as the CPU kernel does), then one update
+    ``F + scale * r`` with the skip rule. On the CPU the result is that of the compiled op
+    bitwise whenever the BLAS gives the same tiles; on CUDA, whose kernel fuses the square and
+    the sum, to rounding."""
+    _checks.validate_per_sample_grad_sq(fisher, x, grad_out, scale, nonfinite)
+    nonfinite.zero_()  # the op overwrites the count, also when there is no work
+    n, out, inp = x.shape[0], fisher.shape[0], fisher.shape[1]
+    if n == 0 or fisher.numel() == 0 or x.shape[1] == 0:
+        return
+    step = min(max(_TILE_ELEMS.get(fisher.device.type, 1 << 22) // (out * inp), 1), n)
+    acc = fisher.dtype
+    r = torch.zeros_like(fisher)
+    with _library.full_fp32_matmul(fisher.device):
+        for n0 in range(0, n, step):
+            b = min(step, n - n0)
+            tile = torch.bmm(grad_out.narrow(0, n0, b).transpose(1, 2).to(acc),
+                             x.narrow(0, n0, b).to(acc))
+            tile.mul_(tile)
+            for k in range(b):
+                r.add_(tile[k])
+    nonfinite.fill_(_write_finite(fisher, r.mul_(scale).add_(fisher)))
+
+
+#: The family's fallback kernels, by op name (registered by ops/__init__.py when needed).
+FALLBACK_KERNELS = {
+    "fisher_accumulate_": _fisher_accumulate_fallback,
+    "per_sample_grad_sq_": _per_sample_grad_sq_fallback,
+}

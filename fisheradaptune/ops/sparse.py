@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _checks, _library
 from ._library import OPS as _ops
 
 __all__ = ["sampled_grad"]
@@ -74,3 +74,46 @@ torch.library.register_autograd("fisheradaptune::sampled_grad", _sampled_grad_ba
 
 # ---------------------------------------------------------------------------------------------
 # Fallback kernels (pure PyTorch, the same contract as the compiled ones)
+#
+# Registered for the CPU and CUDA keys only when the compiled library is not in use
+# (_library.register_fallbacks).
+
+# Gathered x elements per tile of output rows ([rows, C, T]): bounds the fallback's memory.
+_GATHER_ELEMS = 1 << 22
+
+
+def _sampled_grad_fallback(grad_out: Tensor, x: Tensor, index: Tensor) -> Tensor:
+    """sampled_grad in PyTorch ops: the C++ checks and messages (the index's range included,
+    read back to the host once per call, on CUDA too), then, per tile of output rows, the
+    picked columns of ``x`` gathered and multiplied with ``grad_out`` in the accumulation type
+    (float32, float64 for float64 inputs) and summed over the tokens (torch's fixed-order
+    reduction: deterministic). Equal to the compiled op to rounding."""
+    op = "sampled_grad"
+    if grad_out.device.type == "cuda":
+        _library.check_not_capturing(op, "its index range check reads the index's min and max "
+                                     "back to the host", grad_out.device)
+    _checks.validate_sampled_grad(grad_out, x, index)
+    tokens, rows = grad_out.shape
+    cols, picks = x.shape[1], index.shape[1]
+    if rows * picks > 0:
+        lo, hi = torch.aminmax(index)
+        lo, hi = int(lo), int(hi)
+        if not (lo >= 0 and hi < cols):
+            raise ValueError(f"fisheradaptune.{op}: argument 'index': expected values in [0, in) "
+                             f"= [0, {cols}), got values in [{lo}, {hi}]")
+    dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    if tokens == 0 or rows * picks == 0:
+        return torch.zeros((rows, picks), dtype=dtype, device=grad_out.device)
+    gt = grad_out.t().to(dtype)                 # [out, T]
+    xt = x.t().to(dtype).contiguous()           # [in, T]: each picked column one contiguous row
+    out = torch.empty((rows, picks), dtype=dtype, device=grad_out.device)
+    step = max(1, _GATHER_ELEMS // (picks * tokens))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        picked = xt[index[r0:r1]]               # [rows, C, T]
+        torch.sum(picked.mul_(gt[r0:r1].unsqueeze(1)), dim=-1, out=out[r0:r1])
+    return out
+
+
+#: The family's fallback kernels, by op name (registered by ops/__init__.py when needed).
+FALLBACK_KERNELS = {"sampled_grad": _sampled_grad_fallback}
