@@ -222,10 +222,9 @@ _library.register_not_differentiable("js_mass_partial")
 import math as _math
 from typing import Tuple
 
-from ._checks import _check_value as _fb_check_value
 
 #: Elements per chunk of a plan (kChunk, csrc/plan.h); only the rounding of the sums depends on it.
-_FB_CHUNK = int(getattr(_library, "CHUNK", 1 << 15))
+_FB_CHUNK = _library.CHUNK
 #: Note [Sparse histogram] (csrc/cpu/drift.cpp): dense bin counts up to this many bins.
 _FB_DENSE_BINS = 1 << 16
 _FB_MIN_NORMAL = 2.2250738585072014e-308  # DBL_MIN
@@ -237,28 +236,11 @@ _FB_SERIES = (1.0 / 120, 1.0 / 91, 1.0 / 66, 1.0 / 45, 1.0 / 28, 1.0 / 15, 1.0 /
 
 def _fb_read_segments(op: str, segments: Tensor, numels: List[int],
                       num_groups: int) -> List[List[Tuple[int, int, int]]]:
-    """read_segments (csrc/plan.cpp): the data checks of ``segments``' rows, with the C++'s
-    messages, then per group its non-empty ``(tensor, begin, end)`` pieces in plan order
-    (tensor, then begin). The rows are read on the host (Note [Segments on the host])."""
-    rows = segments.detach().cpu().tolist()
-    n = len(numels)
-    kept = []
-    for r, (t, b, e, g) in enumerate(rows):
-        _fb_check_value(0 <= t < n, op, "segments", "row ", r, ": tensor_index ", t,
-                        " is out of range for ", n, " tensors")
-        _fb_check_value(0 <= b <= e <= numels[t], op, "segments", "row ", r, ": range [", b,
-                        ", ", e, ") is out of bounds for tensor ", t, " with ", numels[t],
-                        " elements")
-        _fb_check_value(0 <= g < num_groups, op, "segments", "row ", r, ": group_id ", g,
-                        " is out of range for ", num_groups, " groups")
-        if b < e:
-            kept.append((t, b, e, g))
-    kept.sort(key=lambda s: (s[0], s[1]))  # stable, as the C++'s stable_sort
-    for a, s in zip(kept, kept[1:]):
-        _fb_check_value(a[0] != s[0] or a[2] <= s[1], op, "segments", "segments [", a[1], ", ",
-                        a[2], ") and [", s[1], ", ", s[2], ") of tensor ", a[0], " overlap")
+    """The rows of ``segments`` checked as the C++ does (``_library.read_segments``), then per
+    group its non-empty ``(tensor, begin, end)`` pieces in plan order (tensor, then begin). The
+    rows are read on the host (Note [Segments on the host])."""
     by_group: List[List[Tuple[int, int, int]]] = [[] for _ in range(num_groups)]
-    for t, b, e, g in kept:
+    for t, b, e, g in _library.read_segments(op, "segments", segments, numels, num_groups):
         by_group[g].append((t, b, e))
     return by_group
 
