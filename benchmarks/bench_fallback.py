@@ -102,7 +102,7 @@ def cases(device, quick) -> List[Tuple[str, str, Callable[[], tuple]]]:
     out.append(("js_mass_partial", vit, mass_partial))
     xt, scores, sizes, metric = _tokens(device, quick)
     keep = math.ceil(0.7 * 196)
-    tok = f"B=8, N=197, C=384"
+    tok = "B=8, N=197, C=384"
     out.append(("token_prune_merge", f"{tok}, keep {keep}",
                 lambda: (xt, scores, sizes, 1, keep, True)))
 

@@ -6,7 +6,7 @@ and works on CPU and CUDA tensors alike. Reductions are done in float64.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor

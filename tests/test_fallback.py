@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import fisheradaptune
 from fisheradaptune import _loader

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from typing import Callable, Iterable, List, Optional, Tuple, Union
+from typing import Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ from .. import ops
 from .._wrapped import WrappedOptimizer, check_optimizer
 from ..distributed import comm
 from ..distributed.drift import js_drift
-from ..distributed.sharding import local, local_layout, row_sharding, sharding_of
+from ..distributed.sharding import local_layout, row_sharding, sharding_of
 from ..fisher.base import EstimatorSpec, estimator_class, make_estimator
 from . import report, state
 from .freezing import Freezer

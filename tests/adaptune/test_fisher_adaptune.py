@@ -1,5 +1,4 @@
 """FisherAdapTune wrapper: exact freezing, real savings, resume, AMP, policies, bad config."""
-import copy
 import io
 import math
 
