@@ -150,7 +150,7 @@ inline void check_coefficient(const char* op, const char* where, double v,
 //   - Inputs are checked as the kernel reads them: an op that copies a non-contiguous input to a
 //     contiguous one before running reads the copy, which aliases nothing.
 //   - Empty tensors own no memory and never overlap.
-// The fake kernels (fisheradaptune/_fake.py, _check_no_aliasing) make the same checks while
+// The fake kernels (fisheradaptune/ops/_checks.py, _check_no_aliasing) make the same checks while
 // tracing, comparing byte ranges within each storage, so torch.compile refuses what eager does.
 struct MemoryArg {
   const at::Tensor* tensor;  // may be undefined

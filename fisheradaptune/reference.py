@@ -194,7 +194,7 @@ def token_prune_merge(x: Tensor, scores: Tensor, keep: int, *, num_protected: in
             zero = total == 0
             coef = torch.where(zero, torch.zeros_like(w),
                                w / torch.where(zero, torch.ones_like(total), total))
-        # Note [Zero coefficients] (csrc/tokens.h): a token of coefficient 0 takes part with its
+        # Note [Zero coefficients] (csrc/tokens/token_prune_merge.h): a token of coefficient 0 takes part with its
         # non-finite values read as 0 (so a W == 0 row is zeros). Masking xm itself, not just the
         # product, keeps 0 * inf out of the backward too.
         taken = (coef != 0).unsqueeze(-1) | torch.isfinite(xm)
@@ -263,7 +263,7 @@ def bipartite_merge(x: Tensor, metric: Tensor, r: int, *, num_protected: int = 1
     w_row, n_row = total.gather(1, dest), count.gather(1, dest)
     coef = torch.where(n_row == 1, torch.ones_like(s),
                        torch.where(w_row != 0, s / torch.where(w_row != 0, w_row, 1.0), 0.0))
-    # Note [Zero coefficients] (csrc/tokens.h): a source of coefficient 0 adds nothing, even
+    # Note [Zero coefficients] (csrc/tokens/token_prune_merge.h): a source of coefficient 0 adds nothing, even
     # with inf/NaN values; masking x itself keeps 0 * inf out of the backward too.
     xs = x.to(torch.float64)
     xs = torch.where((coef != 0).unsqueeze(-1) | torch.isfinite(xs), xs, torch.zeros_like(xs))

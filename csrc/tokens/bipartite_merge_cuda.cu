@@ -37,7 +37,7 @@
 // multiply-adds), so near-ties can match differently; dest_index agrees for generic inputs.
 //
 // Grid limits: batch rows run on grid.x (up to 2^31 - 1, checked here with the fake kernel's
-// wording, fisheradaptune/_fake.py _check_launch_shape); A-token groups, out rows and tokens run
+// wording, fisheradaptune/ops/_checks.py _check_launch_shape); A-token groups, out rows and tokens run
 // on grid.y, capped at kMaxGridY = 65535 blocks, beyond which each block takes every
 // kMaxGridY-th one, so neither N nor the out row count is limited by the grid (token indices are
 // int32: N < 2^31, checked for both backends by the shared validation).
@@ -364,7 +364,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // The launch shape's own limits, with the fake kernel's wording (_check_launch_shape in
-// fisheradaptune/_fake.py): one block per batch row on grid.x; tokens as int32 (also checked by
+// fisheradaptune/ops/_checks.py): one block per batch row on grid.x; tokens as int32 (also checked by
 // the shared validation).
 void check_launch_shape(const char* op, int64_t B, int64_t N) {
   TORCH_CHECK_VALUE(B <= std::numeric_limits<int32_t>::max(), "fisheradaptune.", op,

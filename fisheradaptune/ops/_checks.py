@@ -7,8 +7,8 @@ FakeTensor tracing) or a meta tensor (the Meta dispatch key wins over CPU and CU
 tensor among CPU ones is enough). Returning output shapes alone would let tracing accept input
 that the eager op rejects, and turn a stray meta tensor into a call that silently writes nothing.
 So every fake kernel first calls its op's ``validate_<op>``, which makes the checks of its C++
-twin (csrc/validate.h, csrc/args.cpp, csrc/plan.cpp, csrc/tokens.cpp, csrc/bipartite.cpp,
-csrc/sparse.cpp and the CUDA kernels' own limits), in the same order, raising the same exception
+twin (csrc/validate.h, csrc/<family>/<op>_args.cpp, csrc/plan.cpp, csrc/tokens/token_prune_merge_args.cpp, csrc/tokens/bipartite_merge_args.cpp,
+csrc/sparse/sampled_grad_args.cpp and the CUDA kernels' own limits), in the same order, raising the same exception
 types with the same messages (``fisheradaptune.<op>: argument '<name>': expected ...``;
 ValueError for shapes, lengths, devices and values, TypeError for dtypes).
 
@@ -45,7 +45,7 @@ __all__ = ["validate_fisher_accumulate", "validate_js_drift", "validate_js_mass_
 
 _INT32_MAX = 2 ** 31 - 1
 _FLOAT32_MAX = torch.finfo(torch.float32).max
-_MAX_BINS = 2 ** 30  # js_drift's bins, every backend (kMaxBins, csrc/args.h)
+_MAX_BINS = 2 ** 30  # js_drift's bins, every backend (kMaxBins, csrc/drift/drift.h)
 
 # c10::ScalarType's names, which the C++ messages print (``Float``, not ``torch.float32``).
 _SCALAR_TYPE_NAMES = {
@@ -385,7 +385,7 @@ def validate_per_sample_grad_sq(fisher: Tensor, x: Tensor, grad_out: Tensor, sca
 
 
 # ---------------------------------------------------------------------------------------------
-# token_prune_merge and its backward (csrc/tokens.cpp)
+# token_prune_merge and its backward (csrc/tokens/token_prune_merge_args.cpp)
 
 _TOKEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -440,7 +440,7 @@ def _check_launch_shape(op: str, device: torch.device, b: int, n: int) -> None:
 
 def validate_token_prune_merge(x: Tensor, scores: Tensor, sizes: Optional[Tensor],
                                num_protected: int, keep: int, normalize: bool) -> int:
-    """token_prune_merge's checks (csrc/tokens.cpp). Returns the number of out rows,
+    """token_prune_merge's checks (csrc/tokens/token_prune_merge_args.cpp). Returns the number of out rows,
     ``num_protected + keep`` plus the fused token when there is one."""
     op = "token_prune_merge"
     device = _op_device([x, scores, sizes], x.device)
@@ -454,7 +454,7 @@ def validate_token_prune_merge(x: Tensor, scores: Tensor, sizes: Optional[Tensor
 def validate_token_prune_merge_backward(grad_out: Tensor, x: Tensor, scores: Tensor,
                                         sizes: Optional[Tensor], kept_index: Tensor,
                                         num_protected: int, normalize: bool) -> None:
-    """token_prune_merge_backward's checks (csrc/tokens.cpp)."""
+    """token_prune_merge_backward's checks (csrc/tokens/token_prune_merge_args.cpp)."""
     op = "token_prune_merge_backward"
     device = _op_device([x, scores, sizes, kept_index, grad_out], x.device)
     b, n, c, m = _check_tokens(op, x, scores, sizes, num_protected, device)
@@ -476,12 +476,12 @@ def validate_token_prune_merge_backward(grad_out: Tensor, x: Tensor, scores: Ten
 
 
 # ---------------------------------------------------------------------------------------------
-# bipartite_merge and its backward (csrc/bipartite.cpp)
+# bipartite_merge and its backward (csrc/tokens/bipartite_merge_args.cpp)
 
 
 def validate_bipartite_merge(x: Tensor, metric: Tensor, sizes: Optional[Tensor],
                              num_protected: int, r: int) -> None:
-    """bipartite_merge's checks (csrc/bipartite.cpp)."""
+    """bipartite_merge's checks (csrc/tokens/bipartite_merge_args.cpp)."""
     op = "bipartite_merge"
     device = _op_device([x, metric, sizes], x.device)
     _check_device(op, "x", x, device)
@@ -505,7 +505,7 @@ def validate_bipartite_merge(x: Tensor, metric: Tensor, sizes: Optional[Tensor],
 
 def validate_bipartite_merge_backward(grad_out: Tensor, sizes: Optional[Tensor],
                                       dest_index: Tensor) -> None:
-    """bipartite_merge_backward's checks (csrc/bipartite.cpp)."""
+    """bipartite_merge_backward's checks (csrc/tokens/bipartite_merge_args.cpp)."""
     op = "bipartite_merge_backward"
     device = _op_device([grad_out, sizes, dest_index], grad_out.device)
     _check_device(op, "grad_out", grad_out, device)
@@ -533,7 +533,7 @@ _SPARSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def validate_sampled_grad(grad_out: Tensor, x: Tensor, index: Tensor) -> None:
-    """validate_sampled_grad (csrc/sparse.cpp)."""
+    """validate_sampled_grad (csrc/sparse/sampled_grad_args.cpp)."""
     op = "sampled_grad"
     device = _op_device([grad_out, x, index], grad_out.device)
     _check_device(op, "grad_out", grad_out, device)

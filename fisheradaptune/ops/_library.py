@@ -287,7 +287,7 @@ def check_not_capturing(op: str, why: str, device: torch.device) -> None:
 
 @contextlib.contextmanager
 def full_fp32_matmul(device: torch.device):
-    """Note [Full fp32 per-sample GEMM] (csrc/per_sample.cpp): float32 matmuls on ``device``'s
+    """Note [Full fp32 per-sample GEMM] (csrc/fisher/per_sample_grad_sq.cpp): float32 matmuls on ``device``'s
     backend in full IEEE fp32 (no TF32, no bfloat16) for the duration, the caller's setting
     restored afterwards, also on error. Process-global, as in the C++."""
     backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul

@@ -111,7 +111,7 @@ _library.register_not_differentiable("js_drift")
 
 
 # ---------------------------------------------------------------------------------------------
-# js_mass_totals and js_mass_partial (Note [Sharded drift] in csrc/drift_math.h)
+# js_mass_totals and js_mass_partial (Note [Sharded drift] in csrc/drift/drift_math.h)
 
 
 def js_mass_totals(current: Sequence[Tensor], reference: Sequence[Tensor],
@@ -122,7 +122,7 @@ def js_mass_totals(current: Sequence[Tensor], reference: Sequence[Tensor],
     With :func:`js_mass_partial` it scores a group whose elements are spread over several
     tensors or processes (FSDP shards): both results add over any split of the elements, so
     sum (all-reduce) the totals, pass them to :func:`js_mass_partial`, sum its results, and
-    ``sqrt`` gives the distance (see Note [Sharded drift] in csrc/drift_math.h and
+    ``sqrt`` gives the distance (see Note [Sharded drift] in csrc/drift/drift_math.h and
     :func:`fisheradaptune.distributed.js_drift`).
     """
     current, reference = list(current), list(reference)
@@ -196,7 +196,7 @@ _library.register_not_differentiable("js_mass_partial")
 # ``js_mass_partial`` run when the compiled library is not in use: each takes exactly its
 # schema's arguments (csrc/schemas.cpp), makes the compiled op's checks (the ``validate_<op>``
 # of :mod:`._checks`, then the rows of ``segments``, which only a kernel that reads data can
-# check) and computes what csrc/cpu/drift.cpp computes, in float64, the same way:
+# check) and computes what csrc/drift/drift_*_cpu.cpp compute, in float64, the same way:
 #
 # - mass mode: per group ``C = sum |c|``, ``R = sum |r|`` summed per chunk of the plan
 #   (``CHUNK`` elements of one segment), then per group in plan order; the terms
@@ -225,12 +225,12 @@ from typing import Tuple
 
 #: Elements per chunk of a plan (kChunk, csrc/plan.h); only the rounding of the sums depends on it.
 _FB_CHUNK = _library.CHUNK
-#: Note [Sparse histogram] (csrc/cpu/drift.cpp): dense bin counts up to this many bins.
+#: Note [Sparse histogram] (csrc/drift/drift_histogram_cpu.cpp): dense bin counts up to this many bins.
 _FB_DENSE_BINS = 1 << 16
 _FB_MIN_NORMAL = 2.2250738585072014e-308  # DBL_MIN
 _FB_UP = 18014398509481984.0              # 2^54
 _FB_LN2 = 0.69314718055994530942
-# The series coefficients of f(d) / d^2 (js_term_simd, csrc/cpu/drift.cpp), Horner order.
+# The series coefficients of f(d) / d^2 (js_term_simd, csrc/drift/drift_mass_cpu.cpp), Horner order.
 _FB_SERIES = (1.0 / 120, 1.0 / 91, 1.0 / 66, 1.0 / 45, 1.0 / 28, 1.0 / 15, 1.0 / 6, 1.0)
 
 
@@ -298,7 +298,7 @@ def _fb_magnitude(x: Tensor, pre: float, inv: float) -> Tensor:
 
 
 def _fb_mass_terms(p: Tensor, q: Tensor) -> Tensor:
-    """js_term_simd (csrc/cpu/drift.cpp) elementwise: ``s f(d) / 4`` with ``s = p + q``,
+    """js_term_simd (csrc/drift/drift_mass_cpu.cpp) elementwise: ``s f(d) / 4`` with ``s = p + q``,
     ``d = (p - q) / s``; ``f`` by its series for ``d^2 < 1/64`` (no cancellation), else
     ``(1+d) ln(1+d) + (1-d) ln(1-d)`` (``0 ln 0 = 0``); 0 where ``s`` is not > 0 (NaN too)."""
     s = p + q
@@ -356,7 +356,7 @@ def _fb_update_reference(current, reference, rho: Optional[float]) -> None:
 
 
 def _fb_js_term(p: Tensor, q: Tensor) -> Tensor:
-    """js_term<double> (csrc/drift_math.h, Note [JS term]) elementwise, the histogram's form."""
+    """js_term<double> (csrc/drift/drift_math.h, Note [JS term]) elementwise, the histogram's form."""
     s = p + q
     d = (p - q) / s
     a = torch.where(d <= -1.0, 0.0, (1.0 + d) * torch.log1p(d))
@@ -370,7 +370,7 @@ def _fb_lerp_numpy(a: float, b: float, t: float) -> float:
 
 
 def _fb_log_quantile(v: Tensor, q: float) -> float:
-    """numpy.quantile(v, q), linear, as log_quantile (csrc/cpu/drift.cpp) on host doubles."""
+    """numpy.quantile(v, q), linear, as log_quantile (csrc/drift/drift_histogram_cpu.cpp) on host doubles."""
     n = v.numel()
     h = float(n - 1) * q
     i = int(_math.floor(h))
@@ -401,7 +401,7 @@ def _fb_histogram_js(c: Tensor, r: Tensor, bins: int, lower_q: float, upper_q: f
     union = torch.cat([lc, lr])
     lo = _fb_log_quantile(union, lower_q)
     hi = _fb_log_quantile(union, upper_q)
-    # Note [Histogram range] (csrc/drift_math.h): never an empty range.
+    # Note [Histogram range] (csrc/drift/drift_math.h): never an empty range.
     if hi - lo < min_log_range:
         hi = lo + min_log_range
     if not hi > lo:

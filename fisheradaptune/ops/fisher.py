@@ -166,13 +166,13 @@ _library.register_statistic("per_sample_grad_sq_")
 # the C++'s checks and messages (_checks.validate_<op>, then the data: the layout's rows) before
 # writing anything, and writes its outputs in place.
 
-# Per-sample gradient elements per tile (csrc/cpu/per_sample.cpp, csrc/cuda/per_sample.cu): the
+# Per-sample gradient elements per tile (csrc/fisher/per_sample_grad_sq_cpu.cpp, csrc/fisher/per_sample_grad_sq_cuda.cu): the
 # same tiling, so the batched GEMMs are those of the compiled op.
 _TILE_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
 def _write_finite(target: Tensor, updated: Tensor) -> Tensor:
-    """Note [Skipping] (csrc/cpu/fisher.cpp): write ``updated`` into ``target`` in place where
+    """Note [Skipping] (csrc/fisher/fisher_accumulate_cpu.cpp): write ``updated`` into ``target`` in place where
     it is finite (the C++'s ``|u| <= max``, false for NaN and Inf), keep ``target`` elsewhere,
     and return how many were skipped (a 0-d int64 tensor: no synchronisation)."""
     ok = updated.abs() <= torch.finfo(updated.dtype).max
@@ -242,7 +242,7 @@ def _fisher_accumulate_fallback(fisher: List[Tensor], grads: List[Optional[Tenso
 def _per_sample_grad_sq_fallback(fisher: Tensor, x: Tensor, grad_out: Tensor, scale: float,
                                  nonfinite: Tensor) -> None:
     """per_sample_grad_sq_ in PyTorch ops (Note [Skipping in per_sample_grad_sq_],
-    csrc/per_sample.cpp): the samples in tiles, each tile's per-sample gradients by one batched
+    csrc/fisher/per_sample_grad_sq.cpp): the samples in tiles, each tile's per-sample gradients by one batched
     GEMM in full fp32 (the compiled op's tiling and precision), their squares added to a
     running sum in sample order (rounded separately, as the CPU kernel does), then one update
     ``F + scale * r`` with the skip rule. On the CPU the result is that of the compiled op

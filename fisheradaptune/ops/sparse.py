@@ -1,6 +1,6 @@
 """The sparse family: ``sampled_grad``, the sampled weight gradient (SDDMM) of TR-PTS compact
 training (:class:`fisheradaptune.selection.SparseLinear`; Note [Sampled gradient] in
-csrc/sparse.h).
+csrc/sparse/sampled_grad.h).
 
 The op's Python story in one place: the typed wrapper, the fake kernel (the C++ checks, from
 :mod:`._checks`) and the autograd formula (the op is bilinear, differentiated with

@@ -24,7 +24,7 @@ __all__ = ["token_prune_merge", "bipartite_merge"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Token prune-merge (docs/methods.md section 6; Note [Token prune-merge] in csrc/tokens.h)
+# Token prune-merge (docs/methods.md section 6; Note [Token prune-merge] in csrc/tokens/token_prune_merge.h)
 
 
 def token_prune_merge(
@@ -54,7 +54,7 @@ def token_prune_merge(
             (``w_i / W``, or ``w_i`` unnormalised) is exactly 0 adds nothing, its non-finite
             values read as 0 (in the forward and in the score gradients). So an unnormalised
             fuse whose weights are all 0 is zeros too (weights that cancel to ``W == 0`` are
-            not special there). Note [Zero coefficients] in csrc/tokens.h.
+            not special there). Note [Zero coefficients] in csrc/tokens/token_prune_merge.h.
 
     Returns:
         ``(out, kept_index, out_sizes)``: ``out [B, num_protected + keep + 1, C]`` holds the
@@ -112,7 +112,7 @@ def _prune_merge_rows(x, scores, sizes, kept_index, num_protected, normalize):
     """The op's output rows as a differentiable composition, given the selection it made
     (``kept_index``; the selection is piecewise constant). Used only to differentiate the
     backward again: accumulation in float32 (float64 for float64 ``x``), the zero-coefficient
-    rule of Note [Zero coefficients] in csrc/tokens.h."""
+    rule of Note [Zero coefficients] in csrc/tokens/token_prune_merge.h."""
     b, n, c = x.shape
     p, keep = num_protected, kept_index.shape[1]
     m = n - p
@@ -166,7 +166,7 @@ torch.library.register_autograd("fisheradaptune::token_prune_merge", _token_prun
 
 
 # ---------------------------------------------------------------------------------------------
-# ToMe bipartite merging (docs/methods.md section 7; Note [Bipartite merge] in csrc/bipartite.h)
+# ToMe bipartite merging (docs/methods.md section 7; Note [Bipartite merge] in csrc/tokens/bipartite_merge.h)
 
 
 def bipartite_merge(

@@ -236,7 +236,7 @@ def test_non_finite_values_as_the_compiled_op(mode, quantiles):
 
 
 # ---------------------------------------------------------------------------------------------
-# Note [Tiny totals] (csrc/drift_math.h)
+# Note [Tiny totals] (csrc/drift/drift_math.h)
 
 
 def _subnormal_case(exponent):
