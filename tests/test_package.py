@@ -159,3 +159,34 @@ def test_ops_exports_the_typed_wrappers_of_every_family():
     for family, names in families.items():
         for name in names:
             assert getattr(ops, name).__module__ == f"fisheradaptune.ops.{family}", name
+
+
+def _design_map_paths():
+    """The paths the README's design map names: the first word of each line of the code block
+    under "## Design"; indented entries are under the last unindented folder; ``a.{h,cpp}``
+    expands."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Design", 1)[1].split("```", 2)[1]
+    paths, parent = [], ""
+    for line in block.splitlines():
+        if not line.strip() or line.startswith(" " * 8):
+            continue  # blank, or the continuation of a description
+        word = line.split()[0]
+        indented = line.startswith("  ")
+        if not indented:
+            parent = word if word.endswith("/") else ""
+        path = (parent + word) if indented else word
+        head, brace, rest = path.partition("{")
+        if brace:
+            options, tail = rest.split("}", 1)
+            paths += [head + option + tail for option in options.split(",")]
+        else:
+            paths.append(path)
+    return paths
+
+
+def test_the_readme_design_map_names_paths_that_exist():
+    paths = _design_map_paths()
+    assert len(paths) > 20, paths
+    missing = [p for p in paths if not (ROOT / p).exists()]
+    assert not missing, missing
