@@ -123,7 +123,7 @@ def _prune_merge_rows(x, scores, sizes, kept_index, num_protected, normalize):
         fused_mask = torch.ones(b, m, dtype=torch.bool, device=x.device)
         fused_mask.scatter_(1, kept_index, False)
         merged = torch.arange(m, device=x.device).expand(b, m)[fused_mask].view(b, m - keep)
-        xm = cand.gather(1, merged.unsqueeze(-1).expand(b, m - keep, c)).to(acc)
+        xm = cand.gather(1, merged.unsqueeze(-1).expand(b, m - keep, c))  # read as numbers.to(acc)
         cand_sizes = sizes[:, p:] if sizes is not None else torch.ones(b, m, device=x.device)
         w = scores.gather(1, merged).to(acc) * cand_sizes.gather(1, merged).to(acc)
         coef = w
@@ -377,6 +377,18 @@ def _scaled(coef: Tensor, g: Tensor, acc: torch.dtype, dtype: torch.dtype) -> Te
     return out
 
 
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _gather_rows(t: Tensor, index: Tensor) -> Tensor:
+    """``t[b, index[b, k], :]`` as ``[B, K, C]``, bitwise (memcpy, as the C++ copies rows):
+    gathered through an integer view, since torch's gather may rewrite a NaN's payload
+    (bfloat16 on the CPU, torch 2.13)."""
+    bits = _BITS[t.element_size()]
+    index = index.unsqueeze(-1).expand(*index.shape, t.shape[-1])
+    return t.view(bits).gather(1, index).view(t.dtype)
+
+
 def _first_bad(bad: Tensor) -> Tuple[int, int]:
     """``(row, column)`` of the first True of a 2-D mask, in row-major order (the C++ loops')."""
     flat = int(bad.flatten().nonzero()[0])
@@ -396,12 +408,12 @@ def _token_prune_merge_fallback(x: Tensor, scores: Tensor, sizes: Optional[Tenso
     cand = x[:, p:]
     cand_sizes = (sizes[:, p:] if sizes is not None
                   else torch.ones(b, m, dtype=torch.float32, device=x.device))
-    rows = [x[:, :p], cand.gather(1, kept.unsqueeze(-1).expand(b, keep, c))]
+    rows = [x[:, :p], _gather_rows(cand, kept)]
     out_sizes = [sizes[:, :p] if sizes is not None
                  else torch.ones(b, p, dtype=torch.float32, device=x.device),
                  cand_sizes.gather(1, kept)]
     if keep < m:
-        xm = cand.gather(1, merged.unsqueeze(-1).expand(b, m - keep, c))
+        xm = cand.gather(1, merged.unsqueeze(-1).expand(b, m - keep, c))  # read as numbers
         sm = cand_sizes.gather(1, merged).double()
         w = scores.gather(1, merged).to(acc).double() * sm  # Note [Merge weights]
         coef = w
@@ -449,7 +461,7 @@ def _token_prune_merge_backward_fallback(grad_out: Tensor, x: Tensor, scores: Te
     if normalize:
         coef = torch.where(total != 0, w / total, zero64)
     g_fused = grad_out[:, rows - 1].unsqueeze(1).expand(b, m, c)
-    copied = grad_out.gather(1, row_of.clamp(min=0).unsqueeze(-1).expand(b, m, c))
+    copied = _gather_rows(grad_out, row_of.clamp(min=0))
     grad_cand = torch.where(merged.unsqueeze(-1), _scaled(coef, g_fused, acc, x.dtype), copied)
     grad_x = torch.cat([grad_out[:, :p], grad_cand], 1)
     # Score gradients. Note [Zero coefficients]: a weightless token's dot runs over its finite
@@ -546,7 +558,7 @@ def _bipartite_merge_fallback(x: Tensor, metric: Tensor, sizes: Optional[Tensor]
     summed, _, _ = _row_sums(dest, _weighted(coef, x, acc), rows)
     # A row of one source is that token, copied bitwise.
     first = order.gather(1, torch.cumsum(counts, 1) - counts)
-    copied = x.gather(1, first.unsqueeze(-1).expand(b, rows, c))
+    copied = _gather_rows(x, first)
     out = torch.where((counts == 1).unsqueeze(-1), copied, summed.to(x.dtype))
     return out, total.float(), dest
 
@@ -569,8 +581,7 @@ def _bipartite_merge_backward_fallback(grad_out: Tensor, sizes: Optional[Tensor]
     # totals (it goes to an extra row) and gets a zero gradient.
     dest = torch.where(inside, dest_index, rows)
     coef, _, counts, _ = _bipartite_coef(dest, sizes, rows + 1)
-    g = torch.cat([grad_out, grad_out.new_zeros(b, 1, c)], 1).gather(
-        1, dest.unsqueeze(-1).expand(b, n, c))
+    g = _gather_rows(torch.cat([grad_out, grad_out.new_zeros(b, 1, c)], 1), dest)
     acc = _opmath(grad_out.dtype)
     single = (counts.gather(1, dest) == 1).unsqueeze(-1)
     grad_x = torch.where(single, g, _scaled(coef, g, acc, grad_out.dtype))

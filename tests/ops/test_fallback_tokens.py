@@ -456,3 +456,24 @@ def test_cuda_matches_cpu():
     b_ = FB["bipartite_merge"](x.cuda(), m.cuda(), s.cuda(), 1, 49)
     assert torch.equal(a[2], b_[2].cpu()) and torch.equal(a[1], b_[1].cpu())
     torch.testing.assert_close(a[0], b_[0].cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_copies_keep_nan_payloads(dtype):
+    """Copied rows (protected, kept, single-source) and copied gradients are bitwise, NaN
+    payloads included: torch's gather rewrote a bfloat16 NaN's bits (0x7FC0 read 0xFFFF)."""
+    bits_t = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    payloads = torch.tensor([0x7FC0, 0x7FC1, 0xFFC0 - 2 ** 16, -1], dtype=torch.int64)
+    if dtype.itemsize > 2:  # quiet NaNs with payloads of the wider types
+        payloads = (payloads & 0xFFFF) << (8 * dtype.itemsize - 16)
+    def nan_rows(shape, seed):
+        t = torch.randn(shape, generator=make_generator(seed)).to(dtype)
+        hit = torch.rand(shape, generator=make_generator(seed + 1)) < 0.3
+        pick = torch.randint(0, 4, shape, generator=make_generator(seed + 2))
+        return torch.where(hit, payloads[pick].to(bits_t).view(dtype), t)
+    x, scores, sizes = tpm_inputs(2, 9, 6, 1, 3, dtype)
+    x = nan_rows(x.shape, 4)
+    g = nan_rows((2, 6, 6), 5)
+    _tpm_both(x, scores.abs() + 1, sizes, 1, 4, True, g)  # checks the copies bitwise
+    x, m, s = bm_inputs(2, 11, 5, 4, 12, dtype, torch.float64)
+    _bm_both(nan_rows(x.shape, 6), m, s, 1, 3, nan_rows((2, 8, 5), 7))
