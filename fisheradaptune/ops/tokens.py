@@ -123,7 +123,7 @@ def _prune_merge_rows(x, scores, sizes, kept_index, num_protected, normalize):
         fused_mask = torch.ones(b, m, dtype=torch.bool, device=x.device)
         fused_mask.scatter_(1, kept_index, False)
         merged = torch.arange(m, device=x.device).expand(b, m)[fused_mask].view(b, m - keep)
-        xm = cand.gather(1, merged.unsqueeze(-1).expand(b, m - keep, c))  # read as numbers.to(acc)
+        xm = _gather_rows(cand, merged).to(acc)
         cand_sizes = sizes[:, p:] if sizes is not None else torch.ones(b, m, device=x.device)
         w = scores.gather(1, merged).to(acc) * cand_sizes.gather(1, merged).to(acc)
         coef = w
@@ -359,8 +359,11 @@ def _weighted(coef: Tensor, xs: Tensor, acc: torch.dtype) -> Tensor:
         if _maybe_any(slow):
             exact = (coef.unsqueeze(-1) * xs.double()).to(acc)
             terms = torch.where(slow.unsqueeze(-1), exact, terms)
-    return torch.where((coef != 0).unsqueeze(-1), terms, torch.zeros((), dtype=acc,
-                                                                    device=terms.device))
+    weightless = coef == 0
+    if not _maybe_any(weightless):
+        return terms
+    return torch.where(weightless.unsqueeze(-1), torch.zeros((), dtype=acc, device=terms.device),
+                       terms)
 
 
 def _scaled(coef: Tensor, g: Tensor, acc: torch.dtype, dtype: torch.dtype) -> Tensor:
@@ -382,11 +385,12 @@ _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def _gather_rows(t: Tensor, index: Tensor) -> Tensor:
     """``t[b, index[b, k], :]`` as ``[B, K, C]``, bitwise (memcpy, as the C++ copies rows):
-    gathered through an integer view, since torch's gather may rewrite a NaN's payload
-    (bfloat16 on the CPU, torch 2.13)."""
-    bits = _BITS[t.element_size()]
-    index = index.unsqueeze(-1).expand(*index.shape, t.shape[-1])
-    return t.view(bits).gather(1, index).view(t.dtype)
+    whole rows selected through an integer view, which is both faster than ``gather`` with
+    an expanded index and exact (torch's CPU gather rewrote a bfloat16 NaN's payload)."""
+    b, n, c = t.shape
+    flat = (index + n * torch.arange(b, device=index.device).unsqueeze(1)).reshape(-1)
+    rows = t.view(_BITS[t.element_size()]).reshape(b * n, c).index_select(0, flat)
+    return rows.view(t.dtype).view(*index.shape, c)
 
 
 def _first_bad(bad: Tensor) -> Tuple[int, int]:
@@ -413,7 +417,7 @@ def _token_prune_merge_fallback(x: Tensor, scores: Tensor, sizes: Optional[Tenso
                  else torch.ones(b, p, dtype=torch.float32, device=x.device),
                  cand_sizes.gather(1, kept)]
     if keep < m:
-        xm = cand.gather(1, merged.unsqueeze(-1).expand(b, m - keep, c))  # read as numbers
+        xm = _gather_rows(cand, merged)
         sm = cand_sizes.gather(1, merged).double()
         w = scores.gather(1, merged).to(acc).double() * sm  # Note [Merge weights]
         coef = w
@@ -467,8 +471,10 @@ def _token_prune_merge_backward_fallback(grad_out: Tensor, x: Tensor, scores: Te
     # Score gradients. Note [Zero coefficients]: a weightless token's dot runs over its finite
     # values only, and fused . g skips it.
     xc = x[:, p:].to(acc)
-    xc = torch.where((coef != 0).unsqueeze(-1) | torch.isfinite(xc), xc,
-                     torch.zeros((), dtype=acc, device=x.device))
+    weightless = merged & (coef == 0)  # (a kept token's dot is not used)
+    if _maybe_any(weightless):
+        xc = torch.where(weightless.unsqueeze(-1) & ~torch.isfinite(xc),
+                         torch.zeros((), dtype=acc, device=x.device), xc)
     dots = _blocked_dot(xc, g_fused.to(acc)).double()
     if normalize:
         fg = torch.where(merged & (coef != 0), coef * dots, zero64).sum(1, keepdim=True)
@@ -504,8 +510,8 @@ def _row_sums(dest: Tensor, values: Tensor, rows: int) -> Tuple[Tensor, Tensor, 
     counts = torch.zeros(b, rows, dtype=torch.int64, device=dest.device).scatter_add_(
         1, dest, torch.ones_like(dest))  # integers: exact in any order
     order = torch.sort(dest, dim=1, stable=True).indices
-    index = order if values.dim() == 2 else order.unsqueeze(-1).expand_as(values)
-    sums = torch.segment_reduce(values.gather(1, index), "sum", lengths=counts, axis=1)
+    grouped = values.gather(1, order) if values.dim() == 2 else _gather_rows(values, order)
+    sums = torch.segment_reduce(grouped, "sum", lengths=counts, axis=1)
     return sums, counts, order
 
 
@@ -585,6 +591,8 @@ def _bipartite_merge_backward_fallback(grad_out: Tensor, sizes: Optional[Tensor]
     acc = _opmath(grad_out.dtype)
     single = (counts.gather(1, dest) == 1).unsqueeze(-1)
     grad_x = torch.where(single, g, _scaled(coef, g, acc, grad_out.dtype))
+    if not _maybe_any(~inside):
+        return grad_x
     return torch.where(inside.unsqueeze(-1), grad_x, torch.zeros((), dtype=grad_x.dtype,
                                                                  device=grad_x.device))
 
