@@ -123,7 +123,7 @@ def _prune_merge_rows(x, scores, sizes, kept_index, num_protected, normalize):
         fused_mask = torch.ones(b, m, dtype=torch.bool, device=x.device)
         fused_mask.scatter_(1, kept_index, False)
         merged = torch.arange(m, device=x.device).expand(b, m)[fused_mask].view(b, m - keep)
-        xm = _gather_rows(cand, merged).to(acc)
+        xm = cand.gather(1, merged.unsqueeze(-1).expand(b, m - keep, c)).to(acc)
         cand_sizes = sizes[:, p:] if sizes is not None else torch.ones(b, m, device=x.device)
         w = scores.gather(1, merged).to(acc) * cand_sizes.gather(1, merged).to(acc)
         coef = w
@@ -295,8 +295,8 @@ torch.library.register_autograd("fisheradaptune::bipartite_merge", _bipartite_me
 # - bipartite_merge's rows and totals as per-row sums in increasing token order: the tokens
 #   are sorted by out row (a stable sort) and summed by ``torch.segment_reduce``, a per-segment
 #   reduction (sequential on the CPU, no atomics anywhere), so the results are deterministic on
-#   the CPU and CUDA alike. No float ``scatter_add_`` / ``index_add_`` is used; the only
-#   scatters write integers or distinct positions.
+#   the CPU and CUDA alike. No scatter at all: counts and places come from sorts and binary
+#   searches (``torch.searchsorted``), rows from ``index_select``.
 #
 # The token similarities of bipartite_merge are float64 matrix products of the unit vectors
 # (computed in metric's opmath type as the C++ does), rounded to that type: the exact dot product
@@ -450,12 +450,15 @@ def _token_prune_merge_backward_fallback(grad_out: Tensor, x: Tensor, scores: Te
                                  "in [0, ", m, ") per row, got ", int(kept_index[i, j]), " at [",
                                  i, ", ", j, "]")
     acc = _opmath(x.dtype)
-    # row_of[b, i]: the out row of candidate i, -1 when it was merged.
-    inside = (kept_index >= 0) & (kept_index < m)
-    slot = torch.where(inside, kept_index, m)
-    row_of = torch.full((b, m + 1), -1, dtype=torch.int64, device=x.device).scatter_reduce_(
-        1, slot, (p + torch.arange(keep, device=x.device)).expand(b, keep), "amax")[:, :m]
-    merged = row_of < 0
+    # row_of[b, i]: the out row of candidate i (P + its place in kept_index), -1 when merged;
+    # found by binary search in the increasing kept_index (on CUDA, where it is not checked,
+    # other values only ever select rows in range).
+    cand = torch.arange(m, device=x.device).expand(b, m).contiguous()
+    place = torch.searchsorted(kept_index.contiguous(), cand)
+    hit = (kept_index.gather(1, place.clamp(max=keep - 1)) == cand if keep
+           else torch.zeros_like(cand, dtype=torch.bool))
+    row_of = torch.where(hit, p + place, -1)
+    merged = ~hit
     size = (sizes[:, p:].double() if sizes is not None
             else torch.ones(b, m, dtype=torch.float64, device=x.device))
     zero64 = torch.zeros((), dtype=torch.float64, device=x.device)
@@ -507,9 +510,11 @@ def _row_sums(dest: Tensor, values: Tensor, rows: int) -> Tuple[Tensor, Tensor, 
     sources' counts and the stable sort that groups them: ``(sums, counts, order)``. Every
     ``dest`` value is in ``[0, rows)``."""
     b, n = dest.shape
-    counts = torch.zeros(b, rows, dtype=torch.int64, device=dest.device).scatter_add_(
-        1, dest, torch.ones_like(dest))  # integers: exact in any order
-    order = torch.sort(dest, dim=1, stable=True).indices
+    grouped_dest, order = torch.sort(dest, dim=1, stable=True)
+    # counts by binary search in the sorted rows: tokens before row d + 1 minus before row d
+    edges = torch.arange(rows + 1, device=dest.device).expand(b, rows + 1).contiguous()
+    before = torch.searchsorted(grouped_dest.contiguous(), edges)
+    counts = before[:, 1:] - before[:, :-1]
     grouped = values.gather(1, order) if values.dim() == 2 else _gather_rows(values, order)
     sums = torch.segment_reduce(grouped, "sum", lengths=counts, axis=1)
     return sums, counts, order
@@ -552,7 +557,8 @@ def _bipartite_merge_fallback(x: Tensor, metric: Tensor, sizes: Optional[Tensor]
         j = torch.arange(nb, device=dev)
         match = torch.where(key == top, j, nb).amin(-1)
         best = sim.gather(-1, match.unsqueeze(-1)).squeeze(-1)
-        merged.scatter_(1, _beats_order(best)[:, :r], True)
+        rank = torch.sort(_beats_order(best), dim=1).indices  # the inverse permutation
+        merged = rank < r
     first_b = p + na - r
     dest = torch.empty(b, n, dtype=torch.int64, device=dev)
     dest[:, :p] = torch.arange(p, device=dev)
