@@ -311,11 +311,7 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 
 def _block() -> int:
     """The CPU kernels' accumulation block (kBlock, csrc/plan.h)."""
-    block = getattr(_library, "BLOCK", None)
-    if block is None:  # the loader's copy of the constant is not there: read the build's
-        from .. import _C
-        block = _C.BLOCK
-    return int(block)
+    return _library.BLOCK
 
 
 def _maybe_any(mask: Tensor) -> bool:
