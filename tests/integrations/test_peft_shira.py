@@ -392,7 +392,8 @@ def test_a_peft_model_is_refused_and_later_adapters_work(hf):
                                          r".*Calibrated layers: "
                                          r"'bert.encoder.layer.0.attention.self.query'\."):
         peft.get_peft_model(plain, _config(peft, only_first, 1, ["query"]))
-    with pytest.raises(ValueError, match=r"argument 'r': r \* \(in \+ out\) = 16 \* \(32 \+ 32\)"):
+    with pytest.raises(ValueError, match=r"argument 'r': r \* \(in \+ out\) = 17 \* \(32 \+ 32\) = "
+                                         r"1088 entries exceed the 1024"):
         other = _bert(transformers)
         peft.get_peft_model(other, _config(peft, shira_mask_fn(other, [_tokens(0)], _bert_loss),
-                                           16, ["query"]))
+                                           17, ["query"]))
