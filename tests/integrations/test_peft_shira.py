@@ -50,18 +50,20 @@ def _mlp():
     return _MLP()
 
 
-def _autograd_fisher(model, batches, names):
+def _autograd_fisher(model, batches, names, loss_fn=None):
     """(1/N) sum_n g_n**2 of each named Linear weight, one sample at a time (plain autograd,
     float64): independent of the hooks and ops.per_sample_grad_sq_."""
+    loss_fn = loss_fn or _ce
     model = copy.deepcopy(model).double()
     mods = dict(model.named_modules())
     weights = [mods[n].weight for n in names]
     acc = [torch.zeros_like(w) for w in weights]
     count = 0
-    for x, y in batches:
-        for i in range(len(y)):
-            loss = nn.functional.cross_entropy(model(x[i:i + 1].double()), y[i:i + 1])
-            for a, g in zip(acc, torch.autograd.grad(loss, weights)):
+    for batch in batches:
+        for i in range(len(batch[0])):
+            one = tuple(t[i:i + 1].double() if t.is_floating_point() else t[i:i + 1]
+                        for t in batch)
+            for a, g in zip(acc, torch.autograd.grad(loss_fn(model, one), weights)):
                 a += g * g
             count += 1
     return {n: a / count for n, a in zip(names, acc)}
@@ -281,6 +283,12 @@ def test_get_peft_model_takes_the_fisher_masks(hf, family):
     fn = shira_mask_fn(model, calib, loss_fn)
     named = dict(model.named_modules())
     expected = {n: fn(named[n], 2) for n in fn.names if n.split(".")[-1] in targets}
+    # the Fisher (tokens summed per sample) and the masks against plain autograd
+    ref = _autograd_fisher(model, calib, list(expected), loss_fn)
+    for name, mask in expected.items():
+        torch.testing.assert_close(fn.fisher(name).double(), ref[name], rtol=1e-4, atol=1e-12)
+        _check_row_balanced_top(mask, ref[name], 2 * sum(mask.shape),
+                                tol=1e-5 * float(ref[name].max()))
     pm = peft.get_peft_model(model, _config(peft, fn, 2, targets))
     layers = _shira_layers(pm)
     assert len(layers) == len(expected) == (4 if family == "bert" else 6)
