@@ -212,3 +212,20 @@ def test_readme_digits_table_comes_from_the_committed_json():
     from fisheradaptune.demo.report import table
     record = json.loads((REPO_ROOT / "benchmarks" / "results" / "demo-cpu.json").read_text())
     assert table(record["results"], record["total_params"]) in (REPO_ROOT / "README.md").read_text()
+
+
+SHIRA_RESULTS = REPO_ROOT / "benchmarks" / "results" / "demo-minilm-shira-cpu.json"
+
+
+def test_docs_shira_table_comes_from_the_committed_json():
+    from fisheradaptune.demo import minilm
+    from fisheradaptune.demo.methods import SHIRA_METHODS
+    from fisheradaptune.demo.report import table
+    record = json.loads(SHIRA_RESULTS.read_text())
+    assert record["task"] == "minilm" and record["seeds"] >= 3
+    assert set(SHIRA_METHODS) <= set(record["results"])
+    # same trainable count for the two masks, on every seed
+    counts = {r["active_params"] for m in SHIRA_METHODS for r in record["results"][m]}
+    assert len(counts) == 1
+    text = table(record["results"], record["total_params"], minilm.MiniLMDemo.columns)
+    assert text in (REPO_ROOT / "docs" / "methods.md").read_text()
