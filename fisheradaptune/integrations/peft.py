@@ -63,7 +63,9 @@ def row_balanced_mask(fisher: Tensor, count: int) -> Tensor:
     if count == 0:
         return mask
     per_row, extra = divmod(int(count), out_f)
-    f = fisher.detach().to(torch.float64)
+    f = fisher.detach()
+    if f.dtype not in (torch.float32, torch.float64):  # the Fisher is float32: no copy
+        f = f.float()
     # Stable sort on -F: ties go to the lower column, whatever the platform's sort does.
     order = torch.sort(-f, dim=1, stable=True).indices
     take = torch.full((out_f,), per_row, dtype=torch.int64, device=fisher.device)
