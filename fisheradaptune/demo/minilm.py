@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import lexicon as lex
-from .methods import METHODS, VIT_ONLY
+from .methods import METHODS, SHIRA_METHODS, VIT_ONLY, peft_available
 
 __all__ = ["Config", "QUICK", "model_path", "load_pretrained", "SentenceClassifier", "encode",
            "TextTask", "text_task", "embedding_similarity", "MiniLMDemo"]
@@ -172,8 +172,9 @@ class MiniLMDemo:
     name = "minilm"
     json_name = "demo-minilm.json"
     default_out = "results/demo-minilm"
-    #: Every method but token reduction, which needs a ViT's class-token hook.
-    methods = tuple(m for m in METHODS if m not in VIT_ONLY)
+    #: Every method but token reduction, which needs a ViT's class-token hook, and peft's
+    #: SHiRA with its random mask and with Fisher masks.
+    methods = tuple(m for m in METHODS if m not in VIT_ONLY) + tuple(SHIRA_METHODS)
     columns = (("ID acc %", "id_acc"), ("template acc %", "transfer.template"),
                ("negated acc %", "transfer.negated"), ("emoticon acc %", "transfer.emoticon"),
                ("embedding cos", "embedding_cos"))
@@ -188,6 +189,14 @@ class MiniLMDemo:
             encoder, tokenizer = self.loader()
             self._loaded = encoder, tokenizer, lex.load_lexicon(self.lexicon)
         return self._loaded
+
+    def default_methods(self) -> list:
+        """Every method; the SHiRA ones only where peft is installed (said on stdout)."""
+        if peft_available():
+            return list(self.methods)
+        print("note: the SHiRA methods are skipped: peft is not installed (pip install peft, "
+              "or bash tools/setup.sh)")
+        return [m for m in self.methods if m not in SHIRA_METHODS]
 
     def config(self, quick: bool, large: bool) -> Config:
         return QUICK if quick else Config()

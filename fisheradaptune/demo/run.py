@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fisheradaptune as fat
-from .methods import METHODS
+from .methods import ALL_METHODS, METHODS
 from .progress import tqdm
 from .report import plot_transfer_vs_id, table
 from .scoring import accuracy, state_bytes
@@ -59,7 +59,7 @@ def finetune(spec, name: str, base: nn.Module, cfg, task, seed: int, device: tor
     torch.manual_seed(seed + 1)
     model = copy.deepcopy(base)
     model.reset_head(task.num_classes)  # a new task gets a new head
-    opt, active = METHODS[name](model, cfg, task)
+    opt, active = ALL_METHODS[name](model, cfg, task)
     x, y = (t.to(device) for t in task.train)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -117,8 +117,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     ap.add_argument("--seeds", type=int, default=None,
                     help="seeds per method (default 3; 1 for --task minilm --quick)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--methods", default=None, help=("comma-separated subset of: " + ", ".join(METHODS) +
-                          " (minilm: all but token reduction)").replace("%", "%%"))
+    ap.add_argument("--methods", default=None, help=("comma-separated subset of: " + ", ".join(ALL_METHODS) +
+                          " (digits: all but SHiRA; minilm: all but token reduction)").replace("%", "%%"))
     ap.add_argument("--out", default=None, help="folder for the JSON and plots "
                                                 "(default results/demo, results/demo-minilm)")
     args = ap.parse_args(argv)
@@ -131,6 +131,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     for m in methods or []:
         if m not in spec.methods:
             ap.error(f"unknown method {m!r} for --task {args.task}; choose from {', '.join(spec.methods)}")
+    if methods is None and hasattr(spec, "default_methods"):
+        methods = spec.default_methods()
     start = time.perf_counter()
     out = run(spec, cfg, seeds, device, out_dir, methods)
     total = spec.total_params(cfg)

@@ -125,7 +125,11 @@ def test_minilm_task_end_to_end_on_a_tiny_bert(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     results = record["results"]
-    assert set(results) == set(minilm.MiniLMDemo.methods)
+    from fisheradaptune.demo.methods import SHIRA_METHODS, peft_available
+    expected = set(minilm.MiniLMDemo.methods)
+    if not peft_available():  # SHiRA is peft's: skipped (and said) without it
+        expected -= set(SHIRA_METHODS)
+    assert set(results) == expected
     assert "TR-PTS params + tokens" not in results  # token reduction needs a ViT
     for method, runs in results.items():
         assert len(runs) == 2
@@ -139,6 +143,13 @@ def test_minilm_task_end_to_end_on_a_tiny_bert(tmp_path, monkeypatch):
     assert results["linear probe"][0]["embedding_cos"] == pytest.approx(1.0, abs=1e-6)
     assert results["full fine-tuning"][0]["embedding_cos"] < 1.0
     assert results["linear probe"][0]["active_params"] == 32 * 2 + 2
+    if peft_available():
+        # SHiRA, random and Fisher masks: r * (in + out) entries in each of the 2 layers' query
+        # and value (32 x 32), as many as LoRA r=4 trains, plus the dense head.
+        for name in SHIRA_METHODS:
+            for r in results[name]:
+                assert r["active_params"] == 4 * 64 * 4 + 66 == results["LoRA (r=4)"][0]["active_params"]
+                assert r["embedding_cos"] < 1.0  # the encoder moved
     assert record["total_params"] == sum(p.numel() for p in encoder.parameters()) + 66
     # Every method trains a copy: the pretrained encoder is the same after all of them.
     for name, p in encoder.state_dict().items():
@@ -201,3 +212,20 @@ def test_readme_digits_table_comes_from_the_committed_json():
     from fisheradaptune.demo.report import table
     record = json.loads((REPO_ROOT / "benchmarks" / "results" / "demo-cpu.json").read_text())
     assert table(record["results"], record["total_params"]) in (REPO_ROOT / "README.md").read_text()
+
+
+SHIRA_RESULTS = REPO_ROOT / "benchmarks" / "results" / "demo-minilm-shira-cpu.json"
+
+
+def test_docs_shira_table_comes_from_the_committed_json():
+    from fisheradaptune.demo import minilm
+    from fisheradaptune.demo.methods import SHIRA_METHODS
+    from fisheradaptune.demo.report import table
+    record = json.loads(SHIRA_RESULTS.read_text())
+    assert record["task"] == "minilm" and record["seeds"] >= 3
+    assert set(SHIRA_METHODS) <= set(record["results"])
+    # same trainable count for the two masks, on every seed
+    counts = {r["active_params"] for m in SHIRA_METHODS for r in record["results"][m]}
+    assert len(counts) == 1
+    text = table(record["results"], record["total_params"], minilm.MiniLMDemo.columns)
+    assert text in (REPO_ROOT / "docs" / "methods.md").read_text()
