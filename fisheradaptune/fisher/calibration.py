@@ -2,7 +2,8 @@
 estimators run over a fixed set of batches (docs/methods.md sections 1 and 5)."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Optional, Sequence
+import contextlib
+from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +13,7 @@ from ..distributed import comm
 from ..distributed.sharding import local, sharding_of
 from .base import make_estimator
 
-__all__ = ["per_sample_fisher", "estimate", "CALIBRATION_ESTIMATORS"]
+__all__ = ["per_sample_fisher", "estimate", "weights_requiring_grad", "CALIBRATION_ESTIMATORS"]
 
 #: What :func:`estimate` (and TR-PTS selection) accepts as ``estimator``.
 CALIBRATION_ESTIMATORS = ("per_sample", "empirical", "kfac")
@@ -104,6 +105,21 @@ def _batch_size(batch) -> int:
     if isinstance(x, dict):
         x = next(iter(x.values()))
     return int(x.shape[0])
+
+
+@contextlib.contextmanager
+def weights_requiring_grad(model: nn.Module, linears: Iterable[nn.Linear]) -> Iterator[None]:
+    """The weights of ``linears`` require grad for the duration (the Fisher needs their
+    gradients, also on a model whose weights are frozen); every parameter of ``model`` gets its
+    own ``requires_grad`` back afterwards, also on error."""
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        for m in linears:
+            m.weight.requires_grad_(True)
+        yield
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
 
 
 def estimate(model: nn.Module, batches: Iterable, loss_fn: Callable, *,

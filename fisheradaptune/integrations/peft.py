@@ -243,16 +243,9 @@ def shira_mask_fn(model: nn.Module, batches: Iterable, loss_fn: Callable, *,
     names = _linear_names(model, modules)
     all_mods = dict(model.named_modules())
     linears: Dict[str, nn.Linear] = {n: all_mods[n] for n in names}
-    # The Fisher needs gradients of the chosen weights; restore requires_grad afterwards.
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    try:
-        for m in linears.values():
-            m.weight.requires_grad_(True)
+    with fisher_mod.calibration.weights_requiring_grad(model, linears.values()):
         fisher = fisher_mod.estimate(model, batches, loss_fn, estimator=estimator, modules=names,
                                      loss_reduction=loss_reduction)
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
     for n in names:
         if not bool(torch.isfinite(fisher[n]).all()):
             raise ValueError(f"argument 'batches': the Fisher of {n!r} is not finite (a "

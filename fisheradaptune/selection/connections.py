@@ -98,16 +98,9 @@ def select_connections(model: nn.Module, batches: Iterable, loss_fn: Callable, *
     check_untied(model, names)
     if head in linears:   # a chosen head is trained sparsely like the other chosen modules
         head = None
-    # The Fisher needs gradients of the chosen weights; restore requires_grad afterwards.
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    try:
-        for m in linears.values():
-            m.weight.requires_grad_(True)
+    with fisher_mod.calibration.weights_requiring_grad(model, linears.values()):
         fisher = fisher_mod.estimate(model, batches, loss_fn, estimator=estimator, modules=names,
                                      loss_reduction=loss_reduction)
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
     fisher = _average_across_ranks({n: fisher[n] for n in names}, model)
     index, c = select_from_fisher(fisher, budget, c_min, skip_empty)
     _broadcast_from_rank0(index, model)
