@@ -82,7 +82,7 @@ def make_extension():
         # csrc/drift/drift_math.h; Note [CPU-identical Fisher update],
         # csrc/fisher/fisher_accumulate_cuda.cu).
         nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
-                      "-DFISHERADAPTUNE_WITH_CUDA"]
+                      "-DFISHERADAPTUNE_WITH_CUDA", "-DUSE_CUDA"]
         cxx_flags.append("-DFISHERADAPTUNE_WITH_CUDA")
         kwargs["library_dirs"] = [config.toolkit.lib_dir]
         ext = CUDAExtension(extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, **kwargs)

@@ -20,7 +20,7 @@ for src in "${sources[@]}"; do
   obj=.ci/build/$(basename "${src%.cu}").o  # basenames are unique (<op>_cuda.cu)
   "$NVCC" -c "$src" -o "$obj" -std=c++20 -O3 --expt-relaxed-constexpr \
     -gencode "arch=compute_${ARCH},code=sm_${ARCH}" -Xcompiler -fPIC \
-    -D_GLIBCXX_USE_CXX11_ABI="$ABI" -DFISHERADAPTUNE_WITH_CUDA \
+    -D_GLIBCXX_USE_CXX11_ABI="$ABI" -DFISHERADAPTUNE_WITH_CUDA -DUSE_CUDA \
     -I.ci/cuda_shim -Icsrc -I"$TI" -I"$TI/torch/csrc/api/include" -w &
   pids+=($!)
 done

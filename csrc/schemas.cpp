@@ -5,11 +5,12 @@
 // Python side (fisheradaptune/).
 // The methods behind the ops are specified in docs/methods.md.
 #include <Python.h>
-#include <torch/library.h>
 
-#include "plan.h"
+#include "common/stable.h"
 
-TORCH_LIBRARY(fisheradaptune, m) {
+#include "common/plan.h"
+
+STABLE_TORCH_LIBRARY(fisheradaptune, m) {
   // fisher[i] = decay * fisher[i] + scale * grads[i]**2, fused over the whole list.
   // Writes per-group sums of the updated Fisher into group_sums (float32 [num_groups]) and the
   // number of skipped non-finite elements into nonfinite (int64, 0-d). See Note [Skipping].

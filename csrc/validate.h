@@ -3,7 +3,9 @@
 // Every op validates all of its arguments before it touches memory, so a bad call leaves its
 // inputs exactly as they were. Messages name the op and the argument:
 //   fisheradaptune.fisher_accumulate_: argument 'grads[3]': expected shape [4, 8], got [8, 4]
-// ValueError is raised for bad shapes, lengths and values; TypeError for bad dtypes.
+// Every argument error is a ValueError, a bad dtype included (as on the stable ABI, where a
+// kernel cannot raise TypeError: Note [Stable ABI], common/stable.h).
+// (Transitional: the classic-ATen validation of the files not yet on the stable ABI.)
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -19,12 +21,16 @@
 #include <vector>
 
 namespace fisheradaptune {
+// Transitional (Note [Stable ABI], common/stable.h): the classic-ATen helpers live in an inline
+// namespace so that they never share a symbol with their common/ twins in the same library.
+inline namespace classic {
+
 
 // `where` names the argument, e.g. "grads[3]".
 #define FAT_CHECK_VALUE(cond, op, where, ...) \
   TORCH_CHECK_VALUE((cond), "fisheradaptune.", op, ": argument '", where, "': ", __VA_ARGS__)
 #define FAT_CHECK_TYPE(cond, op, where, ...) \
-  TORCH_CHECK_TYPE((cond), "fisheradaptune.", op, ": argument '", where, "': ", __VA_ARGS__)
+  TORCH_CHECK_VALUE((cond), "fisheradaptune.", op, ": argument '", where, "': ", __VA_ARGS__)
 
 inline std::string item_name(const char* arg, size_t i) {
   return std::string(arg) + "[" + std::to_string(i) + "]";
@@ -204,4 +210,5 @@ inline void check_no_aliasing(const char* op, const std::vector<MemoryArg>& args
   }
 }
 
+}  // inline namespace classic
 }  // namespace fisheradaptune

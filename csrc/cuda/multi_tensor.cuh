@@ -50,6 +50,10 @@
 #include "plan.h"
 
 namespace fisheradaptune {
+// Transitional (Note [Stable ABI], common/stable.h): the classic-ATen helpers live in an inline
+// namespace so that they never share a symbol with their common/ twins in the same library.
+inline namespace classic {
+
 namespace mt {
 
 // Every kernel of the extension runs blocks of kThreads threads; the reductions below rely on
@@ -331,4 +335,5 @@ __device__ __forceinline__ void copy_row(T* __restrict__ dst, const T* __restric
 }
 
 }  // namespace mt
+}  // inline namespace classic
 }  // namespace fisheradaptune

@@ -14,7 +14,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "cpu/simd.h"
+#include "common/simd.h"
 #include "drift/drift.h"
 #include "drift/drift_cpu.h"
 #include "drift/drift_math.h"

@@ -11,7 +11,7 @@
 #include <limits>
 
 #include "fisher/fisher_accumulate.h"
-#include "cpu/simd.h"
+#include "common/simd.h"
 #include "plan.h"
 
 namespace fisheradaptune {

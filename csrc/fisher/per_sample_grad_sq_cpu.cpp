@@ -10,7 +10,7 @@
 #include <cmath>
 #include <limits>
 
-#include "cpu/simd.h"
+#include "common/simd.h"
 #include "fisher/per_sample_grad_sq.h"
 
 namespace fisheradaptune {

@@ -13,7 +13,7 @@
 
 #include <algorithm>
 
-#include "cpu/simd.h"
+#include "common/simd.h"
 #include "sparse/sampled_grad.h"
 #include "validate.h"
 

@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "tokens/bipartite_merge.h"
-#include "cpu/simd.h"
+#include "common/simd.h"
 #include "validate.h"
 
 namespace fisheradaptune {

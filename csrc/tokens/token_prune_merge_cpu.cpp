@@ -18,7 +18,7 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu/simd.h"
+#include "common/simd.h"
 #include "tokens/token_prune_merge.h"
 
 namespace fisheradaptune {

@@ -10,7 +10,8 @@ So every fake kernel first calls its op's ``validate_<op>``, which makes the che
 twin (csrc/validate.h, csrc/<family>/<op>_args.cpp, csrc/plan.cpp, csrc/tokens/token_prune_merge_args.cpp, csrc/tokens/bipartite_merge_args.cpp,
 csrc/sparse/sampled_grad_args.cpp and the CUDA kernels' own limits), in the same order, raising the same exception
 types with the same messages (``fisheradaptune.<op>: argument '<name>': expected ...``;
-ValueError for shapes, lengths, devices and values, TypeError for dtypes).
+ValueError for every argument error: shapes, lengths, devices, values and dtypes alike, since a
+kernel on the stable ABI cannot raise TypeError, Note [Stable ABI] in csrc/common/stable.h).
 
 Aliasing (Note [Aliasing] in csrc/validate.h): the fakes refuse the same overlaps as the C++,
 compared within each storage (a fake tensor has no address), so that torch.compile does not run
@@ -72,7 +73,7 @@ def _fmt(part: object) -> str:
 
 
 def _check(error: type, cond, op: str, arg: str, *parts: object) -> None:
-    """FAT_CHECK_VALUE / FAT_CHECK_TYPE: raise ``error`` naming the op and the argument unless
+    """FAT_CHECK_VALUE: raise ``error`` naming the op and the argument unless
     ``cond``. ``torch._check_with`` accepts a SymBool, so a check on a symbolic size becomes a
     guard (or a deferred runtime assert) rather than an error while tracing dynamic shapes."""
     torch._check_with(error, cond, lambda: f"fisheradaptune.{op}: argument '{arg}': "
@@ -81,10 +82,6 @@ def _check(error: type, cond, op: str, arg: str, *parts: object) -> None:
 
 def _check_value(cond, op: str, arg: str, *parts: object) -> None:
     _check(ValueError, cond, op, arg, *parts)
-
-
-def _check_type(cond, op: str, arg: str, *parts: object) -> None:
-    _check(TypeError, cond, op, arg, *parts)
 
 
 def _item(arg: str, i: int) -> str:
@@ -123,7 +120,7 @@ def _check_same_shape(op: str, arg: str, t: Tensor, like: Tensor) -> None:
 def _check_state(op: str, arg: str, t: Tensor) -> None:
     """Fisher-like state: float32, or float64 on the CPU; contiguous (kernels write it)."""
     ok = t.dtype == torch.float32 or (t.dtype == torch.float64 and _is_host(t.device))
-    _check_type(ok, op, arg, "expected float32 (or float64 on CPU), got ", t.dtype, " on ",
+    _check_value(ok, op, arg, "expected float32 (or float64 on CPU), got ", t.dtype, " on ",
                 t.device)
     _check_value(t.is_contiguous(), op, arg, "expected a contiguous tensor")
 
@@ -131,7 +128,7 @@ def _check_state(op: str, arg: str, t: Tensor) -> None:
 def _check_grad_dtype(op: str, arg: str, g: Tensor, state: Tensor) -> None:
     ok = g.dtype in (torch.float32, torch.bfloat16, torch.float16) or (
         g.dtype == torch.float64 and state.dtype == torch.float64)
-    _check_type(ok, op, arg, "expected float32, bfloat16 or float16 (float64 with float64 "
+    _check_value(ok, op, arg, "expected float32, bfloat16 or float16 (float64 with float64 "
                 "state), got ", g.dtype)
 
 
@@ -146,7 +143,7 @@ def _check_coefficient(op: str, arg: str, v: float, what: str = "a finite number
 def _check_count(op: str, nonfinite: Tensor, device: torch.device) -> None:
     """The ``nonfinite`` count output: one int64 element on the op's device."""
     _check_device(op, "nonfinite", nonfinite, device)
-    _check_type(nonfinite.dtype == torch.int64, op, "nonfinite", "expected int64, got ",
+    _check_value(nonfinite.dtype == torch.int64, op, "nonfinite", "expected int64, got ",
                 nonfinite.dtype)
     _check_value(nonfinite.numel() == 1, op, "nonfinite", "expected one element, got ",
                  nonfinite.numel())
@@ -155,7 +152,7 @@ def _check_count(op: str, nonfinite: Tensor, device: torch.device) -> None:
 def _check_segments(op: str, arg: str, segments: Tensor, device: torch.device) -> None:
     """read_segments (csrc/plan.cpp) without the data: int64 ``[S, 4]`` on the CPU (or CUDA,
     copied to the host), or meta in an all-meta call. The rows are values, unchecked here."""
-    _check_type(segments.dtype == torch.int64, op, arg, "expected int64, got ", segments.dtype)
+    _check_value(segments.dtype == torch.int64, op, arg, "expected int64, got ", segments.dtype)
     _check_value(segments.dim() == 2 and segments.shape[1] == 4, op, arg,
                  "expected shape [S, 4] (tensor_index, begin, end, group_id), got ",
                  segments.shape)
@@ -232,7 +229,7 @@ def validate_fisher_accumulate(fisher: List[Tensor], grads: List[Optional[Tensor
     device = _op_device([nonfinite, group_sums, *fisher, *grads], nonfinite.device)
     _check_count(op, nonfinite, device)
     _check_device(op, "group_sums", group_sums, device)
-    _check_type(group_sums.dtype == torch.float32, op, "group_sums", "expected float32, got ",
+    _check_value(group_sums.dtype == torch.float32, op, "group_sums", "expected float32, got ",
                 group_sums.dtype)
     _check_value(group_sums.dim() == 1 and group_sums.is_contiguous(), op, "group_sums",
                  "expected a contiguous 1-D tensor, got shape ", group_sums.shape)
@@ -286,10 +283,10 @@ def _check_drift_lists(op: str, current: List[Tensor], reference: List[Tensor], 
         where = _item("current", i)
         _check_device(op, where, c, device)
         _check_same_shape(op, where, c, reference[i])
-        _check_type(c.dtype == reference[i].dtype, op, where, "expected the dtype of reference[",
+        _check_value(c.dtype == reference[i].dtype, op, where, "expected the dtype of reference[",
                     i, "] (", reference[i].dtype, "), got ", c.dtype)
     for i in range(1, len(reference)):
-        _check_type(reference[i].dtype == reference[0].dtype, op, _item("reference", i),
+        _check_value(reference[i].dtype == reference[0].dtype, op, _item("reference", i),
                     "expected every tensor to share the dtype of reference[0] (",
                     reference[0].dtype, "), got ", reference[i].dtype)
     _check_segments(op, "segments", segments, device)
@@ -327,7 +324,7 @@ def validate_js_drift(current: List[Tensor], reference: List[Tensor], segments: 
 
 
 def _check_totals(op: str, totals: Tensor, num_groups: int, device: torch.device) -> None:
-    _check_type(totals.dtype == torch.float64, op, "totals", "expected float64, got ",
+    _check_value(totals.dtype == torch.float64, op, "totals", "expected float64, got ",
                 totals.dtype)
     _check_value(totals.dim() == 2 and totals.shape[0] == 2 and totals.shape[1] == num_groups,
                  op, "totals", "expected shape [2, ", num_groups, "], got ", totals.shape)
@@ -377,7 +374,7 @@ def validate_per_sample_grad_sq(fisher: Tensor, x: Tensor, grad_out: Tensor, sca
                  grad_out.shape[2], ", ", x.shape[2], "] (out_features, in_features), got ",
                  fisher.shape)
     _check_grad_dtype(op, "x", x, fisher)
-    _check_type(grad_out.dtype == x.dtype, op, "grad_out", "expected the dtype of x (", x.dtype,
+    _check_value(grad_out.dtype == x.dtype, op, "grad_out", "expected the dtype of x (", x.dtype,
                 "), got ", grad_out.dtype)
     _check_no_aliasing(op, [(fisher, "fisher", True), (x, "x", False),
                             (grad_out, "grad_out", False), (nonfinite, "nonfinite", True)])
@@ -405,14 +402,14 @@ def _check_tokens(op: str, x: Tensor, scores: Tensor, sizes: Optional[Tensor],
     _check_device(op, "scores", scores, device)
     _check_value(scores.dim() == 2 and scores.shape[0] == b and scores.shape[1] == m, op, "scores",
                  "expected shape [B, N - num_protected] = [", b, ", ", m, "], got ", scores.shape)
-    _check_type(scores.dtype == x.dtype or scores.dtype == torch.float32, op, "scores",
+    _check_value(scores.dtype == x.dtype or scores.dtype == torch.float32, op, "scores",
                 "expected x's dtype (", x.dtype, ") or float32, got ", scores.dtype)
     _check_sizes(op, sizes, b, n, device)
     return b, n, c, m
 
 
 def _check_token_dtype(op: str, arg: str, t: Tensor) -> None:
-    _check_type(t.dtype in _TOKEN_DTYPES, op, arg,
+    _check_value(t.dtype in _TOKEN_DTYPES, op, arg,
                 "expected float32, bfloat16, float16 or float64, got ", t.dtype)
 
 
@@ -427,7 +424,7 @@ def _check_sizes(op: str, sizes: Optional[Tensor], b: int, n: int, device: torch
         _check_device(op, "sizes", sizes, device)
         _check_value(sizes.dim() == 2 and sizes.shape[0] == b and sizes.shape[1] == n, op, "sizes",
                      "expected shape [B, N] = [", b, ", ", n, "], got ", sizes.shape)
-        _check_type(sizes.dtype == torch.float32, op, "sizes", "expected float32, got ",
+        _check_value(sizes.dtype == torch.float32, op, "sizes", "expected float32, got ",
                     sizes.dtype)
 
 
@@ -459,14 +456,14 @@ def validate_token_prune_merge_backward(grad_out: Tensor, x: Tensor, scores: Ten
     device = _op_device([x, scores, sizes, kept_index, grad_out], x.device)
     b, n, c, m = _check_tokens(op, x, scores, sizes, num_protected, device)
     _check_device(op, "kept_index", kept_index, device)
-    _check_type(kept_index.dtype == torch.int64, op, "kept_index", "expected int64, got ",
+    _check_value(kept_index.dtype == torch.int64, op, "kept_index", "expected int64, got ",
                 kept_index.dtype)
     _check_value(kept_index.dim() == 2 and kept_index.shape[0] == b and kept_index.shape[1] <= m,
                  op, "kept_index", "expected shape [B, keep] = [", b, ", keep <= ", m, "], got ",
                  kept_index.shape)
     rows = num_protected + kept_index.shape[1] + (1 if kept_index.shape[1] < m else 0)
     _check_device(op, "grad_out", grad_out, device)
-    _check_type(grad_out.dtype == x.dtype, op, "grad_out", "expected x's dtype (", x.dtype,
+    _check_value(grad_out.dtype == x.dtype, op, "grad_out", "expected x's dtype (", x.dtype,
                 "), got ", grad_out.dtype)
     _check_value(grad_out.dim() == 3 and grad_out.shape[0] == b and grad_out.shape[1] == rows
                  and grad_out.shape[2] == c, op, "grad_out", "expected shape [", b, ", ", rows,
@@ -513,7 +510,7 @@ def validate_bipartite_merge_backward(grad_out: Tensor, sizes: Optional[Tensor],
                  grad_out.shape)
     _check_token_dtype(op, "grad_out", grad_out)
     _check_device(op, "dest_index", dest_index, device)
-    _check_type(dest_index.dtype == torch.int64, op, "dest_index", "expected int64, got ",
+    _check_value(dest_index.dtype == torch.int64, op, "dest_index", "expected int64, got ",
                 dest_index.dtype)
     b, rows, c = grad_out.shape
     _check_value(dest_index.dim() == 2 and dest_index.shape[0] == b
@@ -539,16 +536,16 @@ def validate_sampled_grad(grad_out: Tensor, x: Tensor, index: Tensor) -> None:
     _check_device(op, "grad_out", grad_out, device)
     _check_value(grad_out.dim() == 2, op, "grad_out", "expected [T, out], got shape ",
                  grad_out.shape)
-    _check_type(grad_out.dtype in _SPARSE_DTYPES, op, "grad_out",
+    _check_value(grad_out.dtype in _SPARSE_DTYPES, op, "grad_out",
                 "expected float32, bfloat16, float16 or float64, got ", grad_out.dtype)
     _check_device(op, "x", x, device)
     _check_value(x.dim() == 2 and x.shape[0] == grad_out.shape[0], op, "x",
                  "expected [T, in] with T = ", grad_out.shape[0], " (grad_out's rows), got shape ",
                  x.shape)
-    _check_type(x.dtype == grad_out.dtype, op, "x", "expected grad_out's dtype (",
+    _check_value(x.dtype == grad_out.dtype, op, "x", "expected grad_out's dtype (",
                 grad_out.dtype, "), got ", x.dtype)
     _check_device(op, "index", index, device)
-    _check_type(index.dtype == torch.int64, op, "index", "expected int64, got ", index.dtype)
+    _check_value(index.dtype == torch.int64, op, "index", "expected int64, got ", index.dtype)
     _check_value(index.dim() == 2 and index.shape[0] == grad_out.shape[1], op, "index",
                  "expected [out, C] with out = ", grad_out.shape[1],
                  " (grad_out's columns), got shape ", index.shape)

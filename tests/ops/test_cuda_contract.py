@@ -102,9 +102,9 @@ def test_token_prune_merge_many_tokens(device):
 def test_token_prune_merge_score_dtypes_validated():
     # Only x's dtype or float32 are admitted for the scores (the CUDA kernels exist for those).
     x = torch.randn(2, 5, 4, dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="'scores'"):
+    with pytest.raises(ValueError, match="'scores'"):
         ops.token_prune_merge(x, torch.randn(2, 4, dtype=torch.float16), 2)
-    with pytest.raises(TypeError, match="'scores'"):
+    with pytest.raises(ValueError, match="'scores'"):
         ops.token_prune_merge(x.float(), torch.randn(2, 4, dtype=torch.float64), 2)
 
 

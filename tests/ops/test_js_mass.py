@@ -471,8 +471,8 @@ def assert_rejects(exc, match, cur, ref, call, totals=None):
 
 
 @pytest.mark.parametrize("make_totals, exc, match", [
-    (lambda t: t.float(), TypeError, r"js_mass_partial: argument 'totals': expected float64, got Float"),
-    (lambda t: t.to(torch.int64), TypeError, r"argument 'totals': expected float64"),
+    (lambda t: t.float(), ValueError, r"js_mass_partial: argument 'totals': expected float64, got Float"),
+    (lambda t: t.to(torch.int64), ValueError, r"argument 'totals': expected float64"),
     (lambda t: t[:1], ValueError, r"argument 'totals': expected shape \[2, 2\], got \[1, 2\]"),
     (lambda t: t.reshape(-1), ValueError, r"argument 'totals': expected shape \[2, 2\], got \[4\]"),
     (lambda t: torch.cat([t, t], 1), ValueError, r"argument 'totals': expected shape \[2, 2\]"),
@@ -541,11 +541,11 @@ def test_rejects_length_shape_dtype_and_layout_mismatch(op):
     assert_rejects(ValueError, name + r": argument 'current\[1\]': expected shape", cur, ref_bad,
                    call(cur, ref_bad))
     cur_mixed = [cur[0].double(), cur[1]]
-    assert_rejects(TypeError, name + r": argument 'current\[0\]': expected the dtype of "
+    assert_rejects(ValueError, name + r": argument 'current\[0\]': expected the dtype of "
                    r"reference\[0\]", cur_mixed, ref, call(cur_mixed, ref))
     ref_int = [ref[0], ref[1].to(torch.int32)]
     cur_int = [cur[0], cur[1].to(torch.int32)]
-    assert_rejects(TypeError, name + r": argument 'reference\[1\]': expected float32", cur_int,
+    assert_rejects(ValueError, name + r": argument 'reference\[1\]': expected float32", cur_int,
                    ref_int, call(cur_int, ref_int))
     ref_nc = [torch.rand(3, 2).t(), ref[1]]
     cur_nc = [torch.rand(2, 3), cur[1]]

@@ -91,11 +91,11 @@ def test_errors():
         ops.sampled_grad(grad_out[0], x, index)
     with pytest.raises(ValueError, match="'x'"):
         ops.sampled_grad(grad_out, x[:4], index)
-    with pytest.raises(TypeError, match="'x'"):
+    with pytest.raises(ValueError, match="'x'"):
         ops.sampled_grad(grad_out, x.double(), index)
-    with pytest.raises(TypeError, match="'grad_out'"):
+    with pytest.raises(ValueError, match="'grad_out'"):
         ops.sampled_grad(grad_out.int(), x.int(), index)
-    with pytest.raises(TypeError, match="'index'"):
+    with pytest.raises(ValueError, match="'index'"):
         ops.sampled_grad(grad_out, x, index.int())
     with pytest.raises(ValueError, match="'index'"):
         ops.sampled_grad(grad_out, x, index[:3])

@@ -13,7 +13,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "plan.h"
+#include "common/plan.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 // ISA levels, not CPU models: an "arch=<model>" clone is chosen by CPU model, so an AMD CPU with
