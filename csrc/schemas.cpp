@@ -41,7 +41,9 @@ STABLE_TORCH_LIBRARY(fisheradaptune, m) {
   // x [N, T, in] and grad_out [N, T, out]; per-sample gradients exist one tile at a time.
   // Elements whose update would not be finite are skipped, and their number written into
   // nonfinite (int64, 0-d), as fisher_accumulate_ does. See Note [Skipping in
-  // per_sample_grad_sq_] (csrc/fisher/per_sample_grad_sq.cpp).
+  // per_sample_grad_sq_] (csrc/fisher/per_sample_grad_sq.cpp). The GEMMs follow the caller's
+  // float32 matmul precision; the typed wrapper fisheradaptune.ops.per_sample_grad_sq_ runs them
+  // in full fp32 (Note [Full fp32 per-sample GEMM], same file).
   m.def(
       "per_sample_grad_sq_(Tensor(a!) fisher, Tensor x, Tensor grad_out, float scale, "
       "Tensor(b!) nonfinite) -> ()");

@@ -2,28 +2,29 @@
 // (fisher_accumulate_args.cpp). The update and Note [Skipping]: fisher_accumulate_cpu.cpp.
 #pragma once
 
-#include <ATen/core/List.h>
-#include <ATen/core/Tensor.h>
+#include "common/stable.h"
 
 #include <optional>
 #include <vector>
 
-#include "plan.h"
+#include "common/plan.h"
 
 namespace fisheradaptune {
 
 // Dense lists after validation. grads[i] is undefined where the caller passed None.
-struct FisherAccumulateArgs {
-  std::vector<at::Tensor> fisher;
-  std::vector<at::Tensor> grads;  // contiguous, or undefined
+// Hidden like the stable Tensor it holds (torch declares it in a hidden namespace; a visible
+// struct with a hidden field draws -Wattributes).
+struct C10_HIDDEN FisherAccumulateArgs {
+  std::vector<Tensor> fisher;
+  std::vector<Tensor> grads;  // contiguous, or undefined
   std::vector<int64_t> numels;
   std::vector<Segment> segments;
   int64_t num_groups = 0;
 };
 
 FisherAccumulateArgs validate_fisher_accumulate(
-    at::TensorList fisher, const c10::List<std::optional<at::Tensor>>& grads, double decay,
-    double scale, const std::optional<at::Tensor>& segments, const at::Tensor& group_sums,
-    const at::Tensor& nonfinite);
+    const std::vector<Tensor>& fisher, const std::vector<std::optional<Tensor>>& grads,
+    double decay, double scale, const std::optional<Tensor>& segments, const Tensor& group_sums,
+    const Tensor& nonfinite);
 
 }  // namespace fisheradaptune

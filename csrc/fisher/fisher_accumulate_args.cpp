@@ -1,26 +1,26 @@
-#include "fisher/fisher_accumulate.h"
+#include "common/validate.h"
 
-#include "validate.h"
+#include "fisher/fisher_accumulate.h"
 
 namespace fisheradaptune {
 
 FisherAccumulateArgs validate_fisher_accumulate(
-    at::TensorList fisher, const c10::List<std::optional<at::Tensor>>& grads, double decay,
-    double scale, const std::optional<at::Tensor>& segments, const at::Tensor& group_sums,
-    const at::Tensor& nonfinite) {
+    const std::vector<Tensor>& fisher, const std::vector<std::optional<Tensor>>& grads,
+    double decay, double scale, const std::optional<Tensor>& segments, const Tensor& group_sums,
+    const Tensor& nonfinite) {
   constexpr const char* op = "fisher_accumulate_";
   check_same_length(op, "fisher", fisher.size(), "grads", grads.size());
   check_coefficient(op, "decay", decay);  // Note [Coefficients]
   check_coefficient(op, "scale", scale);
   // The outputs decide the device, so that empty lists still have one.
-  const c10::Device device = nonfinite.device();
-  FAT_CHECK_TYPE(nonfinite.scalar_type() == at::kLong, op, "nonfinite", "expected int64, got ",
-                 nonfinite.scalar_type());
+  const Device device = nonfinite.device();
+  FAT_CHECK_VALUE(nonfinite.scalar_type() == ScalarType::Long, op, "nonfinite",
+                  "expected int64, got ", nonfinite.scalar_type());
   FAT_CHECK_VALUE(nonfinite.numel() == 1, op, "nonfinite", "expected one element, got ",
                   nonfinite.numel());
   check_device(op, "group_sums", group_sums, device);
-  FAT_CHECK_TYPE(group_sums.scalar_type() == at::kFloat, op, "group_sums",
-                 "expected float32, got ", group_sums.scalar_type());
+  FAT_CHECK_VALUE(group_sums.scalar_type() == ScalarType::Float, op, "group_sums",
+                  "expected float32, got ", group_sums.scalar_type());
   FAT_CHECK_VALUE(group_sums.dim() == 1 && group_sums.is_contiguous(), op, "group_sums",
                   "expected a contiguous 1-D tensor, got shape ", group_sums.sizes());
 
@@ -29,13 +29,14 @@ FisherAccumulateArgs validate_fisher_accumulate(
   out.fisher.assign(fisher.begin(), fisher.end());
   out.grads.resize(fisher.size());
   for (size_t i = 0; i < fisher.size(); ++i) {
-    const std::optional<at::Tensor> g = grads.get(i);
+    const std::optional<Tensor>& g = grads[i];
     if (!g.has_value() || !g->defined()) continue;
     const std::string where = item_name("grads", i);
     check_device(op, where, *g, device);
     check_same_shape(op, where, *g, fisher[i]);
     check_grad_dtype(op, where, *g, fisher[i]);
-    out.grads[i] = g->contiguous();
+    // A contiguous gradient is read in place (no dispatcher call).
+    out.grads[i] = g->is_contiguous() ? *g : st::contiguous(*g);
   }
   out.num_groups = group_sums.numel();
   if (segments.has_value() && segments->defined()) {

@@ -2,22 +2,19 @@
 // that updates the Fisher, skips non-finite elements and produces the chunk's partial sum;
 // chunks run in parallel and partials are added per group in plan order (bitwise reproducible
 // for any thread count).
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <torch/library.h>
+#include "common/stable.h"
 
 #include <cfloat>
 #include <limits>
 
-#include "fisher/fisher_accumulate.h"
+#include "common/plan.h"
 #include "common/simd.h"
-#include "plan.h"
+#include "fisher/fisher_accumulate.h"
 
 namespace fisheradaptune {
 namespace {
 
-// kChunk and kBlock: Note [Chunk and block sizes] (plan.h).
+// kChunk and kBlock: Note [Chunk and block sizes] (common/plan.h).
 
 struct Partial {
   double sum = 0;
@@ -68,47 +65,67 @@ FAT_CPU_CLONES Partial sum_only(const S* f, int64_t n) {
   return out;
 }
 
-Partial run_chunk(const at::Tensor& fisher, const at::Tensor& grad, const Chunk& c, double decay,
-                  double scale) {
+// One tensor of the call as the chunks read it, gathered before the parallel region so that
+// no chunk calls into libtorch (each accessor is a shim call; Note [Stable ABI]).
+struct TensorView {
+  void* fisher = nullptr;
+  const void* grad = nullptr;  // null: no gradient
+  ScalarType state = ScalarType::Float;
+  ScalarType grad_type = ScalarType::Float;
+};
+
+Partial run_chunk(const TensorView& v, const Chunk& c, double decay, double scale) {
   const int64_t n = c.end - c.begin;
   Partial p;
-  AT_DISPATCH_FLOATING_TYPES(fisher.scalar_type(), "fisher_cpu_state", [&] {
+  FAT_DISPATCH_FLOATING(v.state, "fisher_cpu_state", [&] {
     using S = scalar_t;
-    S* f = fisher.data_ptr<S>() + c.begin;
-    if (!grad.defined()) {
+    S* f = static_cast<S*>(v.fisher) + c.begin;
+    if (v.grad == nullptr) {
       p = sum_only(f, n);
       return;
     }
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fisher_cpu", [&] {
-      p = update<S, scalar_t>(f, grad.const_data_ptr<scalar_t>() + c.begin, n,
+    FAT_DISPATCH_FLOATING_AND_HALF(v.grad_type, "fisher_cpu", [&] {
+      p = update<S, scalar_t>(f, static_cast<const scalar_t*>(v.grad) + c.begin, n,
                               static_cast<S>(decay), static_cast<S>(scale));
     });
   });
   return p;
 }
 
-void fisher_accumulate_cpu(at::TensorList fisher, const c10::List<std::optional<at::Tensor>>& grads,
-                           double decay, double scale, const std::optional<at::Tensor>& segments,
-                           const at::Tensor& group_sums, const at::Tensor& nonfinite) {
+void fisher_accumulate_cpu(const std::vector<Tensor>& fisher,
+                           const std::vector<std::optional<Tensor>>& grads, double decay,
+                           double scale, const std::optional<Tensor>& segments,
+                           const Tensor& group_sums, const Tensor& nonfinite) {
   FisherAccumulateArgs args =
       validate_fisher_accumulate(fisher, grads, decay, scale, segments, group_sums, nonfinite);
   // Tensors without a gradient are still visited when they hold grouped elements: group_sums
   // reports the Fisher as it stands after the call, updated or not.
   const Plan plan = make_plan(args.segments, args.numels, args.num_groups, kChunk,
                               /*cover_gaps=*/true);
+  std::vector<TensorView> views(args.fisher.size());
+  for (size_t t = 0; t < args.fisher.size(); ++t) {
+    if (args.numels[t] == 0) continue;  // no chunks
+    views[t].fisher = args.fisher[t].mutable_data_ptr();
+    views[t].state = args.fisher[t].scalar_type();
+    if (args.grads[t].defined()) {
+      views[t].grad = args.grads[t].const_data_ptr();
+      views[t].grad_type = args.grads[t].scalar_type();
+    }
+  }
   std::vector<Partial> partials(plan.chunks.size());
-  at::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  st::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const Chunk& c = plan.chunks[k];
-      const at::Tensor& g = args.grads[c.tensor];
-      if (!g.defined() && c.group < 0) continue;  // nothing to update, nothing to report
-      partials[k] = run_chunk(args.fisher[c.tensor], g, c, decay, scale);
+      const TensorView& v = views[c.tensor];
+      if (v.grad == nullptr && c.group < 0) continue;  // nothing to update, nothing to report
+      partials[k] = run_chunk(v, c, decay, scale);
     }
   });
   int64_t skipped = 0;
   for (const Partial& p : partials) skipped += p.skipped;
-  nonfinite.fill_(skipped);
-  float* sums = group_sums.data_ptr<float>();
+  // nonfinite is validated to hold one int64 on this (CPU) device.
+  *nonfinite.mutable_data_ptr<int64_t>() = skipped;
+  float* sums = args.num_groups > 0 ? group_sums.mutable_data_ptr<float>() : nullptr;
   for (int64_t g = 0; g < args.num_groups; ++g) {
     double s = 0;
     for (int64_t k = plan.group_offsets[g]; k < plan.group_offsets[g + 1]; ++k) {
@@ -120,8 +137,8 @@ void fisher_accumulate_cpu(at::TensorList fisher, const c10::List<std::optional<
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisheradaptune, CPU, m) {
-  m.impl("fisher_accumulate_", &fisher_accumulate_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fisheradaptune, CPU, m) {
+  m.impl("fisher_accumulate_", TORCH_BOX(&fisher_accumulate_cpu));
 }
 
 }  // namespace fisheradaptune

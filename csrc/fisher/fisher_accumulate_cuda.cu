@@ -1,29 +1,26 @@
 // CUDA kernel of fisher_accumulate_ (semantics: csrc/fisher/fisher_accumulate_cpu.cpp). One launch
 // over the chunk table updates every Fisher element and writes one partial per grouped chunk; a
 // second launch adds each group's partials in plan order (Note [Group order],
-// cuda/multi_tensor.cuh).
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+// common/multi_tensor.cuh).
+#include "common/stable.h"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <torch/library.h>
 
 #include <cfloat>
 
+#include "common/multi_tensor.cuh"
+#include "common/plan.h"
 #include "fisher/fisher_accumulate.h"
-#include "cuda/multi_tensor.cuh"
-#include "plan.h"
 
 namespace fisheradaptune {
 namespace {
 
-// kChunk (Note [Chunk and block sizes], plan.h) is one block's work here: with 256 threads,
-// 128 elements (32 float4) per thread, and ViT-B's 86M elements give ~2.7K blocks, several
-// waves over an H100's ~1K resident blocks, so the blocks cut short at segment ends and the
-// last wave cost little. Tune on the device (in plan.h: CPU and CUDA share the chunking).
+// kChunk (Note [Chunk and block sizes], common/plan.h) is one block's work here: with 256
+// threads, 128 elements (32 float4) per thread, and ViT-B's 86M elements give ~2.7K blocks,
+// several waves over an H100's ~1K resident blocks, so the blocks cut short at segment ends and
+// the last wave cost little. Tune on the device (in common/plan.h: CPU and CUDA share the
+// chunking).
 
 // The gradient dtype of a chunk; grads may mix dtypes across the list, so it is per chunk and
 // the kernel branches on it (uniformly per block).
@@ -179,40 +176,39 @@ struct GroupSumOp {
   }
 };
 
-int32_t grad_kind(const at::Tensor& g) {
+int32_t grad_kind(const Tensor& g) {
   switch (g.scalar_type()) {
-    case at::kFloat:
+    case ScalarType::Float:
       return kF32;
-    case at::kBFloat16:
+    case ScalarType::BFloat16:
       return kBF16;
-    case at::kHalf:
+    case ScalarType::Half:
       return kF16;
     default:
-      TORCH_INTERNAL_ASSERT(false, "fisher_accumulate_ (CUDA): unexpected gradient dtype ",
-                            g.scalar_type(), " passed validation");
+      FAT_INTERNAL_ASSERT(false, "fisher_accumulate_ (CUDA): unexpected gradient dtype ",
+                          g.scalar_type(), " passed validation");
   }
   return kNoGrad;
 }
 
-void fisher_accumulate_cuda(at::TensorList fisher,
-                            const c10::List<std::optional<at::Tensor>>& grads, double decay,
-                            double scale, const std::optional<at::Tensor>& segments,
-                            const at::Tensor& group_sums, const at::Tensor& nonfinite) {
+void fisher_accumulate_cuda(const std::vector<Tensor>& fisher,
+                            const std::vector<std::optional<Tensor>>& grads, double decay,
+                            double scale, const std::optional<Tensor>& segments,
+                            const Tensor& group_sums, const Tensor& nonfinite) {
   mt::check_not_capturing("fisher_accumulate_", "it uploads a per-call chunk table from a "
                           "pinned host buffer", nonfinite);
   const FisherAccumulateArgs args =
       validate_fisher_accumulate(fisher, grads, decay, scale, segments, group_sums, nonfinite);
   // Validation ties every tensor to nonfinite's device; only a CUDA `segments` could have
   // routed CPU tensors here.
-  TORCH_CHECK_VALUE(nonfinite.is_cuda(), "fisheradaptune.fisher_accumulate_: argument ",
-                    "'nonfinite': expected a CUDA tensor for CUDA inputs, got ",
-                    nonfinite.device());
-  const c10::cuda::CUDAGuard guard(nonfinite.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  FAT_CHECK_VALUE(nonfinite.is_cuda(), "fisher_accumulate_", "nonfinite",
+                  "expected a CUDA tensor for CUDA inputs, got ", nonfinite.device());
+  const mt::TensorDeviceGuard guard(nonfinite);
+  const cudaStream_t stream = mt::current_stream(nonfinite.get_device_index());
 
   // The op overwrites the counter (as the CPU kernel's fill_), even when there is no work.
-  auto* counter = reinterpret_cast<unsigned long long*>(nonfinite.data_ptr<int64_t>());
-  C10_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof(int64_t), stream));
+  auto* counter = reinterpret_cast<unsigned long long*>(nonfinite.mutable_data_ptr<int64_t>());
+  STD_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof(int64_t), stream));
 
   // cover_gaps: ungrouped elements with a gradient must be updated too.
   const Plan plan =
@@ -224,7 +220,7 @@ void fisher_accumulate_cuda(at::TensorList fisher,
   std::vector<int32_t> kinds(args.fisher.size(), kNoGrad);
   for (size_t t = 0; t < args.fisher.size(); ++t) {
     if (args.numels[t] == 0) continue;  // no chunks
-    fisher_base[t] = args.fisher[t].data_ptr<float>();
+    fisher_base[t] = args.fisher[t].mutable_data_ptr<float>();
     if (args.grads[t].defined()) {
       grad_base[t] = static_cast<const char*>(args.grads[t].const_data_ptr());
       kinds[t] = grad_kind(args.grads[t]);
@@ -249,24 +245,23 @@ void fisher_accumulate_cuda(at::TensorList fisher,
   const int64_t offsets_at = bundle.add(plan.group_offsets);
   bundle.upload(nonfinite.device());
 
-  const at::Tensor partials =
-      at::empty({std::max<int64_t>(num_grouped, 1)},
-                at::TensorOptions().dtype(at::kDouble).device(nonfinite.device()));
-  FisherOp op{partials.data_ptr<double>(), counter, num_grouped, static_cast<float>(decay),
+  const Tensor partials =
+      empty({std::max<int64_t>(num_grouped, 1)}, ScalarType::Double, nonfinite.device());
+  FisherOp op{partials.mutable_data_ptr<double>(), counter, num_grouped, static_cast<float>(decay),
               static_cast<float>(scale)};
   mt::launch_chunks(bundle.get<FisherChunk>(table_at), static_cast<int64_t>(table.size()), op,
                     stream);
   // Every group gets a value, 0 for a group without elements.
   mt::launch_groups(args.num_groups,
-                    GroupSumOp{partials.const_data_ptr<double>(),
-                               bundle.get<int64_t>(offsets_at), group_sums.data_ptr<float>()},
+                    GroupSumOp{partials.const_data_ptr<double>(), bundle.get<int64_t>(offsets_at),
+                               group_sums.mutable_data_ptr<float>()},
                     stream);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) {
-  m.impl("fisher_accumulate_", &fisher_accumulate_cuda);
+STABLE_TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) {
+  m.impl("fisher_accumulate_", TORCH_BOX(&fisher_accumulate_cuda));
 }
 
 }  // namespace fisheradaptune

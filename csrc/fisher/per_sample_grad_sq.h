@@ -4,7 +4,7 @@
 // per_sample_grad_sq_cuda.cu).
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include "common/stable.h"
 
 namespace fisheradaptune {
 
@@ -17,21 +17,20 @@ namespace fisheradaptune {
 //             (int64, one element, zeroed by the caller);
 //   not last: carry[j] = r[j] (fisher untouched).
 // carry is a contiguous tensor like fisher, undefined when first && last.
-using SquareAccumulateFn = void (*)(const at::Tensor& fisher, const at::Tensor& tile,
-                                    double scale, const at::Tensor& carry, bool first, bool last,
-                                    const at::Tensor& nonfinite);
+using SquareAccumulateFn = void (*)(const Tensor& fisher, const Tensor& tile, double scale,
+                                    const Tensor& carry, bool first, bool last,
+                                    const Tensor& nonfinite);
 
 // nonfinite: int64, one element, on fisher's device (Note [Skipping in per_sample_grad_sq_],
 // per_sample_grad_sq.cpp).
-void validate_per_sample_grad_sq(const at::Tensor& fisher, const at::Tensor& x,
-                                 const at::Tensor& grad_out, double scale,
-                                 const at::Tensor& nonfinite);
+void validate_per_sample_grad_sq(const Tensor& fisher, const Tensor& x, const Tensor& grad_out,
+                                 double scale, const Tensor& nonfinite);
 
 // Validates, then walks the samples in tiles of at most `tile_elems` per-sample-gradient
 // elements (at least one sample per tile), so per-sample gradients never exist beyond a tile.
 // Writes the number of skipped elements into nonfinite.
-void per_sample_grad_sq(const at::Tensor& fisher, const at::Tensor& x, const at::Tensor& grad_out,
-                        double scale, const at::Tensor& nonfinite, int64_t tile_elems,
+void per_sample_grad_sq(const Tensor& fisher, const Tensor& x, const Tensor& grad_out,
+                        double scale, const Tensor& nonfinite, int64_t tile_elems,
                         SquareAccumulateFn square_accumulate);
 
 }  // namespace fisheradaptune

@@ -1,9 +1,7 @@
 // CPU kernel of per_sample_grad_sq_: BLAS batched GEMM per tile (fisher/per_sample_grad_sq.cpp),
 // then a vectorised (Note [CPU vectorisation]), parallel square-and-accumulate over the tile's
 // samples that skips and counts non-finite updates (Note [Skipping in per_sample_grad_sq_]).
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include "common/stable.h"
 
 #include <algorithm>
 #include <atomic>
@@ -57,19 +55,18 @@ FAT_CPU_CLONES int64_t square_columns(S* __restrict f, const S* __restrict t,
   return bad;
 }
 
-void square_accumulate_cpu(const at::Tensor& fisher, const at::Tensor& tile, double scale,
-                           const at::Tensor& carry, bool first, bool last,
-                           const at::Tensor& nonfinite) {
+void square_accumulate_cpu(const Tensor& fisher, const Tensor& tile, double scale,
+                           const Tensor& carry, bool first, bool last, const Tensor& nonfinite) {
   const int64_t b = tile.size(0), m = fisher.numel();
   const int64_t units = (m + kColumns - 1) / kColumns;
   std::atomic<int64_t> skipped{0};  // integer sum: exact in any order
-  AT_DISPATCH_FLOATING_TYPES(fisher.scalar_type(), "square_accumulate_cpu", [&] {
+  FAT_DISPATCH_FLOATING(fisher.scalar_type(), "square_accumulate_cpu", [&] {
     using S = scalar_t;
-    S* f = fisher.data_ptr<S>();
+    S* f = fisher.mutable_data_ptr<S>();
     const S* t = tile.const_data_ptr<S>();
-    S* c = carry.defined() ? carry.data_ptr<S>() : nullptr;
+    S* c = carry.defined() ? carry.mutable_data_ptr<S>() : nullptr;
     const auto s = static_cast<S>(scale);
-    at::parallel_for(0, units, 16, [&](int64_t u0, int64_t u1) {
+    st::parallel_for(0, units, 16, [&](int64_t u0, int64_t u1) {
       int64_t bad = 0;
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t j = u * kColumns, n = std::min(kColumns, m - j);
@@ -79,19 +76,18 @@ void square_accumulate_cpu(const at::Tensor& fisher, const at::Tensor& tile, dou
       if (bad != 0) skipped.fetch_add(bad, std::memory_order_relaxed);
     });
   });
-  if (last) nonfinite.data_ptr<int64_t>()[0] += skipped.load();
+  if (last) nonfinite.mutable_data_ptr<int64_t>()[0] += skipped.load();
 }
 
-void per_sample_grad_sq_cpu(const at::Tensor& fisher, const at::Tensor& x,
-                            const at::Tensor& grad_out, double scale,
-                            const at::Tensor& nonfinite) {
+void per_sample_grad_sq_cpu(const Tensor& fisher, const Tensor& x, const Tensor& grad_out,
+                            double scale, const Tensor& nonfinite) {
   per_sample_grad_sq(fisher, x, grad_out, scale, nonfinite, kTileElems, &square_accumulate_cpu);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisheradaptune, CPU, m) {
-  m.impl("per_sample_grad_sq_", &per_sample_grad_sq_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fisheradaptune, CPU, m) {
+  m.impl("per_sample_grad_sq_", TORCH_BOX(&per_sample_grad_sq_cpu));
 }
 
 }  // namespace fisheradaptune

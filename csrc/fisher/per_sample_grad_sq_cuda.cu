@@ -1,16 +1,12 @@
 // CUDA registration of per_sample_grad_sq_: the shared tiling (fisher/per_sample_grad_sq.cpp) forms
 // each tile of per-sample gradients with one batched GEMM; this kernel squares and accumulates a
 // tile.
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include "common/stable.h"
 
 #include <algorithm>
 #include <cfloat>
 
-#include "cuda/multi_tensor.cuh"
+#include "common/multi_tensor.cuh"
 #include "fisher/per_sample_grad_sq.h"
 
 namespace fisheradaptune {
@@ -32,8 +28,8 @@ constexpr int64_t kTileElems = int64_t(1) << 26;
 // their own summation orders), and the CPU kernel, built with -ffp-contract=off, rounds the
 // product and the sum separately. CPU and CUDA agree to float32 rounding (tests compare both
 // with a float64 reference), and on which elements are skipped wherever an input is NaN or Inf.
-// Both GEMMs run in full fp32 whatever the float32 matmul precision (Note [Full fp32 per-sample
-// GEMM], fisher/per_sample_grad_sq.cpp).
+// Both GEMMs run in full fp32 when called through the typed wrapper, whatever the caller's
+// float32 matmul precision (Note [Full fp32 per-sample GEMM], fisher/per_sample_grad_sq.cpp).
 __device__ __forceinline__ void finish(float& f, float r, float scale, unsigned& bad) {
   const float updated = __fmaf_rn(r, scale, f);
   const bool ok = fabsf(updated) <= FLT_MAX;  // false for NaN too
@@ -98,23 +94,23 @@ __global__ void __launch_bounds__(mt::kThreads)
   if (threadIdx.x == 0 && bad != 0) atomicAdd(nonfinite, static_cast<unsigned long long>(bad));
 }
 
-void square_accumulate_cuda(const at::Tensor& fisher, const at::Tensor& tile, double scale,
-                            const at::Tensor& carry, bool first, bool last,
-                            const at::Tensor& nonfinite) {
+void square_accumulate_cuda(const Tensor& fisher, const Tensor& tile, double scale,
+                            const Tensor& carry, bool first, bool last, const Tensor& nonfinite) {
   const int64_t m = fisher.numel();
   const int64_t b = tile.size(0);
   if (m == 0 || b == 0) return;
-  TORCH_INTERNAL_ASSERT(fisher.scalar_type() == at::kFloat && tile.scalar_type() == at::kFloat &&
-                        fisher.is_contiguous() && tile.is_contiguous() && tile.numel() == b * m);
-  TORCH_INTERNAL_ASSERT((first && last) ||
-                        (carry.defined() && carry.scalar_type() == at::kFloat &&
-                         carry.is_contiguous() && carry.numel() == m));
-  const c10::cuda::CUDAGuard guard(fisher.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  float* f = fisher.data_ptr<float>();
+  FAT_INTERNAL_ASSERT(fisher.scalar_type() == ScalarType::Float &&
+                      tile.scalar_type() == ScalarType::Float && fisher.is_contiguous() &&
+                      tile.is_contiguous() && tile.numel() == b * m);
+  FAT_INTERNAL_ASSERT((first && last) ||
+                      (carry.defined() && carry.scalar_type() == ScalarType::Float &&
+                       carry.is_contiguous() && carry.numel() == m));
+  const mt::TensorDeviceGuard guard(fisher);
+  const cudaStream_t stream = mt::current_stream(fisher.get_device_index());
+  float* f = fisher.mutable_data_ptr<float>();
   const float* t = tile.const_data_ptr<float>();
-  float* c = carry.defined() ? carry.data_ptr<float>() : nullptr;
-  auto* counter = reinterpret_cast<unsigned long long*>(nonfinite.data_ptr<int64_t>());
+  float* c = carry.defined() ? carry.mutable_data_ptr<float>() : nullptr;
+  auto* counter = reinterpret_cast<unsigned long long*>(nonfinite.mutable_data_ptr<int64_t>());
   const bool vec = m % 4 == 0 && reinterpret_cast<uintptr_t>(f) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(t) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(c) % 16 == 0;  // null is aligned
@@ -129,20 +125,19 @@ void square_accumulate_cuda(const at::Tensor& fisher, const at::Tensor& tile, do
     square_accumulate_kernel<false><<<grid, mt::kThreads, 0, stream>>>(f, t, c, m, b, s, first,
                                                                        last, counter);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void per_sample_grad_sq_cuda(const at::Tensor& fisher, const at::Tensor& x,
-                             const at::Tensor& grad_out, double scale,
-                             const at::Tensor& nonfinite) {
+void per_sample_grad_sq_cuda(const Tensor& fisher, const Tensor& x, const Tensor& grad_out,
+                             double scale, const Tensor& nonfinite) {
   // Validation comes first inside per_sample_grad_sq; the kernel sets its own device guard.
   per_sample_grad_sq(fisher, x, grad_out, scale, nonfinite, kTileElems, &square_accumulate_cuda);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) {
-  m.impl("per_sample_grad_sq_", &per_sample_grad_sq_cuda);
+STABLE_TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) {
+  m.impl("per_sample_grad_sq_", TORCH_BOX(&per_sample_grad_sq_cuda));
 }
 
 }  // namespace fisheradaptune

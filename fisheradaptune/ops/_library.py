@@ -13,7 +13,8 @@ Under the pure-PyTorch fallback (:mod:`fisheradaptune._loader`), :func:`register
 also registers each family's ``FALLBACK_KERNELS`` for the CPU and CUDA keys, where the compiled
 library registers its C++ kernels; the fallback kernels share :func:`read_segments`,
 :func:`check_not_capturing` and :func:`full_fp32_matmul` (the C++ kernels' plan, capture and
-precision rules) and size their work by :data:`CHUNK` / :data:`BLOCK`.
+precision rules; the typed ``per_sample_grad_sq_`` uses the last one too) and size their work
+by :data:`CHUNK` / :data:`BLOCK`.
 
 Note [In-place writes]
 ~~~~~~~~~~~~~~~~~~~~~~
@@ -286,17 +287,40 @@ def check_not_capturing(op: str, why: str, device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def full_fp32_matmul(device: torch.device):
-    """Note [Full fp32 per-sample GEMM] (csrc/fisher/per_sample_grad_sq.cpp): float32 matmuls on ``device``'s
-    backend in full IEEE fp32 (no TF32, no bfloat16) for the duration, the caller's setting
-    restored afterwards, also on error. Process-global, as in the C++."""
-    backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
-    saved = backend.fp32_precision
-    changed = saved != "ieee"
-    if changed:
-        backend.fp32_precision = "ieee"
+def full_fp32_matmul():
+    """Note [Full fp32 per-sample GEMM] (csrc/fisher/per_sample_grad_sq.cpp): float32 matmuls in
+    full IEEE fp32 (no TF32 on CUDA, no bfloat16 on CPU) for the duration, the caller's settings
+    restored afterwards, also on error. Process-global. Used around the compiled op by the typed
+    wrapper ``per_sample_grad_sq_`` (the stable C++ API cannot set the precision) and by the
+    fallback kernel.
+
+    torch keeps two settings: the legacy ``torch.set_float32_matmul_precision`` and the
+    per-backend ``fp32_precision`` flags of cuBLAS and oneDNN matmuls. Setting only cuBLAS's flag
+    to ``"ieee"`` under ``"high"`` would leave the two disagreeing, which torch refuses in cuBLAS
+    matmuls (a RuntimeError about mixing the legacy and new TF32 APIs), so
+    ``set_float32_matmul_precision("highest")`` sets both together. Where the caller has already
+    made them disagree by setting a flag directly (torch then refuses to read the legacy
+    setting), only the flags are set. Afterwards the legacy setting and each flag (where this
+    torch has them) are restored exactly. Nothing is changed when all already say full fp32."""
+    flags = [backend for backend in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+             if hasattr(backend, "fp32_precision")]
+    saved_flags = [backend.fp32_precision for backend in flags]
+    try:
+        saved: Optional[str] = torch.get_float32_matmul_precision()
+    except RuntimeError:  # a flag set directly disagrees with the legacy setting
+        saved = None
+    if saved == "highest" and all(flag == "ieee" for flag in saved_flags):
+        yield
+        return
+    if saved is None:
+        for backend in flags:
+            backend.fp32_precision = "ieee"
+    else:
+        torch.set_float32_matmul_precision("highest")
     try:
         yield
     finally:
-        if changed:
-            backend.fp32_precision = saved
+        if saved is not None:
+            torch.set_float32_matmul_precision(saved)
+        for backend, flag in zip(flags, saved_flags):
+            backend.fp32_precision = flag

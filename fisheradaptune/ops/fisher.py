@@ -129,6 +129,12 @@ def per_sample_grad_sq_(fisher: Tensor, x: Tensor, grad_out: Tensor, *,
     must not share memory with ``x`` or ``grad_out``; otherwise a ``ValueError`` naming the
     argument is raised before anything is written.
 
+    Precision: the per-sample GEMMs run in full IEEE fp32 whatever
+    ``torch.set_float32_matmul_precision`` says (no TF32 on CUDA, no bfloat16 on CPU): this
+    function sets the float32 matmul precision to ``"highest"`` for the call and restores the
+    caller's settings afterwards (process-global while it runs). A raw
+    ``torch.ops.fisheradaptune.per_sample_grad_sq_`` call follows the caller's matmul precision.
+
     Returns:
         ``nonfinite``: a 0-d int64 tensor on the Fisher's device counting the skipped Fisher
         elements (at most ``out * in``), a tensor so that reading it is the caller's choice of
@@ -137,7 +143,10 @@ def per_sample_grad_sq_(fisher: Tensor, x: Tensor, grad_out: Tensor, *,
     if x.dim() == 2 and grad_out.dim() == 2:
         x, grad_out = x.unsqueeze(1), grad_out.unsqueeze(1)
     nonfinite = torch.zeros((), dtype=torch.int64, device=fisher.device)
-    _ops.per_sample_grad_sq_(fisher, x, grad_out, float(scale), nonfinite)
+    # Note [Full fp32 per-sample GEMM]: the op's GEMM follows the process's float32 matmul
+    # precision, which only Python can set.
+    with _library.full_fp32_matmul():
+        _ops.per_sample_grad_sq_(fisher, x, grad_out, float(scale), nonfinite)
     return nonfinite
 
 
@@ -256,7 +265,7 @@ def _per_sample_grad_sq_fallback(fisher: Tensor, x: Tensor, grad_out: Tensor, sc
     step = min(max(_TILE_ELEMS.get(fisher.device.type, 1 << 22) // (out * inp), 1), n)
     acc = fisher.dtype
     r = torch.zeros_like(fisher)
-    with _library.full_fp32_matmul(fisher.device):
+    with _library.full_fp32_matmul():
         for n0 in range(0, n, step):
             b = min(step, n - n0)
             tile = torch.bmm(grad_out.narrow(0, n0, b).transpose(1, 2).to(acc),

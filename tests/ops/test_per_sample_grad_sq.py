@@ -2,15 +2,19 @@
 per-sample gradients formed one tile of samples at a time (docs/methods.md section 1, "per_sample")."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.library import opcheck
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import assert_unchanged, devices, make_generator, requires_cuda, snapshot
 from fisheradaptune import ops, reference
+from fisheradaptune.ops import _library
 
 TILE = 1 << 22   # CPU kernel: per-sample-gradient elements (out * in * samples) per tile
 TOL = {torch.float32: dict(rtol=2e-4, atol=1e-6), torch.float64: dict(rtol=1e-11, atol=1e-14)}
@@ -206,6 +210,111 @@ def test_non_contiguous_inputs():
     expected = fisher.clone()
     ops.per_sample_grad_sq_(expected, x, go)
     torch.testing.assert_close(got, expected, **TOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------------
+# Matmul precision (Note [Full fp32 per-sample GEMM], csrc/fisher/per_sample_grad_sq.cpp): the
+# typed wrapper sets full fp32 around the op; a raw call follows the caller's setting. (Whether
+# a reduced precision changes the GEMM's result depends on the hardware: the result is checked
+# in tests/ops/test_cuda_contract.py.)
+
+
+def _matmul_flags():
+    """The cuBLAS and oneDNN matmul flags, and whether cuBLAS would use TF32 (torch raises there
+    when the legacy setting and cuBLAS's flag disagree)."""
+    return (torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cuda.matmul.allow_tf32)
+
+
+@pytest.fixture
+def restore_matmul_flags():
+    # Taken now: a test may patch them.
+    set_precision = torch.set_float32_matmul_precision
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    saved = torch.get_float32_matmul_precision(), [b.fp32_precision for b in backends]
+    yield
+    set_precision(saved[0])
+    for backend, flag in zip(backends, saved[1]):
+        backend.fp32_precision = flag
+
+
+def _reduce_precision(setting):
+    """The caller's reduced precision: through the legacy API, or oneDNN's flag set directly."""
+    if setting == "flag":
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    else:
+        torch.set_float32_matmul_precision(setting)
+
+
+class _FlagsAtCall(TorchDispatchMode):
+    """Records the matmul flags whenever per_sample_grad_sq_ runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.fisheradaptune.per_sample_grad_sq_.default:
+            self.seen.append(_matmul_flags())
+        return func(*args, **(kwargs or {}))
+
+
+FULL_FP32 = ("ieee", "ieee", False)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("setting", ["high", "medium", "flag"])
+def test_wrapper_runs_the_op_in_full_fp32_and_a_raw_call_does_not(device, setting,
+                                                                   restore_matmul_flags):
+    fisher, x, go = inputs(3, 4, 8, 6, seed=5, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    _reduce_precision(setting)
+    callers = _matmul_flags()
+    with _FlagsAtCall() as mode:
+        ops.per_sample_grad_sq_(fisher, x, go)
+        assert _matmul_flags() == callers  # restored
+        torch.ops.fisheradaptune.per_sample_grad_sq_(fisher, x, go, 1.0, count)
+        with pytest.raises(ValueError, match="argument 'scale'"):
+            ops.per_sample_grad_sq_(fisher, x, go, scale=-1.0)
+        assert _matmul_flags() == callers  # restored after an error too
+    assert mode.seen == [FULL_FP32, callers, FULL_FP32]
+    if setting != "flag":
+        assert torch.get_float32_matmul_precision() == setting
+
+
+@pytest.mark.parametrize("setting", ["high", "medium", "flag"])
+def test_full_fp32_matmul_keeps_the_legacy_and_new_settings_consistent(setting,
+                                                                      restore_matmul_flags):
+    # Setting only cuBLAS's flag to "ieee" under "high" makes _matmul_flags() (like a cuBLAS
+    # matmul) raise about mixing the legacy and new TF32 APIs.
+    _reduce_precision(setting)
+    callers = _matmul_flags()
+    with _library.full_fp32_matmul():
+        assert _matmul_flags() == FULL_FP32
+    assert _matmul_flags() == callers
+
+
+def test_full_fp32_matmul_leaves_full_precision_untouched(monkeypatch, restore_matmul_flags):
+    torch.set_float32_matmul_precision("highest")
+
+    def refuse(value):
+        raise AssertionError(f"set_float32_matmul_precision({value!r}) called")
+
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", refuse)
+    with _library.full_fp32_matmul():
+        assert _matmul_flags() == FULL_FP32
+    assert _matmul_flags() == FULL_FP32
+
+
+def test_full_fp32_matmul_without_per_backend_flags_uses_the_legacy_setting(
+        monkeypatch, restore_matmul_flags):
+    # A torch without the per-backend fp32_precision flags: only the legacy setting exists.
+    torch.set_float32_matmul_precision("medium")
+    monkeypatch.setattr(torch.backends.mkldnn, "matmul", SimpleNamespace())
+    monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace())
+    with _library.full_fp32_matmul():
+        assert torch.get_float32_matmul_precision() == "highest"
+    assert torch.get_float32_matmul_precision() == "medium"
 
 
 # ---------------------------------------------------------------------------------------------
