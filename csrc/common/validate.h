@@ -147,7 +147,8 @@ inline void check_coefficient(const char* op, const char* where, double v,
 //   - Empty tensors own no memory and never overlap.
 // The fake kernels (fisheradaptune/ops/_checks.py, _check_no_aliasing) make the same checks while
 // tracing, comparing byte ranges within each storage, so torch.compile refuses what eager does.
-struct MemoryArg {
+// C10_HIDDEN: it holds a pointer to a stable Tensor, whose class has hidden visibility.
+struct C10_HIDDEN MemoryArg {
   const Tensor* tensor;  // may be undefined
   std::string name;          // e.g. "fisher[3]"
   bool written;
