@@ -74,10 +74,22 @@ class TokenMergeHandle(Patch):
             return y
         # [B, 1, 1, N]: broadcast over heads and queries, so SDPA keeps its fused kernels.
         bias = sizes.log()[:, None, None, :].to(x.dtype) if prop else None
-        x, metric = self.layout.attend(block, x, bias)
+        merged = {}
+
+        def halves(x: Tensor) -> Tensor:
+            x, metric = self.layout.attend(block, x, bias)
+            if r > 0:
+                x, merged["sizes"], merged["dest"] = ops.bipartite_merge(
+                    x, metric, r, num_protected=self.num_protected, sizes=sizes)
+            return self.layout.mlp(block, x)
+
+        # A library that checkpoints inside the block's class forward (transformers) gets the
+        # same recomputation for the merging path; the sizes and dest of a recomputation are
+        # those of the forward (the same inputs).
+        checkpoint = self.layout.checkpoint(block)
+        y = halves(x) if checkpoint is None else checkpoint(halves, x)
         if r > 0:
-            x, out_sizes, dest = ops.bipartite_merge(x, metric, r, num_protected=self.num_protected,
-                                                     sizes=sizes)
+            out_sizes, dest = merged["sizes"], merged["dest"]
             rows = None
             if self.record:
                 rows = state.rows
@@ -89,7 +101,6 @@ class TokenMergeHandle(Patch):
                 self.sizes = out_sizes
                 if rows is not None:
                     self.patch_rows = rows
-        y = self.layout.mlp(block, x)
         self._state_out(y, state)
         return y
 

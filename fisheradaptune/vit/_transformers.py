@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 from torch import nn
 
 from ._layout import QK, Layout, Prefix, refusal
@@ -97,6 +98,14 @@ class TransformersViTLayout(Layout):
 
     def mlp(self, block, x):
         return x + self._mlp_branch(block, block.mlp(getattr(block, self._norm2)(x)))
+
+    def checkpoint(self, block):
+        # transformers' GradientCheckpointingLayer checkpoints its forward under these
+        # conditions, with the function gradient_checkpointing_enable set on the layer
+        if getattr(block, "gradient_checkpointing", False) and block.training and \
+                torch.is_grad_enabled():
+            return block._gradient_checkpointing_func
+        return None
 
     def _attention_branch(self, block, y):
         return block.dropout(y)

@@ -86,21 +86,30 @@ def test_deit_distillation_token_keeps_its_row():
                             num_protected=1)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("name", ["ViTForImageClassification", "CLIPVisionModel"])
-def test_gradients_and_gradient_checkpointing(name):
+def test_gradients_and_gradient_checkpointing(name, reentrant):
     model, enc, x = build(name, "sdpa")
-    fat.vit.token_merge(model, r=4)
+    h = fat.vit.token_merge(model, r=4)
     model.train()  # dropout is 0 in the tiny configs: train mode is deterministic here
+    calls = []
+    attn = h.layout.attention(blocks_of(enc)[1])
+    attn.register_forward_hook(lambda m, a, o: calls.append(1))
 
     def grads():
+        calls.clear()
         model.zero_grad(set_to_none=True)
         _out(model, x)[1].square().sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     ref = grads()
+    assert len(calls) == 1
     assert any(n.endswith("k_proj.weight") for n in ref)  # keys get gradients (attention)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     got = grads()
+    assert len(calls) == 2  # the merging block was recomputed in the backward
+    assert h.sizes.shape[1] == x.shape[-1] // 4 * x.shape[-1] // 4 + 1 - 4 * 3
     assert got.keys() == ref.keys()
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7, msg=n)
