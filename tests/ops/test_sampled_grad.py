@@ -253,3 +253,17 @@ def test_sparse_linear_backward_checks_its_index_once():
         for _ in range(3):
             layer(torch.randn(4, 9, generator=g)).sum().backward()
     assert log.flags == [False, True, True]
+
+
+def test_the_wrapper_and_the_flag_compile_with_fullgraph():
+    # Under torch.compile the wrapper records nothing and calls the op with the check; the fake
+    # kernel takes index_checked either way.
+    grad_out, x, index = _case("cpu")
+    want = reference.sampled_grad(grad_out, x, index)
+    wrapped = torch.compile(ops.sampled_grad, backend="aot_eager", fullgraph=True)
+    flagged = torch.compile(lambda g, xx, i: _op(g, xx, i, True), backend="aot_eager",
+                            fullgraph=True)
+    for f in (wrapped, flagged):
+        torch.testing.assert_close(f(grad_out, x, index), want)
+    with pytest.raises(ValueError, match=r"argument 'index'.*\[0, 6\)"):
+        wrapped(grad_out, x, index + 1)
