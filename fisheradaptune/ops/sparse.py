@@ -90,13 +90,11 @@ class _CheckedIndices:
             while len(self._entries) > self._capacity:
                 self._entries.popitem(last=False)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
 
-
-#: Far more than the Linear layers of any model (ViT-L: 96), so that a model's indices are
-#: never evicted between two backward passes; an entry is a few small tuples.
+#: More than the Linear layers of common models (ViT-L: 96, a 7B LLaMA: 224), so that a
+#: model's indices stay recorded from one backward to the next (beyond it, the least recently
+#: used are checked again: correct, one synchronisation each on CUDA). An entry is a few small
+#: tuples.
 _CHECKED = _CheckedIndices(capacity=1024)
 
 
