@@ -21,20 +21,23 @@ void check_drift_lists(const char* op, const std::vector<Tensor>& current,
   const Device device =
       segments.is_cpu() && !current.empty() ? current[0].device() : segments.device();
   out.numels = check_state_list(op, "reference", reference, device);
+  // Each dtype read once (a call into libtorch per read).
+  std::vector<ScalarType> dtypes;
+  dtypes.reserve(reference.size());
+  for (const Tensor& r : reference) dtypes.push_back(r.scalar_type());
   for (size_t i = 0; i < current.size(); ++i) {
     const std::string where = item_name("current", i);
     check_device(op, where, current[i], device);
     check_same_shape(op, where, current[i], reference[i]);
-    FAT_CHECK_VALUE(current[i].scalar_type() == reference[i].scalar_type(), op, where,
-                    "expected the dtype of reference[", i, "] (", reference[i].scalar_type(),
-                    "), got ", current[i].scalar_type());
-    out.current.push_back(st::contiguous(current[i]));
+    const ScalarType dtype = current[i].scalar_type();
+    FAT_CHECK_VALUE(dtype == dtypes[i], op, where, "expected the dtype of reference[", i, "] (",
+                    dtypes[i], "), got ", dtype);
+    out.current.push_back(as_contiguous(current[i]));
   }
   for (size_t i = 1; i < reference.size(); ++i) {
-    FAT_CHECK_VALUE(reference[i].scalar_type() == reference[0].scalar_type(), op,
-                    item_name("reference", i), "expected every tensor to share the dtype of ",
-                    "reference[0] (", reference[0].scalar_type(), "), got ",
-                    reference[i].scalar_type());
+    FAT_CHECK_VALUE(dtypes[i] == dtypes[0], op, item_name("reference", i),
+                    "expected every tensor to share the dtype of reference[0] (", dtypes[0],
+                    "), got ", dtypes[i]);
   }
   out.reference = reference;
   out.segments = read_segments(op, "segments", segments, out.numels, num_groups);

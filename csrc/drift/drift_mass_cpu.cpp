@@ -201,7 +201,7 @@ Tensor js_mass_partial_cpu(const std::vector<Tensor>& current,
                            std::optional<double> update_reference) {
   const JsDriftArgs a = validate_js_mass("js_mass_partial", current, reference, segments,
                                          num_groups, totals, update_reference);
-  const Tensor t = st::contiguous(totals);
+  const Tensor t = as_contiguous(totals);
   Tensor out = empty({num_groups}, ScalarType::Double, cpu_device());
   const double* tc = t.const_data_ptr<double>();
   double* o = out.mutable_data_ptr<double>();

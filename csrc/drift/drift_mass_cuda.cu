@@ -312,7 +312,7 @@ Tensor js_mass_partial_cuda(const std::vector<Tensor>& current,
   const Tensor& on = cuda_anchor("js_mass_partial", current, segments);
   const Device device = on.device();
   const mt::TensorDeviceGuard guard(on);
-  const Tensor t = st::contiguous(totals);
+  const Tensor t = as_contiguous(totals);
   Tensor out = zeros({num_groups}, ScalarType::Double, device);
   const double* tc = t.const_data_ptr<double>();
   double* js = out.mutable_data_ptr<double>();
