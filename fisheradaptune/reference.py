@@ -232,15 +232,15 @@ def bipartite_merge(x: Tensor, metric: Tensor, r: int, *, num_protected: int = 1
     p = int(num_protected)
     if not 0 <= p <= n:
         raise ValueError(f"argument 'num_protected': expected 0 <= num_protected <= N = {n}, got {p}")
-    m = n - p
-    na, nb = (m + 1) // 2, m // 2
-    if not 0 <= r <= nb:
-        raise ValueError(f"argument 'r': expected 0 <= r <= {nb}, got {r}")
+    # ToMe's partition over all tokens: sources = even positions >= p, destinations = odd ones.
+    pos = torch.arange(n, device=x.device)
+    ia, ib = pos[(pos % 2 == 0) & (pos >= p)], pos[(pos % 2 == 1) & (pos >= p)]
+    na, nb = len(ia), len(ib)
+    if not 0 <= r <= min(na, nb):
+        raise ValueError(f"argument 'r': expected 0 <= r <= {min(na, nb)}, got {r}")
     dev = x.device
     if sizes is None:
         sizes = torch.ones(b, n, dtype=torch.float32, device=dev)
-    ia = p + 2 * torch.arange(na, device=dev)
-    ib = p + 2 * torch.arange(nb, device=dev) + 1
     merged = torch.zeros(b, na, dtype=torch.bool, device=dev)
     match = torch.zeros(b, na, dtype=torch.int64, device=dev)
     if r > 0:

@@ -79,7 +79,7 @@ inline void check_grad_dtype(const char* op, const std::string& where, const Ten
 // Token ops (token_prune_merge, bipartite_merge): the dtypes of tokens and their metrics, and
 // the dispatch over exactly those.
 #define FAT_DISPATCH_TOKEN_TYPES(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(ScalarType::BFloat16, ScalarType::Half, TYPE, NAME, __VA_ARGS__)
+  FAT_DISPATCH_FLOATING_AND_HALF(TYPE, NAME, __VA_ARGS__)
 
 inline void check_token_dtype(const char* op, const char* where, const Tensor& t) {
   const auto s = t.scalar_type();

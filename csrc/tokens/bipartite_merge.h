@@ -3,19 +3,27 @@
 //
 // Note [Bipartite merge]
 // x [B, N, C], metric [B, N, D]; the first P = num_protected tokens of each row never merge.
-// The other M = N - P are split alternately: the k-th of them (k from 0) goes to set A when k is
-// even, to set B when odd, so |A| = ceil(M / 2) and |B| = floor(M / 2). Per row:
+// ToMe's partition, over ALL N tokens by position: set A = the even positions 0, 2, 4, ...,
+// set B = the odd positions 1, 3, 5, ... A protected token in A is never a source, one in B is
+// never a destination (with P = 1 the class token at 0 is in A; with P = 2 the distillation
+// token at 1 is in B). So the sources are A' = the even positions >= P, from a0 = P + (P & 1),
+// and the destinations B' = the odd positions >= P, from b0 = P + 1 - (P & 1); of the
+// M = N - P non-protected tokens, |A'| = ceil(M / 2) and |B'| = floor(M / 2) for P even, the
+// other way round for P odd. (Before issue 23 the op split the M non-protected tokens
+// alternately from P, which for odd P swapped the roles of the two sets: not ToMe's choice.)
+// Per row:
 //   - similarity: cosine on metric, sim(a, b) = n_a . n_b with n_i = metric_i / |metric_i|
 //     (n_i = 0 when |metric_i| == 0; NaN/inf metrics give NaN similarities), accumulated in
 //     the opmath type of metric's dtype (float32, or float64 for float64).
-//   - matching: each A token picks its most similar B token (ties to the lower B index); the r
-//     A tokens with the highest best similarity (ties to the lower A index) merge into their B
-//     token. NaN ranks above every number in both choices (torch.sort's order), so the
-//     choice is a total order and deterministic. 0 <= r <= |B| (docs/methods.md section 7:
-//     with M odd, r = |A| would leave no A token, which the method's bound excludes).
-//   - out rows: the P protected tokens, the A tokens that did not merge in their original
-//     order, then the B tokens in their original order: N - r rows. dest_index [B, N] int64 is
-//     the out row of every input token.
+//   - matching: each A' token picks its most similar B' token (ties to the lower B' index);
+//     the r A' tokens with the highest best similarity (ties to the lower A' index) merge into
+//     their B' token. NaN ranks above every number in both choices (torch.sort's order), so
+//     the choice is a total order and deterministic. 0 <= r <= (N - P) // 2 = min(|A'|, |B'|)
+//     (ToMe's bound, docs/methods.md section 7: at most half of the non-protected tokens; an
+//     r up to |A'| would be well defined for P even and M odd, but leaves no A' token).
+//   - out rows: the P protected tokens in their original order, the A' tokens that did not
+//     merge in their original order, then the B' tokens in their original order: N - r rows.
+//     dest_index [B, N] int64 is the out row of every input token.
 //   - an out row whose sources (the tokens i with dest_index[i] == row) are one token is that
 //     token, copied bitwise. A row of several sources is their size-weighted mean: with
 //     W = sum_sources s_i (summed in float64 in increasing token order),
@@ -50,8 +58,10 @@ struct BipartiteMergeArgs {
   at::Tensor sizes;   // contiguous float32 [B, N], or undefined (all ones)
   int64_t batch = 0, tokens = 0, channels = 0, dims = 0;
   int64_t protect = 0;       // P
-  int64_t set_a = 0;         // |A| = ceil((N - P) / 2)
-  int64_t set_b = 0;         // |B| = floor((N - P) / 2)
+  int64_t first_a = 0;       // a0 = P + (P & 1): the first source position (even)
+  int64_t first_b = 0;       // b0 = P + 1 - (P & 1): the first destination position (odd)
+  int64_t set_a = 0;         // |A'|: the even positions in [P, N)
+  int64_t set_b = 0;         // |B'|: the odd positions in [P, N)
   int64_t r = 0;
   int64_t rows() const { return tokens - r; }
 };

@@ -1,5 +1,6 @@
 #include "tokens/bipartite_merge.h"
 
+#include <algorithm>
 #include <cstdint>
 
 #include "validate.h"
@@ -27,11 +28,15 @@ BipartiteMergeArgs validate_bipartite_merge(const at::Tensor& x, const at::Tenso
   FAT_CHECK_VALUE(num_protected >= 0 && num_protected <= a.tokens, op, "num_protected",
                   "expected 0 <= num_protected <= N = ", a.tokens, ", got ", num_protected);
   a.protect = num_protected;
-  a.set_a = (a.tokens - num_protected + 1) / 2;
-  a.set_b = (a.tokens - num_protected) / 2;
-  FAT_CHECK_VALUE(r >= 0 && r <= a.set_b, op, "r",
-                  "expected 0 <= r <= (N - num_protected) // 2 = ", a.set_b,
-                  " (each merge needs its own A token and the B set is the smaller), got ", r);
+  // Note [Bipartite merge]: A = even positions, B = odd positions, protected ones excluded.
+  a.first_a = num_protected + (num_protected & 1);
+  a.first_b = num_protected + 1 - (num_protected & 1);
+  a.set_a = std::max<int64_t>(0, (a.tokens - a.first_a + 1) / 2);
+  a.set_b = std::max<int64_t>(0, (a.tokens - a.first_b + 1) / 2);
+  const int64_t bound = (a.tokens - num_protected) / 2;  // min(|A'|, |B'|)
+  FAT_CHECK_VALUE(r >= 0 && r <= bound, op, "r", "expected 0 <= r <= (N - num_protected) // 2 = ",
+                  bound, " (ToMe's bound: each merge needs its own source and destination), got ",
+                  r);
   a.r = r;
   a.x = x.contiguous();
   a.metric = metric.contiguous();

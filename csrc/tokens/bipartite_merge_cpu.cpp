@@ -105,14 +105,15 @@ int32_t best_index(const A* sims, int64_t n) {
   return arg;
 }
 
-// Passes 1 and 2: best[b * |A| + k], match[b * |A| + k] = the best similarity of the k-th A
-// token of row b and the index (within B) of its B token.
+// Passes 1 and 2: best[b * |A'| + k], match[b * |A'| + k] = the best similarity of the k-th
+// source (position first_a + 2k) of row b and the index j (within B', position first_b + 2j) of
+// its destination.
 template <typename M>
 void best_matches(const BipartiteMergeArgs& a, std::vector<double>& best,
                   std::vector<int32_t>& match) {
   using A = at::opmath_type<M>;
-  const int64_t B = a.batch, N = a.tokens, D = a.dims, P = a.protect;
-  const int64_t na = a.set_a, nb = a.set_b;
+  const int64_t B = a.batch, N = a.tokens, D = a.dims;
+  const int64_t na = a.set_a, nb = a.set_b, first_a = a.first_a, first_b = a.first_b;
   std::vector<A> unit(B * N * D);
   const M* m = a.metric.const_data_ptr<M>();
   at::parallel_for(0, B * N, 64, [&](int64_t t0, int64_t t1) {
@@ -128,7 +129,7 @@ void best_matches(const BipartiteMergeArgs& a, std::vector<double>& best,
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t j = 0; j < nb; ++j) {
-        const A* u = unit.data() + (b * N + P + 2 * j + 1) * D;
+        const A* u = unit.data() + (b * N + first_b + 2 * j) * D;
         for (int64_t d = 0; d < D; ++d) bt[(b * D + d) * stride + j] = u[d];
       }
     }
@@ -143,7 +144,7 @@ void best_matches(const BipartiteMergeArgs& a, std::vector<double>& best,
       const int64_t count = std::min<int64_t>(4, na - k0);
       const A* rows[4];
       for (int64_t q = 0; q < 4; ++q) {
-        rows[q] = q < count ? unit.data() + (b * N + P + 2 * (k0 + q)) * D : zeros.data();
+        rows[q] = q < count ? unit.data() + (b * N + first_a + 2 * (k0 + q)) * D : zeros.data();
       }
       similarities<A>(rows, bt.data() + b * D * stride, D, stride, sims.data());
       for (int64_t q = 0; q < count; ++q) {
@@ -180,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
     int64_t num_protected, int64_t r) {
   const BipartiteMergeArgs a = validate_bipartite_merge(x_in, metric_in, sizes_in, num_protected, r);
   const int64_t B = a.batch, N = a.tokens, C = a.channels, P = a.protect, R = a.rows();
-  const int64_t na = a.set_a, nb = a.set_b;
+  const int64_t na = a.set_a, nb = a.set_b, first_a = a.first_a, first_b = a.first_b;
   at::Tensor out = at::empty({B, R, C}, a.x.options());
   at::Tensor out_sizes = at::empty({B, R}, a.x.options().dtype(at::kFloat));
   at::Tensor dest_index = at::empty({B, N}, a.x.options().dtype(at::kLong));
@@ -219,12 +220,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
       }
       int64_t* db = dest + b * N;
       for (int64_t i = 0; i < P; ++i) db[i] = i;
-      const int64_t first_b = P + na - r;  // the out row of the first B token
+      const int64_t row_b = P + na - r;  // the out row of the first B' token
       int64_t next = P;
       for (int64_t k = 0; k < na; ++k) {
-        db[P + 2 * k] = merged[k] ? first_b + mb[k] : next++;
+        db[first_a + 2 * k] = merged[k] ? row_b + mb[k] : next++;
       }
-      for (int64_t j = 0; j < nb; ++j) db[P + 2 * j + 1] = first_b + j;
+      for (int64_t j = 0; j < nb; ++j) db[first_b + 2 * j] = row_b + j;
       const float* sz = sizes != nullptr ? sizes + b * N : nullptr;
       row_totals(db, sz, N, R, w.data(), count.data());
       int32_t* ob = off.data() + b * (R + 1);

@@ -6,10 +6,11 @@
 //      (grid capped at mt::kMaxGrid): the unit vector of the metric row in metric's opmath type,
 //      scaled by the row's largest magnitude first; a zero row stays zero, a row with inf/NaN
 //      becomes all NaN. Written to a [B, N, D] scratch.
-//   2. match_kernel (r > 0 only), one warp per A token, kWarps A tokens per block: the dot with
-//      every B token (lanes over D in increasing order, then a fixed xor-butterfly sum, whose
-//      result is the same in every lane), keeping the best in the CPU's `beats` order (higher
-//      first, NaN above every number, ties to the lower B index).
+//   2. match_kernel (r > 0 only), one warp per source (a non-protected A token: Note
+//      [Bipartite merge]), kWarps of them per block: the dot with every destination (a
+//      non-protected B token; lanes over D in increasing order, then a fixed xor-butterfly sum,
+//      whose result is the same in every lane), keeping the best in the CPU's `beats` order
+//      (higher first, NaN above every number, ties to the lower B index).
 //   3. plan_kernel, one block per batch row: each A token's rank is the number of A tokens that
 //      beat it (O(|A|^2 / kThreads) comparisons per thread, the best similarities in shared
 //      memory when they fit), so it merges iff rank < r; a block scan in token order places the
@@ -157,19 +158,21 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// best[b, k], match[b, k]: the best similarity of the k-th A token of batch row b (as double,
-// exact for both opmath types) and the index within B of its B token. Needs |B| >= 1 (r > 0).
+// best[b, k], match[b, k]: the best similarity of the k-th source (position first_a + 2k) of
+// batch row b (as double, exact for both opmath types) and the index j within B' (position
+// first_b + 2j) of its destination. Needs |B'| >= 1 (r > 0).
 template <typename AM>
 __global__ void __launch_bounds__(kThreads)
-    match_kernel(const AM* __restrict__ unit, int64_t N, int64_t D, int64_t P, int64_t na,
-                 int64_t nb, double* __restrict__ best, int32_t* __restrict__ match) {
+    match_kernel(const AM* __restrict__ unit, int64_t N, int64_t D, int64_t first_a,
+                 int64_t first_b, int64_t na, int64_t nb, double* __restrict__ best,
+                 int32_t* __restrict__ match) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t b = blockIdx.x;
   const AM* ub0 = unit + b * N * D;
   for (int64_t g = blockIdx.y; g * kWarps < na; g += gridDim.y) {
     const int64_t k = g * kWarps + warp;
     if (k >= na) continue;  // warp-uniform
-    const AM* ua = ub0 + (P + 2 * k) * D;
+    const AM* ua = ub0 + (first_a + 2 * k) * D;
     AM a_reg[kCache];
 #pragma unroll
     for (int q = 0; q < kCache; ++q) {
@@ -179,7 +182,7 @@ __global__ void __launch_bounds__(kThreads)
     AM top = 0;
     int32_t arg = -1;
     for (int64_t j = 0; j < nb; ++j) {
-      const AM* ub = ub0 + (P + 2 * j + 1) * D;
+      const AM* ub = ub0 + (first_b + 2 * j) * D;
       // Lane partials over d = lane, lane + 32, ... in increasing order (registers first, then
       // global memory), then the fixed butterfly: the same order for every (k, j).
       AM s = 0;
@@ -290,10 +293,11 @@ __device__ void build_sources(const int64_t* __restrict__ dest, const float* __r
 // One block per batch row: the matching (which A tokens merge), dest_index, and build_sources.
 __global__ void __launch_bounds__(kThreads)
     plan_kernel(const double* __restrict__ best, const int32_t* __restrict__ match,
-                const float* __restrict__ sizes, int64_t N, int64_t P, int64_t na, int64_t nb,
-                int64_t r, bool use_smem, int64_t* __restrict__ dest, int32_t* __restrict__ off,
-                int32_t* __restrict__ fill, int32_t* __restrict__ src,
-                double* __restrict__ coef, float* __restrict__ out_sizes) {
+                const float* __restrict__ sizes, int64_t N, int64_t P, int64_t first_a,
+                int64_t first_b, int64_t na, int64_t nb, int64_t r, bool use_smem,
+                int64_t* __restrict__ dest, int32_t* __restrict__ off, int32_t* __restrict__ fill,
+                int32_t* __restrict__ src, double* __restrict__ coef,
+                float* __restrict__ out_sizes) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   double* smem = reinterpret_cast<double*>(smem_raw);
   const int64_t b = blockIdx.x;
@@ -306,9 +310,9 @@ __global__ void __launch_bounds__(kThreads)
   }
   const double* sb = use_smem ? smem : brow;
   int64_t* db = dest + b * N;
-  const int64_t first_b = P + na - r;  // the out row of the first B token
+  const int64_t row_b = P + na - r;  // the out row of the first B' token
   for (int64_t i = threadIdx.x; i < P; i += kThreads) db[i] = i;
-  for (int64_t j = threadIdx.x; j < nb; j += kThreads) db[P + 2 * j + 1] = first_b + j;
+  for (int64_t j = threadIdx.x; j < nb; j += kThreads) db[first_b + 2 * j] = row_b + j;
   int64_t unmerged_before = 0;  // unmerged A tokens in earlier chunks (uniform over the block)
   for (int64_t base = 0; base < na; base += kThreads) {
     const int64_t k = base + threadIdx.x;
@@ -321,7 +325,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     const int32_t flag = k < na && !merged ? 1 : 0;
     const int32_t pos = mt::block_exclusive_scan(flag);
-    if (k < na) db[P + 2 * k] = merged ? first_b + mrow[k] : P + unmerged_before + pos;
+    if (k < na) db[first_a + 2 * k] = merged ? row_b + mrow[k] : P + unmerged_before + pos;
     unmerged_before += mt::block_sum_all(flag);
   }
   __syncthreads();  // dest written by other threads of this block: visible after the barrier
@@ -381,6 +385,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t B = a.batch, N = a.tokens, C = a.channels, D = a.dims, P = a.protect;
   const int64_t R = a.rows(), na = a.set_a, nb = a.set_b;
+  const int64_t first_a = a.first_a, first_b = a.first_b;
   at::Tensor out = at::empty({B, R, C}, a.x.options());
   at::Tensor out_sizes = at::empty({B, R}, a.x.options().dtype(at::kFloat));
   at::Tensor dest_index = at::empty({B, N}, a.x.options().dtype(at::kLong));
@@ -406,7 +411,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cuda(
       }
       const dim3 grid(static_cast<unsigned>(B), grid_y((na + kWarps - 1) / kWarps));
       match_kernel<AM><<<grid, kThreads, 0, stream>>>(
-          unit.const_data_ptr<AM>(), N, D, P, na, nb, best.data_ptr<double>(),
+          unit.const_data_ptr<AM>(), N, D, first_a, first_b, na, nb, best.data_ptr<double>(),
           match.data_ptr<int32_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -422,9 +427,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cuda(
   const size_t smem = use_smem ? static_cast<size_t>(na) * sizeof(double) : 0;
   plan_kernel<<<static_cast<unsigned>(B), kThreads, smem, stream>>>(
       r > 0 ? best.const_data_ptr<double>() : nullptr,
-      r > 0 ? match.const_data_ptr<int32_t>() : nullptr, sizes, N, P, na, nb, r, use_smem,
-      dest_index.data_ptr<int64_t>(), off.data_ptr<int32_t>(), fill.data_ptr<int32_t>(),
-      src.data_ptr<int32_t>(), coef.data_ptr<double>(), out_sizes.data_ptr<float>());
+      r > 0 ? match.const_data_ptr<int32_t>() : nullptr, sizes, N, P, first_a, first_b, na, nb,
+      r, use_smem, dest_index.data_ptr<int64_t>(), off.data_ptr<int32_t>(),
+      fill.data_ptr<int32_t>(), src.data_ptr<int32_t>(), coef.data_ptr<double>(),
+      out_sizes.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // Launch 4.

@@ -494,9 +494,9 @@ def validate_bipartite_merge(x: Tensor, metric: Tensor, sizes: Optional[Tensor],
     _check_sizes(op, sizes, b, n, device)
     _check_value(0 <= num_protected <= n, op, "num_protected", "expected 0 <= num_protected <= N = ",
                  n, ", got ", num_protected)
-    set_b = (n - num_protected) // 2
-    _check_value(0 <= r <= set_b, op, "r", "expected 0 <= r <= (N - num_protected) // 2 = ", set_b,
-                 " (each merge needs its own A token and the B set is the smaller), got ", r)
+    bound = (n - num_protected) // 2  # min(|A'|, |B'|), Note [Bipartite merge]
+    _check_value(0 <= r <= bound, op, "r", "expected 0 <= r <= (N - num_protected) // 2 = ", bound,
+                 " (ToMe's bound: each merge needs its own source and destination), got ", r)
     _check_launch_shape(op, device, b, n)
 
 

@@ -179,12 +179,13 @@ def bipartite_merge(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Merge the ``r`` most redundant tokens into their most similar partner (ToMe).
 
-    The tokens after the first ``num_protected`` are split alternately into sets A (the 0th,
-    2nd, ... of them) and B (the 1st, 3rd, ...). Every A token finds its most similar B token by
-    cosine similarity of ``metric``; the ``r`` A tokens whose best similarity is highest merge
-    into their B token by the size-weighted mean ``(s_b x_b + sum s_a x_a) / (s_b + sum s_a)``,
-    and sizes add. Ties go to the lower index, NaN similarities rank above every number, so the
-    choice is deterministic.
+    ToMe's partition: all ``N`` tokens are split by position into set A (positions 0, 2, 4, ...)
+    and set B (positions 1, 3, 5, ...); a protected token (position ``< num_protected``) in A is
+    never a source, one in B never a destination. Every non-protected A token finds its most
+    similar non-protected B token by cosine similarity of ``metric``; the ``r`` A tokens whose
+    best similarity is highest merge into their B token by the size-weighted mean
+    ``(s_b x_b + sum s_a x_a) / (s_b + sum s_a)``, and sizes add. Ties go to the lower index,
+    NaN similarities rank above every number, so the choice is deterministic.
 
     Args:
         x: tokens ``[B, N, C]``, float32, bfloat16, float16 or float64.
@@ -199,8 +200,9 @@ def bipartite_merge(
             A merged row of total size 0 is zeros; sizes are not checked to be positive.
 
     Returns:
-        ``(out, out_sizes, dest_index)``: ``out [B, N - r, C]`` holds the protected tokens, the
-        A tokens that did not merge (in order), then the B tokens (in order); ``out_sizes``
+        ``(out, out_sizes, dest_index)``: ``out [B, N - r, C]`` holds the protected tokens (in
+        order), the non-protected A tokens that did not merge (in order), then the non-protected
+        B tokens (in order); ``out_sizes``
         float32 ``[B, N - r]``; ``dest_index`` int64 ``[B, N]``, the out row of every input
         token (to track sources, unmerge with ``out.gather``, or draw which patches merged).
 
@@ -536,7 +538,9 @@ def _bipartite_merge_fallback(x: Tensor, metric: Tensor, sizes: Optional[Tensor]
     _checks.validate_bipartite_merge(x, metric, sizes, num_protected, r)
     b, n, c = x.shape
     p, rows = num_protected, n - r
-    na, nb = (n - p + 1) // 2, (n - p) // 2
+    # Note [Bipartite merge]: sources A' = even positions >= P, destinations B' = odd ones.
+    a0, b0 = p + (p & 1), p + 1 - (p & 1)
+    na, nb = max(0, (n - a0 + 1) // 2), max(0, (n - b0 + 1) // 2)
     dev = x.device
     if b == 0 or n == 0:
         return (x.new_empty(b, rows, c), x.new_empty(b, rows, dtype=torch.float32),
@@ -545,7 +549,7 @@ def _bipartite_merge_fallback(x: Tensor, metric: Tensor, sizes: Optional[Tensor]
     match = torch.zeros(b, na, dtype=torch.int64, device=dev)
     if r > 0:
         unit = _unit_rows(metric)
-        sim = torch.bmm(unit[:, p::2].double(), unit[:, p + 1::2].double().transpose(1, 2))
+        sim = torch.bmm(unit[:, a0::2].double(), unit[:, b0::2].double().transpose(1, 2))
         sim = sim.to(unit.dtype)  # [B, |A|, |B|], compared in metric's opmath type
         # Each A token's best B token: the first NaN, else the first maximum.
         key = torch.where(torch.isnan(sim), torch.full_like(sim, float("inf")), sim)
@@ -559,8 +563,8 @@ def _bipartite_merge_fallback(x: Tensor, metric: Tensor, sizes: Optional[Tensor]
     dest = torch.empty(b, n, dtype=torch.int64, device=dev)
     dest[:, :p] = torch.arange(p, device=dev)
     kept_row = p + torch.cumsum((~merged).long(), 1) - 1
-    dest[:, p::2] = torch.where(merged, first_b + match, kept_row)
-    dest[:, p + 1::2] = first_b + torch.arange(nb, device=dev)
+    dest[:, a0::2] = torch.where(merged, first_b + match, kept_row)
+    dest[:, b0::2] = first_b + torch.arange(nb, device=dev)
     acc = _opmath(x.dtype)
     coef, total, counts, order = _bipartite_coef(dest, sizes, rows)
     summed, _, _ = _row_sums(dest, _weighted(coef, x, acc), rows)

@@ -78,6 +78,14 @@ def bits(t):
     return t.detach().cpu().contiguous().view(_BITS[t.dtype])
 
 
+def partition(n, p):
+    """ToMe's sets by position over all n tokens (Note [Bipartite merge]): the sources are the
+    even positions that are not protected, the destinations the odd ones."""
+    a = [i for i in range(0, n, 2) if i >= p]
+    b = [i for i in range(1, n, 2) if i >= p]
+    return torch.tensor(a, dtype=torch.int64), torch.tensor(b, dtype=torch.int64)
+
+
 def similarity(metric, p):
     """Cosine similarities of A to B tokens in float64, NaN mapped to +inf (it ranks first)."""
     m = metric.detach().double().cpu()
@@ -86,13 +94,15 @@ def similarity(metric, p):
     m = m / torch.where(top > 0, top, 1.0)
     m = m / torch.where(m.norm(dim=-1, keepdim=True) > 0, m.norm(dim=-1, keepdim=True), 1.0)
     m = torch.where(torch.isfinite(metric.detach().cpu()).all(-1, keepdim=True), m, float("nan"))
-    sim = m[:, p::2] @ m[:, p + 1::2].transpose(1, 2)
+    ia, ib = partition(n, p)
+    sim = m[:, ia] @ m[:, ib].transpose(1, 2)
     return torch.where(torch.isnan(sim), float("inf"), sim)
 
 
 def check_structure(dest, b, n, p, r):
     """dest_index is the map of Note [Bipartite merge]; returns the merged mask of A [b, |A|]."""
-    na, nb = (n - p + 1) // 2, (n - p) // 2
+    ia, ib = partition(n, p)
+    na, nb = len(ia), len(ib)
     rows, first_b = n - r, p + na - r
     assert dest.shape == (b, n) and dest.dtype == torch.int64
     dest = dest.cpu()
@@ -102,8 +112,8 @@ def check_structure(dest, b, n, p, r):
     hits = torch.zeros(b, rows, dtype=torch.int64).scatter_add(1, dest, torch.ones_like(dest))
     assert bool((hits > 0).all()), "every out row has a source"
     assert torch.equal(dest[:, :p], torch.arange(p).expand(b, p))
-    assert torch.equal(dest[:, p + 1::2], (first_b + torch.arange(nb)).expand(b, nb))
-    da = dest[:, p::2]
+    assert torch.equal(dest[:, ib], (first_b + torch.arange(nb)).expand(b, nb))
+    da = dest[:, ia]
     merged = da >= first_b
     assert torch.equal(merged.sum(1), torch.full((b,), r))
     for i in range(b):  # unmerged A tokens keep their order, in rows P .. P + |A| - r - 1
@@ -117,11 +127,12 @@ def check_choices(metric, dest, p, r, tol):
     b, n = dest.shape
     if b == 0 or r == 0:
         return
-    na = (n - p + 1) // 2
+    ia, _ = partition(n, p)
+    na = len(ia)
     first_b = p + na - r
     sim = similarity(metric, p)
     best = sim.max(2).values
-    da = dest[:, p::2].cpu()
+    da = dest[:, ia].cpu()
     merged = da >= first_b
     partner = (da - first_b).clamp(min=0)
     chosen = sim.gather(2, partner.unsqueeze(-1)).squeeze(-1)
@@ -277,23 +288,43 @@ def test_wrapper_and_registered_op_agree():
 
 
 def test_semantics_by_hand():
-    # P = 1: A = tokens 1, 3; B = tokens 2, 4.
-    # sim(1, 2) = 0, sim(1, 4) = 1 / sqrt(1.01); sim(3, 2) = 0.707, sim(3, 4) = 0.774
+    # ToMe's partition by position: A = tokens 0, 2, 4 and B = tokens 1, 3; with P = 1 the class
+    # token 0 (in A) is never a source, so the sources are 2, 4 and the destinations 1, 3.
+    # sim(2, 1) = 0, sim(2, 3) = 0.707; sim(4, 1) = 1 / sqrt(1.01) = 0.995, sim(4, 3) = 0.774
     metric = torch.tensor([[[5., 5.], [1., 0.], [0., 1.], [1., 1.], [1., 0.1]]])
     x = torch.tensor([[[10.], [1.], [2.], [3.], [4.]]], dtype=torch.float64)
     sizes = torch.tensor([[1., 2., 1., 1., 3.]])
     out, out_sizes, dest = ops.bipartite_merge(x, metric, 1, sizes=sizes)
-    assert dest.tolist() == [[0, 3, 2, 1, 3]]
-    assert out[0, :, 0].tolist() == [10., 3., 2., (2 * 1. + 3 * 4.) / 5]
-    assert out_sizes.tolist() == [[1., 1., 1., 5.]]
+    assert dest.tolist() == [[0, 2, 1, 3, 2]]  # token 4 merges into token 1
+    assert out[0, :, 0].tolist() == [10., 2., (2 * 1. + 3 * 4.) / 5, 3.]
+    assert out_sizes.tolist() == [[1., 1., 5., 1.]]
     out, out_sizes, dest = ops.bipartite_merge(x, metric, 2, sizes=sizes)
-    assert dest.tolist() == [[0, 2, 1, 2, 2]]
-    torch.testing.assert_close(out[0, :, 0], torch.tensor([10., 2., (2. + 3. + 12.) / 6],
+    assert dest.tolist() == [[0, 1, 2, 2, 1]]  # and token 2 into token 3
+    torch.testing.assert_close(out[0, :, 0], torch.tensor([10., (2. + 12.) / 5, (2. + 3.) / 2],
                                                           dtype=torch.float64))
-    assert out_sizes.tolist() == [[1., 1., 6.]]
+    assert out_sizes.tolist() == [[1., 5., 2.]]
     out, out_sizes, dest = ops.bipartite_merge(x, metric, 0, sizes=sizes)
-    assert dest.tolist() == [[0, 1, 3, 2, 4]]  # protected, A (1, 3), B (2, 4)
-    assert out[0, :, 0].tolist() == [10., 1., 3., 2., 4.]
+    assert dest.tolist() == [[0, 3, 1, 4, 2]]  # protected, A (2, 4), B (1, 3)
+    assert out[0, :, 0].tolist() == [10., 2., 4., 1., 3.]
+    # the pre-issue-23 partition (A = tokens 1, 3 after the protected one) chose otherwise:
+    # token 1 into token 4, dest [[0, 3, 2, 1, 3]]
+    assert ops.bipartite_merge(x, metric, 1, sizes=sizes)[2].tolist() != [[0, 3, 2, 1, 3]]
+
+
+def test_protected_tokens_keep_their_sets():
+    # P = 2 (class token 0 in A, distillation token 1 in B): sources 2, 4, 6; destinations 3, 5.
+    # P = 3: sources 4, 6; destinations 3, 5. The protected tokens stay rows 0 .. P - 1.
+    e = torch.eye(3)
+    m = torch.stack([e[0], e[1], e[2], e[2], e[1], e[1], e[0]]).unsqueeze(0)
+    x = torch.randn(1, 7, 2)
+    # P = 2: token 2 (e2) -> 3 (sim 1), token 4 (e1) -> 5 (sim 1), token 6 (e0) -> 3 (sim 0)
+    _, _, dest = ops.bipartite_merge(x, m, 2, num_protected=2)
+    assert dest.tolist() == [[0, 1, 3, 3, 4, 4, 2]]
+    # P = 3: token 4 (e1) -> 5, token 6 (e0) -> 3 (sim 0, first B' on the tie)
+    _, _, dest = ops.bipartite_merge(x, m, 1, num_protected=3)
+    assert dest.tolist() == [[0, 1, 2, 4, 5, 5, 3]]
+    for p, r in ((2, 2), (3, 1), (3, 2), (0, 3), (1, 3)):
+        run_checked(x, m, r, p, None)
 
 
 @pytest.mark.parametrize("device", devices)
@@ -306,11 +337,11 @@ def test_ties_go_to_the_lower_index(device, kind):
     m = torch.ones(2, 9, d, device=device) * (0.0 if kind == "zero" else 1.0)
     m[:, 0] = torch.randn(2, d)  # the protected token does not take part
     _, _, dest = ops.bipartite_merge(x, m, 2)
-    # A = 1, 3, 5, 7; B = 2, 4, 6, 8; first_b = 1 + 4 - 2 = 3
-    assert dest.tolist() == [[0, 3, 3, 3, 4, 1, 5, 2, 6]] * 2
+    # sources (A) = 2, 4, 6, 8; destinations (B) = 1, 3, 5, 7; first_b = 1 + 4 - 2 = 3
+    assert dest.tolist() == [[0, 3, 3, 4, 3, 5, 1, 6, 2]] * 2
     run_checked(x, m, 2, 1, None)
     _, _, dest = ops.bipartite_merge(x, m, 4)
-    assert dest.tolist() == [[0, 1, 1, 1, 2, 1, 3, 1, 4]] * 2
+    assert dest.tolist() == [[0, 1, 1, 2, 1, 3, 1, 4, 1]] * 2
 
 
 def test_duplicate_rows_tie_to_the_lower_index():
@@ -318,17 +349,17 @@ def test_duplicate_rows_tie_to_the_lower_index():
     # picks B index 0 (token 2); A tokens 1 and 5 are exactly as similar to their best, and
     # the lower A index merges first
     e = torch.eye(4, dtype=torch.float32)
-    rows = [e[0], e[1], e[2], e[1] * 3, e[3], e[2] * 0.5, e[2] * 7, e[3] * 2, e[0]]
+    rows = [e[0], e[2], e[1], e[3], e[1] * 3, e[2] * 7, e[2] * 0.5, e[0], e[3] * 2]
     m = torch.stack(rows).unsqueeze(0)
     x = torch.randn(1, 9, 2)
-    # P = 1: A = tokens 1, 3, 5, 7 (e1, 3e1, e2/2, 2e3), B = tokens 2, 4, 6, 8 (e2, e3, 7e2, e0)
-    # A 1 (e1): no B (all 0) -> B 0, best 0; A 3 (3e1): same; A 5 (e2): B 0 (token 2), best 1;
-    # A 7 (e3): B 1 (token 4), best 1
+    # P = 1: A = tokens 2, 4, 6, 8 (e1, 3e1, e2/2, 2e3), B = tokens 1, 3, 5, 7 (e2, e3, 7e2, e0)
+    # A 2 (e1): no B (all 0) -> B 0, best 0; A 4 (3e1): same; A 6 (e2): B 0 (token 1), best 1;
+    # A 8 (e3): B 1 (token 3), best 1
     _, _, dest = ops.bipartite_merge(x, m, 1)
-    assert dest.tolist() == [[0, 1, 4, 2, 5, 4, 6, 3, 7]]
+    assert dest.tolist() == [[0, 4, 1, 5, 2, 6, 4, 7, 3]]
     _, _, dest = ops.bipartite_merge(x, m, 3)
-    # merged: A 5, A 7 (best 1), then A 1 (best 0, lower than A 3)
-    assert dest.tolist() == [[0, 2, 2, 1, 3, 2, 4, 3, 5]]
+    # merged: A 6, A 8 (best 1), then A 2 (best 0, lower than A 4)
+    assert dest.tolist() == [[0, 2, 2, 3, 1, 4, 2, 5, 3]]
     run_checked(x, m, 3, 1, None)
 
 
@@ -339,19 +370,19 @@ def test_nonfinite_metric_rows_rank_first(device, bad, metric_dtype):
     g = make_generator(7)
     x = torch.randn(1, 11, 3, generator=g).to(device)
     m = torch.randn(1, 11, 4, generator=g, dtype=torch.float64)
-    m[0, 7, 2] = bad  # A token 7 (A index 3): all its similarities are NaN
+    m[0, 8, 2] = bad  # A token 8 (A index 3): all its similarities are NaN
     m = m.to(metric_dtype).to(device)
     _, _, dest = ops.bipartite_merge(x, m, 1)
     # it merges first (r = 1), into B index 0 (NaN ties go to the lower B index)
     first_b = 1 + 5 - 1
-    assert dest[0, 7].item() == first_b + 0
+    assert dest[0, 8].item() == first_b + 0
     run_checked(x, m, 1, 1, None, exact=metric_dtype == torch.float64)
-    # a B token with a NaN row (token 4, B index 1) attracts every A token
+    # a B token with a NaN row (token 3, B index 1) attracts every A token
     m2 = torch.randn(1, 11, 4, generator=g, dtype=torch.float64)
-    m2[0, 4, 0] = bad
+    m2[0, 3, 0] = bad
     m2 = m2.to(metric_dtype).to(device)
     _, _, dest = ops.bipartite_merge(x, m2, 3)
-    assert dest[0, 1::2].tolist() == [4, 4, 4, 1, 2] and dest[0, 0].item() == 0
+    assert dest[0, 2::2].tolist() == [4, 4, 4, 1, 2] and dest[0, 0].item() == 0
     _, _, r_dest = reference.bipartite_merge(x, m2, 3)
     assert torch.equal(dest, r_dest)
 
@@ -361,13 +392,13 @@ def test_zero_metric_row(device):
     g = make_generator(8)
     x = torch.randn(2, 9, 3, generator=g).to(device)
     m = torch.randn(2, 9, 4, generator=g, dtype=torch.float64)
-    m[0, 3] = 0  # A token: similarity 0 to every B, picks B 0
-    m[1, 4] = 0  # B token: similarity 0 to every A
+    m[0, 4] = 0  # A token: similarity 0 to every B, picks B 0
+    m[1, 3] = 0  # B token: similarity 0 to every A
     m = m.to(device)
     for r in range(5):
         run_checked(x, m, r, 1, None)
     _, _, dest = ops.bipartite_merge(x, m, 4)
-    assert dest[0, 3].item() == 1 + 4 - 4
+    assert dest[0, 4].item() == 1 + 4 - 4
 
 
 @pytest.mark.parametrize("metric_dtype,scale", [
@@ -430,44 +461,45 @@ def test_r_max(device, n):
     for p in (0, 1, 2):
         r = (n - p) // 2
         out, out_sizes, dest = run_checked(x, m, r, p, s)
-        na = (n - p + 1) // 2
-        assert out.shape[1] == p + (na - r) + (n - p) // 2  # protected, A left, B
-        assert bool((dest[:, p::2] >= p + na - r).sum(1).eq(r).all())
+        ia, ib = partition(n, p)
+        na = len(ia)
+        assert out.shape[1] == p + (na - r) + len(ib)  # protected, A left, B
+        assert bool((dest[:, ia.to(device)] >= p + na - r).sum(1).eq(r).all())
 
 
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_zero_sizes(device, dtype, bad):
-    # P = 1: A = tokens 1, 3, 5, 7 (e0, e1, e2, e0), B = tokens 2, 4, 6 (e0, e1, e2). Every best
-    # similarity is 1: A tokens 1, 3, 5 merge (lower indices) into B tokens 2, 4, 6; token 7
-    # stays. Out rows: 0 | 7 | {1, 2} | {3, 4} | {5, 6}.
+    # P = 1: A = tokens 2, 4, 6 (e0, e1, e2), B = tokens 1, 3, 5, 7 (e0, e1, e2, e0). Every best
+    # similarity is 1: A tokens 2, 4, 6 merge into B tokens 1, 3, 5 (token 2 ties between 1 and
+    # 7: the lower); B token 7 stays. Out rows: 0 | {1, 2} | {3, 4} | {5, 6} | 7.
     e = torch.eye(3, dtype=torch.float64)
     m = torch.stack([e[0], e[0], e[0], e[1], e[1], e[2], e[2], e[0]]).unsqueeze(0)
     m = m.repeat(2, 1, 1).to(device)
     x = torch.randn(2, 8, 4, generator=make_generator(10), dtype=torch.float64)
     x[0, 1, 2] = bad   # size 0 merged into a size-0 B token: W == 0, a zero row
     x[0, 3, :] = bad   # size 0 merged into a B token of size 2: coefficient 0, reads as 0
-    x[1, 7] = bad      # an unmerged A token: copied as is
+    x[1, 7] = bad      # a B token that absorbed nothing: copied as is
     sizes = torch.tensor([[1., 0., 0., 0., 2., 1., 1., 1.], [1., 1., 1., 1., 1., 0., 0., 1.]],
                          device=device)
     x = x.to(dtype).to(device).requires_grad_(True)
     out, out_sizes, dest = ops.bipartite_merge(x, m, 3, sizes=sizes)
-    assert dest.tolist() == [[0, 2, 2, 3, 3, 4, 4, 1]] * 2
-    assert out_sizes.tolist() == [[1., 1., 0., 2., 2.], [1., 1., 2., 2., 0.]]
+    assert dest.tolist() == [[0, 1, 1, 2, 2, 3, 3, 4]] * 2
+    assert out_sizes.tolist() == [[1., 0., 2., 2., 1.], [1., 2., 2., 0., 1.]]
     zero = torch.zeros(4, dtype=dtype, device=device)
-    assert torch.equal(out[0, 2], zero)                 # W == 0, with an inf/NaN source
-    assert torch.equal(out[0, 3], x[0, 4].detach())     # 0 * x_3 + 1 * x_4, x_3 inf/NaN
-    assert torch.equal(out[1, 4], zero)                 # W == 0
-    assert torch.equal(bits(out[1, 1]), bits(x[1, 7]))  # a copy, inf/NaN kept
-    assert bool(torch.isfinite(out[0]).all()) and bool(torch.isfinite(out[1, [0, 2, 3, 4]]).all())
+    assert torch.equal(out[0, 1], zero)                 # W == 0, with an inf/NaN source
+    assert torch.equal(out[0, 2], x[0, 4].detach())     # 0 * x_3 + 1 * x_4, x_3 inf/NaN
+    assert torch.equal(out[1, 3], zero)                 # W == 0
+    assert torch.equal(bits(out[1, 4]), bits(x[1, 7]))  # a copy, inf/NaN kept
+    assert bool(torch.isfinite(out[0]).all()) and bool(torch.isfinite(out[1, [0, 1, 2, 3]]).all())
     run_checked(x, m, 3, 1, sizes)
     g = torch.randn(out.shape, generator=make_generator(11)).to(dtype).to(device)
     (gx,) = torch.autograd.grad(out, x, g)
     assert bool(torch.isfinite(gx).all())
     for i, t in [(0, 1), (0, 2), (0, 3), (1, 5), (1, 6)]:  # zero coefficients
         assert torch.equal(gx[i, t], zero)
-    assert torch.equal(gx[0, 4], g[0, 3]) and torch.equal(gx[1, 7], g[1, 1])
+    assert torch.equal(gx[0, 4], g[0, 2]) and torch.equal(gx[1, 7], g[1, 4])
     r_out, _, _ = reference.bipartite_merge(x, m, 3, sizes=sizes)
     (r_gx,) = torch.autograd.grad(r_out, x, g)
     torch.testing.assert_close(gx, r_gx, **TOL[dtype])
