@@ -77,7 +77,7 @@ std::tuple<Tensor, Tensor, Tensor> token_prune_merge_cpu(
   Tensor out_sizes = empty({B, R}, ScalarType::Float, a.x.device());
   if (B == 0) return {out, kept_index, out_sizes};
 
-  FAT_DISPATCH_FLOATING_AND_HALF(a.x.scalar_type(), "token_prune_merge_cpu", [&] {
+  FAT_DISPATCH_TOKEN_TYPES(a.x.scalar_type(), "token_prune_merge_cpu", [&] {
     using T = scalar_t;
     using A = opmath_t<T>;
     std::vector<int32_t> kept_idx(B * keep), merged_idx(B * nm);
@@ -94,7 +94,7 @@ std::tuple<Tensor, Tensor, Tensor> token_prune_merge_cpu(
       std::vector<A> s(M);
       std::vector<int32_t> idx(M);
       for (int64_t b = b0; b < b1; ++b) {
-        FAT_DISPATCH_FLOATING_AND_HALF(score_type, "token_scores", [&] {
+        FAT_DISPATCH_TOKEN_TYPES(score_type, "token_scores", [&] {
           const scalar_t* sc = static_cast<const scalar_t*>(scores) + b * M;
           for (int64_t i = 0; i < M; ++i) s[i] = static_cast<A>(sc[i]);
         });
@@ -168,7 +168,7 @@ std::tuple<Tensor, Tensor> token_prune_merge_backward_cpu(
   Tensor grad_scores = empty({B, M}, a.scores.scalar_type(), a.scores.device());
   if (B == 0) return {grad_x, grad_scores};
 
-  FAT_DISPATCH_FLOATING_AND_HALF(a.x.scalar_type(), "token_prune_merge_backward_cpu", [&] {
+  FAT_DISPATCH_TOKEN_TYPES(a.x.scalar_type(), "token_prune_merge_backward_cpu", [&] {
     using T = scalar_t;
     using A = opmath_t<T>;
     // row_of[b, i]: the out row of candidate i, or -1 when merged (then coef[b, i] applies).
@@ -178,7 +178,7 @@ std::tuple<Tensor, Tensor> token_prune_merge_backward_cpu(
     std::vector<int32_t> merged_idx(B * nm);
     const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
     const int64_t* kept = kept_t.const_data_ptr<int64_t>();
-    FAT_DISPATCH_FLOATING_AND_HALF(a.scores.scalar_type(), "token_scores", [&] {
+    FAT_DISPATCH_TOKEN_TYPES(a.scores.scalar_type(), "token_scores", [&] {
       const scalar_t* sc = a.scores.const_data_ptr<scalar_t>();
       for (int64_t i = 0; i < B * M; ++i) s[i] = static_cast<A>(sc[i]);
     });
@@ -220,7 +220,7 @@ std::tuple<Tensor, Tensor> token_prune_merge_backward_cpu(
                                        : finite_dot<T, A>(x + t * C, gf, C);
       }
     });
-    FAT_DISPATCH_FLOATING_AND_HALF(a.scores.scalar_type(), "token_scores_grad", [&] {
+    FAT_DISPATCH_TOKEN_TYPES(a.scores.scalar_type(), "token_scores_grad", [&] {
       scalar_t* gs = grad_scores.mutable_data_ptr<scalar_t>();
       st::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {

@@ -210,7 +210,7 @@ std::tuple<Tensor, Tensor, Tensor> token_prune_merge_cuda(
   Tensor src = empty({B, P + keep}, ScalarType::Int, device);
   Tensor merged = empty({B, nm}, ScalarType::Int, device);
   const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
-  FAT_DISPATCH_FLOATING_AND_HALF(a.x.scalar_type(), "token_prune_merge_cuda", [&] {
+  FAT_DISPATCH_TOKEN_TYPES(a.x.scalar_type(), "token_prune_merge_cuda", [&] {
     using T = scalar_t;
     using A = opmath_t<T>;
     Tensor coef = empty({B, nm}, ScalarType::Double, device);
@@ -361,7 +361,7 @@ std::tuple<Tensor, Tensor> token_prune_merge_backward_cuda(
   check_launch_shape("token_prune_merge_backward", B);
   Tensor row_of = empty({B, M}, ScalarType::Int, device);
   const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
-  FAT_DISPATCH_FLOATING_AND_HALF(a.x.scalar_type(), "token_prune_merge_backward_cuda", [&] {
+  FAT_DISPATCH_TOKEN_TYPES(a.x.scalar_type(), "token_prune_merge_backward_cuda", [&] {
     using T = scalar_t;
     using A = opmath_t<T>;
     Tensor coef = empty({B, M}, ScalarType::Double, device);
