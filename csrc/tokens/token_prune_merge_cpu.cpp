@@ -46,8 +46,8 @@ void weights(const A* scores, const float* sizes, const int32_t* merged, int64_t
   }
 }
 
-// blocked_dot (common/simd.h) with x's inf/NaN values read as 0 (Note [Zero coefficients]): the same
-// blocks and order, so bitwise blocked_dot's for a finite x.
+// blocked_dot (common/simd.h) with x's inf/NaN values read as 0 (Note [Zero coefficients]): the
+// same blocks and order, so bitwise blocked_dot's for a finite x.
 template <typename T, typename A>
 FAT_CPU_CLONES A finite_dot(const T* __restrict x, const T* __restrict y, int64_t n) {
   constexpr A kMax = std::numeric_limits<A>::max();
