@@ -85,7 +85,7 @@ std::tuple<Tensor, Tensor, Tensor> token_prune_merge_cpu(
     const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
     int64_t* kept_out = kept_index.mutable_data_ptr<int64_t>();
     float* sizes_out = out_sizes.mutable_data_ptr<float>();
-    // Read once here: each data-pointer call is a call into libtorch (Note [Stable ABI]).
+    // Read once here, not per row: each dtype or data-pointer query is a call into libtorch.
     const ScalarType score_type = a.scores.scalar_type();
     const void* scores = a.scores.const_data_ptr();
 
