@@ -35,7 +35,7 @@
 //     csrc/tokens/token_prune_merge.h).
 //   - out_sizes [B, N - r] float32: W for every row (s_i for a copied row).
 // Sizes are float32 (default: ones) and need no gradient. Accumulation is in float32 for
-// float32/bfloat16/float16 x and in float64 for float64 (at::opmath_type).
+// float32/bfloat16/float16 x and in float64 for float64 (opmath_t, common/stable.h).
 //
 // Backward: the matching is a discrete choice and gets no gradient (metric has none). x's
 // gradient is grad_x[i] = g[dest_index[i]] for a copied row's source, (s_i / W) g[dest_index[i]]
@@ -44,18 +44,19 @@
 // Token indices are int32 in both kernels: N < 2^31 (checked by the shared validation).
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include "common/stable.h"
 
 #include <optional>
 
 namespace fisheradaptune {
 
-struct BipartiteMergeArgs {
-  at::Tensor x;       // contiguous [B, N, C] (forward)
-  at::Tensor metric;  // contiguous [B, N, D] (forward)
-  at::Tensor grad;    // contiguous [B, N - r, C] (backward)
-  at::Tensor dest;    // contiguous int64 [B, N] (backward)
-  at::Tensor sizes;   // contiguous float32 [B, N], or undefined (all ones)
+// Hidden like the st::Tensor handles it holds (as TokenPruneMergeArgs, token_prune_merge.h).
+struct __attribute__((visibility("hidden"))) BipartiteMergeArgs {
+  Tensor x;       // contiguous [B, N, C] (forward)
+  Tensor metric;  // contiguous [B, N, D] (forward)
+  Tensor grad;    // contiguous [B, N - r, C] (backward)
+  Tensor dest;    // contiguous int64 [B, N] (backward)
+  Tensor sizes;   // contiguous float32 [B, N], or undefined (all ones)
   int64_t batch = 0, tokens = 0, channels = 0, dims = 0;
   int64_t protect = 0;       // P
   int64_t first_a = 0;       // a0 = P + (P & 1): the first source position (even)
@@ -66,16 +67,16 @@ struct BipartiteMergeArgs {
   int64_t rows() const { return tokens - r; }
 };
 
-BipartiteMergeArgs validate_bipartite_merge(const at::Tensor& x, const at::Tensor& metric,
-                                            const std::optional<at::Tensor>& sizes,
+BipartiteMergeArgs validate_bipartite_merge(const Tensor& x, const Tensor& metric,
+                                            const std::optional<Tensor>& sizes,
                                             int64_t num_protected, int64_t r);
 
 // On CPU dest_index's values are checked (in [0, N - r)); on CUDA that would need a
 // synchronisation, so the kernels only guard against out-of-range values (an out-of-range
 // token gets a zero gradient, nothing outside the tensors is read or written) and dest_index
 // must come from the forward.
-BipartiteMergeArgs validate_bipartite_merge_backward(const at::Tensor& grad_out,
-                                                     const std::optional<at::Tensor>& sizes,
-                                                     const at::Tensor& dest_index);
+BipartiteMergeArgs validate_bipartite_merge_backward(const Tensor& grad_out,
+                                                     const std::optional<Tensor>& sizes,
+                                                     const Tensor& dest_index);
 
 }  // namespace fisheradaptune

@@ -1,14 +1,14 @@
-#include "tokens/bipartite_merge.h"
+#include "common/validate.h"
 
 #include <algorithm>
 #include <cstdint>
 
-#include "validate.h"
+#include "tokens/bipartite_merge.h"
 
 namespace fisheradaptune {
 
-BipartiteMergeArgs validate_bipartite_merge(const at::Tensor& x, const at::Tensor& metric,
-                                            const std::optional<at::Tensor>& sizes,
+BipartiteMergeArgs validate_bipartite_merge(const Tensor& x, const Tensor& metric,
+                                            const std::optional<Tensor>& sizes,
                                             int64_t num_protected, int64_t r) {
   constexpr const char* op = "bipartite_merge";
   FAT_CHECK_VALUE(x.dim() == 3, op, "x", "expected [B, N, C], got shape ", x.sizes());
@@ -38,21 +38,21 @@ BipartiteMergeArgs validate_bipartite_merge(const at::Tensor& x, const at::Tenso
                   bound, " (ToMe's bound: each merge needs its own source and destination), got ",
                   r);
   a.r = r;
-  a.x = x.contiguous();
-  a.metric = metric.contiguous();
+  a.x = st::contiguous(x);
+  a.metric = st::contiguous(metric);
   return a;
 }
 
-BipartiteMergeArgs validate_bipartite_merge_backward(const at::Tensor& grad_out,
-                                                     const std::optional<at::Tensor>& sizes,
-                                                     const at::Tensor& dest_index) {
+BipartiteMergeArgs validate_bipartite_merge_backward(const Tensor& grad_out,
+                                                     const std::optional<Tensor>& sizes,
+                                                     const Tensor& dest_index) {
   constexpr const char* op = "bipartite_merge_backward";
   FAT_CHECK_VALUE(grad_out.dim() == 3, op, "grad_out", "expected [B, N - r, C], got shape ",
                   grad_out.sizes());
   check_token_dtype(op, "grad_out", grad_out);
   check_device(op, "dest_index", dest_index, grad_out.device());
-  FAT_CHECK_TYPE(dest_index.scalar_type() == at::kLong, op, "dest_index", "expected int64, got ",
-                 dest_index.scalar_type());
+  FAT_CHECK_VALUE(dest_index.scalar_type() == ScalarType::Long, op, "dest_index",
+                  "expected int64, got ", dest_index.scalar_type());
   BipartiteMergeArgs a;
   a.batch = grad_out.size(0);
   a.channels = grad_out.size(2);
@@ -64,9 +64,9 @@ BipartiteMergeArgs validate_bipartite_merge_backward(const at::Tensor& grad_out,
   check_token_count(op, "dest_index", a.tokens);
   a.r = a.tokens - grad_out.size(1);
   a.sizes = check_token_sizes(op, sizes, a.batch, a.tokens, grad_out.device());
-  a.grad = grad_out.contiguous();
-  a.dest = dest_index.contiguous();
-  if (a.dest.device().is_cpu()) {
+  a.grad = st::contiguous(grad_out);
+  a.dest = st::contiguous(dest_index);
+  if (a.dest.is_cpu()) {
     const int64_t* d = a.dest.const_data_ptr<int64_t>();
     const int64_t rows = a.rows();
     for (int64_t i = 0; i < a.batch * a.tokens; ++i) {

@@ -8,12 +8,7 @@
 //      dest_index, the rows' totals (row_totals, shared with the backward), and the sources of
 //      every out row in increasing token order;
 //   4. the out rows (per (batch row, out row)): a copy, or the weighted mean of the sources.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
+#include "common/validate.h"
 
 #include <algorithm>
 #include <cmath>
@@ -23,9 +18,8 @@
 #include <tuple>
 #include <vector>
 
-#include "tokens/bipartite_merge.h"
 #include "common/simd.h"
-#include "validate.h"
+#include "tokens/bipartite_merge.h"
 
 namespace fisheradaptune {
 namespace {
@@ -111,12 +105,12 @@ int32_t best_index(const A* sims, int64_t n) {
 template <typename M>
 void best_matches(const BipartiteMergeArgs& a, std::vector<double>& best,
                   std::vector<int32_t>& match) {
-  using A = at::opmath_type<M>;
+  using A = opmath_t<M>;
   const int64_t B = a.batch, N = a.tokens, D = a.dims;
   const int64_t na = a.set_a, nb = a.set_b, first_a = a.first_a, first_b = a.first_b;
   std::vector<A> unit(B * N * D);
   const M* m = a.metric.const_data_ptr<M>();
-  at::parallel_for(0, B * N, 64, [&](int64_t t0, int64_t t1) {
+  st::parallel_for(0, B * N, 64, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       A* u = unit.data() + t * D;
       for (int64_t d = 0; d < D; ++d) u[d] = static_cast<A>(m[t * D + d]);
@@ -126,7 +120,7 @@ void best_matches(const BipartiteMergeArgs& a, std::vector<double>& best,
   // The B tokens' unit vectors transposed, per batch row: bt[b] is [D, stride], zero-padded.
   const int64_t stride = (nb + kLanes - 1) / kLanes * kLanes;
   std::vector<A> bt(B * D * stride, A(0));
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  st::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t j = 0; j < nb; ++j) {
         const A* u = unit.data() + (b * N + first_b + 2 * j) * D;
@@ -137,7 +131,7 @@ void best_matches(const BipartiteMergeArgs& a, std::vector<double>& best,
   // Units of work: up to four A tokens of one batch row.
   const int64_t groups = (na + 3) / 4;
   const std::vector<A> zeros(D, A(0));
-  at::parallel_for(0, B * groups, 2, [&](int64_t u0, int64_t u1) {
+  st::parallel_for(0, B * groups, 2, [&](int64_t u0, int64_t u1) {
     std::vector<A> sims(4 * stride);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t b = u / groups, k0 = (u % groups) * 4;
@@ -176,15 +170,15 @@ inline double coefficient(int32_t count, double w, const float* sz, int64_t i) {
   return w != 0 ? (sz != nullptr ? static_cast<double>(sz[i]) : 1.0) / w : 0.0;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
-    const at::Tensor& x_in, const at::Tensor& metric_in, const std::optional<at::Tensor>& sizes_in,
+std::tuple<Tensor, Tensor, Tensor> bipartite_merge_cpu(
+    const Tensor& x_in, const Tensor& metric_in, const std::optional<Tensor>& sizes_in,
     int64_t num_protected, int64_t r) {
   const BipartiteMergeArgs a = validate_bipartite_merge(x_in, metric_in, sizes_in, num_protected, r);
   const int64_t B = a.batch, N = a.tokens, C = a.channels, P = a.protect, R = a.rows();
   const int64_t na = a.set_a, nb = a.set_b, first_a = a.first_a, first_b = a.first_b;
-  at::Tensor out = at::empty({B, R, C}, a.x.options());
-  at::Tensor out_sizes = at::empty({B, R}, a.x.options().dtype(at::kFloat));
-  at::Tensor dest_index = at::empty({B, N}, a.x.options().dtype(at::kLong));
+  Tensor out = empty({B, R, C}, a.x.scalar_type(), a.x.device());
+  Tensor out_sizes = empty({B, R}, ScalarType::Float, a.x.device());
+  Tensor dest_index = empty({B, N}, ScalarType::Long, a.x.device());
   if (B == 0 || N == 0) return {out, out_sizes, dest_index};
 
   // Passes 1-2. The best similarities are compared in metric's opmath type; held as double,
@@ -200,11 +194,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
   // Pass 3. The sources of every out row in increasing token order (CSR: off, src) and their
   // coefficients, written straight into per-batch-row slices.
   const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
-  int64_t* dest = dest_index.data_ptr<int64_t>();
-  float* osz = out_sizes.data_ptr<float>();
+  int64_t* dest = dest_index.mutable_data_ptr<int64_t>();
+  float* osz = out_sizes.mutable_data_ptr<float>();
   std::vector<int32_t> off(B * (R + 1)), src(B * N);
   std::vector<double> coef(B * N);
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  st::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<int32_t> order(na), count(R), fill(R);
     std::vector<char> merged(na);
     std::vector<double> w(R);
@@ -246,10 +240,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
   // Pass 4.
   FAT_DISPATCH_TOKEN_TYPES(a.x.scalar_type(), "bipartite_merge_cpu", [&] {
     using T = scalar_t;
-    using A = at::opmath_type<T>;
+    using A = opmath_t<T>;
     const T* x = a.x.const_data_ptr<T>();
-    T* o = out.data_ptr<T>();
-    at::parallel_for(0, B * R, 4, [&](int64_t u0, int64_t u1) {
+    T* o = out.mutable_data_ptr<T>();
+    st::parallel_for(0, B * R, 4, [&](int64_t u0, int64_t u1) {
       std::vector<A> acc(C);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t b = u / R, d = u % R;
@@ -277,12 +271,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
   return {out, out_sizes, dest_index};
 }
 
-at::Tensor bipartite_merge_backward_cpu(const at::Tensor& grad_out,
-                                        const std::optional<at::Tensor>& sizes_in,
-                                        const at::Tensor& dest_index) {
+Tensor bipartite_merge_backward_cpu(const Tensor& grad_out,
+                                    const std::optional<Tensor>& sizes_in,
+                                    const Tensor& dest_index) {
   const BipartiteMergeArgs a = validate_bipartite_merge_backward(grad_out, sizes_in, dest_index);
   const int64_t B = a.batch, N = a.tokens, C = a.channels, R = a.rows();
-  at::Tensor grad_x = at::empty({B, N, C}, a.grad.options());
+  Tensor grad_x = empty({B, N, C}, a.grad.scalar_type(), a.grad.device());
   if (B == 0 || N == 0) return grad_x;
   const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
   const int64_t* dest = a.dest.const_data_ptr<int64_t>();
@@ -291,7 +285,7 @@ at::Tensor bipartite_merge_backward_cpu(const at::Tensor& grad_out,
   // sentinel coefficient: sizes may be negative, and so may s_i / W).
   std::vector<double> w(B * R);
   std::vector<int32_t> count(B * R);
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  st::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       row_totals(dest + b * N, sizes != nullptr ? sizes + b * N : nullptr, N, R, w.data() + b * R,
                  count.data() + b * R);
@@ -299,10 +293,10 @@ at::Tensor bipartite_merge_backward_cpu(const at::Tensor& grad_out,
   });
   FAT_DISPATCH_TOKEN_TYPES(a.grad.scalar_type(), "bipartite_merge_backward_cpu", [&] {
     using T = scalar_t;
-    using A = at::opmath_type<T>;
+    using A = opmath_t<T>;
     const T* g = a.grad.const_data_ptr<T>();
-    T* gx = grad_x.data_ptr<T>();
-    at::parallel_for(0, B * N, 8, [&](int64_t t0, int64_t t1) {
+    T* gx = grad_x.mutable_data_ptr<T>();
+    st::parallel_for(0, B * N, 8, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / N, row = b * R + dest[t];
         const T* from = g + row * C;
@@ -321,9 +315,9 @@ at::Tensor bipartite_merge_backward_cpu(const at::Tensor& grad_out,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisheradaptune, CPU, m) {
-  m.impl("bipartite_merge", &bipartite_merge_cpu);
-  m.impl("bipartite_merge_backward", &bipartite_merge_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fisheradaptune, CPU, m) {
+  m.impl("bipartite_merge", TORCH_BOX(&bipartite_merge_cpu));
+  m.impl("bipartite_merge_backward", TORCH_BOX(&bipartite_merge_backward_cpu));
 }
 
 }  // namespace fisheradaptune

@@ -46,24 +46,16 @@
 // Instantiations: normalise_kernel over metric's dtype (4), match_kernel over its opmath type
 // (float, double), rows kernels over x's (grad_out's) dtype (4); the plan kernels are untyped
 // (similarities held as double, which represents both opmath types exactly).
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include "common/validate.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <tuple>
 
+#include "common/multi_tensor.cuh"
 #include "tokens/bipartite_merge.h"
-#include "cuda/multi_tensor.cuh"
 #include "tokens/tokens_cuda.cuh"
-#include "validate.h"
 
 namespace fisheradaptune {
 namespace {
@@ -371,78 +363,78 @@ __global__ void __launch_bounds__(kThreads)
 // fisheradaptune/ops/_checks.py): one block per batch row on grid.x; tokens as int32 (also checked by
 // the shared validation).
 void check_launch_shape(const char* op, int64_t B, int64_t N) {
-  TORCH_CHECK_VALUE(B <= std::numeric_limits<int32_t>::max(), "fisheradaptune.", op,
-                    ": argument 'x': at most 2^31 - 1 batch rows on CUDA, got ", B);
-  TORCH_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), "fisheradaptune.", op,
-                    ": argument 'x': at most 2^31 - 1 tokens on CUDA, got ", N);
+  FAT_CHECK_VALUE(B <= std::numeric_limits<int32_t>::max(), op, "x",
+                  "at most 2^31 - 1 batch rows on CUDA, got ", B);
+  FAT_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), op, "x",
+                  "at most 2^31 - 1 tokens on CUDA, got ", N);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cuda(
-    const at::Tensor& x_in, const at::Tensor& metric_in, const std::optional<at::Tensor>& sizes_in,
+std::tuple<Tensor, Tensor, Tensor> bipartite_merge_cuda(
+    const Tensor& x_in, const Tensor& metric_in, const std::optional<Tensor>& sizes_in,
     int64_t num_protected, int64_t r) {
   const BipartiteMergeArgs a = validate_bipartite_merge(x_in, metric_in, sizes_in, num_protected, r);
-  const c10::cuda::CUDAGuard guard(a.x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const mt::TensorDeviceGuard guard(a.x);
+  const cudaStream_t stream = mt::current_stream(a.x.get_device_index());
+  const Device device = a.x.device();
   const int64_t B = a.batch, N = a.tokens, C = a.channels, D = a.dims, P = a.protect;
   const int64_t R = a.rows(), na = a.set_a, nb = a.set_b;
   const int64_t first_a = a.first_a, first_b = a.first_b;
-  at::Tensor out = at::empty({B, R, C}, a.x.options());
-  at::Tensor out_sizes = at::empty({B, R}, a.x.options().dtype(at::kFloat));
-  at::Tensor dest_index = at::empty({B, N}, a.x.options().dtype(at::kLong));
+  Tensor out = empty({B, R, C}, a.x.scalar_type(), device);
+  Tensor out_sizes = empty({B, R}, ScalarType::Float, device);
+  Tensor dest_index = empty({B, N}, ScalarType::Long, device);
   if (B == 0) return {out, out_sizes, dest_index};
   check_launch_shape("bipartite_merge", B, N);
   if (N == 0) return {out, out_sizes, dest_index};
-  const auto opts = a.x.options();
 
   // Launches 1-2.
-  at::Tensor best, match;
+  Tensor best, match;
   if (r > 0) {
-    best = at::empty({B, na}, opts.dtype(at::kDouble));
-    match = at::empty({B, na}, opts.dtype(at::kInt));
+    best = empty({B, na}, ScalarType::Double, device);
+    match = empty({B, na}, ScalarType::Int, device);
     FAT_DISPATCH_TOKEN_TYPES(a.metric.scalar_type(), "bipartite_merge_match_cuda", [&] {
       using M = scalar_t;
-      using AM = at::opmath_type<M>;
-      at::Tensor unit = at::empty({B, N, D}, opts.dtype(c10::CppTypeToScalarType<AM>::value));
+      using AM = opmath_t<M>;
+      Tensor unit = empty({B, N, D}, tho::CppTypeToScalarType<AM>::value, device);
       if (D > 0) {
         const int64_t blocks = (B * N + kWarps - 1) / kWarps;
         normalise_kernel<M, AM><<<mt::grid_for(blocks), kThreads, 0, stream>>>(
-            a.metric.const_data_ptr<M>(), B * N, D, unit.data_ptr<AM>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+            a.metric.const_data_ptr<M>(), B * N, D, unit.mutable_data_ptr<AM>());
+        STD_CUDA_KERNEL_LAUNCH_CHECK();
       }
       const dim3 grid(static_cast<unsigned>(B), grid_y((na + kWarps - 1) / kWarps));
       match_kernel<AM><<<grid, kThreads, 0, stream>>>(
-          unit.const_data_ptr<AM>(), N, D, first_a, first_b, na, nb, best.data_ptr<double>(),
-          match.data_ptr<int32_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          unit.const_data_ptr<AM>(), N, D, first_a, first_b, na, nb,
+          best.mutable_data_ptr<double>(), match.mutable_data_ptr<int32_t>());
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
 
   // Launch 3.
-  at::Tensor off = at::empty({B, R + 1}, opts.dtype(at::kInt));
-  at::Tensor fill = at::empty({B, R}, opts.dtype(at::kInt));
-  at::Tensor src = at::empty({B, N}, opts.dtype(at::kInt));
-  at::Tensor coef = at::empty({B, N}, opts.dtype(at::kDouble));
+  Tensor off = empty({B, R + 1}, ScalarType::Int, device);
+  Tensor fill = empty({B, R}, ScalarType::Int, device);
+  Tensor src = empty({B, N}, ScalarType::Int, device);
+  Tensor coef = empty({B, N}, ScalarType::Double, device);
   const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
   const bool use_smem = r > 0 && na * static_cast<int64_t>(sizeof(double)) <= kSmemBytes;
   const size_t smem = use_smem ? static_cast<size_t>(na) * sizeof(double) : 0;
   plan_kernel<<<static_cast<unsigned>(B), kThreads, smem, stream>>>(
       r > 0 ? best.const_data_ptr<double>() : nullptr,
       r > 0 ? match.const_data_ptr<int32_t>() : nullptr, sizes, N, P, first_a, first_b, na, nb,
-      r, use_smem, dest_index.data_ptr<int64_t>(), off.data_ptr<int32_t>(),
-      fill.data_ptr<int32_t>(), src.data_ptr<int32_t>(), coef.data_ptr<double>(),
-      out_sizes.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      r, use_smem, dest_index.mutable_data_ptr<int64_t>(), off.mutable_data_ptr<int32_t>(),
+      fill.mutable_data_ptr<int32_t>(), src.mutable_data_ptr<int32_t>(),
+      coef.mutable_data_ptr<double>(), out_sizes.mutable_data_ptr<float>());
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 
   // Launch 4.
   if (C > 0) {
     FAT_DISPATCH_TOKEN_TYPES(a.x.scalar_type(), "bipartite_merge_cuda", [&] {
       using T = scalar_t;
-      using A = at::opmath_type<T>;
+      using A = opmath_t<T>;
       const dim3 grid(static_cast<unsigned>(B), grid_y(R));
       rows_kernel<T, A><<<grid, kThreads, 0, stream>>>(
           a.x.const_data_ptr<T>(), off.const_data_ptr<int32_t>(), src.const_data_ptr<int32_t>(),
-          coef.const_data_ptr<double>(), N, R, C, out.data_ptr<T>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          coef.const_data_ptr<double>(), N, R, C, out.mutable_data_ptr<T>());
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   return {out, out_sizes, dest_index};
@@ -494,47 +486,47 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-at::Tensor bipartite_merge_backward_cuda(const at::Tensor& grad_out,
-                                         const std::optional<at::Tensor>& sizes_in,
-                                         const at::Tensor& dest_index) {
+Tensor bipartite_merge_backward_cuda(const Tensor& grad_out,
+                                     const std::optional<Tensor>& sizes_in,
+                                     const Tensor& dest_index) {
   const BipartiteMergeArgs a = validate_bipartite_merge_backward(grad_out, sizes_in, dest_index);
-  const c10::cuda::CUDAGuard guard(a.grad.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const mt::TensorDeviceGuard guard(a.grad);
+  const cudaStream_t stream = mt::current_stream(a.grad.get_device_index());
+  const Device device = a.grad.device();
   const int64_t B = a.batch, N = a.tokens, C = a.channels, R = a.rows();
-  at::Tensor grad_x = at::empty({B, N, C}, a.grad.options());
+  Tensor grad_x = empty({B, N, C}, a.grad.scalar_type(), device);
   if (B == 0) return grad_x;
   check_launch_shape("bipartite_merge_backward", B, N);
   if (N == 0 || C == 0) return grad_x;
-  const auto opts = a.grad.options();
-  at::Tensor off = at::empty({B, R + 1}, opts.dtype(at::kInt));
-  at::Tensor fill = at::empty({B, R}, opts.dtype(at::kInt));
-  at::Tensor src = at::empty({B, N}, opts.dtype(at::kInt));
-  at::Tensor coef_tok = at::empty({B, N}, opts.dtype(at::kDouble));
-  at::Tensor mode = at::empty({B, N}, opts.dtype(at::kByte));
+  Tensor off = empty({B, R + 1}, ScalarType::Int, device);
+  Tensor fill = empty({B, R}, ScalarType::Int, device);
+  Tensor src = empty({B, N}, ScalarType::Int, device);
+  Tensor coef_tok = empty({B, N}, ScalarType::Double, device);
+  Tensor mode = empty({B, N}, ScalarType::Byte, device);
   const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
   backward_prep_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-      a.dest.const_data_ptr<int64_t>(), sizes, N, R, off.data_ptr<int32_t>(),
-      fill.data_ptr<int32_t>(), src.data_ptr<int32_t>(), coef_tok.data_ptr<double>(),
-      mode.data_ptr<uint8_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      a.dest.const_data_ptr<int64_t>(), sizes, N, R, off.mutable_data_ptr<int32_t>(),
+      fill.mutable_data_ptr<int32_t>(), src.mutable_data_ptr<int32_t>(),
+      coef_tok.mutable_data_ptr<double>(), mode.mutable_data_ptr<uint8_t>());
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
   FAT_DISPATCH_TOKEN_TYPES(a.grad.scalar_type(), "bipartite_merge_backward_cuda", [&] {
     using T = scalar_t;
-    using A = at::opmath_type<T>;
+    using A = opmath_t<T>;
     const dim3 grid(static_cast<unsigned>(B), grid_y(N));
     backward_rows_kernel<T, A><<<grid, kThreads, 0, stream>>>(
         a.grad.const_data_ptr<T>(), a.dest.const_data_ptr<int64_t>(),
         coef_tok.const_data_ptr<double>(), mode.const_data_ptr<uint8_t>(), N, R, C,
-        grad_x.data_ptr<T>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        grad_x.mutable_data_ptr<T>());
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_x;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) {
-  m.impl("bipartite_merge", &bipartite_merge_cuda);
-  m.impl("bipartite_merge_backward", &bipartite_merge_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) {
+  m.impl("bipartite_merge", TORCH_BOX(&bipartite_merge_cuda));
+  m.impl("bipartite_merge_backward", TORCH_BOX(&bipartite_merge_backward_cuda));
 }
 
 }  // namespace fisheradaptune

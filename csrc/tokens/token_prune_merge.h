@@ -15,7 +15,7 @@
 // Sizes are float32 (default: ones) and out_sizes is float32 whatever x's dtype: sizes count
 // tokens and need no gradient. scores are x's dtype or float32. The weights, W and the
 // coefficients are float64 (Note [Merge weights]); the rows accumulate in float32 for
-// float32/bfloat16/float16 inputs and in float64 for float64 (at::opmath_type).
+// float32/bfloat16/float16 inputs and in float64 for float64 (opmath_t, common/stable.h).
 //
 // Backward, with g the gradient of the fused row (coef_i = w_i / W or w_i):
 //   dx: protected and kept tokens get their out row's gradient; merged tokens coef_i * g.
@@ -59,16 +59,18 @@
 // Only a coefficient of exactly 0 in float64 means "adds nothing" (Note [Zero coefficients]).
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include "common/stable.h"
 
 #include <optional>
 
 namespace fisheradaptune {
 
-struct TokenPruneMergeArgs {
-  at::Tensor x;       // contiguous [B, N, C]
-  at::Tensor scores;  // contiguous [B, M]
-  at::Tensor sizes;   // contiguous float32 [B, N], or undefined (all ones)
+// Hidden like the st::Tensor handles it holds (torch::stable is a hidden namespace): library-
+// internal, and a default-visibility struct with hidden fields draws -Wattributes.
+struct __attribute__((visibility("hidden"))) TokenPruneMergeArgs {
+  Tensor x;       // contiguous [B, N, C]
+  Tensor scores;  // contiguous [B, M]
+  Tensor sizes;   // contiguous float32 [B, N], or undefined (all ones)
   int64_t batch = 0, tokens = 0, channels = 0;
   int64_t protect = 0;  // P
   int64_t cand = 0;     // M = N - P
@@ -77,8 +79,8 @@ struct TokenPruneMergeArgs {
   int64_t rows() const { return protect + keep + (fused ? 1 : 0); }
 };
 
-TokenPruneMergeArgs validate_token_prune_merge(const at::Tensor& x, const at::Tensor& scores,
-                                               const std::optional<at::Tensor>& sizes,
+TokenPruneMergeArgs validate_token_prune_merge(const Tensor& x, const Tensor& scores,
+                                               const std::optional<Tensor>& sizes,
                                                int64_t num_protected, int64_t keep);
 
 // Also returns kept_index (contiguous) and grad_out (contiguous) in `kept` and `grad`. On CPU
@@ -86,8 +88,8 @@ TokenPruneMergeArgs validate_token_prune_merge(const at::Tensor& x, const at::Te
 // synchronisation, so the kernels only guard against out-of-range values (never reading or
 // writing outside the tensors) and kept_index must come from the forward.
 TokenPruneMergeArgs validate_token_prune_merge_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores,
-    const std::optional<at::Tensor>& sizes, const at::Tensor& kept_index, int64_t num_protected,
-    at::Tensor& kept, at::Tensor& grad);
+    const Tensor& grad_out, const Tensor& x, const Tensor& scores,
+    const std::optional<Tensor>& sizes, const Tensor& kept_index, int64_t num_protected,
+    Tensor& kept, Tensor& grad);
 
 }  // namespace fisheradaptune

@@ -1,16 +1,16 @@
-#include "tokens/token_prune_merge.h"
+#include "common/validate.h"
 
 #include <cstdint>
 #include <limits>
 
-#include "validate.h"
+#include "tokens/token_prune_merge.h"
 
 namespace fisheradaptune {
 
 namespace {
 
-TokenPruneMergeArgs check_common(const char* op, const at::Tensor& x, const at::Tensor& scores,
-                                 const std::optional<at::Tensor>& sizes,
+TokenPruneMergeArgs check_common(const char* op, const Tensor& x, const Tensor& scores,
+                                 const std::optional<Tensor>& sizes,
                                  int64_t num_protected) {
   FAT_CHECK_VALUE(x.dim() == 3, op, "x", "expected [B, N, C], got shape ", x.sizes());
   check_token_dtype(op, "x", x);
@@ -28,19 +28,20 @@ TokenPruneMergeArgs check_common(const char* op, const at::Tensor& x, const at::
   FAT_CHECK_VALUE(scores.dim() == 2 && scores.size(0) == a.batch && scores.size(1) == a.cand,
                   op, "scores", "expected shape [B, N - num_protected] = [", a.batch, ", ",
                   a.cand, "], got ", scores.sizes());
-  FAT_CHECK_TYPE(scores.scalar_type() == x.scalar_type() || scores.scalar_type() == at::kFloat,
-                 op, "scores", "expected x's dtype (", x.scalar_type(), ") or float32, got ",
-                 scores.scalar_type());
+  FAT_CHECK_VALUE(
+      scores.scalar_type() == x.scalar_type() || scores.scalar_type() == ScalarType::Float, op,
+      "scores", "expected x's dtype (", x.scalar_type(), ") or float32, got ",
+      scores.scalar_type());
   a.sizes = check_token_sizes(op, sizes, a.batch, a.tokens, x.device());
-  a.x = x.contiguous();
-  a.scores = scores.contiguous();
+  a.x = st::contiguous(x);
+  a.scores = st::contiguous(scores);
   return a;
 }
 
 }  // namespace
 
-TokenPruneMergeArgs validate_token_prune_merge(const at::Tensor& x, const at::Tensor& scores,
-                                               const std::optional<at::Tensor>& sizes,
+TokenPruneMergeArgs validate_token_prune_merge(const Tensor& x, const Tensor& scores,
+                                               const std::optional<Tensor>& sizes,
                                                int64_t num_protected, int64_t keep) {
   constexpr const char* op = "token_prune_merge";
   TokenPruneMergeArgs a = check_common(op, x, scores, sizes, num_protected);
@@ -52,14 +53,14 @@ TokenPruneMergeArgs validate_token_prune_merge(const at::Tensor& x, const at::Te
 }
 
 TokenPruneMergeArgs validate_token_prune_merge_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores,
-    const std::optional<at::Tensor>& sizes, const at::Tensor& kept_index, int64_t num_protected,
-    at::Tensor& kept, at::Tensor& grad) {
+    const Tensor& grad_out, const Tensor& x, const Tensor& scores,
+    const std::optional<Tensor>& sizes, const Tensor& kept_index, int64_t num_protected,
+    Tensor& kept, Tensor& grad) {
   constexpr const char* op = "token_prune_merge_backward";
   TokenPruneMergeArgs a = check_common(op, x, scores, sizes, num_protected);
   check_device(op, "kept_index", kept_index, x.device());
-  FAT_CHECK_TYPE(kept_index.scalar_type() == at::kLong, op, "kept_index", "expected int64, got ",
-                 kept_index.scalar_type());
+  FAT_CHECK_VALUE(kept_index.scalar_type() == ScalarType::Long, op, "kept_index",
+                  "expected int64, got ", kept_index.scalar_type());
   FAT_CHECK_VALUE(kept_index.dim() == 2 && kept_index.size(0) == a.batch &&
                       kept_index.size(1) <= a.cand,
                   op, "kept_index", "expected shape [B, keep] = [", a.batch,
@@ -67,15 +68,15 @@ TokenPruneMergeArgs validate_token_prune_merge_backward(
   a.keep = kept_index.size(1);
   a.fused = a.keep < a.cand;
   check_device(op, "grad_out", grad_out, x.device());
-  FAT_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op, "grad_out",
-                 "expected x's dtype (", x.scalar_type(), "), got ", grad_out.scalar_type());
+  FAT_CHECK_VALUE(grad_out.scalar_type() == x.scalar_type(), op, "grad_out",
+                  "expected x's dtype (", x.scalar_type(), "), got ", grad_out.scalar_type());
   FAT_CHECK_VALUE(grad_out.dim() == 3 && grad_out.size(0) == a.batch &&
                       grad_out.size(1) == a.rows() && grad_out.size(2) == a.channels,
                   op, "grad_out", "expected shape [", a.batch, ", ", a.rows(), ", ", a.channels,
                   "], got ", grad_out.sizes());
-  kept = kept_index.contiguous();
-  grad = grad_out.contiguous();
-  if (kept.device().is_cpu()) {
+  kept = st::contiguous(kept_index);
+  grad = st::contiguous(grad_out);
+  if (kept.is_cpu()) {
     const int64_t* k = kept.const_data_ptr<int64_t>();
     for (int64_t b = 0; b < a.batch; ++b) {
       for (int64_t j = 0; j < a.keep; ++j) {

@@ -3,12 +3,7 @@
 // the copies and the fused token run in parallel over (row, block of channels), the fused token's
 // sum as an omp-simd axpy per merged token (Note [CPU vectorisation]). Every output element is
 // produced by one thread in a fixed order: bitwise deterministic for any thread count.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
+#include "common/validate.h"
 
 #include <algorithm>
 #include <cmath>
@@ -26,7 +21,7 @@ namespace {
 
 constexpr int64_t kChannelBlock = 512;  // channels per unit of parallel work (forward)
 
-// Selection order (beats, cpu/simd.h) over a row of scores.
+// Selection order (beats, common/simd.h) over a row of scores.
 template <typename A>
 struct Better {
   const A* s;
@@ -51,8 +46,8 @@ void weights(const A* scores, const float* sizes, const int32_t* merged, int64_t
   }
 }
 
-// blocked_dot (cpu/simd.h) with x's inf/NaN values read as 0 (Note [Zero coefficients]): the same
-// blocks and order, so bitwise blocked_dot's for a finite x.
+// blocked_dot (common/simd.h) with x's inf/NaN values read as 0 (Note [Zero coefficients]): the
+// same blocks and order, so bitwise blocked_dot's for a finite x.
 template <typename T, typename A>
 FAT_CPU_CLONES A finite_dot(const T* __restrict x, const T* __restrict y, int64_t n) {
   constexpr A kMax = std::numeric_limits<A>::max();
@@ -70,34 +65,37 @@ FAT_CPU_CLONES A finite_dot(const T* __restrict x, const T* __restrict y, int64_
   return static_cast<A>(total);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> token_prune_merge_cpu(
-    const at::Tensor& x_in, const at::Tensor& scores_in, const std::optional<at::Tensor>& sizes_in,
+std::tuple<Tensor, Tensor, Tensor> token_prune_merge_cpu(
+    const Tensor& x_in, const Tensor& scores_in, const std::optional<Tensor>& sizes_in,
     int64_t num_protected, int64_t keep_in, bool normalize) {
   const TokenPruneMergeArgs a =
       validate_token_prune_merge(x_in, scores_in, sizes_in, num_protected, keep_in);
   const int64_t B = a.batch, N = a.tokens, C = a.channels, P = a.protect, M = a.cand;
   const int64_t keep = a.keep, R = a.rows(), nm = M - keep;
-  at::Tensor out = at::empty({B, R, C}, a.x.options());
-  at::Tensor kept_index = at::empty({B, keep}, a.x.options().dtype(at::kLong));
-  at::Tensor out_sizes = at::empty({B, R}, a.x.options().dtype(at::kFloat));
+  Tensor out = empty({B, R, C}, a.x.scalar_type(), a.x.device());
+  Tensor kept_index = empty({B, keep}, ScalarType::Long, a.x.device());
+  Tensor out_sizes = empty({B, R}, ScalarType::Float, a.x.device());
   if (B == 0) return {out, kept_index, out_sizes};
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.x.scalar_type(), "token_prune_merge_cpu", [&] {
+  FAT_DISPATCH_TOKEN_TYPES(a.x.scalar_type(), "token_prune_merge_cpu", [&] {
     using T = scalar_t;
-    using A = at::opmath_type<T>;
+    using A = opmath_t<T>;
     std::vector<int32_t> kept_idx(B * keep), merged_idx(B * nm);
     std::vector<double> coef(B * nm);
     const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
-    int64_t* kept_out = kept_index.data_ptr<int64_t>();
-    float* sizes_out = out_sizes.data_ptr<float>();
+    int64_t* kept_out = kept_index.mutable_data_ptr<int64_t>();
+    float* sizes_out = out_sizes.mutable_data_ptr<float>();
+    // Read once here, not per row: each dtype or data-pointer query is a call into libtorch.
+    const ScalarType score_type = a.scores.scalar_type();
+    const void* scores = a.scores.const_data_ptr();
 
     // 1. Selection, weights and sizes, one row at a time.
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    st::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<A> s(M);
       std::vector<int32_t> idx(M);
       for (int64_t b = b0; b < b1; ++b) {
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scores.scalar_type(), "token_scores", [&] {
-          const scalar_t* sc = a.scores.const_data_ptr<scalar_t>() + b * M;
+        FAT_DISPATCH_TOKEN_TYPES(score_type, "token_scores", [&] {
+          const scalar_t* sc = static_cast<const scalar_t*>(scores) + b * M;
           for (int64_t i = 0; i < M; ++i) s[i] = static_cast<A>(sc[i]);
         });
         std::iota(idx.begin(), idx.end(), 0);
@@ -125,8 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_prune_merge_cpu(
     // 2. Rows: copies of the protected and kept tokens, and the fused token, per channel block.
     const int64_t blocks = std::max<int64_t>(1, (C + kChannelBlock - 1) / kChannelBlock);
     const T* x = a.x.const_data_ptr<T>();
-    T* o = out.data_ptr<T>();
-    at::parallel_for(0, B * blocks, 1, [&](int64_t u0, int64_t u1) {
+    T* o = out.mutable_data_ptr<T>();
+    st::parallel_for(0, B * blocks, 1, [&](int64_t u0, int64_t u1) {
       std::vector<A> acc(std::min(C, kChannelBlock));
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t b = u / blocks, c0 = (u % blocks) * kChannelBlock;
@@ -157,22 +155,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_prune_merge_cpu(
   return {out, kept_index, out_sizes};
 }
 
-std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& scores_in,
-    const std::optional<at::Tensor>& sizes_in, const at::Tensor& kept_index,
+std::tuple<Tensor, Tensor> token_prune_merge_backward_cpu(
+    const Tensor& grad_out, const Tensor& x_in, const Tensor& scores_in,
+    const std::optional<Tensor>& sizes_in, const Tensor& kept_index,
     int64_t num_protected, bool normalize) {
-  at::Tensor kept_t, grad_t;
+  Tensor kept_t, grad_t;
   const TokenPruneMergeArgs a = validate_token_prune_merge_backward(
       grad_out, x_in, scores_in, sizes_in, kept_index, num_protected, kept_t, grad_t);
   const int64_t B = a.batch, N = a.tokens, C = a.channels, P = a.protect, M = a.cand;
   const int64_t keep = a.keep, R = a.rows(), nm = M - keep;
-  at::Tensor grad_x = at::empty({B, N, C}, a.x.options());
-  at::Tensor grad_scores = at::empty({B, M}, a.scores.options());
+  Tensor grad_x = empty({B, N, C}, a.x.scalar_type(), a.x.device());
+  Tensor grad_scores = empty({B, M}, a.scores.scalar_type(), a.scores.device());
   if (B == 0) return {grad_x, grad_scores};
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.x.scalar_type(), "token_prune_merge_backward_cpu", [&] {
+  FAT_DISPATCH_TOKEN_TYPES(a.x.scalar_type(), "token_prune_merge_backward_cpu", [&] {
     using T = scalar_t;
-    using A = at::opmath_type<T>;
+    using A = opmath_t<T>;
     // row_of[b, i]: the out row of candidate i, or -1 when merged (then coef[b, i] applies).
     std::vector<int32_t> row_of(B * M, -1);
     std::vector<A> s(B * M), dots(B * M, A(0));
@@ -180,11 +178,11 @@ std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cpu(
     std::vector<int32_t> merged_idx(B * nm);
     const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
     const int64_t* kept = kept_t.const_data_ptr<int64_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scores.scalar_type(), "token_scores", [&] {
+    FAT_DISPATCH_TOKEN_TYPES(a.scores.scalar_type(), "token_scores", [&] {
       const scalar_t* sc = a.scores.const_data_ptr<scalar_t>();
       for (int64_t i = 0; i < B * M; ++i) s[i] = static_cast<A>(sc[i]);
     });
-    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    st::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
       std::vector<double> c(nm);
       for (int64_t b = b0; b < b1; ++b) {
         int32_t* rb = row_of.data() + b * M;
@@ -201,10 +199,10 @@ std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cpu(
     });
     const T* x = a.x.const_data_ptr<T>();
     const T* g = grad_t.const_data_ptr<T>();
-    T* gx = grad_x.data_ptr<T>();
+    T* gx = grad_x.mutable_data_ptr<T>();
     // Token rows in parallel: copies for protected and kept tokens; coef * g_fused and the dot
     // product x_i . g_fused for merged ones.
-    at::parallel_for(0, B * N, 8, [&](int64_t t0, int64_t t1) {
+    st::parallel_for(0, B * N, 8, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / N, i = t % N;
         T* dst = gx + t * C;
@@ -222,9 +220,9 @@ std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cpu(
                                        : finite_dot<T, A>(x + t * C, gf, C);
       }
     });
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scores.scalar_type(), "token_scores_grad", [&] {
-      scalar_t* gs = grad_scores.data_ptr<scalar_t>();
-      at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    FAT_DISPATCH_TOKEN_TYPES(a.scores.scalar_type(), "token_scores_grad", [&] {
+      scalar_t* gs = grad_scores.mutable_data_ptr<scalar_t>();
+      st::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const int32_t* mb = merged_idx.data() + b * nm;
           const float* sz = sizes ? sizes + b * N + P : nullptr;
@@ -255,9 +253,9 @@ std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisheradaptune, CPU, m) {
-  m.impl("token_prune_merge", &token_prune_merge_cpu);
-  m.impl("token_prune_merge_backward", &token_prune_merge_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fisheradaptune, CPU, m) {
+  m.impl("token_prune_merge", TORCH_BOX(&token_prune_merge_cpu));
+  m.impl("token_prune_merge_backward", TORCH_BOX(&token_prune_merge_backward_cpu));
 }
 
 }  // namespace fisheradaptune

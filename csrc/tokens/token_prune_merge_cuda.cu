@@ -8,7 +8,7 @@
 //      in shared memory when they fit (kSmemBytes) and read from global memory otherwise.
 //      A block scan in index order turns the kept flags into positions: kept_index, the source
 //      token of every out row, and the merged list with its weights; W and the fused size are
-//      fixed-tree block sums (Note [Fixed-shape reductions], cuda/multi_tensor.cuh).
+//      fixed-tree block sums (Note [Fixed-shape reductions], common/multi_tensor.cuh).
 //   2. rows_kernel, a block per (batch row, out row), grid-striding over the out rows: a
 //      (16-byte vectorised when aligned) row copy, or for the fused row a per-channel sum over
 //      the merged tokens in index order.
@@ -25,25 +25,16 @@
 // Instantiations (Note [Token dtypes]): validation admits x in {float32, bfloat16, float16,
 // float64} and scores of x's dtype or float32, so the score kernels are instantiated for those
 // 7 (x, scores) pairs only, not for every pair of the four dtypes.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include "common/validate.h"
 
 #include <algorithm>
 #include <limits>
 #include <tuple>
 #include <type_traits>
 
-#include "cuda/multi_tensor.cuh"
-#include "tokens/tokens_cuda.cuh"
-#include "validate.h"
+#include "common/multi_tensor.cuh"
 #include "tokens/token_prune_merge.h"
+#include "tokens/tokens_cuda.cuh"
 
 namespace fisheradaptune {
 namespace {
@@ -62,15 +53,15 @@ constexpr int64_t kSmemBytes = mt::kMaxDynamicSmem;
 // Note [Token dtypes]: calls f(S{}) with S the scores' element type, which validation restricts
 // to T (x's type) or float: one instantiation for float32 x, two for the others.
 template <typename T, typename F>
-void with_score_type(at::ScalarType scores, F&& f) {
+void with_score_type(ScalarType scores, F&& f) {
   if constexpr (std::is_same_v<T, float>) {
-    TORCH_INTERNAL_ASSERT(scores == at::kFloat);
+    FAT_INTERNAL_ASSERT(scores == ScalarType::Float);
     f(float{});
   } else {
-    if (scores == at::kFloat) {
+    if (scores == ScalarType::Float) {
       f(float{});
     } else {
-      TORCH_INTERNAL_ASSERT(scores == c10::CppTypeToScalarType<T>::value);
+      FAT_INTERNAL_ASSERT(scores == tho::CppTypeToScalarType<T>::value);
       f(T{});
     }
   }
@@ -197,47 +188,49 @@ __global__ void __launch_bounds__(kThreads)
 // limit, N < 2^31, is checked for both backends in check_common,
 // csrc/tokens/token_prune_merge_args.cpp.)
 void check_launch_shape(const char* op, int64_t B) {
-  TORCH_CHECK_VALUE(B <= std::numeric_limits<int32_t>::max(), "fisheradaptune.", op,
-                    ": argument 'x': at most 2^31 - 1 batch rows on CUDA, got ", B);
+  FAT_CHECK_VALUE(B <= std::numeric_limits<int32_t>::max(), op, "x",
+                  "at most 2^31 - 1 batch rows on CUDA, got ", B);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> token_prune_merge_cuda(
-    const at::Tensor& x_in, const at::Tensor& scores_in, const std::optional<at::Tensor>& sizes_in,
+std::tuple<Tensor, Tensor, Tensor> token_prune_merge_cuda(
+    const Tensor& x_in, const Tensor& scores_in, const std::optional<Tensor>& sizes_in,
     int64_t num_protected, int64_t keep_in, bool normalize) {
   const TokenPruneMergeArgs a =
       validate_token_prune_merge(x_in, scores_in, sizes_in, num_protected, keep_in);
-  const c10::cuda::CUDAGuard guard(a.x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const mt::TensorDeviceGuard guard(a.x);
+  const cudaStream_t stream = mt::current_stream(a.x.get_device_index());
+  const Device device = a.x.device();
   const int64_t B = a.batch, N = a.tokens, C = a.channels, P = a.protect, M = a.cand;
   const int64_t keep = a.keep, R = a.rows(), nm = M - keep;
-  at::Tensor out = at::empty({B, R, C}, a.x.options());
-  at::Tensor kept_index = at::empty({B, keep}, a.x.options().dtype(at::kLong));
-  at::Tensor out_sizes = at::empty({B, R}, a.x.options().dtype(at::kFloat));
+  Tensor out = empty({B, R, C}, a.x.scalar_type(), device);
+  Tensor kept_index = empty({B, keep}, ScalarType::Long, device);
+  Tensor out_sizes = empty({B, R}, ScalarType::Float, device);
   if (B == 0) return {out, kept_index, out_sizes};
   check_launch_shape("token_prune_merge", B);
-  at::Tensor src = at::empty({B, P + keep}, a.x.options().dtype(at::kInt));
-  at::Tensor merged = at::empty({B, nm}, a.x.options().dtype(at::kInt));
+  Tensor src = empty({B, P + keep}, ScalarType::Int, device);
+  Tensor merged = empty({B, nm}, ScalarType::Int, device);
   const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
   FAT_DISPATCH_TOKEN_TYPES(a.x.scalar_type(), "token_prune_merge_cuda", [&] {
     using T = scalar_t;
-    using A = at::opmath_type<T>;
-    at::Tensor coef = at::empty({B, nm}, a.x.options().dtype(at::kDouble));
+    using A = opmath_t<T>;
+    Tensor coef = empty({B, nm}, ScalarType::Double, device);
     const bool use_smem = M * static_cast<int64_t>(sizeof(A)) <= kSmemBytes;
     const size_t smem = use_smem ? static_cast<size_t>(M) * sizeof(A) : 0;
     with_score_type<T>(a.scores.scalar_type(), [&](auto score_tag) {
       using S = decltype(score_tag);
       select_kernel<S, A><<<static_cast<unsigned>(B), kThreads, smem, stream>>>(
           a.scores.const_data_ptr<S>(), sizes, N, P, M, keep, normalize, use_smem,
-          kept_index.data_ptr<int64_t>(), src.data_ptr<int32_t>(), merged.data_ptr<int32_t>(),
-          coef.data_ptr<double>(), out_sizes.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          kept_index.mutable_data_ptr<int64_t>(), src.mutable_data_ptr<int32_t>(),
+          merged.mutable_data_ptr<int32_t>(), coef.mutable_data_ptr<double>(),
+          out_sizes.mutable_data_ptr<float>());
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
     if (C > 0) {
       const dim3 grid(static_cast<unsigned>(B), grid_y(R));
       rows_kernel<T, A><<<grid, kThreads, 0, stream>>>(
-          a.x.const_data_ptr<T>(), out.data_ptr<T>(), src.const_data_ptr<int32_t>(),
+          a.x.const_data_ptr<T>(), out.mutable_data_ptr<T>(), src.const_data_ptr<int32_t>(),
           merged.const_data_ptr<int32_t>(), coef.const_data_ptr<double>(), N, C, P, keep, nm);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
   return {out, kept_index, out_sizes};
@@ -350,52 +343,53 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& scores_in,
-    const std::optional<at::Tensor>& sizes_in, const at::Tensor& kept_index,
+std::tuple<Tensor, Tensor> token_prune_merge_backward_cuda(
+    const Tensor& grad_out, const Tensor& x_in, const Tensor& scores_in,
+    const std::optional<Tensor>& sizes_in, const Tensor& kept_index,
     int64_t num_protected, bool normalize) {
-  at::Tensor kept_t, grad_t;
+  Tensor kept_t, grad_t;
   const TokenPruneMergeArgs a = validate_token_prune_merge_backward(
       grad_out, x_in, scores_in, sizes_in, kept_index, num_protected, kept_t, grad_t);
-  const c10::cuda::CUDAGuard guard(a.x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const mt::TensorDeviceGuard guard(a.x);
+  const cudaStream_t stream = mt::current_stream(a.x.get_device_index());
+  const Device device = a.x.device();
   const int64_t B = a.batch, N = a.tokens, C = a.channels, P = a.protect, M = a.cand;
   const int64_t keep = a.keep, R = a.rows();
-  at::Tensor grad_x = at::empty({B, N, C}, a.x.options());
-  at::Tensor grad_scores = at::empty({B, M}, a.scores.options());
+  Tensor grad_x = empty({B, N, C}, a.x.scalar_type(), device);
+  Tensor grad_scores = empty({B, M}, a.scores.scalar_type(), device);
   if (B == 0) return {grad_x, grad_scores};
   check_launch_shape("token_prune_merge_backward", B);
-  at::Tensor row_of = at::empty({B, M}, a.x.options().dtype(at::kInt));
+  Tensor row_of = empty({B, M}, ScalarType::Int, device);
   const float* sizes = a.sizes.defined() ? a.sizes.const_data_ptr<float>() : nullptr;
   FAT_DISPATCH_TOKEN_TYPES(a.x.scalar_type(), "token_prune_merge_backward_cuda", [&] {
     using T = scalar_t;
-    using A = at::opmath_type<T>;
-    const auto acc = a.x.options().dtype(c10::CppTypeToScalarType<A>::value);
-    at::Tensor coef = at::empty({B, M}, a.x.options().dtype(at::kDouble));
-    at::Tensor total = at::empty({B}, a.x.options().dtype(at::kDouble));
-    at::Tensor dots = at::zeros({B, M}, acc);
+    using A = opmath_t<T>;
+    Tensor coef = empty({B, M}, ScalarType::Double, device);
+    Tensor total = empty({B}, ScalarType::Double, device);
+    Tensor dots = zeros({B, M}, tho::CppTypeToScalarType<A>::value, device);
     with_score_type<T>(a.scores.scalar_type(), [&](auto score_tag) {
       using S = decltype(score_tag);
       backward_prep_kernel<S, A><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
           a.scores.const_data_ptr<S>(), sizes, kept_t.const_data_ptr<int64_t>(), N, P, M,
-          keep, normalize, row_of.data_ptr<int32_t>(), coef.data_ptr<double>(),
-          total.data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          keep, normalize, row_of.mutable_data_ptr<int32_t>(), coef.mutable_data_ptr<double>(),
+          total.mutable_data_ptr<double>());
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
     if (C > 0) {
       const dim3 grid(static_cast<unsigned>(B), grid_y(N));
       backward_rows_kernel<T, A><<<grid, kThreads, 0, stream>>>(
           grad_t.const_data_ptr<T>(), a.x.const_data_ptr<T>(), row_of.const_data_ptr<int32_t>(),
-          coef.const_data_ptr<double>(), N, C, P, M, R, grad_x.data_ptr<T>(), dots.data_ptr<A>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          coef.const_data_ptr<double>(), N, C, P, M, R, grad_x.mutable_data_ptr<T>(),
+          dots.mutable_data_ptr<A>());
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     }
     with_score_type<T>(a.scores.scalar_type(), [&](auto score_tag) {
       using S = decltype(score_tag);
       backward_scores_kernel<S, A><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
           sizes, row_of.const_data_ptr<int32_t>(), coef.const_data_ptr<double>(),
           total.const_data_ptr<double>(), dots.const_data_ptr<A>(), N, P, M, normalize,
-          grad_scores.data_ptr<S>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          grad_scores.mutable_data_ptr<S>());
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return {grad_x, grad_scores};
@@ -403,9 +397,9 @@ std::tuple<at::Tensor, at::Tensor> token_prune_merge_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) {
-  m.impl("token_prune_merge", &token_prune_merge_cuda);
-  m.impl("token_prune_merge_backward", &token_prune_merge_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) {
+  m.impl("token_prune_merge", TORCH_BOX(&token_prune_merge_cuda));
+  m.impl("token_prune_merge_backward", TORCH_BOX(&token_prune_merge_backward_cuda));
 }
 
 }  // namespace fisheradaptune

@@ -1,7 +1,8 @@
 // What the token kernels (tokens/token_prune_merge_cuda.cu: token_prune_merge;
 // tokens/bipartite_merge_cuda.cu: bipartite_merge) share on the device: the grid.y cap they stride
-// beyond, and the selection order of both ops (its host twin: beats in cpu/simd.h). Their dtype
-// dispatch is FAT_DISPATCH_TOKEN_TYPES (validate.h).
+// beyond, and the selection order of both ops (its host twin: beats in common/simd.h). Their
+// dtype dispatch is FAT_DISPATCH_TOKEN_TYPES (common/validate.h). Plain device code: no torch
+// header.
 #pragma once
 
 #include <algorithm>
