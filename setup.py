@@ -63,7 +63,7 @@ def make_extension():
     build_config.apply(config, os.environ, cpp_extension)
     with_cuda = config.with_cuda
     # -ffp-contract=off: no silent a*b+c -> fma fusion, so each ISA clone of a CPU kernel
-    # (csrc/cpu/simd.h) rounds alike, and exact identities hold (p == q gives p - q == 0).
+    # (csrc/common/simd.h) rounds alike, and exact identities hold (p == q gives p - q == 0).
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-DFISHERADAPTUNE_BUILD"]
     # Mirror torch's choice so at::parallel_for uses the same OpenMP runtime as libtorch.
     link_flags = ["-fopenmp"]

@@ -4,7 +4,7 @@
 # AND linked against that torch (FORCE_CUDA=1) for sm_80 and sm_90, every op's CPU/CUDA/Meta
 # kernels checked, every CUDA kernel's launch resources checked (tools/cuda_resources.py: registers,
 # spills and shared memory within a block's limits, Note [Launch resources] in
-# csrc/cuda/multi_tensor.cuh), and the whole suite run there (the CPU kernels serve the tests;
+# csrc/common/multi_tensor.cuh), and the whole suite run there (the CPU kernels serve the tests;
 # CUDA cases skip without a GPU).
 #
 # It works on a copy of the tree so that its CUDA build never replaces the CPU build of the

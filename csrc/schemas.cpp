@@ -82,7 +82,7 @@ STABLE_TORCH_LIBRARY(fisheradaptune, m) {
 
 // The extension is loaded as a Python module so that `import fisheradaptune._C` runs the
 // static registrations above; it has no Python bindings of its own, only two integer constants:
-// CHUNK and BLOCK, the kernels' chunk and block sizes (Note [Chunk and block sizes], plan.h),
+// CHUNK and BLOCK, the kernels' chunk and block sizes (Note [Chunk and block sizes], common/plan.h),
 // so that Python code sizes its edge cases from the values the kernels use.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -4,7 +4,7 @@
     python tools/cuda_resources.py [--lib fisheradaptune/_C*.so] [--arch sm_80,sm_90]
 
 A launch that asks for more than a block may have fails only when it runs, on a GPU (Note
-[Launch resources], csrc/cuda/multi_tensor.cuh). This reads, for each kernel and architecture,
+[Launch resources], csrc/common/multi_tensor.cuh). This reads, for each kernel and architecture,
 what ptxas compiled into the library (``cuobjdump --dump-resource-usage``: registers per thread,
 stack and local memory, static shared memory; ``cuobjdump -elf``: the block size fixed by
 ``__launch_bounds__``; ``cuobjdump -sass``: local-memory stores and loads, i.e. spills) and fails
@@ -53,7 +53,7 @@ MAX_THREADS_PER_BLOCK = 1024
 MAX_SMEM_NO_OPT_IN = 48 * 1024
 REG_ALLOC_UNIT = 8  # registers per thread are allocated in multiples of 8
 
-# The most dynamic shared memory a launch asks for: kMaxDynamicSmem in csrc/cuda/multi_tensor.cuh
+# The most dynamic shared memory a launch asks for: kMaxDynamicSmem in csrc/common/multi_tensor.cuh
 # (tests/ops/test_cuda_contract.py checks that the two agree).
 MAX_DYNAMIC_SMEM = 32 * 1024
 

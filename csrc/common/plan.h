@@ -27,7 +27,7 @@ constexpr int64_t kChunk = int64_t(1) << 15;
 // sum into a double, so long runs keep their precision while the inner loop stays vectorised
 // (Note [CPU vectorisation], common/simd.h).
 // CUDA kernels do not use it: each thread accumulates its own share of a chunk
-// (Note [Fixed-shape reductions], cuda/multi_tensor.cuh).
+// (Note [Fixed-shape reductions], common/multi_tensor.cuh).
 constexpr int64_t kBlock = 1024;
 static_assert(kChunk % kBlock == 0, "a chunk holds whole blocks");
 

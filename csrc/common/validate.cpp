@@ -15,7 +15,7 @@ std::vector<Segment> read_segments(const char* op, const char* arg, const Tensor
   FAT_CHECK_VALUE(segments.is_cpu() || segments.is_cuda(), op, arg,
                   "expected a CPU tensor (kernels plan on the host; GroupLayout.segments is the ",
                   "CPU copy), got one on ", segments.device());
-  const Tensor host = st::contiguous(segments.is_cpu() ? segments : st::to(segments, cpu_device()));
+  const Tensor host = as_contiguous(segments.is_cpu() ? segments : st::to(segments, cpu_device()));
   const int64_t* s = host.const_data_ptr<int64_t>();
   const int64_t n = host.size(0);
   const int64_t num_tensors = static_cast<int64_t>(numels.size());

@@ -107,7 +107,7 @@ inline Tensor check_token_sizes(const char* op, const std::optional<Tensor>& siz
                   sizes->sizes());
   FAT_CHECK_VALUE(sizes->scalar_type() == ScalarType::Float, op, "sizes", "expected float32, got ",
                  sizes->scalar_type());
-  return st::contiguous(*sizes);
+  return as_contiguous(*sizes);
 }
 
 // Note [Coefficients]

@@ -43,13 +43,6 @@ JsDriftArgs validate_js_mass(const char* op, const std::vector<Tensor>& current,
                              int64_t num_groups, const std::optional<Tensor>& totals,
                              std::optional<double> update_reference);
 
-// t itself when it is already contiguous (as at::Tensor::contiguous does), else a contiguous
-// copy: st::contiguous always goes through the dispatcher (an operator looked up by name), which
-// cost about 0.3 us per tensor of a list.
-inline Tensor as_contiguous(const Tensor& t) {
-  return t.is_contiguous() ? t : st::contiguous(t);
-}
-
 // The data pointers of a validated list (every tensor of dtype S), read once per pass and never
 // inside a parallel region: each read is a call into libtorch. Untyped reads, since validation
 // has checked the dtype already (a typed read checks it again, one more call per tensor).

@@ -36,7 +36,7 @@ FisherAccumulateArgs validate_fisher_accumulate(
     check_same_shape(op, where, *g, fisher[i]);
     check_grad_dtype(op, where, *g, fisher[i]);
     // A contiguous gradient is read in place (no dispatcher call).
-    out.grads[i] = g->is_contiguous() ? *g : st::contiguous(*g);
+    out.grads[i] = g->is_contiguous() ? *g : as_contiguous(*g);
   }
   out.num_groups = group_sums.numel();
   if (segments.has_value() && segments->defined()) {

@@ -96,7 +96,7 @@ SampledGradArgs validate_sampled_grad(const Tensor& grad_out, const Tensor& x, c
   a.picks = index.size(1);
   a.grad_out = grad_out;
   a.x = x;
-  a.index = st::contiguous(index);
+  a.index = as_contiguous(index);
   if (a.rows * a.picks > 0) {
     // A shape, not data: checked whatever index_checked says.
     FAT_CHECK_VALUE(a.cols > 0, op, "index",

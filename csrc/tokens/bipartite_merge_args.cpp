@@ -38,8 +38,8 @@ BipartiteMergeArgs validate_bipartite_merge(const Tensor& x, const Tensor& metri
                   bound, " (ToMe's bound: each merge needs its own source and destination), got ",
                   r);
   a.r = r;
-  a.x = st::contiguous(x);
-  a.metric = st::contiguous(metric);
+  a.x = as_contiguous(x);
+  a.metric = as_contiguous(metric);
   return a;
 }
 
@@ -64,8 +64,8 @@ BipartiteMergeArgs validate_bipartite_merge_backward(const Tensor& grad_out,
   check_token_count(op, "dest_index", a.tokens);
   a.r = a.tokens - grad_out.size(1);
   a.sizes = check_token_sizes(op, sizes, a.batch, a.tokens, grad_out.device());
-  a.grad = st::contiguous(grad_out);
-  a.dest = st::contiguous(dest_index);
+  a.grad = as_contiguous(grad_out);
+  a.dest = as_contiguous(dest_index);
   if (a.dest.is_cpu()) {
     const int64_t* d = a.dest.const_data_ptr<int64_t>();
     const int64_t rows = a.rows();

@@ -33,8 +33,8 @@ TokenPruneMergeArgs check_common(const char* op, const Tensor& x, const Tensor& 
       "scores", "expected x's dtype (", x.scalar_type(), ") or float32, got ",
       scores.scalar_type());
   a.sizes = check_token_sizes(op, sizes, a.batch, a.tokens, x.device());
-  a.x = st::contiguous(x);
-  a.scores = st::contiguous(scores);
+  a.x = as_contiguous(x);
+  a.scores = as_contiguous(scores);
   return a;
 }
 
@@ -74,8 +74,8 @@ TokenPruneMergeArgs validate_token_prune_merge_backward(
                       grad_out.size(1) == a.rows() && grad_out.size(2) == a.channels,
                   op, "grad_out", "expected shape [", a.batch, ", ", a.rows(), ", ", a.channels,
                   "], got ", grad_out.sizes());
-  kept = st::contiguous(kept_index);
-  grad = st::contiguous(grad_out);
+  kept = as_contiguous(kept_index);
+  grad = as_contiguous(grad_out);
   if (kept.is_cpu()) {
     const int64_t* k = kept.const_data_ptr<int64_t>();
     for (int64_t b = 0; b < a.batch; ++b) {

@@ -7,13 +7,13 @@ FakeTensor tracing) or a meta tensor (the Meta dispatch key wins over CPU and CU
 tensor among CPU ones is enough). Returning output shapes alone would let tracing accept input
 that the eager op rejects, and turn a stray meta tensor into a call that silently writes nothing.
 So every fake kernel first calls its op's ``validate_<op>``, which makes the checks of its C++
-twin (csrc/validate.h, csrc/<family>/<op>_args.cpp, csrc/plan.cpp, csrc/tokens/token_prune_merge_args.cpp, csrc/tokens/bipartite_merge_args.cpp,
+twin (csrc/common/validate.h, csrc/<family>/<op>_args.cpp, csrc/common/validate.cpp, csrc/tokens/token_prune_merge_args.cpp, csrc/tokens/bipartite_merge_args.cpp,
 csrc/sparse/sampled_grad_args.cpp and the CUDA kernels' own limits), in the same order, raising the same exception
 types with the same messages (``fisheradaptune.<op>: argument '<name>': expected ...``;
 ValueError for every argument error: shapes, lengths, devices, values and dtypes alike, since a
 kernel on the stable ABI cannot raise TypeError, Note [Stable ABI] in csrc/common/stable.h).
 
-Aliasing (Note [Aliasing] in csrc/validate.h): the fakes refuse the same overlaps as the C++,
+Aliasing (Note [Aliasing] in csrc/common/validate.h): the fakes refuse the same overlaps as the C++,
 compared within each storage (a fake tensor has no address), so that torch.compile does not run
 what eager refuses.
 
@@ -58,7 +58,7 @@ _SCALAR_TYPE_NAMES = {
 
 
 # ---------------------------------------------------------------------------------------------
-# The shared checks, one per helper of csrc/validate.h
+# The shared checks, one per helper of csrc/common/validate.h
 
 
 def _fmt(part: object) -> str:
@@ -134,7 +134,7 @@ def _check_grad_dtype(op: str, arg: str, g: Tensor, state: Tensor) -> None:
 
 def _check_coefficient(op: str, arg: str, v: float, what: str = "a finite number",
                        hi: float = _FLOAT32_MAX) -> None:
-    """check_coefficient (csrc/validate.h, Note [Coefficients]): ``0 <= v <= hi``; NaN fails."""
+    """check_coefficient (csrc/common/validate.h, Note [Coefficients]): ``0 <= v <= hi``; NaN fails."""
     suffix = " (float32's range: the kernels multiply in float32)" if hi == _FLOAT32_MAX else ""
     _check_value(0.0 <= v <= hi, op, arg, "expected ", what, " in [0, ", float(hi), "]", suffix,
                  ", got ", float(v))
@@ -150,7 +150,7 @@ def _check_count(op: str, nonfinite: Tensor, device: torch.device) -> None:
 
 
 def _check_segments(op: str, arg: str, segments: Tensor, device: torch.device) -> None:
-    """read_segments (csrc/plan.cpp) without the data: int64 ``[S, 4]`` on the CPU (or CUDA,
+    """read_segments (csrc/common/validate.cpp) without the data: int64 ``[S, 4]`` on the CPU (or CUDA,
     copied to the host), or meta in an all-meta call. The rows are values, unchecked here."""
     _check_value(segments.dtype == torch.int64, op, arg, "expected int64, got ", segments.dtype)
     _check_value(segments.dim() == 2 and segments.shape[1] == 4, op, arg,
@@ -173,7 +173,7 @@ def _byte_span(t: Optional[Tensor]) -> Optional[Tuple[int, int, int]]:
 
 
 def _check_no_aliasing(op: str, args: Sequence[Tuple[Optional[Tensor], str, bool]]) -> None:
-    """check_no_aliasing (csrc/validate.h, Note [Aliasing]): ``args`` are ``(tensor, name,
+    """check_no_aliasing (csrc/common/validate.h, Note [Aliasing]): ``args`` are ``(tensor, name,
     written)`` in the schema's order; refuse any overlap that involves a written tensor, naming
     the later argument and the earlier one, as the C++ does.
 

@@ -73,7 +73,7 @@ STATISTICS: List[str] = []
 #: Ops that refuse an input requiring grad while grad mode is on.
 NOT_DIFFERENTIABLE: List[str] = []
 
-# Note [Chunk and block sizes] (csrc/plan.h), the same values in Python, for the fallback kernels
+# Note [Chunk and block sizes] (csrc/common/plan.h), the same values in Python, for the fallback kernels
 # and for tests that size their edge cases (a test checks they equal the compiled library's).
 #: Elements per chunk: the unit of parallel work and of deterministic per-group reduction.
 CHUNK = 1 << 15
@@ -250,7 +250,7 @@ def register_fallbacks(families: Iterable[ModuleType]) -> None:
 
 def read_segments(op: str, arg: str, segments: Tensor, numels: Sequence[int],
                   num_groups: int) -> List[Tuple[int, int, int, int]]:
-    """read_segments (csrc/plan.cpp) with the data: the rows ``(tensor, begin, end, group)`` of
+    """read_segments (csrc/common/validate.cpp) with the data: the rows ``(tensor, begin, end, group)`` of
     an int64 ``[S, 4]`` layout, checked against the tensor sizes and the number of groups
     (``ValueError`` naming ``arg``, the C++ messages), without empty rows, sorted by
     ``(tensor, begin)`` and checked not to overlap. A CUDA tensor is copied to the host (a
@@ -279,7 +279,7 @@ def read_segments(op: str, arg: str, segments: Tensor, numels: Sequence[int],
 
 
 def check_not_capturing(op: str, why: str, device: torch.device) -> None:
-    """Note [No CUDA-graph capture] (csrc/cuda/multi_tensor.cuh): an op that reads values back
+    """Note [No CUDA-graph capture] (csrc/common/multi_tensor.cuh): an op that reads values back
     to the host cannot be captured; refuse before anything is done, with the C++ message."""
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"fisheradaptune.{op}: cannot be captured in a CUDA graph (the current "

@@ -223,7 +223,7 @@ import math as _math
 from typing import Tuple
 
 
-#: Elements per chunk of a plan (kChunk, csrc/plan.h); only the rounding of the sums depends on it.
+#: Elements per chunk of a plan (kChunk, csrc/common/plan.h); only the rounding of the sums depends on it.
 _FB_CHUNK = _library.CHUNK
 #: Note [Sparse histogram] (csrc/drift/drift_histogram_cpu.cpp): dense bin counts up to this many bins.
 _FB_DENSE_BINS = 1 << 16

@@ -288,7 +288,7 @@ torch.library.register_autograd("fisheradaptune::bipartite_merge", _bipartite_me
 # computes what Note [Token prune-merge] (csrc/tokens.h) and Note [Bipartite merge]
 # (csrc/bipartite.h) say, vectorised over the batch and the tokens:
 #
-# - selections by `beats` (csrc/cpu/simd.h): NaN above every number, then the higher value, ties
+# - selections by `beats` (csrc/common/simd.h): NaN above every number, then the higher value, ties
 #   to the lower index. Two stable sorts (value, then NaN first) give that total order on every
 #   device; -0.0 is turned into +0.0 first, as `beats` compares values (a radix sort would not);
 # - weights, W and coefficients in float64 (Note [Merge weights]); products c * x in the opmath
@@ -312,7 +312,7 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 
 
 def _block() -> int:
-    """The CPU kernels' accumulation block (kBlock, csrc/plan.h)."""
+    """The CPU kernels' accumulation block (kBlock, csrc/common/plan.h)."""
     return _library.BLOCK
 
 
@@ -335,7 +335,7 @@ def _beats_order(values: Tensor) -> Tensor:
 
 
 def _blocked_dot(x: Tensor, y: Tensor) -> Tensor:
-    """blocked_dot (csrc/cpu/simd.h) over the last dimension: products and sums in x's dtype
+    """blocked_dot (csrc/common/simd.h) over the last dimension: products and sums in x's dtype
     (the opmath type) within blocks of :func:`_block` elements, blocks added in float64."""
     prod = x * y
     n, block = prod.shape[-1], _block()
@@ -347,7 +347,7 @@ def _blocked_dot(x: Tensor, y: Tensor) -> Tensor:
 
 def _weighted(coef: Tensor, xs: Tensor, acc: torch.dtype) -> Tensor:
     """The terms ``coef[..., j] * xs[..., j, :]`` of a merged row, in ``acc`` (axpy_coef,
-    csrc/cpu/simd.h): a float64 coefficient that is a finite nonzero ``acc`` value is applied
+    csrc/common/simd.h): a float64 coefficient that is a finite nonzero ``acc`` value is applied
     in ``acc``, any other nonzero one in float64 (Note [Merge weights]); a zero coefficient
     gives a zero term, whatever x holds (Note [Zero coefficients])."""
     c = coef.to(acc).unsqueeze(-1)
@@ -365,7 +365,7 @@ def _weighted(coef: Tensor, xs: Tensor, acc: torch.dtype) -> Tensor:
 
 
 def _scaled(coef: Tensor, g: Tensor, acc: torch.dtype, dtype: torch.dtype) -> Tensor:
-    """``coef[..., j] * g[..., j, :]`` rounded to ``dtype`` (scale_coef, csrc/cpu/simd.h): in
+    """``coef[..., j] * g[..., j, :]`` rounded to ``dtype`` (scale_coef, csrc/common/simd.h): in
     ``acc`` when the coefficient is 0 (so 0 * inf is NaN, as the reference's gradient) or a
     finite nonzero ``acc`` value, in float64 otherwise (Note [Merge weights])."""
     c = coef.to(acc).unsqueeze(-1)

@@ -247,7 +247,7 @@ def test_reference_update_bitwise_cpu_cuda(mode):
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch resources (Note [Launch resources], csrc/cuda/multi_tensor.cuh), in the sources: every
+# Launch resources (Note [Launch resources], csrc/common/multi_tensor.cuh), in the sources: every
 # kernel's block size is its __launch_bounds__, and tools/cuda_resources.py, which reads the
 # compiled kernels' registers and shared memory, knows every launch's dynamic shared memory.
 

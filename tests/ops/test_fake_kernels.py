@@ -485,7 +485,7 @@ def test_all_meta_float64_state_is_admitted():
 
 
 # ---------------------------------------------------------------------------------------------
-# (4) Aliasing (Note [Aliasing], csrc/validate.h): every overlap the C++ refuses is refused by
+# (4) Aliasing (Note [Aliasing], csrc/common/validate.h): every overlap the C++ refuses is refused by
 # the fake kernel too, with the same exception and message, so that torch.compile(fullgraph)
 # does not run what eager refuses (issue 21: `js_drift([c], [c], update_reference=0.5)` and
 # per_sample_grad_sq_ with `fisher` overlapping `x` ran when compiled). Each case: (op, change

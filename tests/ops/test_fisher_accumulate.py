@@ -430,7 +430,7 @@ def test_accepts_coefficients_at_the_edges_of_float32():
 
 
 # ---------------------------------------------------------------------------------------------
-# Aliasing (Note [Aliasing], csrc/validate.h): in-place targets that share memory race
+# Aliasing (Note [Aliasing], csrc/common/validate.h): in-place targets that share memory race
 
 
 @pytest.mark.parametrize("device", devices)
