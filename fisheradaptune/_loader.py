@@ -1,36 +1,48 @@
-"""Makes ``torch.ops.fisheradaptune.*`` exist: the compiled library, or the pure-PyTorch
+"""Makes ``torch.ops.fisheradaptune.*`` exist: the compiled libraries, or the pure-PyTorch
 fallback.
 
 :func:`load` (run once, by :mod:`fisheradaptune.ops` as ``import fisheradaptune`` imports it,
-before any op is used) imports the
-compiled library ``fisheradaptune._C``, whose static initialisers define every schema and
-register the C++ CPU/CUDA kernels. When that library is missing or cannot be loaded (built
-without a compiler, for another platform, against an incompatible torch), or when the
-environment variable ``FISHERADAPTUNE_FALLBACK=1`` asks for it, the same schemas are defined
+before any op is used) imports the compiled library ``fisheradaptune._C``, whose static
+initialisers define every schema and register the C++ CPU kernels, and then, in a torch built
+with CUDA, the CUDA kernels ``fisheradaptune._C_cuda`` (a separate library: it needs
+libtorch_cuda, which a CPU torch lacks). Both are built on the LibTorch stable ABI for torch
+>= :data:`TARGET_TORCH`, so one build loads into every such torch. When ``_C`` is missing or
+cannot be loaded (built without a compiler, for another platform, a torch older than the
+target), or when the environment variable ``FISHERADAPTUNE_FALLBACK=1`` asks for it, the same
+schemas are defined
 from :mod:`fisheradaptune.ops._schemas` (passed in by :mod:`fisheradaptune.ops`) instead, :mod:`fisheradaptune.ops` registers the
 pure-PyTorch kernels of every family for the CPU and CUDA dispatch keys, and ONE
 :class:`FallbackWarning` says why and how to get the compiled operators. Everything above the
 kernels (fake kernels, autograd, in-place bookkeeping, the typed wrappers and the whole Python
-API) is the same either way. :func:`has_compiled_ops` says which is running.
+API) is the same either way. :func:`has_compiled_ops` says which is running. When ``_C`` runs
+but ``_C_cuda`` is absent (a CPU-only build) or cannot load, the pure-PyTorch kernels serve the
+CUDA dispatch key instead (one :class:`FallbackWarning` when a GPU is visible or the library
+failed to load); :func:`has_cuda_kernels` says whether the compiled CUDA kernels run.
 
 This is the only module that touches ``fisheradaptune._C``; every other one asks it.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import re
 import warnings
 from types import ModuleType
 from typing import Mapping, Optional
 
 import torch
 
-__all__ = ["FallbackWarning", "ENV_VAR", "load", "has_compiled_ops", "has_cuda_kernels",
-           "fallback_reason", "compiled_module"]
+__all__ = ["FallbackWarning", "ENV_VAR", "TARGET_TORCH", "load", "has_compiled_ops",
+           "has_cuda_kernels", "fallback_reason", "cuda_fallback_reason", "compiled_module"]
 
 #: The environment variable that forces the pure-PyTorch fallback ("1"); "0" or empty: the
 #: compiled library when it loads. Read once, when the package is imported.
 ENV_VAR = "FISHERADAPTUNE_FALLBACK"
+
+#: The oldest torch the compiled libraries load into (the LibTorch stable ABI version they are
+#: built for; setup.py's TARGET_TORCH).
+TARGET_TORCH = (2, 11)
 
 
 class FallbackWarning(UserWarning):
@@ -40,6 +52,7 @@ class FallbackWarning(UserWarning):
 
 _module: Optional[ModuleType] = None  # fisheradaptune._C once loaded
 _reason: Optional[str] = None         # why the fallback runs; None with the compiled library
+_cuda_reason: Optional[str] = None    # why CUDA runs the fallback kernels; None with _C_cuda
 _loaded = False
 # The library that defines the schemas under the fallback (kept alive: dropping it undefines).
 _def_lib: Optional[torch.library.Library] = None
@@ -66,17 +79,43 @@ def _message(reason: str) -> str:
             "which operators are running.")
 
 
+def _torch_version() -> tuple:
+    """(major, minor) of the running torch ("2.13.0+cpu" -> (2, 13))."""
+    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def _load_cuda_kernels() -> Optional[str]:
+    """Load ``fisheradaptune._C_cuda`` (the CUDA kernels) into the dispatcher; None when they
+    are registered, else why not. It has no Python module of its own: it is loaded as a shared
+    library (torch.ops.load_library), which runs its registrations."""
+    if torch.version.cuda is None:
+        return "this torch is built without CUDA"
+    spec = importlib.util.find_spec("fisheradaptune._C_cuda")
+    if spec is None or spec.origin is None:
+        return "fisheradaptune was built without CUDA kernels (fisheradaptune._C_cuda is absent)"
+    try:
+        torch.ops.load_library(spec.origin)
+    except (OSError, RuntimeError) as e:
+        return f"fisheradaptune._C_cuda could not be loaded ({type(e).__name__}: {e})"
+    return None
+
+
 def load(namespace: str, schemas: Mapping[str, str]) -> None:
     """Load the compiled operators, or define ``schemas`` (op name -> schema string) under
     ``namespace`` for the fallback (idempotent: later calls do nothing).
 
     Raises ``ValueError`` for a value of ``FISHERADAPTUNE_FALLBACK`` other than "1", "0" or
-    empty. Emits one :class:`FallbackWarning` when the fallback is used."""
-    global _module, _reason, _loaded, _def_lib
+    empty. Emits one :class:`FallbackWarning` when the fallback is used (for every op, or for the
+    CUDA kernels only, see the module docstring)."""
+    global _module, _reason, _cuda_reason, _loaded, _def_lib
     if _loaded:
         return
     if _forced():
         reason = f"{ENV_VAR}=1 is set"
+    elif _torch_version() < TARGET_TORCH:
+        reason = (f"torch {torch.__version__} is older than {TARGET_TORCH[0]}.{TARGET_TORCH[1]}, "
+                  "the oldest torch its compiled library supports (LibTorch stable ABI)")
     else:
         try:
             _module = importlib.import_module("fisheradaptune._C")
@@ -91,7 +130,25 @@ def load(namespace: str, schemas: Mapping[str, str]) -> None:
         _def_lib = lib
         _reason = reason
         warnings.warn(_message(reason), FallbackWarning, stacklevel=2)
+    else:
+        _cuda_reason = _load_cuda_kernels()
+        failed = _cuda_reason is not None and "could not be loaded" in _cuda_reason
+        if _cuda_reason is not None and (failed or torch.cuda.is_available()):
+            warnings.warn(
+                f"fisheradaptune runs its compiled CPU kernels, but its pure-PyTorch fallback "
+                f"kernels on CUDA tensors because {_cuda_reason}. They meet the same contract but "
+                "are slower. To get the compiled CUDA kernels, install fisheradaptune where the "
+                "CUDA toolkit is found (FORCE_CUDA=1 pip install .), or a wheel built with them. "
+                "fisheradaptune.has_cuda_kernels() says which kernels run.",
+                FallbackWarning, stacklevel=2)
     _loaded = True
+
+
+def cuda_fallback_reason() -> Optional[str]:
+    """Why tensors on CUDA run the pure-PyTorch kernels (the fallback for every op, or no
+    compiled CUDA kernels), None when the compiled CUDA kernels run."""
+    _require_loaded()
+    return _reason if _reason is not None else _cuda_reason
 
 
 def _require_loaded() -> None:
@@ -120,7 +177,8 @@ def compiled_module() -> Optional[ModuleType]:
 
 
 def has_cuda_kernels() -> bool:
-    """True when the compiled CUDA kernels were built into the loaded library (False under the
-    fallback, whose kernels run on CUDA through torch's own CUDA ops)."""
-    return has_compiled_ops() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fisheradaptune::js_drift", "CUDA")
+    """True when the compiled CUDA kernels (``fisheradaptune._C_cuda``) are loaded; False under
+    the fallback, or where they were not built or could not load: then the pure-PyTorch kernels
+    run on CUDA tensors, through torch's own CUDA ops."""
+    _require_loaded()
+    return _reason is None and _cuda_reason is None

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import fisheradaptune
 from fisheradaptune import _loader
@@ -28,6 +29,7 @@ import json, sys, warnings
 # compiled library from its own checkout when this copy has none.
 sys.meta_path[:] = [f for f in sys.meta_path
                     if not getattr(f, "__module__", "").startswith("__editable__")]
+{prelude}
 with warnings.catch_warnings(record=True) as seen:
     warnings.simplefilter("always")
     import fisheradaptune as f
@@ -60,16 +62,17 @@ print(json.dumps({
 """
 
 
-def _probe(env_value=None, root=None):
+def _probe(env_value=None, root=None, prelude=""):
     """Run PROBE with FISHERADAPTUNE_FALLBACK set to ``env_value`` (None: unset), importing the
-    package from ``root`` (default: this checkout). Returns the report."""
+    package from ``root`` (default: this checkout), after running ``prelude``. Returns the
+    report."""
     env = dict(os.environ)
     env.pop(_loader.ENV_VAR, None)
     if env_value is not None:
         env[_loader.ENV_VAR] = env_value
     root = root or PKG.parent
     env["PYTHONPATH"] = str(root)
-    done = subprocess.run([sys.executable, "-c", PROBE], cwd=root, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", PROBE.replace("{prelude}", prelude)], cwd=root, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -135,8 +138,49 @@ def _copy_without_library(tmp_path, corrupt: bool) -> pathlib.Path:
     dest = tmp_path / "fisheradaptune"
     shutil.copytree(PKG, dest, ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
     if corrupt:
-        (dest / next(PKG.glob("_C*.so"), PKG / "_C.abi3.so").name).write_bytes(b"not a library")
+        (dest / next(PKG.glob("_C.*so"), PKG / "_C.abi3.so").name).write_bytes(b"not a library")
     return tmp_path
+
+
+def _copy_without_cuda_library(tmp_path, corrupt: bool) -> pathlib.Path:
+    """The package copied with its compiled CPU library but without its CUDA one (or with a
+    file that is not one in its place)."""
+    dest = tmp_path / "fisheradaptune"
+    shutil.copytree(PKG, dest, ignore=shutil.ignore_patterns("_C_cuda*.so", "__pycache__"))
+    if corrupt:
+        (dest / "_C_cuda.abi3.so").write_bytes(b"not a library")
+    return tmp_path
+
+
+def test_a_torch_older_than_the_target_gets_the_fallback():
+    report = _probe(None, prelude="import torch; torch.__version__ = '2.10.1'")
+    _works(report)
+    message = _fallback_warning(report)
+    assert ("torch 2.10.1 is older than 2.11, the oldest torch its compiled library supports "
+            "(LibTorch stable ABI)") in message
+
+
+@pytest.mark.parametrize("corrupt", [False, True], ids=["missing", "corrupt"])
+def test_compiled_cpu_kernels_without_cuda_ones(tmp_path, corrupt):
+    """A CPU-only build (or a CUDA library that cannot load) in a CUDA torch: the compiled CPU
+    kernels run and the pure-PyTorch kernels serve CUDA tensors, with one warning when the
+    library failed to load (or a GPU is visible); in a CPU torch nothing is registered for CUDA
+    and nothing is said."""
+    if not any(PKG.glob("_C.*so")):
+        pytest.skip("no compiled library in this checkout")
+    report = _probe(None, root=_copy_without_cuda_library(tmp_path, corrupt))
+    assert report["compiled"] and not report["cuda"]
+    assert report["fisher"] == [1.5, 1.0, 4.5]  # the compiled CPU kernel ran (NaN skipped)
+    cuda_torch = torch.version.cuda is not None
+    assert all(k["CPU"] for k in report["kernels"].values())
+    assert all(k["CUDA"] == cuda_torch for k in report["kernels"].values()), report["kernels"]
+    warned = [m for _, is_fallback, m in report["warnings"] if is_fallback]
+    if cuda_torch and (corrupt or torch.cuda.is_available()):
+        assert len(warned) == 1 and "pure-PyTorch fallback kernels on CUDA tensors" in warned[0]
+        assert ("fisheradaptune._C_cuda could not be loaded" if corrupt else
+                "built without CUDA kernels") in warned[0]
+    else:
+        assert warned == []
 
 
 @pytest.mark.parametrize("corrupt", [False, True], ids=["missing", "corrupt"])

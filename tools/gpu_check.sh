@@ -6,6 +6,12 @@
 #   bash tools/gpu_check.sh quick --dry-run  # print the plan and its time budget; run nothing
 #   bash tools/gpu_check.sh full-tests       # the whole suite with CUDA (one call, ~6 min)
 #   bash tools/gpu_check.sh full-bench       # the full benchmarks (one call, ~8 min)
+#   bash tools/gpu_check.sh quick --wheel .whl/fisheradaptune-0.1.0-cp310-abi3-linux_x86_64.whl
+#       # any mode: install a wheel built here (carried in .whl/, git-ignored) instead of
+#       # building on the GPU machine, saving the build's minutes of the lease. Built with
+#       # FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX" pip wheel --no-build-isolation
+#       # --no-deps . -w .whl (the stable ABI lets a wheel built against torch 2.14 here load
+#       # into the GPU machine's torch 2.11). Tests then run with `python -P`, on the wheel.
 #
 # `quick` runs its steps in order of importance, each under its own timeout and into its own
 # file under $OUT (./gpu_check_out without $OUT), so a kill still returns what ran:
@@ -27,14 +33,26 @@ export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 MODE=${1:-quick}
 DRY=0
-for a in "$@"; do [ "$a" = "--dry-run" ] && DRY=1; done
+WHEEL=""
+prev=""
+for a in "$@"; do
+  [ "$a" = "--dry-run" ] && DRY=1
+  case "$a" in --wheel=*) WHEEL=${a#--wheel=} ;; esac
+  [ "$prev" = "--wheel" ] && WHEEL=$a
+  prev=$a
+done
+if [ -n "$WHEEL" ] && [ ! -f "$WHEEL" ]; then echo "gpu_check: --wheel $WHEEL: no such file" >&2; exit 2; fi
+# With a wheel, the tree's own fisheradaptune/ (no compiled library) must not shadow the
+# installed one: -P keeps the working directory off sys.path.
+PYFLAGS=""
+[ -n "$WHEEL" ] && PYFLAGS="-P"
 OUTDIR=${OUT:-$ROOT/gpu_check_out}
 SUMMARY=$OUTDIR/summary.txt
 
 # name | timeout (s) | output files | what
 QUICK_PLAN=(
   "env|20|summary.txt|nvidia-smi, nvcc, torch, ninja, compute-sanitizer"
-  "build|200|build.log|FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 pip install -e . (ninja, all cores)"
+  "build|200|build.log|FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 pip install -e . (ninja, all cores), or pip install --wheel's file"
   "cuda_tests|120|cuda_tests.xml cuda_tests.log|pytest -m cuda tests (junit, no -x)"
   "memcheck|60|memcheck.log|compute-sanitizer memcheck, tools/gpu_edge_cases.py (all families)"
   "racecheck|40|racecheck.log|compute-sanitizer racecheck, tools/gpu_edge_cases.py --only drift,tokens,bipartite"
@@ -96,15 +114,20 @@ env_step() {
 }
 
 build_step() {
-  if ! command -v ninja >/dev/null && [ -x tools/bin/ninja ]; then export PATH=$ROOT/tools/bin:$PATH; fi
-  FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$(nproc) \
-    "$PY" -m pip install -v --no-build-isolation --no-deps -e . >"$OUTDIR/build.log" 2>&1 &&
-    "$PY" -c "import fisheradaptune as f; assert f.has_cuda_kernels(), 'built without CUDA kernels'; print('CUDA kernels loaded')" \
-      >>"$OUTDIR/build.log" 2>&1
+  if [ -n "$WHEEL" ]; then
+    "$PY" -m pip install -v --no-deps --force-reinstall "$WHEEL" >"$OUTDIR/build.log" 2>&1 || return 1
+  else
+    if ! command -v ninja >/dev/null && [ -x tools/bin/ninja ]; then export PATH=$ROOT/tools/bin:$PATH; fi
+    FORCE_CUDA=1 FISHERADAPTUNE_BUILD_REQUIRED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+      MAX_JOBS=$(nproc) "$PY" -m pip install -v --no-build-isolation --no-deps -e . \
+      >"$OUTDIR/build.log" 2>&1 || return 1
+  fi
+  "$PY" $PYFLAGS -c "import fisheradaptune as f; assert f.has_cuda_kernels(), f._loader.cuda_fallback_reason(); print('CUDA kernels loaded from', f.__file__)" \
+    >>"$OUTDIR/build.log" 2>&1
 }
 
 tests_step() {
-  "$PY" -m pytest -q -m cuda -p no:cacheprovider -rfE --junitxml="$OUTDIR/cuda_tests.xml" tests \
+  "$PY" $PYFLAGS -m pytest -q -m cuda -p no:cacheprovider -rfE --junitxml="$OUTDIR/cuda_tests.xml" tests \
     >"$OUTDIR/cuda_tests.log" 2>&1
 }
 
@@ -132,7 +155,7 @@ bench_step() {
 }
 
 export -f build_step tests_step sanitizer bench_step
-export ROOT PY OUTDIR SUMMARY
+export ROOT PY PYFLAGS OUTDIR SUMMARY WHEEL
 
 quick() {
   env_step

@@ -26,4 +26,6 @@ if [ "$torch_before" != "$torch_after" ]; then
   exit 1
 fi
 # --no-build-isolation: compile against the torch above instead of a fresh one in a build env.
-pipi --no-build-isolation -e .
+# FISHERADAPTUNE_BUILD_REQUIRED=1: a failed compile fails the set-up (a plain `pip install .`
+# would fall back to the pure-Python package).
+FISHERADAPTUNE_BUILD_REQUIRED=1 pipi --no-build-isolation -e .

@@ -30,6 +30,8 @@ first argument(s) in place; an op that writes into an argument only on request
 read only.
 """
 
+import torch
+
 from .. import _loader
 from . import _schemas
 
@@ -48,6 +50,9 @@ FAMILIES = (fisher, drift, tokens, sparse)
 
 if not _loader.has_compiled_ops():
     _library.register_fallbacks(FAMILIES)
+elif torch.version.cuda is not None and not _loader.has_cuda_kernels():
+    # The compiled CPU kernels run; tensors on CUDA get the pure-PyTorch kernels (_loader).
+    _library.register_fallbacks(FAMILIES, keys=("CUDA",))
 
 __all__ = ["fisher_accumulate_", "js_drift", "js_mass_totals", "js_mass_partial",
            "per_sample_grad_sq_", "token_prune_merge", "bipartite_merge", "sampled_grad"]

@@ -213,14 +213,16 @@ def register_not_differentiable(name: str) -> None:
 # The pure-PyTorch fallback (registered only when the compiled library is not in use)
 
 
-def register_fallback(kernels: Dict[str, Callable]) -> None:
-    """Register each ``{op name: kernel}`` as the op's kernel for the CPU and CUDA dispatch keys
-    (the keys of the compiled kernels). A name that is not an op is refused."""
+def register_fallback(kernels: Dict[str, Callable],
+                      keys: Sequence[str] = ("CPU", "CUDA")) -> None:
+    """Register each ``{op name: kernel}`` as the op's kernel for the dispatch ``keys`` (by
+    default CPU and CUDA, the keys of the compiled kernels). A name that is not an op is
+    refused."""
     for name, fn in kernels.items():
         if name not in SCHEMAS:
             raise ValueError(f"register_fallback: {name!r} is not a fisheradaptune op; expected "
                              f"one of {sorted(SCHEMAS)}")
-        for key in ("CPU", "CUDA"):
+        for key in keys:
             impl(name, key)(fn)
 
 
@@ -233,9 +235,12 @@ def _missing(name: str) -> Callable:
     return kernel
 
 
-def register_fallbacks(families: Iterable[ModuleType]) -> None:
-    """Register every family's ``FALLBACK_KERNELS`` (:func:`register_fallback`); an op that no
-    family covers gets a kernel raising ``NotImplementedError`` that names it, never silence."""
+def register_fallbacks(families: Iterable[ModuleType],
+                       keys: Sequence[str] = ("CPU", "CUDA")) -> None:
+    """Register every family's ``FALLBACK_KERNELS`` (:func:`register_fallback`) for the dispatch
+    ``keys`` (only "CUDA" when the compiled CPU kernels run but the CUDA ones do not); an op that
+    no family covers gets a kernel raising ``NotImplementedError`` that names it, never
+    silence."""
     covered: Dict[str, str] = {}
     for family in families:
         kernels = getattr(family, "FALLBACK_KERNELS", {})
@@ -244,8 +249,8 @@ def register_fallbacks(families: Iterable[ModuleType]) -> None:
                 raise RuntimeError(f"fisheradaptune.{name}: fallback kernels in both "
                                    f"{covered[name]} and {family.__name__}")
             covered[name] = family.__name__
-        register_fallback(kernels)
-    register_fallback({name: _missing(name) for name in SCHEMAS if name not in covered})
+        register_fallback(kernels, keys)
+    register_fallback({name: _missing(name) for name in SCHEMAS if name not in covered}, keys)
 
 
 def read_segments(op: str, arg: str, segments: Tensor, numels: Sequence[int],
