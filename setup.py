@@ -136,15 +136,14 @@ def make_extensions():
 class OptionalBuildExtension(BuildExtension):
     """torch's builder, with the extension optional: a failed compile installs the pure-Python
     package (the fallback operators) with a message, unless FISHERADAPTUNE_BUILD_REQUIRED=1.
-    An in-place build also removes libraries of another ABI tag left in the package
-    (``_C.cpython-*.so`` would shadow ``_C.abi3.so`` on import)."""
+    Every build also removes libraries of another ABI tag left in the source package by older
+    builds (``_C.cpython-*.so`` would shadow ``_C.abi3.so`` on import from the tree)."""
 
     def build_extension(self, ext):
-        if self.inplace:
-            pkg = os.path.join(ROOT, "fisheradaptune")
-            short = ext.name.rsplit(".", 1)[1]
-            for stale in glob.glob(os.path.join(pkg, f"{short}.cpython-*.so")):
-                os.remove(stale)
+        pkg = os.path.join(ROOT, "fisheradaptune")
+        short = ext.name.rsplit(".", 1)[1]
+        for stale in glob.glob(os.path.join(pkg, f"{short}.cpython-*.so")):
+            os.remove(stale)
         try:
             super().build_extension(ext)
         except Exception as e:  # compiler missing, headers missing, compile or link error
