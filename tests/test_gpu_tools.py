@@ -172,6 +172,8 @@ def test_cuda_resources_fails_each_exceeded_limit(tmp_path):
 def test_cuda_resources_runs_in_the_integration_stage():
     # After the CUDA build, on the library it built, for both architectures.
     text = (REPO_ROOT / ".ci" / "integration.sh").read_text()
-    build = text.index("FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}")
+    build = text.index("TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}")
     check = text.index("\"$PY\" tools/cuda_resources.py --arch sm_80,sm_90")
     assert build < check
+    # on the CUDA library of the wheel it built
+    assert "--lib \"$(ls \"$WORK\"/unpacked/fisheradaptune/_C_cuda*.so)\"" in text[check:]

@@ -351,7 +351,7 @@ def test_dynamic_shared_memory_is_known_to_the_resource_check():
                 users.add((os.path.basename(path), [n for j, n in defs if j < i][-1]))
     assert {n for _, n in users} == set(tool.DYNAMIC_SMEM_NAMES)
     assert {f for f, _ in users} == {f for f, _ in tool.DYNAMIC_SMEM}
-    header = sources[os.path.join("cuda", "multi_tensor.cuh")]
+    header = sources[os.path.join("common", "multi_tensor.cuh")]
     m = re.search(r"constexpr int64_t kMaxDynamicSmem = (\d+) \* 1024;", header)
     assert m and int(m.group(1)) * 1024 == tool.MAX_DYNAMIC_SMEM
     # Each launch with dynamic shared memory bounds it by a constant defined from kMaxDynamicSmem.
