@@ -6,24 +6,30 @@
 
 The op, forward alone and forward + backward, against an eager PyTorch composition of the same
 algorithm in the same run, written here in the input dtype: normalise the metric rows, split A
-(even) / B (odd) tokens by slicing, similarity ``bmm``, ``max`` over B (each A token's best B),
-``argsort`` of the best scores (the r highest merge), ``gather`` of the merged A tokens,
-``scatter_add`` of their size-weighted sums (and sizes) into B, then ``gather`` of the kept A
-tokens (original order) and ``cat`` of protected, kept A and B rows. Its backward is autograd's;
-the metric passes no gradient in either (the choice is discrete). Before timing, each shape
-checks that the baseline computes what the op does: the same dest mapping (up to float32
+(even positions) / B (odd positions) tokens by slicing (ToMe's partition: the protected class
+token at position 0 is in A and never a source), similarity ``bmm``, ``max`` over B (each A
+token's best B), ``argsort`` of the best scores (the r highest merge), ``gather`` of the merged
+A tokens, ``scatter_add`` of their size-weighted sums (and sizes) into B, then ``gather`` of the
+kept A tokens (original order) and ``cat`` of protected, kept A and B rows. Its backward is
+autograd's; the metric passes no gradient in either (the choice is discrete). Before timing,
+each shape checks that the baseline computes what the op does: the same dest mapping (up to float32
 near-ties of the similarities, which are reported) and close outputs.
 
 Shapes: B in 1, 8, 64; N = 197 (ViT-B/16 at 224 px, one protected CLS token); C in 384, 768
 (ViT-S, ViT-B); metric D = 64 (one head's keys); r = 16; float32; random sizes in 1..3.
 
-End to end (``--vit``, needs timm): timm ViT-S/16 and ViT-B/16 at 224 px, inference throughput
-unpatched and with ``fisheradaptune.vit.token_merge`` at r = 8 and 13 (batch 8 on CPU, 256 on
-CUDA), next to ToMe's published 1.65x for ViT-B/16 at r = 13 (V100).
+End to end (``--vit``, needs timm and / or transformers): timm ViT-S/16 and ViT-B/16, and the
+transformers ViT-B/16 (``ViTModel``) and CLIP ViT-B/16 vision tower (``CLIPVisionModel``), at
+224 px, random init, inference throughput unpatched and with ``fisheradaptune.vit.token_merge``
+at r = 8 and 13 (batch 8 on CPU, 256 on CUDA), next to ToMe's published 1.65x for ViT-B/16 at
+r = 13 (V100), and the FLOP ratio unpatched / patched (``torch.utils.flop_counter``, attention
+counted through its math decomposition): the bound the speed-up approaches. ``--vit-models``
+picks among ``vit_s``, ``vit_b``, ``hf_vit_b``, ``hf_clip_b``.
 
-Results: ``benchmarks/results/bench_tome-<cpu|cuda>.{json,md}`` (``--vit-only``: ``bench_tome_vit-*``) (``--quick``:
-``bench_tome-quick-*``, git-ignored). ``op_speedup`` = eager ms / op ms (above 1: the op is
-faster); on CPU ``cpu_speedup`` is the same ratio of process CPU times.
+Results: ``benchmarks/results/bench_tome-<cpu|cuda>.{json,md}`` (``--vit-only``:
+``bench_tome_vit-*``) (``--quick``: ``bench_tome-quick-*``, git-ignored). ``op_speedup`` =
+eager ms / op ms (above 1: the op is faster); on CPU ``cpu_speedup`` is the same ratio of
+process CPU times.
 """
 from __future__ import annotations
 
@@ -45,18 +51,25 @@ D = 64
 R = 16
 
 
+def first_positions(p):
+    """ToMe's sets by position: A = even, B = odd positions; the protected ones (< p) are
+    neither sources nor destinations. Returns the first source and destination positions."""
+    return p + p % 2, p + 1 - p % 2
+
+
 def eager_bipartite_merge(x, metric, sizes, r, p=P):
     """The eager composition, in x's dtype. Returns (out, out_sizes, (order, match))."""
     b, n, c = x.shape
+    a0, b0 = first_positions(p)
     sizes = sizes.to(x.dtype)
     unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    sim = torch.bmm(unit[:, p::2], unit[:, p + 1::2].transpose(1, 2))  # [b, |A|, |B|]
+    sim = torch.bmm(unit[:, a0::2], unit[:, b0::2].transpose(1, 2))    # [b, |A|, |B|]
     best, match = sim.max(dim=-1)                                        # best B of each A
     order = best.argsort(dim=-1, descending=True)                        # A by best score
     merged, kept = order[:, :r], order[:, r:].sort(dim=-1).values
     into = match.gather(1, merged)                                       # [b, r] B indices
-    xa, xb = x[:, p::2], x[:, p + 1::2]
-    sa, sb = sizes[:, p::2], sizes[:, p + 1::2]
+    xa, xb = x[:, a0::2], x[:, b0::2]
+    sa, sb = sizes[:, a0::2], sizes[:, b0::2]
     wa = (xa * sa.unsqueeze(-1)).gather(1, merged.unsqueeze(-1).expand(-1, -1, c))
     sum_b = (xb * sb.unsqueeze(-1)).scatter_add(1, into.unsqueeze(-1).expand(-1, -1, c), wa)
     size_b = sb.scatter_add(1, into, sa.gather(1, merged))
@@ -69,15 +82,16 @@ def eager_bipartite_merge(x, metric, sizes, r, p=P):
 def eager_dest(order, match, n, r, p=P):
     """dest_index of the eager composition (for the check only; not timed)."""
     b, na = order.shape
-    nb = (n - p) // 2
+    a0, b0 = first_positions(p)
+    nb = len(range(b0, n, 2))
     first_b = p + na - r
     dest = torch.empty(b, n, dtype=torch.int64, device=order.device)
     dest[:, :p] = torch.arange(p, device=order.device)
-    dest[:, p + 1::2] = first_b + torch.arange(nb, device=order.device)
+    dest[:, b0::2] = first_b + torch.arange(nb, device=order.device)
     merged = torch.zeros(b, na, dtype=torch.bool, device=order.device)
     merged.scatter_(1, order[:, :r], True)
     kept_pos = p + torch.cumsum((~merged).long(), 1) - 1
-    dest[:, p::2] = torch.where(merged, first_b + match, kept_pos)
+    dest[:, a0::2] = torch.where(merged, first_b + match, kept_pos)
     return dest
 
 
@@ -90,14 +104,15 @@ def check_same_algorithm(x, metric, sizes, r):
     same = (dest == e_dest).all(1)
     if not bool(same.all()):
         # every disagreement must be a near-tie of float64 similarities
+        a0, b0 = first_positions(P)
         u = metric.double()
         u = u / u.norm(dim=-1, keepdim=True)
-        sim = u[:, P::2] @ u[:, P + 1::2].transpose(1, 2)
+        sim = u[:, a0::2] @ u[:, b0::2].transpose(1, 2)
         na = sim.shape[1]
         first_b = P + na - r
 
         def chosen(d):
-            da = d[:, P::2]
+            da = d[:, a0::2]
             return da >= first_b, sim.gather(2, (da - first_b).clamp(min=0).unsqueeze(-1))[..., 0]
 
         best = sim.max(-1).values
@@ -156,43 +171,94 @@ def bench(device, dtype, iters, rows, notes, batches, channels):
             del x, x0, metric, grad
 
 
-def vit_throughput(device, batch, iters, rows, notes, models, rs):
-    """End to end: timm ViTs at 224 px, random init, inference throughput with token_merge at
-    each r against the unpatched model, in one run."""
+VIT_MODELS = {  # name -> (library, model id / config, what is timed)
+    "vit_s": ("timm", "vit_small_patch16_224"),
+    "vit_b": ("timm", "vit_base_patch16_224"),
+    "hf_vit_b": ("transformers", "ViTModel"),
+    "hf_clip_b": ("transformers", "CLIPVisionModel"),
+}
+
+
+def _build_vit(key, device):
+    """The model (random init, eval) of ``key``, or None with the reason when its library is
+    missing. transformers models: ViT-B/16 at 224 px (ViTConfig's defaults) and the CLIP
+    ViT-B/16 vision tower (CLIPVisionConfig with ViT-B/16's sizes), sdpa attention."""
+    library, name = VIT_MODELS[key]
+    torch.manual_seed(0)
+    if library == "timm":
+        try:
+            import timm
+        except ImportError:
+            return None, "timm is not installed"
+        return timm.create_model(name, pretrained=False).to(device).eval(), name
     try:
-        import timm
+        import transformers
     except ImportError:
-        notes.append("ViT end to end skipped: timm is not installed (run in the integration "
-                     "venv: .ci/venv-int/bin/python benchmarks/bench_tome.py --vit)")
-        return
+        return None, "transformers is not installed"
+    if name == "ViTModel":
+        cfg = transformers.ViTConfig(image_size=224, patch_size=16, attn_implementation="sdpa")
+        label = "transformers ViTModel ViT-B/16"
+    else:
+        cfg = transformers.CLIPVisionConfig(hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12,
+                                            image_size=224, patch_size=16,
+                                            attn_implementation="sdpa")
+        label = "transformers CLIPVisionModel ViT-B/16"
+    return getattr(transformers, name)(cfg).to(device).eval(), label
+
+
+def forward_flops(model, x):
+    """FLOPs of one forward (torch.utils.flop_counter: matmuls, convolutions; attention through
+    SDPA's math decomposition, whose matmuls are counted, the fused kernels not being)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.inference_mode(), sdpa_kernel([SDPBackend.MATH]), \
+            FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def vit_throughput(device, batch, iters, rows, notes, models, rs):
+    """End to end: ViTs at 224 px, random init, inference throughput with token_merge at each r
+    against the unpatched model, in one run; and the FLOP ratio of the two."""
     from fisheradaptune import vit
-    for name in models:
-        torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False).to(device).eval()
+    for key in models:
+        model, label = _build_vit(key, device)
+        if model is None:
+            notes.append(f"{key} skipped: {label} (run in the integration venv: "
+                         ".ci/venv-int/bin/python benchmarks/bench_tome.py --vit)")
+            continue
         x = torch.randn(batch, 3, 224, 224, device=device)
-        base = None
+        base = base_flops = None
         for r in (0,) + tuple(rs):
             handle = vit.token_merge(model, r=r) if r else None
+            flops = forward_flops(model, x)
             with torch.inference_mode():
-                t = timeit(lambda: model(x), warmup=2, iters=iters, device=device,
-                           max_seconds=20.0 if device == "cpu" else 5.0)
+                t = timeit(lambda: model(x), warmup=1, iters=iters, device=device,
+                           max_seconds=30.0 if device == "cpu" else 5.0)
                 tokens = handle.sizes.shape[1] if handle is not None else 197
             if handle is not None:
                 handle.remove()
             base = base or t
-            row = {"table": "vit", "model": name, "batch": batch, "r": r, "final_tokens": tokens,
-                   **timing_fields(t), "img_per_s": batch * 1000.0 / t.median_ms}
+            base_flops = base_flops or flops
+            row = {"table": "vit", "model": label, "batch": batch, "r": r,
+                   "final_tokens": tokens, **timing_fields(t),
+                   "img_per_s": batch * 1000.0 / t.median_ms, "gflops": flops / 1e9}
             # speedup = unpatched / patched: the inverse ratio of set_speedup's.
             row["speedup"] = base.median_ms / t.median_ms
             if t.cpu_ms is not None:
                 row["cpu_speedup"] = base.cpu_ms / t.cpu_ms
+            row["flop_ratio"] = base_flops / flops
             rows.append(row)
         del model
-    notes.append("vit: timm models at 224 px, random init (no weights here), eval, "
-                 "inference_mode; r = 0 is the unpatched model; token_merge(model, r) with "
-                 "proportional attention, merging r tokens in every block. speedup = unpatched "
-                 "ms / patched ms. Published reference (ToMe, V100, off the shelf): ViT-B/16 "
-                 "r = 13, 1.65x throughput.")
+    notes.append("vit: models at 224 px, random init (no weights here), eval, inference_mode; "
+                 "r = 0 is the unpatched model; token_merge(model, r) with proportional "
+                 "attention, merging r tokens in every block. speedup = unpatched ms / patched "
+                 "ms; flop_ratio = unpatched FLOPs / patched FLOPs (torch.utils.flop_counter, "
+                 "attention counted through SDPA's math decomposition; the merge itself, ~1 "
+                 "MFLOP per image and block, is not counted): the bound the speed-up approaches "
+                 "when time is proportional to FLOPs. Published reference (ToMe, V100, off the "
+                 "shelf): ViT-B/16 r = 13, 1.65x throughput.")
 
 
 def main():
@@ -203,10 +269,16 @@ def main():
     ap.add_argument("--quick", action="store_true",
                     help="B in (1, 8), C = 384 only, 5 iterations (results *-quick-*)")
     ap.add_argument("--vit", action="store_true",
-                    help="also timm ViT-S/16 and ViT-B/16 end to end (needs timm)")
+                    help="also ViTs end to end (timm ViT-S/16, ViT-B/16; transformers "
+                    "ViT-B/16, CLIP ViT-B/16 vision tower)")
     ap.add_argument("--vit-only", action="store_true", help="only the ViT end to end part")
     ap.add_argument("--vit-batch", type=int, default=None,
                     help="ViT batch (default 8 on CPU, 256 on CUDA)")
+    ap.add_argument("--vit-models", default=None,
+                    help=f"comma-separated, among {','.join(VIT_MODELS)} (default: all; "
+                    "--quick: vit_s)")
+    ap.add_argument("--vit-iters", type=int, default=None,
+                    help="timed forwards per ViT case (default 10; --quick 3)")
     args = ap.parse_args()
     if args.quick:
         args.iters = min(args.iters, 5)
@@ -222,11 +294,15 @@ def main():
               channels=(384,) if args.quick else (384, 768))
     if args.vit or args.vit_only:
         batch = args.vit_batch or (8 if device == "cpu" else 256)
-        vit_throughput(device, batch, 3 if args.quick else 10, rows, notes,
-                       ("vit_small_patch16_224",) if args.quick else
-                       ("vit_small_patch16_224", "vit_base_patch16_224"), (8, 13))
+        models = args.vit_models.split(",") if args.vit_models else \
+            (["vit_s"] if args.quick else list(VIT_MODELS))
+        bad = [m for m in models if m not in VIT_MODELS]
+        if bad:
+            ap.error(f"--vit-models: unknown {bad}; expected among {list(VIT_MODELS)}")
+        vit_throughput(device, batch, args.vit_iters or (3 if args.quick else 10), rows, notes,
+                       models, (8, 13))
     env["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
-    notes += [
+    notes += [] if args.vit_only else [
         "op: fisheradaptune.ops.bipartite_merge; eager: normalise + slice A/B + bmm + max + "
         "argsort + gather + scatter_add (size-weighted) + gather/cat, in the input dtype, "
         "backward by autograd. op_speedup = eager ms / op ms.",

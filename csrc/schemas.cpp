@@ -71,8 +71,13 @@ STABLE_TORCH_LIBRARY(fisheradaptune, m) {
   m.def("bipartite_merge_backward(Tensor grad_out, Tensor? sizes, Tensor dest_index) -> Tensor");
   // TR-PTS sampled weight gradient (SDDMM): out[i, c] = sum_t grad_out[t, i] * x[t, index[i, c]]
   // with grad_out [T, out], x [T, in], index int64 [out, C]; float32 out (float64 for float64
-  // inputs). See Note [Sampled gradient] (csrc/sparse/sampled_grad.h).
-  m.def("sampled_grad(Tensor grad_out, Tensor x, Tensor index) -> Tensor");
+  // inputs). index_checked = true skips the check of index's values (a CUDA synchronisation):
+  // the caller has checked this index already; a stale flag gives NaN, never an out-of-bounds
+  // read. See Note [Sampled gradient] (csrc/sparse/sampled_grad.h) and Note [Checked indices]
+  // (csrc/sparse/sampled_grad_args.cpp).
+  m.def(
+      "sampled_grad(Tensor grad_out, Tensor x, Tensor index, bool index_checked=False) "
+      "-> Tensor");
 }
 
 // The extension is loaded as a Python module so that `import fisheradaptune._C` runs the

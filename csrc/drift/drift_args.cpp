@@ -1,40 +1,45 @@
-#include "drift/drift.h"
+#include "common/validate.h"
 
-#include "validate.h"
+#include <cmath>
+
+#include "drift/drift.h"
 
 namespace fisheradaptune {
 
 namespace {
 
 // The checks js_drift and the sharded mass ops share: two lists of like tensors and a layout.
-void check_drift_lists(const char* op, at::TensorList current, at::TensorList reference,
-                       const at::Tensor& segments, int64_t num_groups,
-                       std::optional<double> update_reference, JsDriftArgs& out) {
+void check_drift_lists(const char* op, const std::vector<Tensor>& current,
+                       const std::vector<Tensor>& reference, const Tensor& segments,
+                       int64_t num_groups, std::optional<double> update_reference,
+                       JsDriftArgs& out) {
   check_same_length(op, "current", current.size(), "reference", reference.size());
   FAT_CHECK_VALUE(num_groups >= 0, op, "num_groups", "expected >= 0, got ", num_groups);
   if (update_reference.has_value()) {
     check_coefficient(op, "update_reference", *update_reference, "a decay", 1.0);
   }
-  const c10::Device device = segments.device().is_cpu() && !current.empty()
-                                 ? current[0].device()
-                                 : segments.device();
+  const Device device =
+      segments.is_cpu() && !current.empty() ? current[0].device() : segments.device();
   out.numels = check_state_list(op, "reference", reference, device);
+  // Each dtype read once (a call into libtorch per read).
+  std::vector<ScalarType> dtypes;
+  dtypes.reserve(reference.size());
+  for (const Tensor& r : reference) dtypes.push_back(r.scalar_type());
   for (size_t i = 0; i < current.size(); ++i) {
     const std::string where = item_name("current", i);
     check_device(op, where, current[i], device);
     check_same_shape(op, where, current[i], reference[i]);
-    FAT_CHECK_TYPE(current[i].scalar_type() == reference[i].scalar_type(), op, where,
-                   "expected the dtype of reference[", i, "] (", reference[i].scalar_type(),
-                   "), got ", current[i].scalar_type());
-    out.current.push_back(current[i].contiguous());
+    const ScalarType dtype = current[i].scalar_type();
+    FAT_CHECK_VALUE(dtype == dtypes[i], op, where, "expected the dtype of reference[", i, "] (",
+                    dtypes[i], "), got ", dtype);
+    out.current.push_back(as_contiguous(current[i]));
   }
   for (size_t i = 1; i < reference.size(); ++i) {
-    FAT_CHECK_TYPE(reference[i].scalar_type() == reference[0].scalar_type(), op,
-                   item_name("reference", i), "expected every tensor to share the dtype of ",
-                   "reference[0] (", reference[0].scalar_type(), "), got ",
-                   reference[i].scalar_type());
+    FAT_CHECK_VALUE(dtypes[i] == dtypes[0], op, item_name("reference", i),
+                    "expected every tensor to share the dtype of reference[0] (", dtypes[0],
+                    "), got ", dtypes[i]);
   }
-  out.reference.assign(reference.begin(), reference.end());
+  out.reference = reference;
   out.segments = read_segments(op, "segments", segments, out.numels, num_groups);
 }
 
@@ -42,7 +47,7 @@ void check_drift_lists(const char* op, at::TensorList current, at::TensorList re
 // kernels read them) and js_mass_partial's totals are read while it runs. Without an update
 // nothing is written and any sharing is fine (e.g. current and reference the same tensors).
 void check_drift_aliasing(const char* op, const JsDriftArgs& a,
-                          std::optional<double> update_reference, const at::Tensor* totals) {
+                          std::optional<double> update_reference, const Tensor* totals) {
   if (!update_reference.has_value()) return;
   std::vector<MemoryArg> mem;
   mem.reserve(2 * a.reference.size() + 1);
@@ -59,10 +64,10 @@ void check_drift_aliasing(const char* op, const JsDriftArgs& a,
 
 }  // namespace
 
-JsDriftArgs validate_js_drift(at::TensorList current, at::TensorList reference,
-                              const at::Tensor& segments, int64_t num_groups,
-                              c10::string_view drift_mode, int64_t bins, double lower_q,
-                              double upper_q, double min_log_range,
+JsDriftArgs validate_js_drift(const std::vector<Tensor>& current,
+                              const std::vector<Tensor>& reference, const Tensor& segments,
+                              int64_t num_groups, const std::string& drift_mode, int64_t bins,
+                              double lower_q, double upper_q, double min_log_range,
                               std::optional<double> update_reference) {
   constexpr const char* op = "js_drift";
   JsDriftArgs out;
@@ -72,7 +77,7 @@ JsDriftArgs validate_js_drift(at::TensorList current, at::TensorList reference,
     out.mode = DriftMode::kHistogram;
   } else {
     FAT_CHECK_VALUE(false, op, "drift_mode", "expected \"mass\" or \"histogram\", got \"",
-                    std::string(drift_mode), "\"");
+                    drift_mode, "\"");
   }
   // One bound on every backend: the CUDA kernels count bins in 32-bit shared-memory slots and
   // index 2 * bins of them in int32; without a bound, bins = 2^31 on the CPU allocated two
@@ -89,17 +94,17 @@ JsDriftArgs validate_js_drift(at::TensorList current, at::TensorList reference,
   return out;
 }
 
-JsDriftArgs validate_js_mass(const char* op, at::TensorList current, at::TensorList reference,
-                             const at::Tensor& segments, int64_t num_groups,
-                             const std::optional<at::Tensor>& totals,
+JsDriftArgs validate_js_mass(const char* op, const std::vector<Tensor>& current,
+                             const std::vector<Tensor>& reference, const Tensor& segments,
+                             int64_t num_groups, const std::optional<Tensor>& totals,
                              std::optional<double> update_reference) {
   JsDriftArgs out;
   check_drift_lists(op, current, reference, segments, num_groups, update_reference, out);
   if (totals.has_value()) {
-    const at::Tensor& t = *totals;
-    const c10::Device device = current.empty() ? segments.device() : current[0].device();
-    FAT_CHECK_TYPE(t.scalar_type() == at::kDouble, op, "totals", "expected float64, got ",
-                   t.scalar_type());
+    const Tensor& t = *totals;
+    const Device device = current.empty() ? segments.device() : current[0].device();
+    FAT_CHECK_VALUE(t.scalar_type() == ScalarType::Double, op, "totals",
+                    "expected float64, got ", t.scalar_type());
     FAT_CHECK_VALUE(t.dim() == 2 && t.size(0) == 2 && t.size(1) == num_groups, op, "totals",
                     "expected shape [2, ", num_groups, "], got ", t.sizes());
     check_device(op, "totals", t, device);

@@ -5,7 +5,7 @@
 // thread count.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include "common/stable.h"
 
 #include <cstdint>
 #include <optional>
@@ -15,8 +15,8 @@
 namespace fisheradaptune {
 
 // The dtype of the state (float32 for empty lists); current shares it (validate_js_drift).
-inline at::ScalarType state_dtype(const JsDriftArgs& a) {
-  return a.reference.empty() ? at::kFloat : a.reference[0].scalar_type();
+inline ScalarType state_dtype(const JsDriftArgs& a) {
+  return a.reference.empty() ? ScalarType::Float : a.reference[0].scalar_type();
 }
 
 // Mode "mass": out[g] = the distance of group g. With rho, the reference update is fused into

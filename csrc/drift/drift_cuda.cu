@@ -1,34 +1,32 @@
 // CUDA kernel of js_drift: validates, then runs the mode's algorithm (drift_cuda.cuh).
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include "common/stable.h"
 
-#include "cuda/multi_tensor.cuh"
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/multi_tensor.cuh"
 #include "drift/drift.h"
 #include "drift/drift_cuda.cuh"
 
 namespace fisheradaptune {
 namespace {
 
-at::Tensor js_drift_cuda(at::TensorList current, at::TensorList reference,
-                         const at::Tensor& segments, int64_t num_groups,
-                         c10::string_view drift_mode, int64_t bins, double lower_q,
-                         double upper_q, double min_log_range, bool base2,
-                         std::optional<double> update_reference) {
+Tensor js_drift_cuda(const std::vector<Tensor>& current, const std::vector<Tensor>& reference,
+                     const Tensor& segments, int64_t num_groups, const std::string& drift_mode,
+                     int64_t bins, double lower_q, double upper_q, double min_log_range,
+                     bool base2, std::optional<double> update_reference) {
   mt::check_not_capturing("js_drift", "it uploads per-call chunk tables from pinned host memory",
                           current.empty() ? segments : current[0]);
   const JsDriftArgs a =
       validate_js_drift(current, reference, segments, num_groups, drift_mode, bins, lower_q,
                         upper_q, min_log_range, update_reference);
   // The device validate_js_drift checked every tensor against.
-  const c10::Device device = current.empty() ? segments.device() : current[0].device();
-  TORCH_CHECK(device.is_cuda(), "fisheradaptune.js_drift: the CUDA kernel got tensors on ",
-              device);
-  const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor out = at::empty({num_groups}, at::TensorOptions().dtype(at::kFloat).device(device));
+  const Tensor& on = cuda_anchor("js_drift", current, segments);
+  const Device device = on.device();
+  const mt::TensorDeviceGuard guard(on);
+  const cudaStream_t stream = mt::current_stream(on.get_device_index());
+  Tensor out = empty({num_groups}, ScalarType::Float, device);
   // Validation admits only float32 state on CUDA, and current shares reference's dtype.
   if (a.mode == DriftMode::kMass) {
     mass_drift_cuda(a, num_groups, update_reference, base2, out, stream);
@@ -42,8 +40,8 @@ at::Tensor js_drift_cuda(at::TensorList current, at::TensorList reference,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) {
-  m.impl("js_drift", &js_drift_cuda);
+STABLE_TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) {
+  m.impl("js_drift", TORCH_BOX(&js_drift_cuda));
 }
 
 }  // namespace fisheradaptune

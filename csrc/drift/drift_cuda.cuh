@@ -3,19 +3,20 @@
 // "mass" and the sharded mass ops; drift_histogram_cuda.cu: mode "histogram"). Every pass is one
 // launch over all groups' chunks (a block knows its chunk's group), never one per group, and
 // nothing is read back to the host: with CPU segments (what the Python wrappers pass) the call is
-// asynchronous (Note [Segments on the host], plan.h). The chunk tables are uploaded from pinned
-// host memory, so the ops refuse CUDA-graph capture (Note [No CUDA-graph capture],
-// cuda/multi_tensor.cuh).
+// asynchronous (Note [Segments on the host], common/validate.h). The chunk tables are uploaded
+// from pinned host memory, so the ops refuse CUDA-graph capture (Note [No CUDA-graph capture],
+// common/multi_tensor.cuh).
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/core/Device.h>
+#include "common/stable.h"
+
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
-#include "cuda/multi_tensor.cuh"
+#include "common/multi_tensor.cuh"
 #include "drift/drift.h"
 
 namespace fisheradaptune {
@@ -48,19 +49,41 @@ __device__ __forceinline__ void for_values(const float* p, int64_t n, Body&& bod
       });
 }
 
+// The tensor whose device the op runs on, the one validation checked every tensor against
+// (validate_js_drift, validate_js_mass): current[0], or segments for empty lists. Dispatch
+// reaches a CUDA kernel only with some CUDA tensor, and validation then names any tensor on
+// another device, so the check is an invariant (RuntimeError).
+inline const Tensor& cuda_anchor(const char* op, const std::vector<Tensor>& current,
+                                 const Tensor& segments) {
+  const Tensor& on = current.empty() ? segments : current[0];
+  FAT_CHECK_RUNTIME(on.is_cuda(), "fisheradaptune.", op, ": the CUDA kernel got tensors on ",
+                    on.device());
+  return on;
+}
+
+// The reference pointers of a chunk table (DriftChunk::reference): write access only for a call
+// that updates the reference, the only case in which a kernel writes through them.
+inline std::vector<float*> reference_ptrs(const JsDriftArgs& a, bool update) {
+  if (update) return mutable_ptrs<float>(a.reference);
+  std::vector<float*> out;
+  out.reserve(a.reference.size());
+  for (const float* p : const_ptrs<float>(a.reference)) out.push_back(const_cast<float*>(p));
+  return out;
+}
+
 // Mode "mass": out[g] = the distance of group g (float32 [num_groups] on the device). With rho,
 // the reference update is fused into the scoring pass (every element, after it is read).
 void mass_drift_cuda(const JsDriftArgs& a, int64_t num_groups, std::optional<double> rho,
-                     bool base2, const at::Tensor& out, cudaStream_t stream);
+                     bool base2, const Tensor& out, cudaStream_t stream);
 
 // reference = rho * reference + (1 - rho) * current over every element, bitwise the CPU's
 // (drift_mass_cuda.cu, EmaOp); the histogram mode's update, after it has scored every group.
-void update_reference_cuda(const JsDriftArgs& a, double rho, const c10::Device& device,
+void update_reference_cuda(const JsDriftArgs& a, double rho, const Device& device,
                            cudaStream_t stream);
 
 // Mode "histogram": out[g] = the distance of group g; reads the reference only.
 void histogram_drift_cuda(const JsDriftArgs& a, int64_t num_groups, int64_t bins,
                           double lower_q, double upper_q, double min_log_range, bool base2,
-                          const at::Tensor& out, cudaStream_t stream);
+                          const Tensor& out, cudaStream_t stream);
 
 }  // namespace fisheradaptune

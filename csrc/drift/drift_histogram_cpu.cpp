@@ -2,19 +2,17 @@
 // the union of both snapshots' log-magnitudes give the bin range, then both snapshots are binned
 // and the JS distance of the two histograms taken. One group per task, so results do not depend
 // on the thread count. Called by js_drift's CPU kernel (drift_cpu.cpp).
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
+#include "common/stable.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
+#include "common/plan.h"
 #include "drift/drift.h"
 #include "drift/drift_cpu.h"
 #include "drift/drift_math.h"
-#include "plan.h"
 
 namespace fisheradaptune {
 namespace {
@@ -52,14 +50,14 @@ double log_quantile(std::vector<S>& absval, double q) {
 constexpr int64_t kDenseBins = int64_t(1) << 16;
 
 template <typename S>
-double sparse_histogram_js(const JsDriftArgs& a, const std::vector<Segment>& segs, double lo,
-                           double hi, int64_t bins, std::vector<int64_t>& ic,
-                           std::vector<int64_t>& ir) {
+double sparse_histogram_js(const std::vector<const S*>& cur, const std::vector<const S*>& ref,
+                           const std::vector<Segment>& segs, double lo, double hi, int64_t bins,
+                           std::vector<int64_t>& ic, std::vector<int64_t>& ir) {
   ic.clear();
   ir.clear();
   for (const Segment& s : segs) {
-    const S* x = a.current[s.tensor].const_data_ptr<S>();
-    const S* y = a.reference[s.tensor].const_data_ptr<S>();
+    const S* x = cur[s.tensor];
+    const S* y = ref[s.tensor];
     for (int64_t i = s.begin; i < s.end; ++i) {
       const int64_t bx = bin_of(log_magnitude(static_cast<double>(x[i])), lo, hi, bins);
       const int64_t by = bin_of(log_magnitude(static_cast<double>(y[i])), lo, hi, bins);
@@ -95,7 +93,8 @@ void histogram_drift(const JsDriftArgs& a, int64_t G, int64_t bins, double lower
   for (const Segment& s : a.segments) by_group[s.group].push_back(s);
   // Note [Sparse histogram]: dense count arrays up to kDenseBins bins.
   const bool dense = bins <= kDenseBins;
-  at::parallel_for(0, G, 1, [&](int64_t glo, int64_t ghi) {
+  const std::vector<const S*> cur = const_ptrs<S>(a.current), ref = const_ptrs<S>(a.reference);
+  st::parallel_for(0, G, 1, [&](int64_t glo, int64_t ghi) {
     std::vector<S> absval;
     std::vector<double> hc(dense ? bins : 0), hr(dense ? bins : 0);
     std::vector<int64_t> ic, ir;  // the sparse path's bin indices
@@ -103,8 +102,8 @@ void histogram_drift(const JsDriftArgs& a, int64_t G, int64_t bins, double lower
       absval.clear();
       double tc = 0, tr = 0;
       for (const Segment& s : by_group[g]) {
-        const S* x = a.current[s.tensor].const_data_ptr<S>();
-        const S* y = a.reference[s.tensor].const_data_ptr<S>();
+        const S* x = cur[s.tensor];
+        const S* y = ref[s.tensor];
         for (int64_t i = s.begin; i < s.end; ++i) {
           absval.push_back(std::abs(x[i]));
           absval.push_back(std::abs(y[i]));
@@ -120,15 +119,15 @@ void histogram_drift(const JsDriftArgs& a, int64_t G, int64_t bins, double lower
       // Note [Histogram range] (drift/drift_math.h): never an empty range.
       const double hi = histogram_hi(lo, log_quantile(absval, upper_q), min_log_range);
       if (!dense) {
-        const double js = sparse_histogram_js<S>(a, by_group[g], lo, hi, bins, ic, ir);
+        const double js = sparse_histogram_js<S>(cur, ref, by_group[g], lo, hi, bins, ic, ir);
         out[g] = static_cast<float>(js_distance(js, base2));
         continue;
       }
       std::fill(hc.begin(), hc.end(), 0.0);
       std::fill(hr.begin(), hr.end(), 0.0);
       for (const Segment& s : by_group[g]) {
-        const S* x = a.current[s.tensor].const_data_ptr<S>();
-        const S* y = a.reference[s.tensor].const_data_ptr<S>();
+        const S* x = cur[s.tensor];
+        const S* y = ref[s.tensor];
         for (int64_t i = s.begin; i < s.end; ++i) {
           const int64_t bx = bin_of(log_magnitude(static_cast<double>(x[i])), lo, hi, bins);
           const int64_t by = bin_of(log_magnitude(static_cast<double>(y[i])), lo, hi, bins);
@@ -154,7 +153,7 @@ void histogram_drift(const JsDriftArgs& a, int64_t G, int64_t bins, double lower
 
 void histogram_drift_cpu(const JsDriftArgs& a, int64_t num_groups, int64_t bins, double lower_q,
                          double upper_q, double min_log_range, bool base2, float* out) {
-  AT_DISPATCH_FLOATING_TYPES(state_dtype(a), "js_drift_cpu", [&] {
+  FAT_DISPATCH_FLOATING(state_dtype(a), "js_drift_cpu", [&] {
     histogram_drift<scalar_t>(a, num_groups, bins, lower_q, upper_q, min_log_range, base2, out);
   });
 }

@@ -22,23 +22,22 @@
 // bin edge may land in the neighbouring bin: histogram distances agree with the CPU's closely,
 // not bitwise. The reference update (EmaOp, and the update fused into MassScoreOp) IS bitwise
 // the CPU's.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/zeros.h>
+#include "common/stable.h"
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-#include "cuda/multi_tensor.cuh"
+#include "common/multi_tensor.cuh"
+#include "common/plan.h"
 #include "drift/drift.h"
 #include "drift/drift_cuda.cuh"
 #include "drift/drift_math.h"
-#include "plan.h"
 
 namespace fisheradaptune {
 namespace {
 
-// kChunk: Note [Chunk and block sizes] (plan.h).
+// kChunk: Note [Chunk and block sizes] (common/plan.h).
 
 constexpr int kTargets = 4;  // floor(h) and floor(h)+1 of both quantiles
 constexpr int kRadixPasses = 3;
@@ -317,17 +316,18 @@ constexpr int64_t kSharedBinsMax = mt::kMaxDynamicSmem / (2 * sizeof(unsigned));
 
 void histogram_drift_cuda(const JsDriftArgs& a, int64_t G, int64_t bins, double lower_q,
                           double upper_q, double min_log_range, bool base2,
-                          const at::Tensor& out, cudaStream_t stream) {
+                          const Tensor& out, cudaStream_t stream) {
   if (G == 0) return;
-  const c10::Device device = out.device();
+  const Device device = out.device();
   // bins <= kMaxBins = 2^30: checked for every backend by validate_js_drift (drift/drift_args.cpp).
   const Plan plan = make_plan(a.segments, a.numels, G, kChunk, /*cover_gaps=*/false);
+  const std::vector<const float*> cur = const_ptrs<float>(a.current);
+  const std::vector<float*> ref = reference_ptrs(a, /*update=*/false);  // read only
   std::vector<DriftChunk> table;
   table.reserve(plan.group_chunks.size());
   for (const int64_t k : mt::group_ordered(plan, /*with_ungrouped=*/false)) {
     const Chunk& c = plan.chunks[k];
-    table.push_back(DriftChunk{a.current[c.tensor].const_data_ptr<float>() + c.begin,
-                               a.reference[c.tensor].data_ptr<float>() + c.begin,
+    table.push_back(DriftChunk{cur[c.tensor] + c.begin, ref[c.tensor] + c.begin,
                                c.end - c.begin, c.group});
   }
 
@@ -367,13 +367,12 @@ void histogram_drift_cuda(const JsDriftArgs& a, int64_t G, int64_t bins, double 
   const int64_t per_group = radix_per_group + 2 * bins;  // 64-bit counters
   const int64_t batch = std::clamp<int64_t>(kBatchBytes / (8 * per_group), 1, G);
   // Zeroed once; every kernel that reads rows clears them for the next pass or batch.
-  const at::Tensor scratch =
-      at::zeros({batch * per_group}, at::TensorOptions().dtype(at::kLong).device(device));
-  auto* hist = reinterpret_cast<unsigned long long*>(scratch.data_ptr<int64_t>());
+  const Tensor scratch = zeros({batch * per_group}, ScalarType::Long, device);
+  auto* hist = reinterpret_cast<unsigned long long*>(scratch.mutable_data_ptr<int64_t>());
   auto* counts = hist + batch * radix_per_group;
   const bool in_shared = bins <= kSharedBinsMax;
   const size_t smem = in_shared ? static_cast<size_t>(2 * bins) * sizeof(unsigned) : 0;
-  float* o = out.data_ptr<float>();
+  float* o = out.mutable_data_ptr<float>();
 
   for (int64_t g0 = 0; g0 < G; g0 += batch) {
     const int64_t g1 = std::min(G, g0 + batch);

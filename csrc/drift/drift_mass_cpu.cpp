@@ -2,33 +2,25 @@
 // js_mass_totals / js_mass_partial (its two halves, Note [Sharded drift] in drift/drift_math.h).
 // Reductions are per chunk and then per group in plan order, so results do not depend on the
 // thread count.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
+#include "common/stable.h"
 
 #include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <optional>
+#include <vector>
 
+#include "common/plan.h"
 #include "common/simd.h"
 #include "drift/drift.h"
 #include "drift/drift_cpu.h"
 #include "drift/drift_math.h"
-#include "plan.h"
 
 namespace fisheradaptune {
 namespace {
 
-// kChunk and kBlock: Note [Chunk and block sizes] (plan.h).
-
-template <typename S>
-const S* cptr(const at::Tensor& t, const Chunk& c) {
-  return t.const_data_ptr<S>() + c.begin;
-}
+// kChunk and kBlock: Note [Chunk and block sizes] (common/plan.h).
 
 // Natural log of x > 0 in double, branch-free so that it vectorises (Note [CPU vectorisation]):
 // x = 2^e * m with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(t), t = (m-1)/(m+1), |t| < 0.172,
@@ -113,11 +105,12 @@ void mass_totals(const JsDriftArgs& a, const Plan& plan, std::vector<double>& tc
                  std::vector<double>& tr) {
   const int64_t G = static_cast<int64_t>(tc.size());
   std::vector<double> pc(plan.chunks.size()), pr(plan.chunks.size());
-  at::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  const std::vector<const S*> cur = const_ptrs<S>(a.current), ref = const_ptrs<S>(a.reference);
+  st::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const Chunk& c = plan.chunks[k];
-      const S* x = cptr<S>(a.current[c.tensor], c);
-      const S* y = cptr<S>(a.reference[c.tensor], c);
+      const S* x = cur[c.tensor] + c.begin;
+      const S* y = ref[c.tensor] + c.begin;
       double sx = 0, sy = 0;
       abs_sums(x, y, c.end - c.begin, sx, sy);
       pc[k] = sx;
@@ -146,16 +139,21 @@ void mass_partial(const JsDriftArgs& a, int64_t G, const double* tc, const doubl
                   std::optional<double> rho, double* out) {
   const Plan plan = make_plan(a.segments, a.numels, G, kChunk, /*cover_gaps=*/rho.has_value());
   std::vector<double> partial(plan.chunks.size(), 0.0);
-  at::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  const std::vector<const S*> cur = const_ptrs<S>(a.current);
+  // Write access to the reference only for an update; a read-only call reads it as const.
+  const std::vector<S*> ref_out = rho ? mutable_ptrs<S>(a.reference) : std::vector<S*>();
+  const std::vector<const S*> ref =
+      rho ? std::vector<const S*>(ref_out.begin(), ref_out.end()) : const_ptrs<S>(a.reference);
+  st::parallel_for(0, static_cast<int64_t>(plan.chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const Chunk& c = plan.chunks[k];
       const int64_t n = c.end - c.begin;
-      const S* x = cptr<S>(a.current[c.tensor], c);
-      S* y = a.reference[c.tensor].data_ptr<S>() + c.begin;
+      const S* x = cur[c.tensor] + c.begin;
+      const S* y = ref[c.tensor] + c.begin;
       if (c.group >= 0 && tc[c.group] > 0 && tr[c.group] > 0) {
         partial[k] = js_sum(x, y, n, mass_scale(tc[c.group]), mass_scale(tr[c.group]));
       }
-      if (rho) ema_chunk<S>(y, x, n, static_cast<S>(*rho));
+      if (rho) ema_chunk<S>(ref_out[c.tensor] + c.begin, x, n, static_cast<S>(*rho));
     }
   });
   for (int64_t g = 0; g < G; ++g) {
@@ -181,32 +179,34 @@ void mass_drift(const JsDriftArgs& a, int64_t G, std::optional<double> rho, bool
   }
 }
 
-at::Tensor js_mass_totals_cpu(at::TensorList current, at::TensorList reference,
-                              const at::Tensor& segments, int64_t num_groups) {
+Tensor js_mass_totals_cpu(const std::vector<Tensor>& current,
+                          const std::vector<Tensor>& reference, const Tensor& segments,
+                          int64_t num_groups) {
   const JsDriftArgs a = validate_js_mass("js_mass_totals", current, reference, segments,
                                          num_groups, std::nullopt, std::nullopt);
-  at::Tensor out = at::zeros({2, num_groups}, segments.options().dtype(at::kDouble).device(at::kCPU));
+  Tensor out = zeros({2, num_groups}, ScalarType::Double, cpu_device());
   std::vector<double> tc(num_groups, 0.0), tr(num_groups, 0.0);
-  AT_DISPATCH_FLOATING_TYPES(state_dtype(a), "js_mass_totals_cpu", [&] {
+  FAT_DISPATCH_FLOATING(state_dtype(a), "js_mass_totals_cpu", [&] {
     mass_totals<scalar_t>(a, make_plan(a.segments, a.numels, num_groups, kChunk, false), tc, tr);
   });
-  double* o = out.data_ptr<double>();
+  double* o = out.mutable_data_ptr<double>();
   std::copy(tc.begin(), tc.end(), o);
   std::copy(tr.begin(), tr.end(), o + num_groups);
   return out;
 }
 
-at::Tensor js_mass_partial_cpu(at::TensorList current, at::TensorList reference,
-                               const at::Tensor& segments, int64_t num_groups,
-                               const at::Tensor& totals, std::optional<double> update_reference) {
+Tensor js_mass_partial_cpu(const std::vector<Tensor>& current,
+                           const std::vector<Tensor>& reference, const Tensor& segments,
+                           int64_t num_groups, const Tensor& totals,
+                           std::optional<double> update_reference) {
   const JsDriftArgs a = validate_js_mass("js_mass_partial", current, reference, segments,
                                          num_groups, totals, update_reference);
-  const at::Tensor t = totals.contiguous();
-  at::Tensor out = at::empty({num_groups}, segments.options().dtype(at::kDouble).device(at::kCPU));
+  const Tensor t = as_contiguous(totals);
+  Tensor out = empty({num_groups}, ScalarType::Double, cpu_device());
   const double* tc = t.const_data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES(state_dtype(a), "js_mass_partial_cpu", [&] {
-    mass_partial<scalar_t>(a, num_groups, tc, tc + num_groups, update_reference,
-                           out.data_ptr<double>());
+  double* o = out.mutable_data_ptr<double>();
+  FAT_DISPATCH_FLOATING(state_dtype(a), "js_mass_partial_cpu", [&] {
+    mass_partial<scalar_t>(a, num_groups, tc, tc + num_groups, update_reference, o);
   });
   return out;
 }
@@ -215,28 +215,30 @@ at::Tensor js_mass_partial_cpu(at::TensorList current, at::TensorList reference,
 
 void mass_drift_cpu(const JsDriftArgs& a, int64_t num_groups, std::optional<double> rho,
                     bool base2, float* out) {
-  AT_DISPATCH_FLOATING_TYPES(state_dtype(a), "js_drift_cpu", [&] {
+  FAT_DISPATCH_FLOATING(state_dtype(a), "js_drift_cpu", [&] {
     mass_drift<scalar_t>(a, num_groups, rho, base2, out);
   });
 }
 
 void update_reference_cpu(const JsDriftArgs& a, double rho) {
-  AT_DISPATCH_FLOATING_TYPES(state_dtype(a), "js_drift_cpu", [&] {
+  FAT_DISPATCH_FLOATING(state_dtype(a), "js_drift_cpu", [&] {
     const Plan all = make_plan({}, a.numels, 0, kChunk, /*cover_gaps=*/true);
     const auto r = static_cast<scalar_t>(rho);
-    at::parallel_for(0, static_cast<int64_t>(all.chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    const std::vector<const scalar_t*> cur = const_ptrs<scalar_t>(a.current);
+    const std::vector<scalar_t*> ref = mutable_ptrs<scalar_t>(a.reference);
+    st::parallel_for(0, static_cast<int64_t>(all.chunks.size()), 1, [&](int64_t lo, int64_t hi) {
       for (int64_t k = lo; k < hi; ++k) {
         const Chunk& c = all.chunks[k];
-        ema_chunk<scalar_t>(a.reference[c.tensor].data_ptr<scalar_t>() + c.begin,
-                            cptr<scalar_t>(a.current[c.tensor], c), c.end - c.begin, r);
+        ema_chunk<scalar_t>(ref[c.tensor] + c.begin, cur[c.tensor] + c.begin, c.end - c.begin,
+                            r);
       }
     });
   });
 }
 
-TORCH_LIBRARY_IMPL(fisheradaptune, CPU, m) {
-  m.impl("js_mass_totals", &js_mass_totals_cpu);
-  m.impl("js_mass_partial", &js_mass_partial_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fisheradaptune, CPU, m) {
+  m.impl("js_mass_totals", TORCH_BOX(&js_mass_totals_cpu));
+  m.impl("js_mass_partial", TORCH_BOX(&js_mass_partial_cpu));
 }
 
 }  // namespace fisheradaptune

@@ -1,27 +1,24 @@
 // js_drift's mode "mass" on CUDA (semantics: drift_mass_cpu.cpp), and the sharded mass ops
 // js_mass_totals / js_mass_partial (its two halves, Note [Sharded drift] in drift/drift_math.h):
 // pass 1 sums |current| and |reference| per chunk, then per group; pass 2 sums js_term per chunk
-// (and updates the reference), then per group (Note [Group order], cuda/multi_tensor.cuh).
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+// (and updates the reference), then per group (Note [Group order], common/multi_tensor.cuh).
+#include "common/stable.h"
 
 #include <cmath>
+#include <optional>
+#include <string>
+#include <vector>
 
-#include "cuda/multi_tensor.cuh"
+#include "common/multi_tensor.cuh"
+#include "common/plan.h"
 #include "drift/drift.h"
 #include "drift/drift_cuda.cuh"
 #include "drift/drift_math.h"
-#include "plan.h"
 
 namespace fisheradaptune {
 namespace {
 
-// kChunk: Note [Chunk and block sizes] (plan.h).
+// kChunk: Note [Chunk and block sizes] (common/plan.h).
 
 // The reference EMA with the CPU's rounding: rho * ref + (1 - rho) * cur in float, no fma
 // (the CPU's ema_chunk, built with -ffp-contract=off; __fmul_rn / __fadd_rn are never
@@ -190,16 +187,18 @@ struct MassTable {
   int64_t count;        // all chunks
 };
 
-// Builds and uploads the table, and calls body(table) while it is alive.
+// Builds and uploads the table, and calls body(table) while it is alive. `gaps` is set exactly
+// when the call updates the reference.
 template <typename Body>
-void with_mass_table(const JsDriftArgs& a, int64_t G, bool gaps, const c10::Device& device,
+void with_mass_table(const JsDriftArgs& a, int64_t G, bool gaps, const Device& device,
                      Body body) {
   const Plan plan = make_plan(a.segments, a.numels, G, kChunk, /*cover_gaps=*/gaps);
+  const std::vector<const float*> cur = const_ptrs<float>(a.current);
+  const std::vector<float*> ref = reference_ptrs(a, /*update=*/gaps);
   std::vector<DriftChunk> table;
   for (const int64_t k : mt::group_ordered(plan, /*with_ungrouped=*/gaps)) {
     const Chunk& c = plan.chunks[k];
-    table.push_back(DriftChunk{a.current[c.tensor].const_data_ptr<float>() + c.begin,
-                               a.reference[c.tensor].data_ptr<float>() + c.begin,
+    table.push_back(DriftChunk{cur[c.tensor] + c.begin, ref[c.tensor] + c.begin,
                                c.end - c.begin, c.group});
   }
   mt::DeviceBundle bundle;
@@ -212,12 +211,11 @@ void with_mass_table(const JsDriftArgs& a, int64_t G, bool gaps, const c10::Devi
 }
 
 // Mass mode, first half: tc[g] = sum |current|, tr[g] = sum |reference| over each group.
-void mass_totals(const MassTable& t, int64_t G, double* tc, double* tr,
-                 const c10::Device& device, cudaStream_t stream) {
+void mass_totals(const MassTable& t, int64_t G, double* tc, double* tr, const Device& device,
+                 cudaStream_t stream) {
   if (G == 0) return;
-  const at::Tensor scratch = at::empty({2 * t.num_grouped + 1},
-                                       at::TensorOptions().dtype(at::kDouble).device(device));
-  double* pc = scratch.data_ptr<double>();
+  const Tensor scratch = empty({2 * t.num_grouped + 1}, ScalarType::Double, device);
+  double* pc = scratch.mutable_data_ptr<double>();
   double* pr = pc + t.num_grouped;
   mt::launch_chunks(t.chunks, t.num_grouped, MassTotalsOp{pc, pr}, stream);
   mt::launch_groups(G, MassGroupTotalsOp{pc, pr, t.group_offsets, tc, tr}, stream);
@@ -227,13 +225,12 @@ void mass_totals(const MassTable& t, int64_t G, double* tc, double* tr,
 // totals tc, tr; with rho (the table then has the gaps too), also the reference update
 // (every element, after it is scored).
 void mass_partial(const MassTable& t, int64_t G, const double* tc, const double* tr,
-                  std::optional<double> rho, double* js, const c10::Device& device,
+                  std::optional<double> rho, double* js, const Device& device,
                   cudaStream_t stream) {
   const bool update = rho.has_value();
   if (t.count == 0 && G == 0) return;
-  const at::Tensor scratch = at::empty({t.num_grouped + 1},
-                                       at::TensorOptions().dtype(at::kDouble).device(device));
-  double* partials = scratch.data_ptr<double>();
+  const Tensor scratch = empty({t.num_grouped + 1}, ScalarType::Double, device);
+  double* partials = scratch.mutable_data_ptr<double>();
   const float rho_f = update ? static_cast<float>(*rho) : 0.f;
   const float one_minus = 1.f - rho_f;  // in float, as the CPU's (S(1) - rho)
   mt::launch_chunks(t.chunks, update ? t.count : t.num_grouped,
@@ -245,12 +242,11 @@ void mass_partial(const MassTable& t, int64_t G, const double* tc, const double*
 }  // namespace
 
 void mass_drift_cuda(const JsDriftArgs& a, int64_t G, std::optional<double> rho, bool base2,
-                     const at::Tensor& out, cudaStream_t stream) {
-  const c10::Device device = out.device();
+                     const Tensor& out, cudaStream_t stream) {
+  const Device device = out.device();
   // tc, tr, js: one per group.
-  const at::Tensor scratch =
-      at::zeros({3 * G + 1}, at::TensorOptions().dtype(at::kDouble).device(device));
-  double* tc = scratch.data_ptr<double>();
+  const Tensor scratch = zeros({3 * G + 1}, ScalarType::Double, device);
+  double* tc = scratch.mutable_data_ptr<double>();
   double* tr = tc + G;
   double* js = tr + G;
   with_mass_table(a, G, /*gaps=*/rho.has_value(), device, [&](const MassTable& t) {
@@ -258,20 +254,21 @@ void mass_drift_cuda(const JsDriftArgs& a, int64_t G, std::optional<double> rho,
     mass_partial(t, G, tc, tr, rho, js, device, stream);
   });
   if (G > 0) {
-    mt::launch_groups(G, MassFinishOp{js, tc, tr, out.data_ptr<float>(), base2}, stream);
+    mt::launch_groups(G, MassFinishOp{js, tc, tr, out.mutable_data_ptr<float>(), base2}, stream);
   }
 }
 
-void update_reference_cuda(const JsDriftArgs& a, double rho, const c10::Device& device,
+void update_reference_cuda(const JsDriftArgs& a, double rho, const Device& device,
                            cudaStream_t stream) {
   const Plan all = make_plan({}, a.numels, 0, kChunk, /*cover_gaps=*/true);
   if (all.chunks.empty()) return;
+  const std::vector<const float*> cur = const_ptrs<float>(a.current);
+  const std::vector<float*> ref = reference_ptrs(a, /*update=*/true);
   std::vector<DriftChunk> table;
   table.reserve(all.chunks.size());
   for (const Chunk& c : all.chunks) {
-    table.push_back(DriftChunk{a.current[c.tensor].const_data_ptr<float>() + c.begin,
-                               a.reference[c.tensor].data_ptr<float>() + c.begin,
-                               c.end - c.begin, -1});
+    table.push_back(
+        DriftChunk{cur[c.tensor] + c.begin, ref[c.tensor] + c.begin, c.end - c.begin, -1});
   }
   mt::DeviceBundle bundle;
   const int64_t table_at = bundle.add(table);
@@ -283,59 +280,55 @@ void update_reference_cuda(const JsDriftArgs& a, double rho, const c10::Device& 
 
 namespace {
 
-// The device validate_js_mass checked every tensor against, made current.
-c10::Device mass_device(at::TensorList current, const at::Tensor& segments, const char* op) {
-  const c10::Device device = current.empty() ? segments.device() : current[0].device();
-  TORCH_CHECK(device.is_cuda(), "fisheradaptune.", op, ": the CUDA kernel got tensors on ",
-              device);
-  return device;
-}
-
-at::Tensor js_mass_totals_cuda(at::TensorList current, at::TensorList reference,
-                               const at::Tensor& segments, int64_t num_groups) {
+Tensor js_mass_totals_cuda(const std::vector<Tensor>& current,
+                           const std::vector<Tensor>& reference, const Tensor& segments,
+                           int64_t num_groups) {
   mt::check_not_capturing("js_mass_totals", "it uploads a per-call chunk table from pinned host "
                           "memory", current.empty() ? segments : current[0]);
   const JsDriftArgs a = validate_js_mass("js_mass_totals", current, reference, segments,
                                          num_groups, std::nullopt, std::nullopt);
-  const c10::Device device = mass_device(current, segments, "js_mass_totals");
-  const c10::cuda::CUDAGuard guard(device);
-  at::Tensor out =
-      at::zeros({2, num_groups}, at::TensorOptions().dtype(at::kDouble).device(device));
-  double* o = out.data_ptr<double>();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // The device validate_js_mass checked every tensor against, made current.
+  const Tensor& on = cuda_anchor("js_mass_totals", current, segments);
+  const Device device = on.device();
+  const mt::TensorDeviceGuard guard(on);
+  Tensor out = zeros({2, num_groups}, ScalarType::Double, device);
+  double* o = out.mutable_data_ptr<double>();
+  const cudaStream_t stream = mt::current_stream(on.get_device_index());
   with_mass_table(a, num_groups, /*gaps=*/false, device, [&](const MassTable& t) {
     mass_totals(t, num_groups, o, o + num_groups, device, stream);
   });
   return out;
 }
 
-at::Tensor js_mass_partial_cuda(at::TensorList current, at::TensorList reference,
-                                const at::Tensor& segments, int64_t num_groups,
-                                const at::Tensor& totals,
-                                std::optional<double> update_reference) {
+Tensor js_mass_partial_cuda(const std::vector<Tensor>& current,
+                            const std::vector<Tensor>& reference, const Tensor& segments,
+                            int64_t num_groups, const Tensor& totals,
+                            std::optional<double> update_reference) {
   mt::check_not_capturing("js_mass_partial", "it uploads a per-call chunk table from pinned host "
                           "memory", current.empty() ? segments : current[0]);
   const JsDriftArgs a = validate_js_mass("js_mass_partial", current, reference, segments,
                                          num_groups, totals, update_reference);
-  const c10::Device device = mass_device(current, segments, "js_mass_partial");
-  const c10::cuda::CUDAGuard guard(device);
-  const at::Tensor t = totals.contiguous();
-  at::Tensor out = at::zeros({num_groups}, at::TensorOptions().dtype(at::kDouble).device(device));
+  // The device validate_js_mass checked every tensor against, made current.
+  const Tensor& on = cuda_anchor("js_mass_partial", current, segments);
+  const Device device = on.device();
+  const mt::TensorDeviceGuard guard(on);
+  const Tensor t = as_contiguous(totals);
+  Tensor out = zeros({num_groups}, ScalarType::Double, device);
   const double* tc = t.const_data_ptr<double>();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  double* js = out.mutable_data_ptr<double>();
+  const cudaStream_t stream = mt::current_stream(on.get_device_index());
   with_mass_table(a, num_groups, /*gaps=*/update_reference.has_value(), device,
                   [&](const MassTable& t) {
-    mass_partial(t, num_groups, tc, tc + num_groups, update_reference, out.data_ptr<double>(),
-                 device, stream);
+    mass_partial(t, num_groups, tc, tc + num_groups, update_reference, js, device, stream);
   });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) {
-  m.impl("js_mass_totals", &js_mass_totals_cuda);
-  m.impl("js_mass_partial", &js_mass_partial_cuda);
+STABLE_TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) {
+  m.impl("js_mass_totals", TORCH_BOX(&js_mass_totals_cuda));
+  m.impl("js_mass_partial", TORCH_BOX(&js_mass_partial_cuda));
 }
 
 }  // namespace fisheradaptune

@@ -3,23 +3,17 @@
 // the accumulation type, so each output element is a dot product of two contiguous rows. One warp
 // per output element (grid-stride over the out * C elements): the lanes read coalesced strides of
 // the two rows, accumulate their share in index order and combine by a fixed-tree warp sum
-// (warp_sum, cuda/multi_tensor.cuh). No atomics: bitwise deterministic. validate_sampled_grad
-// checks the index range before the launch (one synchronisation, Note [Sampled gradient]), as on
-// CPU; the kernel still guards every read, so an index rewritten concurrently by another stream
-// yields NaN for that element, never an out-of-bounds read.
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+// (warp_sum, common/multi_tensor.cuh). No atomics: bitwise deterministic. validate_sampled_grad
+// checks the index range before the launch (one synchronisation, Note [Sampled gradient]) unless
+// the caller passed index_checked; the kernel still guards every read, so a stale flag, or an
+// index rewritten concurrently by another stream, yields NaN for that element, never an
+// out-of-bounds read (Note [Checked indices], sparse/sampled_grad_args.cpp).
+#include "common/validate.h"
 
 #include <algorithm>
 #include <limits>
 
-#include "cuda/multi_tensor.cuh"
+#include "common/multi_tensor.cuh"
 #include "sparse/sampled_grad.h"
 
 namespace fisheradaptune {
@@ -54,35 +48,32 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-at::Tensor sampled_grad_cuda(const at::Tensor& grad_out, const at::Tensor& x,
-                             const at::Tensor& index) {
+Tensor sampled_grad_cuda(Tensor grad_out, Tensor x, Tensor index, bool index_checked) {
   mt::check_not_capturing("sampled_grad", "its index range check reads the index's min and max "
                           "back to the host", grad_out);
-  const SampledGradArgs a = validate_sampled_grad(grad_out, x, index);
-  const c10::cuda::CUDAGuard guard(a.grad_out.device());
+  const SampledGradArgs a = validate_sampled_grad(grad_out, x, index, index_checked);
+  const mt::TensorDeviceGuard guard(a.grad_out);
   const int64_t T = a.tokens, R = a.rows, K = a.cols, C = a.picks;
-  if (T == 0 || R * C == 0) {
-    return at::zeros({R, C}, a.grad_out.options().dtype(a.out_dtype));
-  }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor out = at::empty({R, C}, a.grad_out.options().dtype(a.out_dtype));
-  const at::Tensor gt = a.grad_out.t().to(a.out_dtype).contiguous();
-  const at::Tensor xt = a.x.t().to(a.out_dtype).contiguous();
+  if (T == 0 || R * C == 0) return zeros({R, C}, a.out_dtype, a.grad_out.device());
+  const cudaStream_t stream = mt::current_stream(a.grad_out.get_device_index());
+  Tensor out = empty({R, C}, a.out_dtype, a.grad_out.device());
+  const Tensor gt = st::contiguous(st::to(st::transpose(a.grad_out, 0, 1), a.out_dtype));
+  const Tensor xt = st::contiguous(st::to(st::transpose(a.x, 0, 1), a.out_dtype));
   const int64_t count = R * C;
   const int64_t blocks = std::min<int64_t>(kMaxBlocks, (count + kWarps - 1) / kWarps);
-  AT_DISPATCH_FLOATING_TYPES(a.out_dtype, "sampled_grad_cuda", [&] {
+  FAT_DISPATCH_FLOATING(a.out_dtype, "sampled_grad_cuda", [&] {
     sampled_grad_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         gt.const_data_ptr<scalar_t>(), xt.const_data_ptr<scalar_t>(),
-        a.index.const_data_ptr<int64_t>(), out.data_ptr<scalar_t>(), T, K, C, count);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        a.index.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), T, K, C, count);
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) {
-  m.impl("sampled_grad", &sampled_grad_cuda);
+STABLE_TORCH_LIBRARY_IMPL(fisheradaptune, CUDA, m) {
+  m.impl("sampled_grad", TORCH_BOX(&sampled_grad_cuda));
 }
 
 }  // namespace fisheradaptune

@@ -44,5 +44,7 @@ SCHEMAS: Dict[str, str] = {
         "-> (Tensor, Tensor, Tensor)"),
     "bipartite_merge_backward": (
         "bipartite_merge_backward(Tensor grad_out, Tensor? sizes, Tensor dest_index) -> Tensor"),
-    "sampled_grad": "sampled_grad(Tensor grad_out, Tensor x, Tensor index) -> Tensor",
+    "sampled_grad": (
+        "sampled_grad(Tensor grad_out, Tensor x, Tensor index, bool index_checked=False) "
+        "-> Tensor"),
 }

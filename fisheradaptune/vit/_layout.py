@@ -152,3 +152,10 @@ class Layout(abc.ABC):
     def mlp(self, block: nn.Module, x: Tensor) -> Tensor:
         """The block's MLP half, residual included."""
         raise NotImplementedError
+
+    def checkpoint(self, block: nn.Module) -> Optional[Callable]:
+        """``fn(function, x)`` that runs both halves under activation checkpointing when the
+        library would checkpoint this block's own forward now (transformers' gradient
+        checkpointing lives in the class's forward, which the merging path replaces); None
+        when the block is not checkpointed, or is checkpointed by its caller (timm)."""
+        return None

@@ -159,6 +159,20 @@ def original(obj, name: str, inner=None):
     return inner if inner is not None else getattr(type(obj), name).__get__(obj)
 
 
+class OutputCapture:
+    """A module's ``forward`` that keeps its last output (token merging reads the attention keys
+    from the key projection this way, with no second projection). The reader takes ``out`` at
+    once, within the same call, and resets it: no other forward can run in between on this
+    thread."""
+
+    def __init__(self, module: nn.Module, inner=None):
+        self.module, self.inner, self.out = module, inner, None
+
+    def __call__(self, x):
+        self.out = original(self.module, "forward", self.inner)(x)
+        return self.out
+
+
 class PatchedForward:
     """Base of a patched block's ``forward``: holds the handle and the block, refuses an
     attention mask and ``is_causal`` (neither can apply once the number and order of tokens

@@ -19,7 +19,8 @@ from torch import nn
 from ._layout import API_NAMES, Layout, Prefix, refusal
 from ._timm import TimmDistilledLayout, TimmLayout
 from ._torchvision import TorchvisionLayout
-from ._transformers import TransformersDinov2Layout, TransformersViTLayout
+from ._transformers import (TransformersCLIPVisionLayout, TransformersDinov2Layout,
+                            TransformersViTLayout)
 
 ClassRef = Union[str, type]
 
@@ -29,6 +30,7 @@ LAYOUTS: Dict[str, Layout] = {
     "torchvision": TorchvisionLayout(),
     "transformers-vit": TransformersViTLayout(),
     "transformers-dinov2": TransformersDinov2Layout(),
+    "transformers-clip-vision": TransformersCLIPVisionLayout(),
 }
 
 
@@ -71,7 +73,7 @@ class Family:
 
 
 _BOTH = frozenset(API_NAMES)
-_PRUNE = frozenset({"prune_merge"})
+_TOKEN = frozenset({"token_merge"})
 
 _FAMILIES: List[Family] = [
     Family("timm VisionTransformer", "timm",
@@ -91,7 +93,7 @@ _FAMILIES: List[Family] = [
            {"transformers.models.vit.modeling_vit:ViTModel": None,
             "transformers.models.vit.modeling_vit:ViTForImageClassification": "vit"},
            ("transformers.models.vit.modeling_vit:ViTLayer",),
-           ("transformers.models.vit.modeling_vit:ViTAttention",), _PRUNE,
+           ("transformers.models.vit.modeling_vit:ViTAttention",), _BOTH,
            "class token; eager or sdpa attention"),
     Family("transformers DeiT", "transformers-vit",
            {"transformers.models.deit.modeling_deit:DeiTModel": None,
@@ -99,7 +101,7 @@ _FAMILIES: List[Family] = [
             "transformers.models.deit.modeling_deit:DeiTForImageClassificationWithTeacher":
                 "deit"},
            ("transformers.models.deit.modeling_deit:DeiTLayer",),
-           ("transformers.models.deit.modeling_deit:DeiTAttention",), _PRUNE,
+           ("transformers.models.deit.modeling_deit:DeiTAttention",), _BOTH,
            "class + distillation tokens; eager or sdpa attention"),
     Family("transformers AST", "transformers-vit",
            {"transformers.models.audio_spectrogram_transformer."
@@ -110,18 +112,18 @@ _FAMILIES: List[Family] = [
            ("transformers.models.audio_spectrogram_transformer."
             "modeling_audio_spectrogram_transformer:ASTLayer",),
            ("transformers.models.audio_spectrogram_transformer."
-            "modeling_audio_spectrogram_transformer:ASTAttention",), _PRUNE,
+            "modeling_audio_spectrogram_transformer:ASTAttention",), _BOTH,
            "class + distillation tokens; eager or sdpa attention"),
     Family("transformers ViTMSN", "transformers-vit",
            {"transformers.models.vit_msn.modeling_vit_msn:ViTMSNModel": None,
             "transformers.models.vit_msn.modeling_vit_msn:ViTMSNForImageClassification": "vit"},
            ("transformers.models.vit_msn.modeling_vit_msn:ViTMSNLayer",),
-           ("transformers.models.vit_msn.modeling_vit_msn:ViTMSNAttention",), _PRUNE,
+           ("transformers.models.vit_msn.modeling_vit_msn:ViTMSNAttention",), _BOTH,
            "class token; eager or sdpa attention"),
     Family("transformers Dinov2", "transformers-dinov2",
            {"transformers.models.dinov2.modeling_dinov2:Dinov2Model": None},
            ("transformers.models.dinov2.modeling_dinov2:Dinov2Layer",),
-           ("transformers.models.dinov2.modeling_dinov2:Dinov2Attention",), _PRUNE,
+           ("transformers.models.dinov2.modeling_dinov2:Dinov2Attention",), _BOTH,
            "class token; eager or sdpa attention"),
     Family("transformers Dinov2WithRegisters", "transformers-dinov2",
            {"transformers.models.dinov2_with_registers.modeling_dinov2_with_registers:"
@@ -129,8 +131,15 @@ _FAMILIES: List[Family] = [
            ("transformers.models.dinov2_with_registers.modeling_dinov2_with_registers:"
             "Dinov2WithRegistersLayer",),
            ("transformers.models.dinov2_with_registers.modeling_dinov2_with_registers:"
-            "Dinov2WithRegistersAttention",), _PRUNE,
+            "Dinov2WithRegistersAttention",), _BOTH,
            "class + register tokens; eager or sdpa attention"),
+    Family("transformers CLIP vision tower", "transformers-clip-vision",
+           {"transformers.models.clip.modeling_clip:CLIPVisionModel": None,
+            "transformers.models.clip.modeling_clip:CLIPVisionModelWithProjection":
+                "vision_model"},
+           ("transformers.models.clip.modeling_clip:CLIPEncoderLayer",),
+           ("transformers.models.clip.modeling_clip:CLIPAttention",), _TOKEN,
+           "class token; eager or sdpa attention"),
     Family("fisheradaptune demo TinyViT", "timm",
            {"fisheradaptune.demo.models:TinyViT": None},
            ("fisheradaptune.demo.models:_Block",), ("fisheradaptune.demo.models:_Attention",),

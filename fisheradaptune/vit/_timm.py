@@ -10,7 +10,7 @@ import inspect
 from torch import nn
 
 from ._layout import QK, Layout, Prefix, packed_qk, refusal
-from ._patch import original
+from ._patch import OutputCapture
 
 _SUPPORTED_POOLS = ("token", "avg", "")
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -98,7 +98,7 @@ class TimmLayout(Layout):
 
     def prepare(self, handle, block):
         qkv = block.attn.qkv
-        handle._set(qkv, "forward", _QkvCapture(qkv, qkv.__dict__.get("forward")))
+        handle._set(qkv, "forward", OutputCapture(qkv, qkv.__dict__.get("forward")))
 
     def attend(self, block, x, bias):
         attn = block.attn
@@ -125,14 +125,3 @@ class TimmDistilledLayout(TimmLayout):
 
     def pool_start(self, enc):
         return None
-
-
-class _QkvCapture:
-    """timm ``attn.qkv.forward``, keeping its output for the metric (read once, then dropped)."""
-
-    def __init__(self, linear: nn.Linear, inner=None):
-        self.linear, self.inner, self.out = linear, inner, None
-
-    def __call__(self, x):
-        self.out = original(self.linear, "forward", self.inner)(x)
-        return self.out

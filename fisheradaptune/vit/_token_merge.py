@@ -8,7 +8,8 @@ over heads), so the MLP, and every later block, runs on fewer tokens. With propo
 attention, each block after the first merge adds ``log(size)`` of every key to its attention
 logits, through the ``attn_mask`` of ``scaled_dot_product_attention``, so a token standing for
 ``s`` patches weighs as ``s`` copies and attention stays a fused kernel. How each library's
-block is split in two is written in its layout (``_timm.py``, ``_torchvision.py``). A block that
+block is split in two is written in its layout (``_timm.py``, ``_torchvision.py``,
+``_transformers.py``). A block that
 merges nothing and sees no sizes yet runs its own, unpatched ``forward``. Token sizes travel with
 the token tensors (``_state.py``), never on the model.
 """
@@ -73,10 +74,22 @@ class TokenMergeHandle(Patch):
             return y
         # [B, 1, 1, N]: broadcast over heads and queries, so SDPA keeps its fused kernels.
         bias = sizes.log()[:, None, None, :].to(x.dtype) if prop else None
-        x, metric = self.layout.attend(block, x, bias)
+        merged = {}
+
+        def halves(x: Tensor) -> Tensor:
+            x, metric = self.layout.attend(block, x, bias)
+            if r > 0:
+                x, merged["sizes"], merged["dest"] = ops.bipartite_merge(
+                    x, metric, r, num_protected=self.num_protected, sizes=sizes)
+            return self.layout.mlp(block, x)
+
+        # A library that checkpoints inside the block's class forward (transformers) gets the
+        # same recomputation for the merging path; the sizes and dest of a recomputation are
+        # those of the forward (the same inputs).
+        checkpoint = self.layout.checkpoint(block)
+        y = halves(x) if checkpoint is None else checkpoint(halves, x)
         if r > 0:
-            x, out_sizes, dest = ops.bipartite_merge(x, metric, r, num_protected=self.num_protected,
-                                                     sizes=sizes)
+            out_sizes, dest = merged["sizes"], merged["dest"]
             rows = None
             if self.record:
                 rows = state.rows
@@ -88,7 +101,6 @@ class TokenMergeHandle(Patch):
                 self.sizes = out_sizes
                 if rows is not None:
                     self.patch_rows = rows
-        y = self.layout.mlp(block, x)
         self._state_out(y, state)
         return y
 
@@ -163,7 +175,12 @@ def token_merge(model: nn.Module, r: RArg = 16, *, layers: Optional[Sequence[int
             ``token_merge``: timm ``VisionTransformer`` (``global_pool`` ``"token"``, ``"avg"``
             or ``""``; with or without a class token; register tokens) and
             ``VisionTransformerDistilled``, torchvision ``VisionTransformer``, the demo's
-            ``TinyViT``. Any other class is refused, naming it and the supported families.
+            ``TinyViT``; transformers ``ViTModel`` / ``ViTForImageClassification``,
+            ``DeiTModel`` / ``DeiTForImageClassification(WithTeacher)``, ``ViTMSNModel`` /
+            ``ViTMSNForImageClassification``, ``ASTModel`` / ``ASTForAudioClassification``,
+            ``Dinov2Model``, ``Dinov2WithRegistersModel``, ``CLIPVisionModel`` /
+            ``CLIPVisionModelWithProjection`` (eager or sdpa attention). Any other class is
+            refused, naming it and the supported families.
         r: tokens merged away in each chosen block (clamped to half the mergeable tokens the
             block sees), or a list with one value per block.
         layers: the blocks that merge (default: all), for an int ``r``.

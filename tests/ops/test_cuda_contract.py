@@ -49,13 +49,12 @@ def test_sampled_grad_empty_shapes(device):
     assert z.shape == (2, 2) and z.device.type == device and bool((z == 0).all())
 
 
-@pytest.mark.cuda
-@requires_cuda
-def test_sampled_grad_cached_check_sees_in_place_writes():
-    # Note [Checked indices]: a checked device index is remembered with its version, so an
-    # in-place write (or one through a view sharing the counter) forces a new check.
-    grad_out, x = torch.randn(7, 3, device="cuda"), torch.randn(7, 6, device="cuda")
-    index = torch.tensor([[0, 5], [1, 2], [3, 4]], device="cuda")
+@pytest.mark.parametrize("device", devices)
+def test_sampled_grad_cached_check_sees_in_place_writes(device):
+    # Note [Checked indices]: the typed wrapper remembers a checked index with its version, so
+    # an in-place write (or one through a view sharing the counter) forces a new check.
+    grad_out, x = torch.randn(7, 3, device=device), torch.randn(7, 6, device=device)
+    index = torch.tensor([[0, 5], [1, 2], [3, 4]], device=device)
     want = reference.sampled_grad(grad_out, x, index)
     for _ in range(3):
         torch.testing.assert_close(ops.sampled_grad(grad_out, x, index), want)
@@ -67,8 +66,8 @@ def test_sampled_grad_cached_check_sees_in_place_writes():
     index.view(-1)[3] = -1
     with pytest.raises(ValueError, match="'index'"):
         ops.sampled_grad(grad_out, x, index)
-    # The same range checked against a narrower x is refused: the cache keeps the range, not
-    # a verdict.
+    # The same index checked against a narrower x is refused: the record keeps the `in` it was
+    # checked against, not a verdict.
     index.view(-1)[3] = 5
     ops.sampled_grad(grad_out, x, index)
     with pytest.raises(ValueError, match=r"\[0, 5\)"):

@@ -4,6 +4,8 @@ same message, the index range included), determinism, and the float64 reference.
 comparisons with the compiled op skip, with a reason, where the fallback is what runs."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -113,3 +115,27 @@ def test_tiles_of_rows_give_the_untiled_result(monkeypatch):
     whole = sampled(*args)
     monkeypatch.setattr(family, "_GATHER_ELEMS", 64 * 6 * 5)  # 5 rows a tile, the last partial
     assert_bitwise_equal(sampled(*args), whole)
+
+
+def test_the_kernel_has_the_schemas_arguments():
+    schema = _ops.sampled_grad.default._schema
+    assert list(inspect.signature(sampled).parameters) == [a.name for a in schema.arguments]
+
+
+@pytest.mark.parametrize("t", [5, 0])
+def test_index_checked_skips_the_range_check_and_guards_every_read(t):
+    # Note [Checked indices]: a stale flag gives NaN where the column is out of range (zeros
+    # with T == 0), the other elements exact, as the compiled kernels do.
+    grad_out, x, _ = _inputs(t, 3, 5, 2, seed=5, dtype=torch.float64)
+    index = torch.tensor([[0, 5], [-1, 2], [4, 1 << 40]])
+    bad = (index < 0) | (index >= 5)
+    got = sampled(grad_out, x, index, True)
+    if t == 0:
+        assert got.tolist() == [[0.0, 0.0]] * 3
+    else:
+        assert torch.equal(got.isnan(), bad)
+        want = reference.sampled_grad(grad_out, x, index.clamp(0, 4))
+        torch.testing.assert_close(got[~bad], want[~bad], rtol=1e-12, atol=1e-12)
+    if COMPILED:
+        torch.testing.assert_close(got, _ops.sampled_grad(grad_out, x, index, True),
+                                   rtol=1e-12, atol=1e-12, equal_nan=True)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 from torch.library import opcheck
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import assert_unchanged, devices, make_generator, set_threads, snapshot
 from fisheradaptune import ops, reference
@@ -103,3 +104,166 @@ def test_errors():
         ops.sampled_grad(grad_out, x, index + 5)
     with pytest.raises(ValueError, match="'index'"):
         ops.sampled_grad(grad_out, x, index - 3)
+
+
+@pytest.mark.parametrize("device", devices)
+def test_opcheck_with_index_checked(device):
+    grad_out, x, index = inputs(13, 6, 10, 4, seed=2, device=device)
+    opcheck(torch.ops.fisheradaptune.sampled_grad.default, (grad_out, x, index, True))
+
+
+# ---------------------------------------------------------------------------------------------
+# index_checked and the wrapper's record of checked indices (Note [Checked indices],
+# csrc/sparse/sampled_grad_args.cpp)
+
+_op = torch.ops.fisheradaptune.sampled_grad.default
+
+
+class FlagLog(TorchDispatchMode):
+    """Records the index_checked of every sampled_grad call that reaches the backends."""
+
+    def __init__(self):
+        super().__init__()
+        self.flags = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _op:
+            self.flags.append(bool(args[3]) if len(args) > 3 else
+                              bool(kwargs.get("index_checked", False)))
+        return func(*args, **kwargs)
+
+
+def _case(device, inn=6):
+    g = make_generator(5)
+    grad_out = torch.randn(7, 3, generator=g).to(device)
+    x = torch.randn(7, inn, generator=g).to(device)
+    index = torch.tensor([[0, 5], [1, 2], [3, 4]], device=device)
+    return grad_out, x, index
+
+
+@pytest.mark.parametrize("device", devices)
+def test_raw_call_checks_even_an_index_the_wrapper_has_checked(device):
+    grad_out, x, index = _case(device)
+    ops.sampled_grad(grad_out, x, index)
+    ops.sampled_grad(grad_out, x, index)
+    index.data[1, 0] = 6            # bypasses the version counter: the record still matches
+    with pytest.raises(ValueError, match=r"^fisheradaptune\.sampled_grad: argument 'index': "
+                                         r"expected values in \[0, in\) = \[0, 6\), got values "
+                                         r"in \[0, 6\]"):
+        _op(grad_out, x, index)
+    with pytest.raises(ValueError, match=r"argument 'index'.*\[0, 6\)"):
+        _op(grad_out, x, index, False)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("t", [5, 0])
+def test_stale_index_checked_gives_nan_never_an_out_of_bounds_read(device, t):
+    # A caller that wrongly vouches for an index: each element whose column is outside [0, in)
+    # is NaN, the others exact; with T == 0 nothing is read and the result is zeros.
+    g = make_generator(6)
+    grad_out = torch.randn(t, 3, generator=g, dtype=torch.float64).to(device)
+    x = torch.randn(t, 6, generator=g, dtype=torch.float64).to(device)
+    index = torch.tensor([[0, 6], [-1, 2], [1 << 40, 5]], device=device)
+    bad = (index < 0) | (index >= 6)
+    got = _op(grad_out, x, index, True)
+    if t == 0:
+        assert torch.equal(got, torch.zeros(3, 2, dtype=torch.float64, device=device))
+        return
+    assert torch.equal(got.isnan(), bad)
+    want = reference.sampled_grad(grad_out, x, index.clamp(0, 5))
+    torch.testing.assert_close(got[~bad], want[~bad], **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("device", devices)
+def test_wrapper_checks_an_index_once_per_version(device):
+    grad_out, x, index = _case(device)
+    want = reference.sampled_grad(grad_out, x, index)
+    with FlagLog() as log:
+        for _ in range(3):
+            torch.testing.assert_close(ops.sampled_grad(grad_out, x, index), want)
+    assert log.flags == [False, True, True]      # checked once, then skipped
+    # An in-place write bumps the version: checked again, and a bad value is refused.
+    index[1, 0] = 6
+    with FlagLog() as log, pytest.raises(ValueError, match=r"argument 'index'.*\[0, 6\)"):
+        ops.sampled_grad(grad_out, x, index)
+    assert log.flags == [False]
+    with FlagLog() as log, pytest.raises(ValueError, match=r"argument 'index'.*\[0, 6\)"):
+        ops.sampled_grad(grad_out, x, index)     # a refused index is never recorded
+    assert log.flags == [False]
+    index.view(-1)[2] = 0                        # through a view: the same version counter
+    with FlagLog() as log:
+        ops.sampled_grad(grad_out, x, index)
+        ops.sampled_grad(grad_out, x, index)
+    assert log.flags == [False, True]
+    index.view(-1)[3] = -1
+    with pytest.raises(ValueError, match="'index'"):
+        ops.sampled_grad(grad_out, x, index)
+
+
+@pytest.mark.parametrize("device", devices)
+def test_wrapper_rechecks_for_a_narrower_x_a_new_tensor_or_a_data_swap(device):
+    grad_out, x, index = _case(device)
+    with FlagLog() as log:
+        ops.sampled_grad(grad_out, x, index)                     # checked against in = 6
+        with pytest.raises(ValueError, match=r"\[0, 5\)"):       # values up to 5: not < 5
+            ops.sampled_grad(grad_out, x[:, :5], index)
+        ops.sampled_grad(grad_out, torch.cat([x, x], 1), index)  # in = 12 >= 6: covered
+        ops.sampled_grad(grad_out, x, index.clone())             # another tensor
+        index.data = torch.tensor([[0, 1], [1, 2], [3, 4]], device=device)  # no version bump
+        ops.sampled_grad(grad_out, x, index)
+        ops.sampled_grad(grad_out, x[:, :5], index)              # narrower, but checked again
+        ops.sampled_grad(grad_out, x[:, :5], index)
+        ops.sampled_grad(grad_out, x, index)                     # values in [0, 5): also [0, 6)
+    assert log.flags == [False, False, True, False, False, False, True, True]
+
+
+@pytest.mark.parametrize("device", devices)
+def test_inference_index_is_checked_at_every_call(device):
+    grad_out, x, _ = _case(device)
+    with torch.inference_mode():
+        index = torch.tensor([[0, 5], [1, 2], [3, 4]], device=device)
+        with FlagLog() as log:
+            ops.sampled_grad(grad_out, x, index)
+            ops.sampled_grad(grad_out, x, index)
+        assert log.flags == [False, False]
+        index[1, 0] = 6                          # an inference tensor has no version counter
+        with pytest.raises(ValueError, match=r"argument 'index'.*\[0, 6\)"):
+            ops.sampled_grad(grad_out, x, index)
+    with pytest.raises(ValueError, match=r"argument 'index'.*\[0, 6\)"):
+        ops.sampled_grad(grad_out, x, index)
+
+
+def test_a_write_that_bypasses_the_version_counter_gives_nan():
+    # The limit of the record (Note [Checked indices]): a write through .data is not seen, and
+    # the element whose column it put out of range is NaN, never a read out of bounds.
+    grad_out, x, index = _case("cpu")
+    ops.sampled_grad(grad_out, x, index)
+    index.data[1, 0] = 6
+    got = ops.sampled_grad(grad_out, x, index)
+    assert got.isnan().tolist() == [[False, False], [True, False], [False, False]]
+
+
+def test_sparse_linear_backward_checks_its_index_once():
+    from fisheradaptune.selection import SparseLinear
+    g = make_generator(8)
+    layer = SparseLinear(torch.randn(5, 9, generator=g),
+                         torch.stack([torch.randperm(9, generator=g)[:3] for _ in range(5)]))
+    with FlagLog() as log:
+        for _ in range(3):
+            layer(torch.randn(4, 9, generator=g)).sum().backward()
+    assert log.flags == [False, True, True]
+
+
+def test_the_wrapper_and_the_flag_compile_with_fullgraph():
+    # Under torch.compile the wrapper records nothing and calls the op with the check; the fake
+    # kernel takes index_checked either way.
+    grad_out, x, index = _case("cpu")
+    want = reference.sampled_grad(grad_out, x, index)
+    wrapped = torch.compile(ops.sampled_grad, backend="aot_eager", fullgraph=True)
+    flagged = torch.compile(lambda g, xx, i: _op(g, xx, i, True), backend="aot_eager",
+                            fullgraph=True)
+    for f in (wrapped, flagged):
+        torch.testing.assert_close(f(grad_out, x, index), want)
+    with pytest.raises(ValueError, match=r"argument 'index'.*\[0, 6\)"):
+        wrapped(grad_out, x, index + 1)

@@ -33,7 +33,10 @@ def test_the_registry_lists_each_family_once():
                      "transformers AST", "fisheradaptune demo TinyViT"):
         assert expected in names
     tv = next(f for f in fams if f.name == "transformers ViT")
-    assert tv.methods == frozenset({"prune_merge"}) and tv.layout == "transformers-vit"
+    assert tv.methods == frozenset({"prune_merge", "token_merge"})
+    assert tv.layout == "transformers-vit"
+    clip = next(f for f in fams if f.name == "transformers CLIP vision tower")
+    assert clip.methods == frozenset({"token_merge"}) and clip.layout == "transformers-clip-vision"
 
 
 @pytest.mark.parametrize("api", APIS)
@@ -99,7 +102,13 @@ def test_fewer_protected_tokens_than_the_prefix_is_refused(api, timm_like):
     assert _patch(api, model, num_protected=3).num_protected == 3  # more is allowed
 
 
-def test_register_family_validates_what_it_is_given(timm_like):
+def test_register_family_validates_what_it_is_given(timm_like, monkeypatch):
+    from fisheradaptune.vit import _registry, _transformers
+
+    class NoHalves(_transformers.TransformersViTLayout):  # every real layout has them now
+        token_merge = False
+
+    monkeypatch.setitem(_registry.LAYOUTS, "no-halves", NoHalves())
     model, _ = timm_like()
     with pytest.raises(TypeError, match="register_family: argument 'family'"):
         fat.vit.register_family(type(model))
@@ -108,8 +117,8 @@ def test_register_family_validates_what_it_is_given(timm_like):
     with pytest.raises(ValueError, match="methods must be a non-empty subset"):
         fat.vit.Family("x", "timm", {nn.Linear: None}, (), (), frozenset({"merge"}), "")
     with pytest.raises(ValueError, match="has no token-merge block halves"):
-        fat.vit.Family("x", "transformers-vit", {nn.Linear: None}, (), (),
-                       frozenset({"token_merge"}), "")
+        fat.vit.Family("x", "no-halves", {nn.Linear: None}, (), (), frozenset({"token_merge"}),
+                       "")
     clash = fat.vit.Family("again", "timm", {type(model): None}, (type(model.blocks[0]),),
                            (type(model.blocks[0].attn),), frozenset({"prune_merge"}), "")
     with pytest.raises(ValueError, match=r"register_family: argument 'family': model class\(es\) "

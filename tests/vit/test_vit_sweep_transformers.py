@@ -7,10 +7,10 @@ transformer and the vision towers users pair with ViT hooks (CLIP, SigLIP), unde
   family does not serve that hook), with the model left untouched. Refused classes are built on
   the meta device (the refusal reads the class only, so no weights are needed);
 - verified (registered families, built tiny from a config, eager and sdpa attention):
-  ``keep=1`` is bitwise the unpatched model, a reducing patch equals the EViT oracle of
-  test_prune_merge_evit.py (class-attention rows from the eager attention weights, reduction
-  written out, then the model's own final norm and heads on the oracle's tokens), every
-  protected prefix token (class, distillation) survives, and ``unpatch`` restores bitwise."""
+  ``keep=1`` (``r=0``) is bitwise the unpatched model, a reducing patch equals the EViT oracle
+  of test_prune_merge_evit.py (the eager ToMe forward of test_token_merge_tome.py), then the
+  model's own final norm and heads on the oracle's tokens, every protected prefix token (class,
+  distillation, register) survives, and ``unpatch`` restores bitwise."""
 from __future__ import annotations
 
 import re
@@ -20,6 +20,7 @@ import torch
 
 import fisheradaptune as fat
 from test_prune_merge_evit import evit_reduce
+from test_token_merge_tome import blocks_of, eager_transformers, parts_of
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.auto import modeling_auto  # noqa: E402
@@ -57,6 +58,9 @@ VERIFIED = {"ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageC
             "DeiTForImageClassificationWithTeacher", "ASTModel", "ASTForAudioClassification",
             "ViTMSNModel", "ViTMSNForImageClassification", "Dinov2Model",
             "Dinov2WithRegistersModel"}
+# Verified for token_merge: those, and the CLIP vision tower (registered for token_merge only).
+CLIP_TOWERS = {"CLIPVisionModel", "CLIPVisionModelWithProjection"}
+VERIFIED_TOKEN_MERGE = VERIFIED | CLIP_TOWERS
 # class + distillation tokens; class + 2 registers (the tiny config's); the others: class token
 PROTECTED = {"DeiT": 2, "AST": 2, "Dinov2WithRegisters": 3}
 
@@ -119,7 +123,7 @@ def _input(cls):
 
 
 def _encoder(model):
-    for attr in ("vit", "deit", "audio_spectrogram_transformer"):
+    for attr in ("vit", "deit", "audio_spectrogram_transformer", "vision_model"):
         if hasattr(model, attr):
             return getattr(model, attr)
     return model
@@ -197,28 +201,70 @@ def test_transformers_encoder_x_prune_merge(name, sweep):
     model = _build_meta(cls)
     if model is None:
         pytest.skip(f"{name} cannot be built from a config here")
+    tail = r", family transformers CLIP vision tower, which supports only \['token_merge'\]" \
+        if name in CLIP_TOWERS else r" is not a registered ViT family"
     with pytest.raises(TypeError, match=rf"vit\.prune_merge: argument 'model': {name} "
-                                        rf"\({re.escape(cls.__module__)}\) is not a registered "
-                                        r"ViT family\. prune_merge supports exactly these "
-                                        r"classes: .*transformers ViT \(ViTModel, "
-                                        r"ViTForImageClassification\)"):
+                                        rf"\({re.escape(cls.__module__)}\){tail}\. prune_merge "
+                                        r"supports exactly these classes: .*transformers ViT "
+                                        r"\(ViTModel, ViTForImageClassification\)"):
         fat.vit.prune_merge(model, keep=1.0, layers=(0,))
     assert _untouched(model)
     sweep("transformers encoders x prune_merge", name, "refused")
 
 
+def _verify_token_merge(name, impl):
+    cls = getattr(transformers, name)
+    model = _build(cls, impl)
+    if name in CLIP_TOWERS:  # CLIP's init ignores initializer_range: widen it, so merges show
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.normal_(m.weight, std=0.2)
+    p = PROTECTED.get(next((k for k in PROTECTED if name.startswith(k)), ""), 1)
+    inputs = _input(cls)
+    blocks = blocks_of(_encoder(model))
+    with torch.no_grad():
+        before = _outputs(model(**inputs))
+        h = fat.vit.token_merge(model, r=0)
+        assert h.num_protected == p and h.layers == ()
+        assert all(torch.equal(a, b) for a, b in zip(_outputs(model(**inputs)), before))
+        fat.vit.unpatch(model)
+        # the oracle: the eager ToMe tokens after the last block, then the model's own tail
+        tokens = eager_transformers(model, blocks, parts_of(blocks[0]), *inputs.values(), 4, p)
+        hook = blocks[-1].register_forward_hook(lambda m, a, o: tokens)
+        try:
+            expected = _outputs(model(**inputs))
+        finally:
+            hook.remove()
+        h = fat.vit.token_merge(model, r=4)
+        got = _outputs(model(**inputs))
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert bool((h.sizes[:, :p] == 1).all()) and h.sizes.shape[1] == tokens.shape[1]
+        assert any(not torch.allclose(a[:, :1] if a.dim() == 3 else a,
+                                      b[:, :1] if b.dim() == 3 else b, atol=1e-4)
+                   for a, b in zip(got, before))
+        fat.vit.unpatch(model)
+        assert all(torch.equal(a, b) for a, b in zip(_outputs(model(**inputs)), before))
+        assert _untouched(model)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_transformers_encoder_x_token_merge(name, sweep):
     cls = getattr(transformers, name)
+    if name in VERIFIED_TOKEN_MERGE:
+        for impl in ("eager", "sdpa"):
+            _verify_token_merge(name, impl)
+        sweep("transformers encoders x token_merge", name, "verified")
+        return
     model = _build_meta(cls)
     if model is None:
         pytest.skip(f"{name} cannot be built from a config here")
-    # Token merging has no transformers layout yet: the registered families say so by name.
-    tail = r", family transformers .*, which supports only \['prune_merge'\]" \
-        if name in VERIFIED else r" is not a registered ViT family"
     with pytest.raises(TypeError, match=rf"vit\.token_merge: argument 'model': {name} "
-                                        rf"\({re.escape(cls.__module__)}\){tail}\. token_merge "
-                                        r"supports exactly these classes: timm "):
+                                        rf"\({re.escape(cls.__module__)}\) is not a registered "
+                                        r"ViT family\. token_merge supports exactly these "
+                                        r"classes: timm .*transformers CLIP vision tower "
+                                        r"\(CLIPVisionModel, CLIPVisionModelWithProjection\)"):
         fat.vit.token_merge(model, r=0)
     assert _untouched(model)
     sweep("transformers encoders x token_merge", name, "refused")
