@@ -80,7 +80,9 @@ def _update_reference(current: Sequence[Tensor], reference: Sequence[Tensor],
                       rho: Optional[float]) -> None:
     if rho is not None:
         for cur, ref in zip(current, reference):
-            ref.copy_(float(rho) * ref + (1.0 - float(rho)) * cur)
+            # bfloat16 state: computed in float32, rounded once on store.
+            compute = torch.float32 if ref.dtype == torch.bfloat16 else ref.dtype
+            ref.copy_(float(rho) * ref.to(compute) + (1.0 - float(rho)) * cur.to(compute))
 
 
 def js_drift(current: Sequence[Tensor], reference: Sequence[Tensor], layout: GroupLayout, *,

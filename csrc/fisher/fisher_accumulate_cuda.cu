@@ -167,11 +167,22 @@ struct FisherOp {
         [&](int64_t i) {
           float gv[kVec];
           load8(g + i, gv);
-          __align__(16) __nv_bfloat16 fv[kVec];
-          *reinterpret_cast<uint4*>(fv) = *reinterpret_cast<const uint4*>(f + i);
+          // Packed in registers (a local array would live in local memory): element 2w is
+          // the low half of 32-bit word w.
+          const uint4 raw = *reinterpret_cast<const uint4*>(f + i);
+          unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-          for (int q = 0; q < kVec; ++q) fv[q] = fisher_step(fv[q], gv[q], decay, scale, acc, bad);
-          *reinterpret_cast<uint4*>(f + i) = *reinterpret_cast<const uint4*>(fv);
+          for (int q = 0; q < 4; ++q) {
+            const __nv_bfloat16 lo = fisher_step(
+                __ushort_as_bfloat16(static_cast<unsigned short>(w[q] & 0xffffu)), gv[2 * q],
+                decay, scale, acc, bad);
+            const __nv_bfloat16 hi = fisher_step(
+                __ushort_as_bfloat16(static_cast<unsigned short>(w[q] >> 16)), gv[2 * q + 1],
+                decay, scale, acc, bad);
+            w[q] = static_cast<unsigned>(__bfloat16_as_ushort(lo)) |
+                   (static_cast<unsigned>(__bfloat16_as_ushort(hi)) << 16);
+          }
+          *reinterpret_cast<uint4*>(f + i) = make_uint4(w[0], w[1], w[2], w[3]);
         });
   }
 

@@ -289,7 +289,7 @@ def _check_drift_lists(op: str, current: List[Tensor], reference: List[Tensor], 
     device = _op_device([*lead, *current, *reference, totals], segments.device)
     for i, r in enumerate(reference):
         _check_device(op, _item("reference", i), r, device)
-        _check_state(op, _item("reference", i), r)
+        _check_fisher_state(op, _item("reference", i), r)
     for i, c in enumerate(current):
         where = _item("current", i)
         _check_device(op, where, c, device)
