@@ -141,9 +141,12 @@ def estimator_class(spec: EstimatorSpec, arg: str = "estimator") -> Type[Estimat
 
 def make_estimator(spec: EstimatorSpec, params: Sequence[Tensor],
                    layout: Optional[GroupLayout], model: Optional[nn.Module],
-                   decay: float) -> Estimator:
-    """Build the estimator ``spec`` (a registered name or an Estimator subclass)."""
-    est = estimator_class(spec)(params, layout, model=model, decay=decay)
+                   decay: float, dtype: Optional[torch.dtype] = None) -> Estimator:
+    """Build the estimator ``spec`` (a registered name or an Estimator subclass). ``dtype``
+    (the Fisher buffers' dtype) is passed on only when given: estimators that do not take
+    it are built as before."""
+    extra = {} if dtype is None else {"dtype": dtype}
+    est = estimator_class(spec)(params, layout, model=model, decay=decay, **extra)
     if not isinstance(est, Estimator):
         raise TypeError(f"argument 'estimator': {spec!r} built a {type(est).__name__}, not an "
                         "Estimator")
