@@ -66,15 +66,24 @@ __attribute__((always_inline)) inline double js_term_simd(double p, double q) {
   return any ? s * f * 0.25 : 0.0;
 }
 
+// Values read through StateIO (fisher/fisher_state.h): bfloat16 widened on the bits.
 template <typename S>
-FAT_CPU_CLONES void abs_sums(const S* x, const S* y, int64_t n, double& sx, double& sy) {
+__attribute__((always_inline)) inline double magnitude(typename StateIO<S>::storage v) {
+  return std::abs(static_cast<double>(StateIO<S>::load(v)));
+}
+
+template <typename S>
+FAT_CPU_CLONES void abs_sums(const S* x_s, const S* y_s, int64_t n, double& sx, double& sy) {
+  using Stored = typename StateIO<S>::storage;
+  const Stored* x = reinterpret_cast<const Stored*>(x_s);
+  const Stored* y = reinterpret_cast<const Stored*>(y_s);
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t e = std::min(n, b + kBlock);
     double ax = 0, ay = 0;
     FAT_SIMD_REDUCE(ax, ay)
     for (int64_t i = b; i < e; ++i) {
-      ax += std::abs(static_cast<double>(x[i]));
-      ay += std::abs(static_cast<double>(y[i]));
+      ax += magnitude<S>(x[i]);
+      ay += magnitude<S>(y[i]);
     }
     sx += ax;
     sy += ay;
@@ -84,7 +93,10 @@ FAT_CPU_CLONES void abs_sums(const S* x, const S* y, int64_t n, double& sx, doub
 // p_i = (|x_i| * pc.pre) * pc.inv (Note [Tiny totals], drift/drift_math.h; pre is 1 for a normal
 // total, and multiplying by it is exact).
 template <typename S>
-FAT_CPU_CLONES double js_sum(const S* x, const S* y, int64_t n, MassScale pc, MassScale pr) {
+FAT_CPU_CLONES double js_sum(const S* x_s, const S* y_s, int64_t n, MassScale pc, MassScale pr) {
+  using Stored = typename StateIO<S>::storage;
+  const Stored* x = reinterpret_cast<const Stored*>(x_s);
+  const Stored* y = reinterpret_cast<const Stored*>(y_s);
   const double cpre = pc.pre, cinv = pc.inv, rpre = pr.pre, rinv = pr.inv;
   double total = 0;
   for (int64_t b = 0; b < n; b += kBlock) {
@@ -92,8 +104,7 @@ FAT_CPU_CLONES double js_sum(const S* x, const S* y, int64_t n, MassScale pc, Ma
     double acc = 0;
     FAT_SIMD_REDUCE(acc)
     for (int64_t i = b; i < e; ++i) {
-      acc += js_term_simd((std::abs(static_cast<double>(x[i])) * cpre) * cinv,
-                          (std::abs(static_cast<double>(y[i])) * rpre) * rinv);
+      acc += js_term_simd((magnitude<S>(x[i]) * cpre) * cinv, (magnitude<S>(y[i]) * rpre) * rinv);
     }
     total += acc;
   }
@@ -130,11 +141,15 @@ void mass_totals(const JsDriftArgs& a, const Plan& plan, std::vector<double>& tc
 // state], fisher/fisher_state.h) the float32 arithmetic of float32 state, rounded once to
 // bfloat16 on store; for float and double the casts are the identity.
 template <typename S>
-FAT_CPU_CLONES void ema_chunk(S* ref, const S* cur, int64_t n, opmath_t<S> rho) {
+FAT_CPU_CLONES void ema_chunk(S* ref_s, const S* cur_s, int64_t n, opmath_t<S> rho) {
   using T = opmath_t<S>;
+  using IO = StateIO<S>;  // branch-free bfloat16 conversions, so that the loop vectorises
+  using Stored = typename IO::storage;
+  Stored* ref = reinterpret_cast<Stored*>(ref_s);
+  const Stored* cur = reinterpret_cast<const Stored*>(cur_s);
   FAT_SIMD
   for (int64_t i = 0; i < n; ++i) {
-    ref[i] = static_cast<S>(rho * static_cast<T>(ref[i]) + (T(1) - rho) * static_cast<T>(cur[i]));
+    ref[i] = IO::store(rho * IO::load(ref[i]) + (T(1) - rho) * IO::load(cur[i]));
   }
 }
 

@@ -33,9 +33,11 @@ struct Partial {
 // (decay * old) + ((scale * g) * g); for float and double the round trip through S is the
 // identity. Sums are kept in T within a block of kBlock elements, then in double.
 template <typename S, typename G>
-FAT_CPU_CLONES Partial update(S* f, const G* g, int64_t n, opmath_t<S> decay,
-                              opmath_t<S> scale) {
+FAT_CPU_CLONES Partial update(typename StateIO<S>::storage* f, const G* g, int64_t n,
+                              opmath_t<S> decay, opmath_t<S> scale) {
   using T = opmath_t<S>;
+  using IO = StateIO<S>;
+  using Stored = typename IO::storage;
   constexpr T kMax = state_max<S>();
   Partial out;
   for (int64_t b = 0; b < n; b += kBlock) {
@@ -44,14 +46,14 @@ FAT_CPU_CLONES Partial update(S* f, const G* g, int64_t n, opmath_t<S> decay,
     int32_t bad = 0;  // int32 lanes pair with float lanes; a block never overflows it
     FAT_SIMD_REDUCE(acc, bad)
     for (int64_t i = b; i < e; ++i) {
-      const S stored_old = f[i];
-      const T old = static_cast<T>(stored_old);
+      const Stored stored_old = f[i];
+      const T old = IO::load(stored_old);
       const T gv = static_cast<T>(g[i]);
       const T updated = decay * old + scale * gv * gv;
-      const S stored = static_cast<S>(updated);  // one rounding (none for float and double)
-      const T back = static_cast<T>(stored);
+      const Stored stored = IO::store(updated);  // one rounding (none for float and double)
+      const T back = IO::load(stored);
       const bool ok = std::abs(back) <= kMax;
-      f[i] = ok ? stored : stored_old;
+      f[i] = IO::select(ok, stored, stored_old);
       acc += ok ? back : old;
       bad += ok ? 0 : 1;
     }
@@ -62,14 +64,14 @@ FAT_CPU_CLONES Partial update(S* f, const G* g, int64_t n, opmath_t<S> decay,
 }
 
 template <typename S>
-FAT_CPU_CLONES Partial sum_only(const S* f, int64_t n) {
+FAT_CPU_CLONES Partial sum_only(const typename StateIO<S>::storage* f, int64_t n) {
   using T = opmath_t<S>;
   Partial out;
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t e = std::min(n, b + kBlock);
     T acc = 0;
     FAT_SIMD_REDUCE(acc)
-    for (int64_t i = b; i < e; ++i) acc += static_cast<T>(f[i]);
+    for (int64_t i = b; i < e; ++i) acc += StateIO<S>::load(f[i]);
     out.sum += static_cast<double>(acc);
   }
   return out;
@@ -89,9 +91,9 @@ Partial run_chunk(const TensorView& v, const Chunk& c, double decay, double scal
   Partial p;
   FAT_DISPATCH_STATE_TYPES(v.state, "fisher_cpu_state", [&] {
     using S = scalar_t;
-    S* f = static_cast<S*>(v.fisher) + c.begin;
+    auto* f = static_cast<typename StateIO<S>::storage*>(v.fisher) + c.begin;
     if (v.grad == nullptr) {
-      p = sum_only(f, n);
+      p = sum_only<S>(f, n);
       return;
     }
     FAT_DISPATCH_FLOATING_AND_HALF(v.grad_type, "fisher_cpu", [&] {
