@@ -306,6 +306,7 @@ void fisher_accumulate_cuda(const std::vector<Tensor>& fisher,
 
   std::vector<char*> fisher_base(args.fisher.size(), nullptr);
   std::vector<int32_t> states(args.fisher.size(), kStateF32);
+  std::vector<int64_t> state_bytes(args.fisher.size(), 4);  // per element, read once
   std::vector<const char*> grad_base(args.fisher.size(), nullptr);
   std::vector<int32_t> kinds(args.fisher.size(), kNoGrad);
   for (size_t t = 0; t < args.fisher.size(); ++t) {
@@ -313,6 +314,7 @@ void fisher_accumulate_cuda(const std::vector<Tensor>& fisher,
     fisher_base[t] = static_cast<char*>(args.fisher[t].mutable_data_ptr());
     // Validation admits float32 and bfloat16 here (float64 is CPU-only).
     states[t] = args.fisher[t].scalar_type() == ScalarType::BFloat16 ? kStateBF16 : kStateF32;
+    state_bytes[t] = states[t] == kStateBF16 ? 2 : 4;
     if (args.grads[t].defined()) {
       grad_base[t] = static_cast<const char*>(args.grads[t].const_data_ptr());
       kinds[t] = grad_kind(args.grads[t]);
@@ -328,8 +330,8 @@ void fisher_accumulate_cuda(const std::vector<Tensor>& fisher,
     if (kind == kNoGrad && c.group < 0) continue;
     const char* grad = nullptr;
     if (kind != kNoGrad) grad = grad_base[c.tensor] + c.begin * args.grads[c.tensor].element_size();
-    table.push_back(FisherChunk{fisher_base[c.tensor] + c.begin * args.fisher[c.tensor].element_size(),
-                                grad, c.end - c.begin, kind, states[c.tensor]});
+    char* fisher = fisher_base[c.tensor] + c.begin * state_bytes[c.tensor];
+    table.push_back(FisherChunk{fisher, grad, c.end - c.begin, kind, states[c.tensor]});
   }
   if (table.empty() && args.num_groups == 0) return;
 
