@@ -27,13 +27,15 @@ def _group_values(tensors: Sequence[Tensor], layout: GroupLayout, g: int) -> Ten
 def fisher_accumulate_(fisher: Sequence[Tensor], grads: Sequence[Optional[Tensor]], *,
                        decay: float, scale: float,
                        layout: Optional[GroupLayout] = None) -> Tuple[Optional[Tensor], Tensor]:
-    """Reference of :func:`fisheradaptune.ops.fisher_accumulate_`."""
+    """Reference of :func:`fisheradaptune.ops.fisher_accumulate_`. bfloat16 state: the update
+    in float32, rounded once to bfloat16; an update that rounds to Inf is skipped."""
     skipped = 0
     for f, g in zip(fisher, grads):
         if g is None:
             continue
-        g = g.to(f.dtype)
-        updated = decay * f + scale * g * g
+        compute = torch.float32 if f.dtype == torch.bfloat16 else f.dtype
+        g = g.to(compute)
+        updated = (decay * f.to(compute) + scale * g * g).to(f.dtype)
         ok = torch.isfinite(updated)
         skipped += int((~ok).sum())
         f.copy_(torch.where(ok, updated, f))
@@ -78,7 +80,9 @@ def _update_reference(current: Sequence[Tensor], reference: Sequence[Tensor],
                       rho: Optional[float]) -> None:
     if rho is not None:
         for cur, ref in zip(current, reference):
-            ref.copy_(float(rho) * ref + (1.0 - float(rho)) * cur)
+            # bfloat16 state: computed in float32, rounded once on store.
+            compute = torch.float32 if ref.dtype == torch.bfloat16 else ref.dtype
+            ref.copy_(float(rho) * ref.to(compute) + (1.0 - float(rho)) * cur.to(compute))
 
 
 def js_drift(current: Sequence[Tensor], reference: Sequence[Tensor], layout: GroupLayout, *,

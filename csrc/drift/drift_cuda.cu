@@ -27,7 +27,7 @@ Tensor js_drift_cuda(const std::vector<Tensor>& current, const std::vector<Tenso
   const mt::TensorDeviceGuard guard(on);
   const cudaStream_t stream = mt::current_stream(on.get_device_index());
   Tensor out = empty({num_groups}, ScalarType::Float, device);
-  // Validation admits only float32 state on CUDA, and current shares reference's dtype.
+  // Validation admits float32 and bfloat16 state on CUDA, and current shares reference's dtype.
   if (a.mode == DriftMode::kMass) {
     mass_drift_cuda(a, num_groups, update_reference, base2, out, stream);
   } else {

@@ -10,6 +10,7 @@
 
 #include "common/stable.h"
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -21,32 +22,78 @@
 
 namespace fisheradaptune {
 
-// Current and reference share shapes, so one descriptor covers both.
+// Current and reference share shapes and dtype, so one descriptor covers both.
 struct DriftChunk {
-  const float* current;  // offset to the chunk's first element
-  float* reference;
+  const void* current;  // offset to the chunk's first element (float or __nv_bfloat16)
+  void* reference;
   int64_t n;
   int64_t group;  // -1: in no group (only the reference update visits it)
+  int64_t bf16;   // 1: bfloat16 state (Note [bfloat16 state], fisher/fisher_state.h), 0: float
 };
 
-__device__ __forceinline__ float4 load4(const float* p) {
-  return *reinterpret_cast<const float4*>(p);
+// Note [bfloat16 state] on CUDA: the kernels are written once over S = float or __nv_bfloat16;
+// values are read widened to float (exact), every computation is that of float32 state, and a
+// written reference is rounded once to bfloat16 (__float2bfloat16_rn, round to nearest even, as
+// the CPU's conversion). Vectors are 16 bytes: 4 floats or 8 bfloat16.
+__device__ __forceinline__ float state_to_float(float v) { return v; }
+__device__ __forceinline__ float state_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ void state_store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void state_store(__nv_bfloat16* p, float v) {
+  *p = __float2bfloat16_rn(v);
+}
+
+__device__ __forceinline__ void load_vec(const float* p, float (&v)[4]) {
+  const float4 x = *reinterpret_cast<const float4*>(p);
+  v[0] = x.x;
+  v[1] = x.y;
+  v[2] = x.z;
+  v[3] = x.w;
+}
+__device__ __forceinline__ void load_vec(const __nv_bfloat16* p, float (&v)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    // bfloat16 is the high half of a float32: widening is exact. Element 2k is the low half.
+    v[2 * k] = __uint_as_float(w[k] << 16);
+    v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void store_vec(float* p, const float (&v)[4]) {
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void store_vec(__nv_bfloat16* p, const float (&v)[8]) {
+  unsigned w[4];  // packed in registers: element 2k is the low half of word k
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    w[k] = static_cast<unsigned>(__bfloat16_as_ushort(__float2bfloat16_rn(v[2 * k]))) |
+           (static_cast<unsigned>(__bfloat16_as_ushort(__float2bfloat16_rn(v[2 * k + 1]))) << 16);
+  }
+  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 // Visits the values of one array (histogram passes treat the two snapshots separately, so each
-// aligns on its own).
-template <typename Body>
-__device__ __forceinline__ void for_values(const float* p, int64_t n, Body&& body) {
-  const int64_t head = mt::aligned_head(n, 4, p, 4);
-  mt::split_loop<4>(
-      n, head, [&](int64_t i) { body(p[i]); },
+// aligns on its own), widened to float.
+template <typename S, typename Body>
+__device__ __forceinline__ void for_values_of(const S* p, int64_t n, Body&& body) {
+  constexpr int kVec = 16 / sizeof(S);
+  const int64_t head = mt::aligned_head(n, kVec, p, sizeof(S));
+  mt::split_loop<kVec>(
+      n, head, [&](int64_t i) { body(state_to_float(p[i])); },
       [&](int64_t i) {
-        const float4 v = load4(p + i);
-        body(v.x);
-        body(v.y);
-        body(v.z);
-        body(v.w);
+        float v[kVec];
+        load_vec(p + i, v);
+#pragma unroll
+        for (int q = 0; q < kVec; ++q) body(v[q]);
       });
+}
+template <typename Body>
+__device__ __forceinline__ void for_values(const void* p, int64_t bf16, int64_t n, Body&& body) {
+  if (bf16) {  // uniform over the block
+    for_values_of(static_cast<const __nv_bfloat16*>(p), n, body);
+  } else {
+    for_values_of(static_cast<const float*>(p), n, body);
+  }
 }
 
 // The tensor whose device the op runs on, the one validation checked every tensor against
@@ -61,13 +108,39 @@ inline const Tensor& cuda_anchor(const char* op, const std::vector<Tensor>& curr
   return on;
 }
 
-// The reference pointers of a chunk table (DriftChunk::reference): write access only for a call
-// that updates the reference, the only case in which a kernel writes through them.
-inline std::vector<float*> reference_ptrs(const JsDriftArgs& a, bool update) {
-  if (update) return mutable_ptrs<float>(a.reference);
-  std::vector<float*> out;
-  out.reserve(a.reference.size());
-  for (const float* p : const_ptrs<float>(a.reference)) out.push_back(const_cast<float*>(p));
+// The byte bases of a call's tensors, for chunk tables. The reference pointers
+// (DriftChunk::reference) have write access only for a call that updates the reference, the
+// only case in which a kernel writes through them. Validation admits float32 and bfloat16 state
+// on CUDA (float64 is CPU-only), current sharing reference's dtype, every reference one dtype.
+struct StateBases {
+  std::vector<const char*> current;
+  std::vector<char*> reference;
+  int64_t element_size = 4;
+  int64_t bf16 = 0;
+
+  DriftChunk chunk(const Chunk& c, int64_t group) const {
+    const int64_t at = c.begin * element_size;
+    return DriftChunk{current[c.tensor] + at, reference[c.tensor] + at, c.end - c.begin, group,
+                      bf16};
+  }
+};
+
+inline StateBases state_bases(const JsDriftArgs& a, bool update) {
+  StateBases out;
+  if (!a.reference.empty()) {
+    out.bf16 = a.reference[0].scalar_type() == ScalarType::BFloat16 ? 1 : 0;
+    out.element_size = out.bf16 ? 2 : 4;
+  }
+  for (const void* p : const_ptrs<void>(a.current)) {
+    out.current.push_back(static_cast<const char*>(p));
+  }
+  if (update) {
+    for (void* p : mutable_ptrs<void>(a.reference)) out.reference.push_back(static_cast<char*>(p));
+  } else {
+    for (const void* p : const_ptrs<void>(a.reference)) {
+      out.reference.push_back(const_cast<char*>(static_cast<const char*>(p)));
+    }
+  }
   return out;
 }
 

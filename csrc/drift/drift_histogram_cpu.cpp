@@ -13,6 +13,7 @@
 #include "drift/drift.h"
 #include "drift/drift_cpu.h"
 #include "drift/drift_math.h"
+#include "fisher/fisher_state.h"
 
 namespace fisheradaptune {
 namespace {
@@ -105,8 +106,8 @@ void histogram_drift(const JsDriftArgs& a, int64_t G, int64_t bins, double lower
         const S* x = cur[s.tensor];
         const S* y = ref[s.tensor];
         for (int64_t i = s.begin; i < s.end; ++i) {
-          absval.push_back(std::abs(x[i]));
-          absval.push_back(std::abs(y[i]));
+          absval.push_back(static_cast<S>(std::abs(static_cast<opmath_t<S>>(x[i]))));
+          absval.push_back(static_cast<S>(std::abs(static_cast<opmath_t<S>>(y[i]))));
           tc += std::abs(static_cast<double>(x[i]));
           tr += std::abs(static_cast<double>(y[i]));
         }
@@ -153,7 +154,7 @@ void histogram_drift(const JsDriftArgs& a, int64_t G, int64_t bins, double lower
 
 void histogram_drift_cpu(const JsDriftArgs& a, int64_t num_groups, int64_t bins, double lower_q,
                          double upper_q, double min_log_range, bool base2, float* out) {
-  FAT_DISPATCH_FLOATING(state_dtype(a), "js_drift_cpu", [&] {
+  FAT_DISPATCH_STATE_TYPES(state_dtype(a), "js_drift_cpu", [&] {
     histogram_drift<scalar_t>(a, num_groups, bins, lower_q, upper_q, min_log_range, base2, out);
   });
 }

@@ -133,8 +133,10 @@ struct RadixCountOp {
         if (own[j] && (key >> high) == prefix[j]) atomicAdd(&counts[j][(key >> shift) & mask], 1u);
       }
     };
-    for_values(d.current, d.n, [&](float v) { count(v, kPositiveCurrent, kNanCurrent); });
-    for_values(d.reference, d.n, [&](float v) { count(v, kPositiveReference, kNanReference); });
+    // bfloat16 state is read widened to float (exact): the keys order it as its own values.
+    for_values(d.current, d.bf16, d.n, [&](float v) { count(v, kPositiveCurrent, kNanCurrent); });
+    for_values(d.reference, d.bf16, d.n,
+               [&](float v) { count(v, kPositiveReference, kNanReference); });
     __syncthreads();
     const int nbins = 1 << pass_bits(pass);
     unsigned long long* rows = hist + (d.group - g0) * int64_t(kTargets) * kRadixBins;
@@ -258,8 +260,8 @@ struct BinCountOp {
         atomicAdd(rows + side * bins + b, 1ull);
       }
     };
-    for_values(d.current, d.n, [&](float v) { add(v, 0); });
-    for_values(d.reference, d.n, [&](float v) { add(v, 1); });
+    for_values(d.current, d.bf16, d.n, [&](float v) { add(v, 0); });
+    for_values(d.reference, d.bf16, d.n, [&](float v) { add(v, 1); });
     if (in_shared) {
       __syncthreads();
       for (int64_t i = threadIdx.x; i < 2 * bins; i += mt::kThreads) {
@@ -321,14 +323,12 @@ void histogram_drift_cuda(const JsDriftArgs& a, int64_t G, int64_t bins, double 
   const Device device = out.device();
   // bins <= kMaxBins = 2^30: checked for every backend by validate_js_drift (drift/drift_args.cpp).
   const Plan plan = make_plan(a.segments, a.numels, G, kChunk, /*cover_gaps=*/false);
-  const std::vector<const float*> cur = const_ptrs<float>(a.current);
-  const std::vector<float*> ref = reference_ptrs(a, /*update=*/false);  // read only
+  const StateBases bases = state_bases(a, /*update=*/false);  // read only
   std::vector<DriftChunk> table;
   table.reserve(plan.group_chunks.size());
   for (const int64_t k : mt::group_ordered(plan, /*with_ungrouped=*/false)) {
     const Chunk& c = plan.chunks[k];
-    table.push_back(DriftChunk{cur[c.tensor] + c.begin, ref[c.tensor] + c.begin,
-                               c.end - c.begin, c.group});
+    table.push_back(bases.chunk(c, c.group));
   }
 
   // Ranks as the CPU's log_quantile computes them, over n = 2 * group size values.

@@ -16,6 +16,7 @@
 #include "drift/drift.h"
 #include "drift/drift_cpu.h"
 #include "drift/drift_math.h"
+#include "fisher/fisher_state.h"
 
 namespace fisheradaptune {
 namespace {
@@ -65,15 +66,24 @@ __attribute__((always_inline)) inline double js_term_simd(double p, double q) {
   return any ? s * f * 0.25 : 0.0;
 }
 
+// Values read through StateIO (fisher/fisher_state.h): bfloat16 widened on the bits.
 template <typename S>
-FAT_CPU_CLONES void abs_sums(const S* x, const S* y, int64_t n, double& sx, double& sy) {
+__attribute__((always_inline)) inline double magnitude(typename StateIO<S>::storage v) {
+  return std::abs(static_cast<double>(StateIO<S>::load(v)));
+}
+
+template <typename S>
+FAT_CPU_CLONES void abs_sums(const S* x_s, const S* y_s, int64_t n, double& sx, double& sy) {
+  using Stored = typename StateIO<S>::storage;
+  const Stored* x = reinterpret_cast<const Stored*>(x_s);
+  const Stored* y = reinterpret_cast<const Stored*>(y_s);
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t e = std::min(n, b + kBlock);
     double ax = 0, ay = 0;
     FAT_SIMD_REDUCE(ax, ay)
     for (int64_t i = b; i < e; ++i) {
-      ax += std::abs(static_cast<double>(x[i]));
-      ay += std::abs(static_cast<double>(y[i]));
+      ax += magnitude<S>(x[i]);
+      ay += magnitude<S>(y[i]);
     }
     sx += ax;
     sy += ay;
@@ -83,7 +93,10 @@ FAT_CPU_CLONES void abs_sums(const S* x, const S* y, int64_t n, double& sx, doub
 // p_i = (|x_i| * pc.pre) * pc.inv (Note [Tiny totals], drift/drift_math.h; pre is 1 for a normal
 // total, and multiplying by it is exact).
 template <typename S>
-FAT_CPU_CLONES double js_sum(const S* x, const S* y, int64_t n, MassScale pc, MassScale pr) {
+FAT_CPU_CLONES double js_sum(const S* x_s, const S* y_s, int64_t n, MassScale pc, MassScale pr) {
+  using Stored = typename StateIO<S>::storage;
+  const Stored* x = reinterpret_cast<const Stored*>(x_s);
+  const Stored* y = reinterpret_cast<const Stored*>(y_s);
   const double cpre = pc.pre, cinv = pc.inv, rpre = pr.pre, rinv = pr.inv;
   double total = 0;
   for (int64_t b = 0; b < n; b += kBlock) {
@@ -91,8 +104,7 @@ FAT_CPU_CLONES double js_sum(const S* x, const S* y, int64_t n, MassScale pc, Ma
     double acc = 0;
     FAT_SIMD_REDUCE(acc)
     for (int64_t i = b; i < e; ++i) {
-      acc += js_term_simd((std::abs(static_cast<double>(x[i])) * cpre) * cinv,
-                          (std::abs(static_cast<double>(y[i])) * rpre) * rinv);
+      acc += js_term_simd((magnitude<S>(x[i]) * cpre) * cinv, (magnitude<S>(y[i]) * rpre) * rinv);
     }
     total += acc;
   }
@@ -125,10 +137,20 @@ void mass_totals(const JsDriftArgs& a, const Plan& plan, std::vector<double>& tc
   }
 }
 
+// ref <- rho ref + (1 - rho) cur in T = opmath_t<S>: for bfloat16 state (Note [bfloat16
+// state], fisher/fisher_state.h) the float32 arithmetic of float32 state, rounded once to
+// bfloat16 on store; for float and double the casts are the identity.
 template <typename S>
-FAT_CPU_CLONES void ema_chunk(S* ref, const S* cur, int64_t n, S rho) {
+FAT_CPU_CLONES void ema_chunk(S* ref_s, const S* cur_s, int64_t n, opmath_t<S> rho) {
+  using T = opmath_t<S>;
+  using IO = StateIO<S>;  // branch-free bfloat16 conversions, so that the loop vectorises
+  using Stored = typename IO::storage;
+  Stored* ref = reinterpret_cast<Stored*>(ref_s);
+  const Stored* cur = reinterpret_cast<const Stored*>(cur_s);
   FAT_SIMD
-  for (int64_t i = 0; i < n; ++i) ref[i] = rho * ref[i] + (S(1) - rho) * cur[i];
+  for (int64_t i = 0; i < n; ++i) {
+    ref[i] = IO::store(rho * IO::load(ref[i]) + (T(1) - rho) * IO::load(cur[i]));
+  }
 }
 
 // Mass mode, second half: per group, the sum of js_term over the given elements with
@@ -153,7 +175,7 @@ void mass_partial(const JsDriftArgs& a, int64_t G, const double* tc, const doubl
       if (c.group >= 0 && tc[c.group] > 0 && tr[c.group] > 0) {
         partial[k] = js_sum(x, y, n, mass_scale(tc[c.group]), mass_scale(tr[c.group]));
       }
-      if (rho) ema_chunk<S>(ref_out[c.tensor] + c.begin, x, n, static_cast<S>(*rho));
+      if (rho) ema_chunk<S>(ref_out[c.tensor] + c.begin, x, n, static_cast<opmath_t<S>>(*rho));
     }
   });
   for (int64_t g = 0; g < G; ++g) {
@@ -186,7 +208,7 @@ Tensor js_mass_totals_cpu(const std::vector<Tensor>& current,
                                          num_groups, std::nullopt, std::nullopt);
   Tensor out = zeros({2, num_groups}, ScalarType::Double, cpu_device());
   std::vector<double> tc(num_groups, 0.0), tr(num_groups, 0.0);
-  FAT_DISPATCH_FLOATING(state_dtype(a), "js_mass_totals_cpu", [&] {
+  FAT_DISPATCH_STATE_TYPES(state_dtype(a), "js_mass_totals_cpu", [&] {
     mass_totals<scalar_t>(a, make_plan(a.segments, a.numels, num_groups, kChunk, false), tc, tr);
   });
   double* o = out.mutable_data_ptr<double>();
@@ -205,7 +227,7 @@ Tensor js_mass_partial_cpu(const std::vector<Tensor>& current,
   Tensor out = empty({num_groups}, ScalarType::Double, cpu_device());
   const double* tc = t.const_data_ptr<double>();
   double* o = out.mutable_data_ptr<double>();
-  FAT_DISPATCH_FLOATING(state_dtype(a), "js_mass_partial_cpu", [&] {
+  FAT_DISPATCH_STATE_TYPES(state_dtype(a), "js_mass_partial_cpu", [&] {
     mass_partial<scalar_t>(a, num_groups, tc, tc + num_groups, update_reference, o);
   });
   return out;
@@ -215,15 +237,15 @@ Tensor js_mass_partial_cpu(const std::vector<Tensor>& current,
 
 void mass_drift_cpu(const JsDriftArgs& a, int64_t num_groups, std::optional<double> rho,
                     bool base2, float* out) {
-  FAT_DISPATCH_FLOATING(state_dtype(a), "js_drift_cpu", [&] {
+  FAT_DISPATCH_STATE_TYPES(state_dtype(a), "js_drift_cpu", [&] {
     mass_drift<scalar_t>(a, num_groups, rho, base2, out);
   });
 }
 
 void update_reference_cpu(const JsDriftArgs& a, double rho) {
-  FAT_DISPATCH_FLOATING(state_dtype(a), "js_drift_cpu", [&] {
+  FAT_DISPATCH_STATE_TYPES(state_dtype(a), "js_drift_cpu", [&] {
     const Plan all = make_plan({}, a.numels, 0, kChunk, /*cover_gaps=*/true);
-    const auto r = static_cast<scalar_t>(rho);
+    const auto r = static_cast<opmath_t<scalar_t>>(rho);
     const std::vector<const scalar_t*> cur = const_ptrs<scalar_t>(a.current);
     const std::vector<scalar_t*> ref = mutable_ptrs<scalar_t>(a.reference);
     st::parallel_for(0, static_cast<int64_t>(all.chunks.size()), 1, [&](int64_t lo, int64_t hi) {

@@ -23,44 +23,75 @@ namespace {
 // The reference EMA with the CPU's rounding: rho * ref + (1 - rho) * cur in float, no fma
 // (the CPU's ema_chunk, built with -ffp-contract=off; __fmul_rn / __fadd_rn are never
 // contracted by nvcc): bitwise the CPU's result, tested by tests/ops/test_cuda_contract.py.
+// bfloat16 state: this float result rounded once on store (state_store / store_vec).
 __device__ __forceinline__ float ema(float ref, float cur, float rho, float one_minus_rho) {
   return __fadd_rn(__fmul_rn(rho, ref), __fmul_rn(one_minus_rho, cur));
 }
 
-// Visits the elements of a chunk as (current, reference) pairs, with vector loads where both are
-// aligned together (Note [Vector alignment]); body(x, y, i) gets the pair at element i.
+// Visits the elements of a chunk as (current, reference) pairs widened to float, with vector
+// loads where both are aligned together (Note [Vector alignment]); body(x, y) gets one pair.
+template <typename S, typename Body>
+__device__ __forceinline__ void for_pairs_of(const DriftChunk& d, Body&& body) {
+  constexpr int kVec = 16 / sizeof(S);
+  const S* __restrict__ c = static_cast<const S*>(d.current);
+  const S* __restrict__ r = static_cast<const S*>(d.reference);
+  const int64_t head = mt::aligned_head(d.n, kVec, c, sizeof(S), r, sizeof(S));
+  mt::split_loop<kVec>(
+      d.n, head, [&](int64_t i) { body(state_to_float(c[i]), state_to_float(r[i])); },
+      [&](int64_t i) {
+        float x[kVec], y[kVec];
+        load_vec(c + i, x);
+        load_vec(r + i, y);
+#pragma unroll
+        for (int q = 0; q < kVec; ++q) body(x[q], y[q]);
+      });
+}
 template <typename Body>
 __device__ __forceinline__ void for_pairs(const DriftChunk& d, Body&& body) {
-  const int64_t head = mt::aligned_head(d.n, 4, d.current, 4, d.reference, 4);
-  mt::split_loop<4>(
-      d.n, head, [&](int64_t i) { body(d.current[i], d.reference[i], i); },
+  if (d.bf16) {  // uniform over the block
+    for_pairs_of<__nv_bfloat16>(d, body);
+  } else {
+    for_pairs_of<float>(d, body);
+  }
+}
+
+// Visits the elements of a chunk as (current, reference) pairs and writes f(x, y) (a float) back
+// to the reference, rounded once to its dtype. Used with `write` false, it only reads.
+template <typename S, typename F>
+__device__ __forceinline__ void rewrite_pairs_of(const DriftChunk& d, bool write, F&& f) {
+  constexpr int kVec = 16 / sizeof(S);
+  const S* __restrict__ c = static_cast<const S*>(d.current);
+  S* __restrict__ r = static_cast<S*>(d.reference);
+  const int64_t head = mt::aligned_head(d.n, kVec, c, sizeof(S), r, sizeof(S));
+  mt::split_loop<kVec>(
+      d.n, head,
       [&](int64_t i) {
-        const float4 x = load4(d.current + i);
-        const float4 y = load4(d.reference + i);
-        body(x.x, y.x, i);
-        body(x.y, y.y, i + 1);
-        body(x.z, y.z, i + 2);
-        body(x.w, y.w, i + 3);
+        const float y = f(state_to_float(c[i]), state_to_float(r[i]));
+        if (write) state_store(r + i, y);
+      },
+      [&](int64_t i) {
+        float x[kVec], y[kVec];
+        load_vec(c + i, x);
+        load_vec(r + i, y);
+#pragma unroll
+        for (int q = 0; q < kVec; ++q) y[q] = f(x[q], y[q]);
+        if (write) store_vec(r + i, y);
       });
+}
+template <typename F>
+__device__ __forceinline__ void rewrite_pairs(const DriftChunk& d, bool write, F&& f) {
+  if (d.bf16) {  // uniform over the block
+    rewrite_pairs_of<__nv_bfloat16>(d, write, f);
+  } else {
+    rewrite_pairs_of<float>(d, write, f);
+  }
 }
 
 struct EmaOp {
   float rho, one_minus_rho;
   __device__ void operator()(const DriftChunk& d, int64_t) const {
-    const int64_t head = mt::aligned_head(d.n, 4, d.current, 4, d.reference, 4);
-    const float* __restrict__ c = d.current;
-    float* __restrict__ r = d.reference;
-    mt::split_loop<4>(
-        d.n, head, [&](int64_t i) { r[i] = ema(r[i], c[i], rho, one_minus_rho); },
-        [&](int64_t i) {
-          const float4 x = load4(c + i);
-          float4 y = load4(r + i);
-          y.x = ema(y.x, x.x, rho, one_minus_rho);
-          y.y = ema(y.y, x.y, rho, one_minus_rho);
-          y.z = ema(y.z, x.z, rho, one_minus_rho);
-          y.w = ema(y.w, x.w, rho, one_minus_rho);
-          *reinterpret_cast<float4*>(r + i) = y;
-        });
+    rewrite_pairs(d, /*write=*/true,
+                  [&](float x, float y) { return ema(y, x, rho, one_minus_rho); });
   }
 };
 
@@ -69,7 +100,7 @@ struct MassTotalsOp {
   double* pr;
   __device__ void operator()(const DriftChunk& d, int64_t k) const {
     double sc = 0.0, sr = 0.0;
-    for_pairs(d, [&](float x, float y, int64_t) {
+    for_pairs(d, [&](float x, float y) {
       sc += fabs(static_cast<double>(x));
       sr += fabs(static_cast<double>(y));
     });
@@ -120,31 +151,14 @@ struct MassScoreOp {
     }
     double s = 0.0;
     if (score || update) {
-      float* __restrict__ r = d.reference;
       // Each element is scored from the reference as it was, then updated by the same thread.
-      const int64_t head = mt::aligned_head(d.n, 4, d.current, 4, r, 4);
-      auto one = [&](float x, float y) -> float {
+      rewrite_pairs(d, update, [&](float x, float y) -> float {
         if (score) {
           s += js_term<double>(pc.of(fabs(static_cast<double>(x))),
                                pr.of(fabs(static_cast<double>(y))));
         }
         return update ? ema(y, x, rho, one_minus_rho) : y;
-      };
-      mt::split_loop<4>(
-          d.n, head,
-          [&](int64_t i) {
-            const float y = one(d.current[i], r[i]);
-            if (update) r[i] = y;
-          },
-          [&](int64_t i) {
-            const float4 x = load4(d.current + i);
-            float4 y = load4(r + i);
-            y.x = one(x.x, y.x);
-            y.y = one(x.y, y.y);
-            y.z = one(x.z, y.z);
-            y.w = one(x.w, y.w);
-            if (update) *reinterpret_cast<float4*>(r + i) = y;
-          });
+      });
     }
     if (grouped) {
       s = mt::block_sum(s);
@@ -193,13 +207,11 @@ template <typename Body>
 void with_mass_table(const JsDriftArgs& a, int64_t G, bool gaps, const Device& device,
                      Body body) {
   const Plan plan = make_plan(a.segments, a.numels, G, kChunk, /*cover_gaps=*/gaps);
-  const std::vector<const float*> cur = const_ptrs<float>(a.current);
-  const std::vector<float*> ref = reference_ptrs(a, /*update=*/gaps);
+  const StateBases bases = state_bases(a, /*update=*/gaps);
   std::vector<DriftChunk> table;
   for (const int64_t k : mt::group_ordered(plan, /*with_ungrouped=*/gaps)) {
     const Chunk& c = plan.chunks[k];
-    table.push_back(DriftChunk{cur[c.tensor] + c.begin, ref[c.tensor] + c.begin,
-                               c.end - c.begin, c.group});
+    table.push_back(bases.chunk(c, c.group));
   }
   mt::DeviceBundle bundle;
   const int64_t table_at = bundle.add(table);
@@ -262,14 +274,10 @@ void update_reference_cuda(const JsDriftArgs& a, double rho, const Device& devic
                            cudaStream_t stream) {
   const Plan all = make_plan({}, a.numels, 0, kChunk, /*cover_gaps=*/true);
   if (all.chunks.empty()) return;
-  const std::vector<const float*> cur = const_ptrs<float>(a.current);
-  const std::vector<float*> ref = reference_ptrs(a, /*update=*/true);
+  const StateBases bases = state_bases(a, /*update=*/true);
   std::vector<DriftChunk> table;
   table.reserve(all.chunks.size());
-  for (const Chunk& c : all.chunks) {
-    table.push_back(
-        DriftChunk{cur[c.tensor] + c.begin, ref[c.tensor] + c.begin, c.end - c.begin, -1});
-  }
+  for (const Chunk& c : all.chunks) table.push_back(bases.chunk(c, -1));
   mt::DeviceBundle bundle;
   const int64_t table_at = bundle.add(table);
   bundle.upload(device);

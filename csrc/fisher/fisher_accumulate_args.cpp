@@ -1,6 +1,7 @@
 #include "common/validate.h"
 
 #include "fisher/fisher_accumulate.h"
+#include "fisher/fisher_state.h"
 
 namespace fisheradaptune {
 
@@ -25,7 +26,7 @@ FisherAccumulateArgs validate_fisher_accumulate(
                   "expected a contiguous 1-D tensor, got shape ", group_sums.sizes());
 
   FisherAccumulateArgs out;
-  out.numels = check_state_list(op, "fisher", fisher, device);
+  out.numels = check_fisher_state_list(op, "fisher", fisher, device);  // Note [bfloat16 state]
   out.fisher.assign(fisher.begin(), fisher.end());
   out.grads.resize(fisher.size());
   for (size_t i = 0; i < fisher.size(); ++i) {

@@ -10,6 +10,7 @@
 #include "common/plan.h"
 #include "common/simd.h"
 #include "fisher/fisher_accumulate.h"
+#include "fisher/fisher_state.h"
 
 namespace fisheradaptune {
 namespace {
@@ -24,26 +25,36 @@ struct Partial {
 // Note [Skipping]: an element is skipped (its Fisher left as it was) when the update would not
 // be finite. That covers NaN and Inf gradients and also finite gradients whose square
 // overflows, so a bad step can never poison the Fisher. One comparison, |new| <= max, catches
-// all of them and vectorises (NaN compares false).
+// all of them and vectorises (NaN compares false). It tests the value as stored: for bfloat16
+// state (Note [bfloat16 state], fisher/fisher_state.h) the float32 update rounded to bfloat16,
+// so an update that overflows only on that rounding is skipped too.
 //
-// Sums are kept in the state's precision within a block of kBlock elements, then in double.
+// The update is computed in T = opmath_t<S> (float for bfloat16 state, else S itself), as
+// (decay * old) + ((scale * g) * g); for float and double the round trip through S is the
+// identity. Sums are kept in T within a block of kBlock elements, then in double.
 template <typename S, typename G>
-FAT_CPU_CLONES Partial update(S* f, const G* g, int64_t n, S decay, S scale) {
-  constexpr S kMax = std::numeric_limits<S>::max();
+FAT_CPU_CLONES Partial update(typename StateIO<S>::storage* f, const G* g, int64_t n,
+                              opmath_t<S> decay, opmath_t<S> scale) {
+  using T = opmath_t<S>;
+  using IO = StateIO<S>;
+  using Stored = typename IO::storage;
+  constexpr T kMax = state_max<S>();
   Partial out;
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t e = std::min(n, b + kBlock);
-    S acc = 0;
+    T acc = 0;
     int32_t bad = 0;  // int32 lanes pair with float lanes; a block never overflows it
     FAT_SIMD_REDUCE(acc, bad)
     for (int64_t i = b; i < e; ++i) {
-      const S old = f[i];
-      const S gv = static_cast<S>(g[i]);
-      const S updated = decay * old + scale * gv * gv;
-      const bool ok = std::abs(updated) <= kMax;
-      const S kept = ok ? updated : old;
-      f[i] = kept;
-      acc += kept;
+      const Stored stored_old = f[i];
+      const T old = IO::load(stored_old);
+      const T gv = static_cast<T>(g[i]);
+      const T updated = decay * old + scale * gv * gv;
+      const Stored stored = IO::store(updated);  // one rounding (none for float and double)
+      const T back = IO::load(stored);
+      const bool ok = std::abs(back) <= kMax;
+      f[i] = IO::select(ok, stored, stored_old);
+      acc += ok ? back : old;
       bad += ok ? 0 : 1;
     }
     out.sum += static_cast<double>(acc);
@@ -53,13 +64,14 @@ FAT_CPU_CLONES Partial update(S* f, const G* g, int64_t n, S decay, S scale) {
 }
 
 template <typename S>
-FAT_CPU_CLONES Partial sum_only(const S* f, int64_t n) {
+FAT_CPU_CLONES Partial sum_only(const typename StateIO<S>::storage* f, int64_t n) {
+  using T = opmath_t<S>;
   Partial out;
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t e = std::min(n, b + kBlock);
-    S acc = 0;
+    T acc = 0;
     FAT_SIMD_REDUCE(acc)
-    for (int64_t i = b; i < e; ++i) acc += f[i];
+    for (int64_t i = b; i < e; ++i) acc += StateIO<S>::load(f[i]);
     out.sum += static_cast<double>(acc);
   }
   return out;
@@ -77,16 +89,16 @@ struct TensorView {
 Partial run_chunk(const TensorView& v, const Chunk& c, double decay, double scale) {
   const int64_t n = c.end - c.begin;
   Partial p;
-  FAT_DISPATCH_FLOATING(v.state, "fisher_cpu_state", [&] {
+  FAT_DISPATCH_STATE_TYPES(v.state, "fisher_cpu_state", [&] {
     using S = scalar_t;
-    S* f = static_cast<S*>(v.fisher) + c.begin;
+    auto* f = static_cast<typename StateIO<S>::storage*>(v.fisher) + c.begin;
     if (v.grad == nullptr) {
-      p = sum_only(f, n);
+      p = sum_only<S>(f, n);
       return;
     }
     FAT_DISPATCH_FLOATING_AND_HALF(v.grad_type, "fisher_cpu", [&] {
       p = update<S, scalar_t>(f, static_cast<const scalar_t*>(v.grad) + c.begin, n,
-                              static_cast<S>(decay), static_cast<S>(scale));
+                              static_cast<opmath_t<S>>(decay), static_cast<opmath_t<S>>(scale));
     });
   });
   return p;

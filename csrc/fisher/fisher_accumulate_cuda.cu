@@ -12,6 +12,7 @@
 #include "common/multi_tensor.cuh"
 #include "common/plan.h"
 #include "fisher/fisher_accumulate.h"
+#include "fisher/fisher_state.h"
 
 namespace fisheradaptune {
 namespace {
@@ -26,12 +27,16 @@ namespace {
 // the kernel branches on it (uniformly per block).
 enum GradKind : int32_t { kNoGrad = 0, kF32 = 1, kBF16 = 2, kF16 = 3 };
 
+// The state dtype of a chunk (Note [bfloat16 state], fisher/fisher_state.h); per tensor, like
+// the gradient's.
+enum StateKind : int32_t { kStateF32 = 0, kStateBF16 = 1 };
+
 struct FisherChunk {
-  float* fisher;     // offset to the chunk's first element
+  void* fisher;      // offset to the chunk's first element (float or __nv_bfloat16)
   const void* grad;  // likewise; null for kNoGrad
   int64_t n;
   int32_t kind;
-  int32_t unused;
+  int32_t state;     // StateKind
 };
 
 __device__ __forceinline__ float to_float(float v) { return v; }
@@ -89,6 +94,36 @@ __device__ __forceinline__ float fisher_step(float old, float g, float decay, fl
   return kept;
 }
 
+// The same for bfloat16 state (Note [bfloat16 state]): the float update above, rounded once to
+// bfloat16 (round to nearest even, as the CPU's conversion), and the skip test on the rounded
+// value, so that an update overflowing bfloat16 only on rounding is skipped: bitwise the CPU's.
+__device__ __forceinline__ __nv_bfloat16 fisher_step(__nv_bfloat16 stored_old, float g,
+                                                     float decay, float scale, float& acc,
+                                                     unsigned& bad) {
+  const float old = __bfloat162float(stored_old);
+  const float updated = __fadd_rn(__fmul_rn(decay, old), __fmul_rn(__fmul_rn(scale, g), g));
+  const __nv_bfloat16 stored = __float2bfloat16_rn(updated);
+  const float back = __bfloat162float(stored);
+  const bool ok = fabsf(back) <= kBFloat16Max;  // false for NaN and Inf
+  acc += ok ? back : old;
+  bad += ok ? 0u : 1u;
+  return ok ? stored : stored_old;
+}
+
+// 8 gradient elements as floats from a 16-byte-aligned p (two 16-byte loads for float).
+__device__ __forceinline__ void load8(const float* p, float (&out)[8]) {
+  float lo[4], hi[4];
+  load16(p, lo);
+  load16(p + 4, hi);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    out[k] = lo[k];
+    out[4 + k] = hi[k];
+  }
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&out)[8]) { load16(p, out); }
+__device__ __forceinline__ void load8(const __half* p, float (&out)[8]) { load16(p, out); }
+
 struct FisherOp {
   double* partials;               // one per grouped slot
   unsigned long long* nonfinite;  // the op's int64 counter
@@ -98,7 +133,7 @@ struct FisherOp {
   template <typename G>
   __device__ void update(const FisherChunk& c, float& acc, unsigned& bad) const {
     constexpr int kVec = 16 / sizeof(G);
-    float* __restrict__ f = c.fisher;
+    float* __restrict__ f = static_cast<float*>(c.fisher);
     const G* __restrict__ g = static_cast<const G*>(c.grad);
     const int64_t head = mt::aligned_head(c.n, kVec, f, sizeof(float), g, sizeof(G));
     mt::split_loop<kVec>(
@@ -119,9 +154,46 @@ struct FisherOp {
         });
   }
 
+  // bfloat16 state: 8 elements (16 bytes of state) per vector step, whatever the gradient.
+  template <typename G>
+  __device__ void update_bf16(const FisherChunk& c, float& acc, unsigned& bad) const {
+    constexpr int kVec = 8;
+    __nv_bfloat16* __restrict__ f = static_cast<__nv_bfloat16*>(c.fisher);
+    const G* __restrict__ g = static_cast<const G*>(c.grad);
+    const int64_t head = mt::aligned_head(c.n, kVec, f, sizeof(__nv_bfloat16), g, sizeof(G));
+    mt::split_loop<kVec>(
+        c.n, head,
+        [&](int64_t i) { f[i] = fisher_step(f[i], to_float(g[i]), decay, scale, acc, bad); },
+        [&](int64_t i) {
+          float gv[kVec];
+          load8(g + i, gv);
+          // Packed in registers (a local array would live in local memory): element 2w is
+          // the low half of 32-bit word w.
+          const uint4 raw = *reinterpret_cast<const uint4*>(f + i);
+          unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const __nv_bfloat16 lo = fisher_step(
+                __ushort_as_bfloat16(static_cast<unsigned short>(w[q] & 0xffffu)), gv[2 * q],
+                decay, scale, acc, bad);
+            const __nv_bfloat16 hi = fisher_step(
+                __ushort_as_bfloat16(static_cast<unsigned short>(w[q] >> 16)), gv[2 * q + 1],
+                decay, scale, acc, bad);
+            w[q] = static_cast<unsigned>(__bfloat16_as_ushort(lo)) |
+                   (static_cast<unsigned>(__bfloat16_as_ushort(hi)) << 16);
+          }
+          *reinterpret_cast<uint4*>(f + i) = make_uint4(w[0], w[1], w[2], w[3]);
+        });
+  }
+
+  __device__ void sum_only_bf16(const FisherChunk& c, float& acc) const {
+    const __nv_bfloat16* __restrict__ f = static_cast<const __nv_bfloat16*>(c.fisher);
+    for (int64_t i = threadIdx.x; i < c.n; i += mt::kThreads) acc += __bfloat162float(f[i]);
+  }
+
   // A tensor without gradient still reports its Fisher in the group sums.
   __device__ void sum_only(const FisherChunk& c, float& acc) const {
-    const float* __restrict__ f = c.fisher;
+    const float* __restrict__ f = static_cast<const float*>(c.fisher);
     const int64_t head = mt::aligned_head(c.n, 4, f, sizeof(float));
     mt::split_loop<4>(
         c.n, head, [&](int64_t i) { acc += f[i]; },
@@ -139,6 +211,22 @@ struct FisherOp {
     // accumulates float lanes over short blocks; the block tree runs in double.
     float acc = 0.f;
     unsigned bad = 0;
+    if (c.state == kStateBF16) {
+      switch (c.kind) {  // uniform over the block
+        case kF32:
+          update_bf16<float>(c, acc, bad);
+          break;
+        case kBF16:
+          update_bf16<__nv_bfloat16>(c, acc, bad);
+          break;
+        case kF16:
+          update_bf16<__half>(c, acc, bad);
+          break;
+        default:
+          sum_only_bf16(c, acc);
+          break;
+      }
+    } else {
     switch (c.kind) {  // uniform over the block
       case kF32:
         update<float>(c, acc, bad);
@@ -152,6 +240,7 @@ struct FisherOp {
       default:
         sum_only(c, acc);
         break;
+    }
     }
     if (k < num_grouped) {
       const double s = mt::block_sum(static_cast<double>(acc));
@@ -215,12 +304,17 @@ void fisher_accumulate_cuda(const std::vector<Tensor>& fisher,
       make_plan(args.segments, args.numels, args.num_groups, kChunk, /*cover_gaps=*/true);
   const int64_t num_grouped = static_cast<int64_t>(plan.group_chunks.size());
 
-  std::vector<float*> fisher_base(args.fisher.size(), nullptr);
+  std::vector<char*> fisher_base(args.fisher.size(), nullptr);
+  std::vector<int32_t> states(args.fisher.size(), kStateF32);
+  std::vector<int64_t> state_bytes(args.fisher.size(), 4);  // per element, read once
   std::vector<const char*> grad_base(args.fisher.size(), nullptr);
   std::vector<int32_t> kinds(args.fisher.size(), kNoGrad);
   for (size_t t = 0; t < args.fisher.size(); ++t) {
     if (args.numels[t] == 0) continue;  // no chunks
-    fisher_base[t] = args.fisher[t].mutable_data_ptr<float>();
+    fisher_base[t] = static_cast<char*>(args.fisher[t].mutable_data_ptr());
+    // Validation admits float32 and bfloat16 here (float64 is CPU-only).
+    states[t] = args.fisher[t].scalar_type() == ScalarType::BFloat16 ? kStateBF16 : kStateF32;
+    state_bytes[t] = states[t] == kStateBF16 ? 2 : 4;
     if (args.grads[t].defined()) {
       grad_base[t] = static_cast<const char*>(args.grads[t].const_data_ptr());
       kinds[t] = grad_kind(args.grads[t]);
@@ -236,7 +330,8 @@ void fisher_accumulate_cuda(const std::vector<Tensor>& fisher,
     if (kind == kNoGrad && c.group < 0) continue;
     const char* grad = nullptr;
     if (kind != kNoGrad) grad = grad_base[c.tensor] + c.begin * args.grads[c.tensor].element_size();
-    table.push_back(FisherChunk{fisher_base[c.tensor] + c.begin, grad, c.end - c.begin, kind, 0});
+    char* fisher = fisher_base[c.tensor] + c.begin * state_bytes[c.tensor];
+    table.push_back(FisherChunk{fisher, grad, c.end - c.begin, kind, states[c.tensor]});
   }
   if (table.empty() && args.num_groups == 0) return;
 

@@ -23,6 +23,7 @@ from ..distributed import comm
 from ..distributed.drift import js_drift
 from ..distributed.sharding import local_layout, row_sharding, sharding_of
 from ..fisher.base import EstimatorSpec, estimator_class, make_estimator
+from ..fisher.empirical import FISHER_DTYPES, EmpiricalFisher
 from . import report, state
 from .freezing import Freezer
 from .policies import Context, Policy, Threshold
@@ -71,6 +72,12 @@ class FisherAdapTune(WrappedOptimizer):
             memory by the world size, with sums all-reduced as under FSDP2. Checkpoint it with
             :func:`fisheradaptune.distributed.save` (or one :meth:`state_dict` per rank).
             ``False`` (default) keeps a full replica on every rank, so "save on rank 0" works.
+        fisher_dtype: dtype of the Fisher buffers and of the drift references:
+            ``torch.float32`` (default) or ``torch.bfloat16`` (half the memory; the ops read
+            bfloat16, compute in float32 and round once on store; with
+            ``estimator="empirical"`` only). The measured effect on drift values and freeze
+            decisions is in docs/methods.md ("Fisher buffers in bfloat16"). A checkpoint
+            loads only into a wrapper with the same ``fisher_dtype``.
         allow_unverified_optimizer: accept an optimizer class that is not verified (a
             subclass, a third-party optimizer), asserting that it updates each element from
             its own gradient and state only, never moves a parameter whose ``.grad`` is None
@@ -101,6 +108,7 @@ class FisherAdapTune(WrappedOptimizer):
                  reference_decay: float = 0.9, score_decay: float = 0.9,
                  check_every: int = 100, policy: Optional[Policy] = None,
                  drift_kwargs: Optional[dict] = None, shard_state: bool = False,
+                 fisher_dtype: torch.dtype = torch.float32,
                  allow_unverified_optimizer: bool = False):
         if isinstance(optimizer, FisherAdapTune):
             raise ValueError("argument 'optimizer': already a FisherAdapTune")
@@ -110,6 +118,7 @@ class FisherAdapTune(WrappedOptimizer):
         policy = Threshold() if policy is None else policy
         est_cls = self._check_args(model, estimator, drift_mode, fisher_decay, reference_decay,
                                    score_decay, check_every, policy, drift_kwargs)
+        self._check_fisher_dtype(fisher_dtype, est_cls)
         named = self._named_params(optimizer, model)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -143,9 +152,11 @@ class FisherAdapTune(WrappedOptimizer):
         self.check_every = check_every
         self.policy = policy
         self.estimator_name = est_cls.name or est_cls.__name__
+        self.fisher_dtype = fisher_dtype
         self.estimator = make_estimator(est_cls, [self.part(i, p.detach()) for i, p in
                                                   enumerate(self.params)],
-                                        self.local_layout, model, float(fisher_decay))
+                                        self.local_layout, model, float(fisher_decay),
+                                        None if fisher_dtype == torch.float32 else fisher_dtype)
         G = self.layout.num_groups
         self.tracker = DriftTracker(G, float(score_decay))
         self.freezer = Freezer(self.params, self.layout, mask_layout, optimizer)
@@ -194,6 +205,19 @@ class FisherAdapTune(WrappedOptimizer):
             raise TypeError("argument 'policy': expected a Policy (Threshold, PaperPolicy, "
                             f"Observe or a subclass), got {type(policy).__name__}")
         return estimator_class(estimator)
+
+    @staticmethod
+    def _check_fisher_dtype(fisher_dtype, est_cls) -> None:
+        # Allow-list: the dtypes the ops write (Note [bfloat16 state], csrc/fisher/
+        # fisher_state.h); bfloat16 only with the estimator whose buffers the ops write
+        # directly (K-FAC materialises float32 snapshots from its factors).
+        if not isinstance(fisher_dtype, torch.dtype) or fisher_dtype not in FISHER_DTYPES:
+            raise ValueError("argument 'fisher_dtype': expected torch.float32 or torch.bfloat16, "
+                             f"got {fisher_dtype!r}")
+        if fisher_dtype != torch.float32 and est_cls is not EmpiricalFisher:
+            raise ValueError("argument 'fisher_dtype': torch.bfloat16 is supported with "
+                             "estimator=\"empirical\" only, got estimator "
+                             f"{est_cls.name or est_cls.__name__!r}")
 
     @staticmethod
     def _named_params(optimizer, model) -> List[Tuple[str, Tensor]]:
@@ -412,8 +436,14 @@ class FisherAdapTune(WrappedOptimizer):
         With a sharded Fisher (FSDP2, ``shard_state``) each rank counts its own part."""
         return 0 if self._nonfinite is None else int(self._nonfinite)
 
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of the Fisher buffers and drift references this wrapper holds now (this
+        rank's parts when sharded; freed ones not counted). See ``fisher_dtype``."""
+        return report.buffer_bytes(self)
+
     def metrics(self, per_group: bool = False) -> dict:
-        """A flat dict for TensorBoard or W&B."""
+        """A flat dict for TensorBoard or W&B (``adaptune/buffer_bytes``: :attr:`buffer_bytes`)."""
         return report.metrics(self, per_group)
 
     def summary(self, max_rows: Optional[int] = 40) -> str:

@@ -13,7 +13,19 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import FisherAdapTune
 
-__all__ = ["metrics", "summary", "plot"]
+__all__ = ["metrics", "summary", "plot", "buffer_bytes"]
+
+
+def buffer_bytes(opt: "FisherAdapTune") -> int:
+    """Bytes of the Fisher buffers (what the estimator exposes through ``buffers()``; K-FAC's
+    factors are not among them) and the drift references that ``opt`` holds now: this rank's
+    parts when sharded, released tensors' freed buffers not counted."""
+    held = [t for t in list(opt.estimator.buffers()) + list(opt.references) if t is not None]
+    return sum(t.numel() * t.element_size() for t in held)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2 ** 20:.2f} MiB"
 
 
 def metrics(opt: "FisherAdapTune", per_group: bool = False) -> Dict[str, float]:
@@ -30,6 +42,7 @@ def metrics(opt: "FisherAdapTune", per_group: bool = False) -> Dict[str, float]:
         "adaptune/mean_drift": float(t.last[measured].mean()) if measured.any() else 0.0,
         "adaptune/max_drift": float(t.last[measured].max()) if measured.any() else 0.0,
         "adaptune/nonfinite": float(opt.nonfinite),
+        "adaptune/buffer_bytes": float(buffer_bytes(opt)),
     }
     if per_group:
         for g, name in enumerate(opt.layout.names):
@@ -48,8 +61,11 @@ def summary(opt: "FisherAdapTune", max_rows: Optional[int] = 40) -> str:
               f"{layout.num_groups} groups active, active fraction {opt.active_fraction:.3f}, "
               f"estimator {opt.estimator_name}, drift {opt.drift_mode}, policy {opt.policy}")
     width = min(60, max((len(n) for n in layout.names), default=5))
-    lines = [header, f"{'group':<{width}} {'size':>10} {'drift':>8} {'jsema':>8} "
-                     f"{'score':>8}  state"]
+    dtype = str(opt.fisher_dtype).replace("torch.", "")
+    buffers = (f"buffers: Fisher and drift references in {dtype}, "
+               f"{_mib(buffer_bytes(opt))} held")
+    lines = [header, buffers, f"{'group':<{width}} {'size':>10} {'drift':>8} {'jsema':>8} "
+                              f"{'score':>8}  state"]
     rows = list(range(layout.num_groups))
     if max_rows is not None:
         rows = rows[:max_rows]

@@ -26,6 +26,8 @@ __all__ = ["state_dict", "load_state_dict", "check_state_dict", "check_inner_sta
 
 #: Version of the payload. 2 added ``format``, ``drift_mode``, ``layout`` and ``policy_type``;
 #: a payload without them (format 1) is refused: the checks they allow cannot be made.
+#: ``fisher_dtype`` ("float32" or "bfloat16") was added within format 2: a payload without it
+#: was saved before the option existed, with float32 buffers, and is read as "float32".
 FORMAT = 2
 
 _META_KEYS = ("format", "names", "group_names", "layout", "drift_mode", "policy_type", "step",
@@ -44,6 +46,10 @@ def layout_key(opt: "FisherAdapTune") -> str:
     return h.hexdigest()[:16]
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _policy_type(opt: "FisherAdapTune") -> str:
     cls = type(opt.policy)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -57,6 +63,7 @@ def _meta(opt: "FisherAdapTune") -> Dict[str, Any]:
         "group_names": list(opt.layout.names),
         "layout": layout_key(opt),
         "drift_mode": opt.drift_mode,
+        "fisher_dtype": _dtype_name(opt.fisher_dtype),
         "policy_type": _policy_type(opt),
         "step": opt.step_count,
         "frozen": opt.frozen.clone(),
@@ -125,6 +132,13 @@ def _check_identity(opt: "FisherAdapTune", meta: Any) -> None:
     if meta["drift_mode"] != opt.drift_mode:
         raise ValueError(f"{_ARG}: saved with drift_mode={meta['drift_mode']!r}, this wrapper "
                          f"has drift_mode={opt.drift_mode!r}")
+    saved = meta.get("fisher_dtype", "float32")  # absent: saved before the option, float32
+    if saved != _dtype_name(opt.fisher_dtype):
+        # Refused rather than converted: a conversion would change the buffers' precision
+        # behind the user's back (and float32 -> bfloat16 is lossy).
+        raise ValueError(f"{_ARG}: saved with fisher_dtype=torch.{saved}, this wrapper has "
+                         f"fisher_dtype=torch.{_dtype_name(opt.fisher_dtype)}; build the "
+                         "wrapper with the fisher_dtype it was saved with")
     if meta["policy_type"] != _policy_type(opt):
         raise ValueError(f"{_ARG}: saved with policy {meta['policy_type']}, this wrapper has "
                          f"{_policy_type(opt)}")
@@ -188,6 +202,10 @@ def _check_buffer(opt: "FisherAdapTune", i: int, value: Optional[Tensor], full: 
     if value.shape != want:
         raise ValueError(f"{_ARG}: the {what} of {opt.names[i]!r} has shape "
                          f"{tuple(value.shape)}, expected {tuple(want)}")
+    if (value.dtype == torch.bfloat16) != (opt.fisher_dtype == torch.bfloat16):
+        # The drift ops want current and reference in one dtype.
+        raise ValueError(f"{_ARG}: the {what} of {opt.names[i]!r} is {value.dtype}, this "
+                         f"wrapper keeps its buffers in {opt.fisher_dtype}")
     if not bool(torch.isfinite(value).all()):
         # A NaN Fisher or reference scores drift 0: the group would look settled and freeze.
         raise ValueError(f"{_ARG}: the {what} of {opt.names[i]!r} holds non-finite values")
@@ -362,7 +380,7 @@ def distributed_template(opt: "FisherAdapTune", packed_meta: bytes) -> Dict[str,
             if present:
                 part = opt.part(i, opt.params[i].detach())
                 out[opt.names[i]] = opt.to_global(
-                    i, torch.zeros(part.shape, dtype=torch.float32, device=part.device))
+                    i, torch.zeros(part.shape, dtype=opt.fisher_dtype, device=part.device))
         return out
     return {"meta": b"", "buffers": zeros(meta["has_buffer"]),
             "reference": zeros(meta["has_reference"])}

@@ -7,7 +7,7 @@ subclass plus (optionally) a registered name; the wrapper is not edited. Write o
     class MyFisher(fisheradaptune.fisher.Estimator):
         def __init__(self, params, layout=None, *, model=None, decay=0.9): ...
         def update(self, grads, *, grad_scale=1.0): ...   # -> (group_sums or None, nonfinite)
-        def snapshot(self): ...                            # -> one float32 Fisher per tensor
+        def snapshot(self): ...                            # -> one Fisher per tensor (float32)
         def release(self, indices): ...
         def restore(self, indices): ...
 
@@ -57,8 +57,9 @@ class Estimator(abc.ABC):
 
     @abc.abstractmethod
     def snapshot(self) -> List[Optional[Tensor]]:
-        """The current float32 Fisher of every tensor (``None`` once released), shaped like
-        it. The wrapper may keep references to them until the next update."""
+        """The current Fisher of every tensor (``None`` once released), shaped like it: float32
+        (``EmpiricalFisher(dtype=torch.bfloat16)``: bfloat16, FisherAdapTune's
+        ``fisher_dtype``). The wrapper may keep references to them until the next update."""
 
     @abc.abstractmethod
     def release(self, indices: Iterable[int]) -> None:
@@ -141,9 +142,12 @@ def estimator_class(spec: EstimatorSpec, arg: str = "estimator") -> Type[Estimat
 
 def make_estimator(spec: EstimatorSpec, params: Sequence[Tensor],
                    layout: Optional[GroupLayout], model: Optional[nn.Module],
-                   decay: float) -> Estimator:
-    """Build the estimator ``spec`` (a registered name or an Estimator subclass)."""
-    est = estimator_class(spec)(params, layout, model=model, decay=decay)
+                   decay: float, dtype: Optional[torch.dtype] = None) -> Estimator:
+    """Build the estimator ``spec`` (a registered name or an Estimator subclass). ``dtype``
+    (the Fisher buffers' dtype) is passed on only when given: estimators that do not take
+    it are built as before."""
+    extra = {} if dtype is None else {"dtype": dtype}
+    est = estimator_class(spec)(params, layout, model=model, decay=decay, **extra)
     if not isinstance(est, Estimator):
         raise TypeError(f"argument 'estimator': {spec!r} built a {type(est).__name__}, not an "
                         "Estimator")

@@ -11,7 +11,10 @@ from .. import ops
 from ..groups import GroupLayout
 from .base import Estimator, check_decay, default_scale, register_estimator
 
-__all__ = ["EmpiricalFisher"]
+__all__ = ["EmpiricalFisher", "FISHER_DTYPES"]
+
+#: The Fisher buffer dtypes the ops write (Note [bfloat16 state], csrc/fisher/fisher_state.h).
+FISHER_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @register_estimator("empirical")
@@ -25,8 +28,11 @@ class EmpiricalFisher(Estimator):
         decay: EMA decay ``beta`` in [0, 1].
         scale: weight of the new squared gradient; default ``1 - decay`` (``1`` when
             ``decay == 1``, giving a plain running sum).
+        dtype: the buffers' dtype, ``torch.float32`` (default) or ``torch.bfloat16`` (half
+            the memory; the op computes in float32 and rounds once to bfloat16 on store,
+            docs/methods.md "Fisher buffers in bfloat16").
 
-    Buffers are float32, allocated at the first update. :meth:`release` frees the buffer of a
+    Buffers are allocated at the first update. :meth:`release` frees the buffer of a
     tensor that will never be tracked again (e.g. frozen whole).
     """
 
@@ -34,7 +40,11 @@ class EmpiricalFisher(Estimator):
 
     def __init__(self, params: Sequence[Tensor], layout: Optional[GroupLayout] = None, *,
                  model: Optional[nn.Module] = None, decay: float = 0.9,
-                 scale: Optional[float] = None):
+                 scale: Optional[float] = None, dtype: torch.dtype = torch.float32):
+        if dtype not in FISHER_DTYPES:
+            raise ValueError(f"argument 'dtype': expected torch.float32 or torch.bfloat16, got "
+                             f"{dtype!r}")
+        self.dtype = dtype
         self.params = list(params)
         self.decay = check_decay(decay)
         self.scale = default_scale(self.decay) if scale is None else float(scale)
@@ -50,7 +60,7 @@ class EmpiricalFisher(Estimator):
     def _buffer(self, i: int) -> Tensor:
         if self.fisher[i] is None:
             p = self.params[i]
-            self.fisher[i] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            self.fisher[i] = torch.zeros(p.shape, dtype=self.dtype, device=p.device)
         return self.fisher[i]
 
     def active(self) -> List[int]:

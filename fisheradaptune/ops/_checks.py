@@ -125,6 +125,17 @@ def _check_state(op: str, arg: str, t: Tensor) -> None:
     _check_value(t.is_contiguous(), op, arg, "expected a contiguous tensor")
 
 
+def _check_fisher_state(op: str, arg: str, t: Tensor) -> None:
+    """check_fisher_state (csrc/fisher/fisher_state.h): Fisher state as fisher_accumulate_ and
+    the drift ops write it: float32 or bfloat16 (Note [bfloat16 state]), or float64 on the CPU;
+    contiguous."""
+    ok = t.dtype in (torch.float32, torch.bfloat16) or (
+        t.dtype == torch.float64 and _is_host(t.device))
+    _check_value(ok, op, arg, "expected float32 or bfloat16 (or float64 on CPU), got ", t.dtype,
+                 " on ", t.device)
+    _check_value(t.is_contiguous(), op, arg, "expected a contiguous tensor")
+
+
 def _check_grad_dtype(op: str, arg: str, g: Tensor, state: Tensor) -> None:
     ok = g.dtype in (torch.float32, torch.bfloat16, torch.float16) or (
         g.dtype == torch.float64 and state.dtype == torch.float64)
@@ -235,7 +246,7 @@ def validate_fisher_accumulate(fisher: List[Tensor], grads: List[Optional[Tensor
                  "expected a contiguous 1-D tensor, got shape ", group_sums.shape)
     for i, f in enumerate(fisher):
         _check_device(op, _item("fisher", i), f, device)
-        _check_state(op, _item("fisher", i), f)
+        _check_fisher_state(op, _item("fisher", i), f)
     for i, g in enumerate(grads):
         if g is None:
             continue
@@ -278,7 +289,7 @@ def _check_drift_lists(op: str, current: List[Tensor], reference: List[Tensor], 
     device = _op_device([*lead, *current, *reference, totals], segments.device)
     for i, r in enumerate(reference):
         _check_device(op, _item("reference", i), r, device)
-        _check_state(op, _item("reference", i), r)
+        _check_fisher_state(op, _item("reference", i), r)
     for i, c in enumerate(current):
         where = _item("current", i)
         _check_device(op, where, c, device)

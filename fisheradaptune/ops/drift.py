@@ -60,8 +60,10 @@ def js_drift(
         :func:`fisheradaptune.reference.js_drift`.
 
     A group whose Fisher sums to 0 on either side has distance 0. Fisher values are taken by
-    magnitude. ``current`` and ``reference`` share shapes and one floating dtype (float32, or
-    float64 on CPU).
+    magnitude. ``current`` and ``reference`` share shapes and one floating dtype (float32 or
+    bfloat16, or float64 on CPU). bfloat16 values are read widened to float32 (exact) and
+    scored exactly as float32 values are; the reference update is computed in float32 and
+    rounded once to bfloat16 (FisherAdapTune's ``fisher_dtype=torch.bfloat16``).
 
     Args:
         update_reference: if given as ``rho`` in [0, 1], also sets
@@ -210,7 +212,7 @@ _library.register_not_differentiable("js_mass_partial")
 #   over the occupied bins only (``torch.unique``), so 2^30 bins allocate nothing of that size;
 # - the reference update ``ref = rho * ref + (1 - rho) * cur`` in the state's dtype with ``rho``
 #   and ``1 - rho`` rounded to it, as ``ema_chunk`` spells it, over every element, after every
-#   group is scored, written in place.
+#   group is scored, written in place (bfloat16 state: in float32, rounded once on store).
 #
 # Results agree with the compiled CPU kernel to rounding (its SIMD lanes sum in another order and
 # its logarithm is its own polynomial), not bitwise; a float32 distance almost always matches to
@@ -346,13 +348,18 @@ def _fb_distance(js_sq: Tensor, base2: bool) -> Tensor:
 
 def _fb_update_reference(current, reference, rho: Optional[float]) -> None:
     """ema_chunk over every element: ``ref = rho * ref + (1 - rho) * cur`` in the state's dtype,
-    each product and the sum rounded to it (no fused multiply-add), in place."""
+    each product and the sum rounded to it (no fused multiply-add), in place. bfloat16 state:
+    the same in float32, rounded once to bfloat16 on store (Note [bfloat16 state])."""
     if rho is None:
         return
     for cur, ref in zip(current, reference):
-        r = torch.tensor(rho, dtype=ref.dtype)
-        keep, take = float(r), float(1 - r)  # rho and 1 - rho rounded to the state's dtype
-        ref.mul_(keep).add_(cur * take)
+        compute = torch.float32 if ref.dtype == torch.bfloat16 else ref.dtype
+        r = torch.tensor(rho, dtype=compute)
+        keep, take = float(r), float(1 - r)  # rho and 1 - rho rounded to the compute dtype
+        if compute == ref.dtype:
+            ref.mul_(keep).add_(cur * take)
+        else:
+            ref.copy_(ref.to(compute).mul_(keep).add_(cur.to(compute) * take))
 
 
 def _fb_js_term(p: Tensor, q: Tensor) -> Tensor:

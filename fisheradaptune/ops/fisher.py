@@ -42,11 +42,19 @@ def fisher_accumulate_(
     contiguous; ``grads`` are float32, bfloat16 or float16 with matching shapes, or ``None`` to
     leave that tensor untouched. Empty tensors and lists are fine.
 
+    bfloat16 ``fisher`` tensors (any device; FisherAdapTune's ``fisher_dtype=torch.bfloat16``)
+    are read widened to float32, updated with exactly the float32 arithmetic, and rounded once
+    to bfloat16 (round to nearest even) on store; ``group_sums`` add the stored values in float32
+    blocks and float64, as for float32 state.
+
     Non-finite handling: an element whose update would not be finite (a NaN or Inf gradient,
     or a finite one whose square overflows) is skipped, keeping its Fisher entry, and counted.
+    The test is on the value as it would be stored: for bfloat16 state, an update finite in
+    float32 that rounds to Inf in bfloat16 (``>= 3.3961e38`` in magnitude) is skipped and counted
+    too.
 
     ``decay`` and ``scale`` must be finite numbers in ``[0, 3.4028e38]`` (float32's range: the
-    kernels multiply in float32; the same range for float64 state): a negative, NaN, Inf or
+    kernels multiply in float32; the same range for float64 and bfloat16 state): a negative, NaN, Inf or
     larger value (``1e308``) is a ``ValueError`` naming the argument, raised before anything is
     written.
 
@@ -185,14 +193,17 @@ def _write_finite(target: Tensor, updated: Tensor) -> Tensor:
     it is finite (the C++'s ``|u| <= max``, false for NaN and Inf), keep ``target`` elsewhere,
     and return how many were skipped (a 0-d int64 tensor: no synchronisation)."""
     ok = updated.abs() <= torch.finfo(updated.dtype).max
-    torch.where(ok, updated, target, out=target)
+    torch.where(ok, updated.to(target.dtype), target, out=target)
     return ok.numel() - torch.count_nonzero(ok)
 
 
 def _segment_sum(values: Tensor) -> Tensor:
     """A segment's partial as the C++ forms it (cpu/fisher.cpp): sums of BLOCK elements in the
     state's dtype (blocks start at the segment's first element, and chunk boundaries fall on
-    block boundaries), added in float64. A 0-d float64 tensor."""
+    block boundaries), added in float64. A 0-d float64 tensor. bfloat16 state is summed in
+    float32 (its compute type, Note [bfloat16 state], csrc/fisher/fisher_state.h)."""
+    if values.dtype == torch.bfloat16:
+        values = values.float()
     n = values.numel()
     full = n - n % _library.BLOCK
     total = values[:full].view(-1, _library.BLOCK).sum(1).to(torch.float64).sum()
@@ -213,6 +224,8 @@ def _fisher_accumulate_fallback(fisher: List[Tensor], grads: List[Optional[Tenso
     elements in the state's dtype, added in float64: the C++'s blocks) in plan order, in
     float64, and rounds once to float32: equal to the compiled op's to rounding (within a block
     the C++ adds in vector lanes, torch in its own order), and deterministic.
+    bfloat16 state is computed in float32 and rounded once to bfloat16 (Note [bfloat16 state],
+    csrc/fisher/fisher_state.h); the skip test is on the rounded value.
     With a layout on CUDA the partials are read back to the host (one synchronisation)."""
     op = "fisher_accumulate_"
     if nonfinite.device.type == "cuda":
@@ -233,9 +246,11 @@ def _fisher_accumulate_fallback(fisher: List[Tensor], grads: List[Optional[Tenso
         if g is None or f.numel() == 0:
             current[i] = flat if i in grouped else None
             continue
-        gv = g.reshape(-1).to(f.dtype)
+        compute = torch.float32 if f.dtype == torch.bfloat16 else f.dtype
+        gv = g.reshape(-1).to(compute)
         square = torch.mul(gv, scale).mul_(gv)
-        skipped += _write_finite(flat, torch.mul(flat, decay).add_(square))
+        updated = torch.mul(flat.to(compute), decay).add_(square)
+        skipped += _write_finite(flat, updated.to(f.dtype))
         current[i] = flat
     nonfinite.fill_(skipped)
     if num_groups == 0:

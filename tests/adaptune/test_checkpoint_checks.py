@@ -155,6 +155,12 @@ def test_the_uncorrupted_checkpoint_loads():
      r"fisheradaptune\.adaptune\.policies\.Threshold"),
     (dict(estimator="kfac"), {}, "saved with estimator KFACFisher, this wrapper uses "
                                  "EmpiricalFisher"),
+    # Refused, not converted (docs/methods.md "Fisher buffers in bfloat16").
+    (dict(fisher_dtype=torch.bfloat16), {},
+     r"saved with fisher_dtype=torch\.bfloat16, this wrapper has fisher_dtype=torch\.float32; "
+     r"build the wrapper with the fisher_dtype it was saved with"),
+    ({}, dict(fisher_dtype=torch.bfloat16),
+     r"saved with fisher_dtype=torch\.float32, this wrapper has fisher_dtype=torch\.bfloat16"),
 ])
 def test_a_checkpoint_saved_under_other_settings_is_refused_naming_both(saved, now, match):
     sd = _saved(**saved)

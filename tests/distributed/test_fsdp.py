@@ -228,14 +228,15 @@ def test_fsdp2_matches_single_process_and_ranks_agree(spawn, tmp_path, drift, cl
 RESUME_AT = 10  # between the freezes at steps 6 and 14, 18 of this configuration
 
 
-def make_resume_opt(model, wrapped, shard_state=False):
+def make_resume_opt(model, wrapped, shard_state=False, fisher_dtype=torch.float32):
     return fat.FisherAdapTune(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05),
                               wrapped, check_every=2, shard_state=shard_state,
-                              policy=fat.Threshold(tau=0.15, patience=2, min_active_fraction=0.1))
+                              policy=fat.Threshold(tau=0.15, patience=2, min_active_fraction=0.1),
+                              fisher_dtype=fisher_dtype)
 
 
 def _wrap(kind, model):
-    if kind == "fsdp":
+    if kind.startswith("fsdp"):
         return shard(model), None
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     return model, ddp
@@ -247,23 +248,25 @@ def _resume_worker(rank, port, out_dir, kind):
         half = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
         x, y = x[half], y[half]
         ckpt = os.path.join(out_dir, "ckpt")
+        # fsdp_bf16: bfloat16 Fisher shards and references through DCP and the sharded drift.
+        dtype = torch.bfloat16 if kind.endswith("bf16") else torch.float32
 
         # Uninterrupted: 2 * RESUME_AT steps.
         model, ddp = _wrap(kind, make_model())
-        opt = make_resume_opt(model, ddp or model, kind == "ddp_sharded")
+        opt = make_resume_opt(model, ddp or model, kind == "ddp_sharded", dtype)
         train(ddp or model, opt, x, y, 2 * RESUME_AT)
         straight = record(model, opt)
 
         # RESUME_AT steps, saved ...
         model, ddp = _wrap(kind, make_model())
-        opt = make_resume_opt(model, ddp or model, kind == "ddp_sharded")
+        opt = make_resume_opt(model, ddp or model, kind == "ddp_sharded", dtype)
         train(ddp or model, opt, x, y, RESUME_AT)
         saved_frozen = opt.frozen.clone()
         fdist.save(ckpt, ddp or model, opt)
 
         # ... loaded into a fresh model and wrapper, and RESUME_AT more.
         model, ddp = _wrap(kind, make_model())
-        opt = make_resume_opt(model, ddp or model, kind == "ddp_sharded")
+        opt = make_resume_opt(model, ddp or model, kind == "ddp_sharded", dtype)
         fdist.load(ckpt, ddp or model, opt)
         loaded_frozen = opt.frozen.clone()
         train(ddp or model, opt, x, y, RESUME_AT)
@@ -272,7 +275,7 @@ def _resume_worker(rank, port, out_dir, kind):
                     "loaded_frozen": loaded_frozen}, os.path.join(out_dir, f"resume{rank}.pt"))
 
 
-@pytest.mark.parametrize("kind", ["ddp", "ddp_sharded", "fsdp"])
+@pytest.mark.parametrize("kind", ["ddp", "ddp_sharded", "fsdp", "fsdp_bf16"])
 def test_checkpoint_resume_gives_the_same_decisions_and_weights(spawn, tmp_path, kind):
     spawn(_resume_worker, kind, nprocs=WORLD)
     for r in range(WORLD):

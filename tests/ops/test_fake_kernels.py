@@ -476,6 +476,36 @@ def test_all_meta_drift_with_other_group_counts_and_empty_lists(op):
     assert _metadata(meta) == _metadata(cpu) and meta.device.type == "meta"
 
 
+@pytest.mark.parametrize("device", devices)
+def test_bfloat16_fisher_state_is_admitted_in_eager_and_under_fake_mode(device):
+    """Note [bfloat16 state] (csrc/fisher/fisher_state.h): the fake kernel admits bfloat16 Fisher
+    state exactly where the op does (any device), and float16 state is still refused by both
+    with the same message."""
+    def error_of(call):
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - compared below
+            return e
+        return None
+
+    for dtype, ok in ((torch.bfloat16, True), (torch.float16, False)):
+        args = _fisher_accumulate_(device)
+        args.update(fisher=[f.to(dtype) for f in args["fisher"]])
+        mode = FakeTensorMode()
+        fake = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, args)
+        with mode:
+            fake_error = error_of(lambda: _call("fisher_accumulate_", fake))
+        real_error = error_of(lambda: _call("fisher_accumulate_", args))
+        if ok:
+            assert fake_error is None and real_error is None, (fake_error, real_error)
+            assert all(f.dtype == torch.bfloat16 for f in args["fisher"])
+        else:
+            message = ("fisheradaptune.fisher_accumulate_: argument 'fisher[0]': expected float32 "
+                       "or bfloat16 (or float64 on CPU), got Half on ")
+            assert str(fake_error).startswith(message), fake_error
+            assert str(real_error).startswith(message), real_error
+
+
 def test_all_meta_float64_state_is_admitted():
     """Meta stands for any device, float64 (CPU-only) state included."""
     args = _fisher_accumulate_("cpu")

@@ -26,7 +26,15 @@ per_sample = family._per_sample_grad_sq_fallback
 SHAPES = [(7,), (BLOCK + 3,), (3, 11, 40), (CHUNK + 5,), (), (0,), (2 * CHUNK + 1,)]
 STATE_GRAD = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
               (torch.float32, torch.float16), (torch.float64, torch.float64),
-              (torch.float64, torch.float32)]
+              (torch.float64, torch.float32), (torch.bfloat16, torch.float32),
+              (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float16)]
+
+
+def _sums_rtol(state):
+    # Group sums add float32 block sums in float64; within a block the C++ adds in vector lanes
+    # and torch in its own order. bfloat16 state's values (coarser, so fewer cancel) were seen
+    # at 1.9e-6 apart.
+    return 1e-5 if state == torch.bfloat16 else 1e-6
 
 
 def test_the_family_declares_a_fallback_for_each_of_its_ops():
@@ -75,7 +83,7 @@ def test_accumulate_matches_the_compiled_op(state, grad, kind):
     want_sums, want_count = _run(_ops.fisher_accumulate_, twin, grads, layout)
     assert_bitwise_equal(fisher, twin)  # the update is spelled as the C++ rounds it
     assert int(count) == int(want_count) >= 2
-    torch.testing.assert_close(sums, want_sums, rtol=1e-6, atol=0)
+    torch.testing.assert_close(sums, want_sums, rtol=_sums_rtol(state), atol=0)
 
 
 @pytest.mark.parametrize("state, grad", STATE_GRAD)
@@ -87,7 +95,7 @@ def test_accumulate_matches_the_reference(state, grad):
                                                          layout=layout)
     assert_bitwise_equal(fisher, twin)
     assert int(count) == int(want_count) >= 2
-    torch.testing.assert_close(sums, want_sums, rtol=1e-6, atol=0)
+    torch.testing.assert_close(sums, want_sums, rtol=_sums_rtol(state), atol=0)
 
 
 def test_accumulate_writes_in_place_and_skips_what_is_not_finite():

@@ -20,6 +20,15 @@ GRAD_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FISHER_TOL = dict(rtol=1e-6, atol=1e-30)
 # group sums: float lanes flushed into double every 1024 elements vs a float64 reference sum.
 SUMS_TOL = dict(rtol=2e-5, atol=1e-30)
+# bfloat16 state (Note [bfloat16 state], csrc/fisher/fisher_state.h): the same float32 update
+# rounded once to bfloat16, so op and reference differ at most where their float32 results
+# straddle a bfloat16 rounding boundary: one bfloat16 ulp (2^-7 relative).
+STATE_DTYPES = [torch.float32, torch.bfloat16]
+BF16_TOL = dict(rtol=2 ** -7, atol=1e-30)
+
+
+def state_tol(dtype):
+    return BF16_TOL if dtype == torch.bfloat16 else FISHER_TOL
 
 
 def run_both(fisher, grads, decay, scale, layout):
@@ -63,18 +72,21 @@ def inject_nonfinite(grads, seed):
 
 
 @pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES)
 @given(shapes=shape_lists(), kind=st.sampled_from(LAYOUT_KINDS + ("none",)),
        grad_dtype=st.sampled_from(GRAD_DTYPES), decay=st.floats(0.0, 1.0),
        scale=st.floats(0.0, 2.0), none_prob=st.sampled_from([0.0, 0.3, 1.0]),
        nonfinite=st.booleans(), seed=st.integers(0, 2**20))
-def test_matches_reference(device, shapes, kind, grad_dtype, decay, scale, none_prob, nonfinite,
-                           seed):
+def test_matches_reference(device, state_dtype, shapes, kind, grad_dtype, decay, scale, none_prob,
+                           nonfinite, seed):
     layout = None if kind == "none" else make_layout(shapes, kind, seed)
-    fisher = rand_fisher(shapes, seed, device=device)
+    fisher = [f.to(state_dtype) for f in rand_fisher(shapes, seed, device=device)]
     grads = rand_grads(shapes, seed + 1, grad_dtype, device, none_prob=none_prob)
     if nonfinite:
         inject_nonfinite(grads, seed)
-    assert_matches_reference(fisher, grads, decay, scale, layout)
+    f_op, _, _ = assert_matches_reference(fisher, grads, decay, scale, layout,
+                                          tol=state_tol(state_dtype))
+    assert all(f.dtype == state_dtype for f in f_op)
 
 
 @pytest.mark.parametrize("kind", LAYOUT_KINDS)
@@ -102,11 +114,12 @@ def test_float64_state_matches_reference(grad_dtype, shapes, kind, decay, scale,
 
 
 @pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES)
 @pytest.mark.parametrize("grad_dtype", GRAD_DTYPES)
 @pytest.mark.parametrize("numel", [0] + EDGE_NUMELS)
-def test_sizes_straddling_block_and_chunk(device, numel, grad_dtype):
+def test_sizes_straddling_block_and_chunk(device, numel, grad_dtype, state_dtype):
     shapes = [(numel,), (3,), (numel,)]
-    fisher = rand_fisher(shapes, numel, device=device)
+    fisher = [f.to(state_dtype) for f in rand_fisher(shapes, numel, device=device)]
     grads = rand_grads(shapes, numel + 1, grad_dtype, device)
     grads[1] = None
     # non-finite values right at block and chunk edges
@@ -116,7 +129,8 @@ def test_sizes_straddling_block_and_chunk(device, numel, grad_dtype):
             grads[2].view(-1)[idx] = float("inf")
     for kind in ("slabs", "gaps"):
         f_op, _, count = assert_matches_reference(fisher, grads, 0.9, 0.1,
-                                                  make_layout(shapes, kind, numel))
+                                                  make_layout(shapes, kind, numel),
+                                                  tol=state_tol(state_dtype))
     assert int(count) == int(sum(int((~torch.isfinite(g)).sum()) for g in grads if g is not None))
 
 
@@ -200,10 +214,11 @@ def test_fisher_views_into_one_flat_buffer_and_non_contiguous_grads():
 
 
 @pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES)
 @pytest.mark.parametrize("grad_dtype", GRAD_DTYPES)
-def test_nonfinite_grads_are_skipped_and_counted(device, grad_dtype):
+def test_nonfinite_grads_are_skipped_and_counted(device, grad_dtype, state_dtype):
     n = 3000  # vector body, several flush blocks, and a scalar tail
-    fisher = rand_fisher([(n,)], 0, device=device)
+    fisher = [f.to(state_dtype) for f in rand_fisher([(n,)], 0, device=device)]
     before = snapshot(fisher)
     g = torch.randn(n, device=device).to(grad_dtype)
     bad = torch.tensor([0, 5, 1023, 1024, 2047, 2999])
@@ -218,8 +233,8 @@ def test_nonfinite_grads_are_skipped_and_counted(device, grad_dtype):
     ok = torch.ones(n, dtype=torch.bool)
     ok[bad] = False
     ok = ok.to(device)
-    expected = 0.9 * before[0] + 0.1 * g.float() ** 2
-    torch.testing.assert_close(fisher[0][ok], expected[ok], **FISHER_TOL)
+    expected = (0.9 * before[0].float() + 0.1 * g.float() ** 2).to(state_dtype)
+    torch.testing.assert_close(fisher[0][ok], expected[ok], **state_tol(state_dtype))
 
 
 @pytest.mark.parametrize("device", devices)
@@ -240,6 +255,33 @@ def test_overflow_of_a_finite_grad_squared_is_skipped(device, grad_dtype, value,
     assert bool(torch.isfinite(fisher[0]).all())
     torch.testing.assert_close(fisher[0][[3, 17, 49]], torch.ones(3, device=device), rtol=0, atol=0)
     assert float(fisher[0][0]) == pytest.approx(1.0 + scale * 0.25, rel=1e-6)
+
+
+@pytest.mark.parametrize("device", devices)
+def test_bfloat16_state_update_overflowing_only_on_rounding_is_skipped(device):
+    # Note [bfloat16 state]: the skip test is on the stored (rounded) value. bfloat16's largest
+    # finite value is 3.3895e38 and its top ulp 2^120 (1.329e36): adding 1e36 gives 3.3995e38,
+    # finite in float32 but past max + ulp/2, so it rounds to Inf and is skipped; adding 5e35
+    # rounds back down to max and is stored. float32 state stores both.
+    top = torch.finfo(torch.bfloat16).max
+    g = torch.tensor([1e18, 1.0, 5e35 ** 0.5, float("nan")], device=device)
+    for dtype, expected_count in ((torch.bfloat16, 2), (torch.float32, 1)):
+        fisher = [torch.tensor([top, 2.0, top, 3.0], device=device).to(dtype)]
+        before = fisher[0].clone()
+        _, count = ops.fisher_accumulate_(fisher, [g], decay=1.0, scale=1.0)
+        assert int(count) == expected_count, dtype
+        assert bool(torch.isfinite(fisher[0]).all())
+        if dtype == torch.bfloat16:
+            assert float(fisher[0][0]) == top  # skipped: kept
+            assert float(fisher[0][1]) == 3.0
+            assert float(fisher[0][2]) == top  # rounded down to max: stored
+        else:
+            assert float(fisher[0][0]) == pytest.approx(top + 1e36, rel=1e-6)
+        assert float(fisher[0][3]) == float(before[3])
+        ref = [before.clone()]
+        _, ref_count = reference.fisher_accumulate_(ref, [g], decay=1.0, scale=1.0)
+        assert int(ref_count) == expected_count
+        assert_bitwise_equal(ref[0], fisher[0])
 
 
 def test_overflow_of_the_decayed_fisher_plus_update_is_skipped():
@@ -328,6 +370,9 @@ def _opcheck_cases(device):
     nan_grads[0][3] = float("nan")
     yield "nonfinite", _raw_args(rand_fisher(shapes, 0, device=device), nan_grads, 0.9, 0.1,
                                  make_layout(shapes, "gaps", 2))
+    bf16 = [f.to(torch.bfloat16) for f in rand_fisher(shapes, 0, device=device)]
+    yield "bf16-state", _raw_args(bf16, rand_grads(shapes, 6, torch.float32, device), 0.9, 0.1,
+                                  make_layout(shapes, "spanning", 3))
     if device == "cpu":
         yield "float64", _raw_args(rand_fisher(shapes, 0, torch.float64), rand_grads(
             shapes, 5, torch.float64), 0.9, 0.1, groups.per_tensor(
@@ -379,8 +424,8 @@ def test_rejects_grad_shape_mismatch(with_layout):
 @pytest.mark.parametrize("index, bad, exc, match", [
     (0, lambda t: t.to(torch.int32), ValueError, r"argument 'fisher\[0\]': expected float32"),
     (1, lambda t: t.to(torch.int64), ValueError, r"argument 'fisher\[1\]': expected float32"),
-    (1, lambda t: t.to(torch.float16), ValueError, r"argument 'fisher\[1\]': expected float32 .*Half"),
-    (1, lambda t: t.to(torch.bfloat16), ValueError, r"argument 'fisher\[1\]'"),
+    (1, lambda t: t.to(torch.float16), ValueError,
+     r"argument 'fisher\[1\]': expected float32 or bfloat16 \(or float64 on CPU\), got Half"),
     (1, lambda t: t.t().contiguous().t(), ValueError,
      r"argument 'fisher\[1\]': expected a contiguous tensor"),
 ])

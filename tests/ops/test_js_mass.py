@@ -68,7 +68,10 @@ def two_halves(cur, ref, layout, *, update_reference=None, base="e"):
 
 
 def dtypes_for(device):
-    return [torch.float32, torch.float64] if device == "cpu" else [torch.float32]
+    # bfloat16: Note [bfloat16 state] (csrc/fisher/fisher_state.h), every device.
+    if device == "cpu":
+        return [torch.float32, torch.float64, torch.bfloat16]
+    return [torch.float32, torch.bfloat16]
 
 
 # Row shards (FSDP2 Shard(0), torch.chunk semantics) ------------------------------------------
@@ -128,7 +131,7 @@ def sharded_mass(cur, ref, layout, k, update_reference=None):
 
 @pytest.mark.parametrize("device", devices)
 @given(shapes=shape_lists(max_len=80), kind=st.sampled_from(LAYOUT_KINDS),
-       dtype_idx=st.integers(0, 1), zeros=st.sampled_from([0.0, 0.4]),
+       dtype_idx=st.integers(0, 2), zeros=st.sampled_from([0.0, 0.4]),
        seed=st.integers(0, 2**20))
 def test_totals_match_reference(device, shapes, kind, dtype_idx, zeros, seed):
     dtype = dtypes_for(device)[dtype_idx % len(dtypes_for(device))]
@@ -146,7 +149,7 @@ def test_totals_match_reference(device, shapes, kind, dtype_idx, zeros, seed):
 
 @pytest.mark.parametrize("device", devices)
 @given(shapes=shape_lists(max_len=80), kind=st.sampled_from(LAYOUT_KINDS),
-       dtype_idx=st.integers(0, 1), zeros=st.sampled_from([0.0, 0.4]),
+       dtype_idx=st.integers(0, 2), zeros=st.sampled_from([0.0, 0.4]),
        rho=st.sampled_from(RHOS), inflate=st.sampled_from([1.0, 3.0]),
        seed=st.integers(0, 2**20))
 def test_partial_matches_reference(device, shapes, kind, dtype_idx, zeros, rho, inflate, seed):
@@ -170,7 +173,7 @@ def test_partial_matches_reference(device, shapes, kind, dtype_idx, zeros, rho, 
 
 
 @pytest.mark.parametrize("device", devices)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("rho", [0.0, 0.3, 0.9, 1.0])
 def test_update_reference_is_an_ema_over_every_element_after_scoring(device, dtype, rho):
     if dtype == torch.float64 and device != "cpu":
@@ -197,6 +200,14 @@ def test_update_reference_is_an_ema_over_every_element_after_scoring(device, dty
     if dtype == torch.float64 and device == "cpu":
         for r, c, old in zip(ref, cur, ref_before):
             torch.testing.assert_close(r, rho * old + (1 - rho) * c, rtol=1e-15, atol=0)
+    if dtype == torch.bfloat16:
+        # The float32 update (rho and 1 - rho in float32, each product and the sum rounded
+        # there), rounded once to bfloat16: bitwise.
+        r32 = torch.tensor(rho, dtype=torch.float32)
+        keep, take = float(r32), float(1 - r32)
+        for r, c, old in zip(ref, cur, ref_before):
+            want = (old.float() * keep + c.float() * take).to(torch.bfloat16)
+            assert_bitwise_equal(r, want)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +216,7 @@ def test_update_reference_is_an_ema_over_every_element_after_scoring(device, dty
 
 @pytest.mark.parametrize("device", devices)
 @given(shapes=shape_lists(max_len=80), kind=st.sampled_from(LAYOUT_KINDS),
-       dtype_idx=st.integers(0, 1), zeros=st.sampled_from([0.0, 0.5]),
+       dtype_idx=st.integers(0, 2), zeros=st.sampled_from([0.0, 0.5]),
        base=st.sampled_from(["e", "2"]), rho=st.sampled_from([None, 0.9]),
        seed=st.integers(0, 2**20))
 def test_two_halves_equal_js_drift_mass(device, shapes, kind, dtype_idx, zeros, base, rho, seed):
