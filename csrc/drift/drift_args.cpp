@@ -3,7 +3,7 @@
 #include <cmath>
 
 #include "drift/drift.h"
-#include "fisher/fisher_state.h"
+#include "common/state.h"
 
 namespace fisheradaptune {
 
@@ -21,7 +21,7 @@ void check_drift_lists(const char* op, const std::vector<Tensor>& current,
   }
   const Device device =
       segments.is_cpu() && !current.empty() ? current[0].device() : segments.device();
-  // float32, bfloat16 (Note [bfloat16 state], fisher/fisher_state.h) or float64 on the CPU.
+  // float32, bfloat16 (Note [bfloat16 state], common/state.h) or float64 on the CPU.
   out.numels = check_fisher_state_list(op, "reference", reference, device);
   // Each dtype read once (a call into libtorch per read).
   std::vector<ScalarType> dtypes;

@@ -28,7 +28,7 @@ struct DriftChunk {
   void* reference;
   int64_t n;
   int64_t group;  // -1: in no group (only the reference update visits it)
-  int64_t bf16;   // 1: bfloat16 state (Note [bfloat16 state], fisher/fisher_state.h), 0: float
+  int64_t bf16;   // 1: bfloat16 state (Note [bfloat16 state], common/state.h), 0: float
 };
 
 // Note [bfloat16 state] on CUDA: the kernels are written once over S = float or __nv_bfloat16;

@@ -13,7 +13,7 @@
 #include "drift/drift.h"
 #include "drift/drift_cpu.h"
 #include "drift/drift_math.h"
-#include "fisher/fisher_state.h"
+#include "common/state.h"
 
 namespace fisheradaptune {
 namespace {

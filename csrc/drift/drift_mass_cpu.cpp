@@ -16,7 +16,7 @@
 #include "drift/drift.h"
 #include "drift/drift_cpu.h"
 #include "drift/drift_math.h"
-#include "fisher/fisher_state.h"
+#include "common/state.h"
 
 namespace fisheradaptune {
 namespace {
@@ -66,7 +66,7 @@ __attribute__((always_inline)) inline double js_term_simd(double p, double q) {
   return any ? s * f * 0.25 : 0.0;
 }
 
-// Values read through StateIO (fisher/fisher_state.h): bfloat16 widened on the bits.
+// Values read through StateIO (common/state.h): bfloat16 widened on the bits.
 template <typename S>
 __attribute__((always_inline)) inline double magnitude(typename StateIO<S>::storage v) {
   return std::abs(static_cast<double>(StateIO<S>::load(v)));
@@ -138,7 +138,7 @@ void mass_totals(const JsDriftArgs& a, const Plan& plan, std::vector<double>& tc
 }
 
 // ref <- rho ref + (1 - rho) cur in T = opmath_t<S>: for bfloat16 state (Note [bfloat16
-// state], fisher/fisher_state.h) the float32 arithmetic of float32 state, rounded once to
+// state], common/state.h) the float32 arithmetic of float32 state, rounded once to
 // bfloat16 on store; for float and double the casts are the identity.
 template <typename S>
 FAT_CPU_CLONES void ema_chunk(S* ref_s, const S* cur_s, int64_t n, opmath_t<S> rho) {

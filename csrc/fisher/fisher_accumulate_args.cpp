@@ -1,7 +1,7 @@
 #include "common/validate.h"
 
 #include "fisher/fisher_accumulate.h"
-#include "fisher/fisher_state.h"
+#include "common/state.h"
 
 namespace fisheradaptune {
 

@@ -10,7 +10,7 @@
 #include "common/plan.h"
 #include "common/simd.h"
 #include "fisher/fisher_accumulate.h"
-#include "fisher/fisher_state.h"
+#include "common/state.h"
 
 namespace fisheradaptune {
 namespace {
@@ -26,7 +26,7 @@ struct Partial {
 // be finite. That covers NaN and Inf gradients and also finite gradients whose square
 // overflows, so a bad step can never poison the Fisher. One comparison, |new| <= max, catches
 // all of them and vectorises (NaN compares false). It tests the value as stored: for bfloat16
-// state (Note [bfloat16 state], fisher/fisher_state.h) the float32 update rounded to bfloat16,
+// state (Note [bfloat16 state], common/state.h) the float32 update rounded to bfloat16,
 // so an update that overflows only on that rounding is skipped too.
 //
 // The update is computed in T = opmath_t<S> (float for bfloat16 state, else S itself), as

@@ -12,7 +12,7 @@
 #include "common/multi_tensor.cuh"
 #include "common/plan.h"
 #include "fisher/fisher_accumulate.h"
-#include "fisher/fisher_state.h"
+#include "common/state.h"
 
 namespace fisheradaptune {
 namespace {
@@ -27,7 +27,7 @@ namespace {
 // the kernel branches on it (uniformly per block).
 enum GradKind : int32_t { kNoGrad = 0, kF32 = 1, kBF16 = 2, kF16 = 3 };
 
-// The state dtype of a chunk (Note [bfloat16 state], fisher/fisher_state.h); per tensor, like
+// The state dtype of a chunk (Note [bfloat16 state], common/state.h); per tensor, like
 // the gradient's.
 enum StateKind : int32_t { kStateF32 = 0, kStateBF16 = 1 };
 

@@ -209,7 +209,7 @@ class FisherAdapTune(WrappedOptimizer):
     @staticmethod
     def _check_fisher_dtype(fisher_dtype, est_cls) -> None:
         # Allow-list: the dtypes the ops write (Note [bfloat16 state], csrc/fisher/
-        # fisher_state.h); bfloat16 only with the estimator whose buffers the ops write
+        # common/state.h); bfloat16 only with the estimator whose buffers the ops write
         # directly (K-FAC materialises float32 snapshots from its factors).
         if not isinstance(fisher_dtype, torch.dtype) or fisher_dtype not in FISHER_DTYPES:
             raise ValueError("argument 'fisher_dtype': expected torch.float32 or torch.bfloat16, "

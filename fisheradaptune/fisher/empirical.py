@@ -13,7 +13,7 @@ from .base import Estimator, check_decay, default_scale, register_estimator
 
 __all__ = ["EmpiricalFisher", "FISHER_DTYPES"]
 
-#: The Fisher buffer dtypes the ops write (Note [bfloat16 state], csrc/fisher/fisher_state.h).
+#: The Fisher buffer dtypes the ops write (Note [bfloat16 state], csrc/common/state.h).
 FISHER_DTYPES = (torch.float32, torch.bfloat16)
 
 

@@ -126,7 +126,7 @@ def _check_state(op: str, arg: str, t: Tensor) -> None:
 
 
 def _check_fisher_state(op: str, arg: str, t: Tensor) -> None:
-    """check_fisher_state (csrc/fisher/fisher_state.h): Fisher state as fisher_accumulate_ and
+    """check_fisher_state (csrc/common/state.h): Fisher state as fisher_accumulate_ and
     the drift ops write it: float32 or bfloat16 (Note [bfloat16 state]), or float64 on the CPU;
     contiguous."""
     ok = t.dtype in (torch.float32, torch.bfloat16) or (

@@ -201,7 +201,7 @@ def _segment_sum(values: Tensor) -> Tensor:
     """A segment's partial as the C++ forms it (cpu/fisher.cpp): sums of BLOCK elements in the
     state's dtype (blocks start at the segment's first element, and chunk boundaries fall on
     block boundaries), added in float64. A 0-d float64 tensor. bfloat16 state is summed in
-    float32 (its compute type, Note [bfloat16 state], csrc/fisher/fisher_state.h)."""
+    float32 (its compute type, Note [bfloat16 state], csrc/common/state.h)."""
     if values.dtype == torch.bfloat16:
         values = values.float()
     n = values.numel()
@@ -225,7 +225,7 @@ def _fisher_accumulate_fallback(fisher: List[Tensor], grads: List[Optional[Tenso
     float64, and rounds once to float32: equal to the compiled op's to rounding (within a block
     the C++ adds in vector lanes, torch in its own order), and deterministic.
     bfloat16 state is computed in float32 and rounded once to bfloat16 (Note [bfloat16 state],
-    csrc/fisher/fisher_state.h); the skip test is on the rounded value.
+    csrc/common/state.h); the skip test is on the rounded value.
     With a layout on CUDA the partials are read back to the host (one synchronisation)."""
     op = "fisher_accumulate_"
     if nonfinite.device.type == "cuda":

@@ -208,7 +208,7 @@ def test_cuda_graph_capture_refused_cleanly():
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fisher_update_bitwise_cpu_cuda(grad_dtype, state_dtype):
-    # bfloat16 state (Note [bfloat16 state], csrc/fisher/fisher_state.h): the same float update
+    # bfloat16 state (Note [bfloat16 state], csrc/common/state.h): the same float update
     # rounded to nearest even on both backends.
     g = make_generator(3)
     shapes = [(4097,), (33, 65), (1,), (0,)]

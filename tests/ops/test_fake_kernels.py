@@ -478,7 +478,7 @@ def test_all_meta_drift_with_other_group_counts_and_empty_lists(op):
 
 @pytest.mark.parametrize("device", devices)
 def test_bfloat16_fisher_state_is_admitted_in_eager_and_under_fake_mode(device):
-    """Note [bfloat16 state] (csrc/fisher/fisher_state.h): the fake kernel admits bfloat16 Fisher
+    """Note [bfloat16 state] (csrc/common/state.h): the fake kernel admits bfloat16 Fisher
     state exactly where the op does (any device), and float16 state is still refused by both
     with the same message."""
     def error_of(call):

@@ -34,7 +34,7 @@ FAMILY = ("js_drift", "js_mass_totals", "js_mass_partial")
 
 
 def dtypes_for(device):
-    # bfloat16: Note [bfloat16 state] (csrc/fisher/fisher_state.h), every device.
+    # bfloat16: Note [bfloat16 state] (csrc/common/state.h), every device.
     if device == "cpu":
         return [torch.float32, torch.float64, torch.bfloat16]
     return [torch.float32, torch.bfloat16]

@@ -20,7 +20,7 @@ GRAD_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FISHER_TOL = dict(rtol=1e-6, atol=1e-30)
 # group sums: float lanes flushed into double every 1024 elements vs a float64 reference sum.
 SUMS_TOL = dict(rtol=2e-5, atol=1e-30)
-# bfloat16 state (Note [bfloat16 state], csrc/fisher/fisher_state.h): the same float32 update
+# bfloat16 state (Note [bfloat16 state], csrc/common/state.h): the same float32 update
 # rounded once to bfloat16, so op and reference differ at most where their float32 results
 # straddle a bfloat16 rounding boundary: one bfloat16 ulp (2^-7 relative).
 STATE_DTYPES = [torch.float32, torch.bfloat16]

@@ -124,7 +124,7 @@ def test_histogram_matches_numpy_spec(base, sizes, quantiles, bins, min_log_rang
        base=st.sampled_from(["e", "2"]), zeros=st.sampled_from([0.0, 0.5]),
        rho=st.sampled_from([None, 0.0, 0.9, 1.0]), seed=st.integers(0, 2**20))
 def test_matches_reference(device, dtype, shapes, kind, mode, base, zeros, rho, seed):
-    # bfloat16 (Note [bfloat16 state], csrc/fisher/fisher_state.h): the same values widened,
+    # bfloat16 (Note [bfloat16 state], csrc/common/state.h): the same values widened,
     # scored as float32 state is; the update rounded once to bfloat16.
     layout = make_layout(shapes, kind, seed)
     cur, ref = snapshots(shapes, seed, dtype, device, zeros=zeros, negative=True)

@@ -68,7 +68,7 @@ def two_halves(cur, ref, layout, *, update_reference=None, base="e"):
 
 
 def dtypes_for(device):
-    # bfloat16: Note [bfloat16 state] (csrc/fisher/fisher_state.h), every device.
+    # bfloat16: Note [bfloat16 state] (csrc/common/state.h), every device.
     if device == "cpu":
         return [torch.float32, torch.float64, torch.bfloat16]
     return [torch.float32, torch.bfloat16]

@@ -1,7 +1,7 @@
 // The dtypes of Fisher-like state written by the Fisher and drift kernels (fisher_accumulate_'s
 // fisher, js_drift's reference): float32 everywhere, bfloat16 everywhere (Note [bfloat16 state]),
-// float64 on the CPU. A family-local twin of check_state / check_state_list (common/validate.h),
-// which stay float32/float64 for per_sample_grad_sq_.
+// float64 on the CPU. Shared by the fisher and drift families; check_state / check_state_list
+// (common/validate.h) stay float32/float64 for per_sample_grad_sq_.
 #pragma once
 
 #include "common/stable.h"
