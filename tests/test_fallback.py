@@ -19,6 +19,8 @@ import fisheradaptune
 from fisheradaptune import _loader
 from fisheradaptune.ops import _library, _schemas
 
+from helpers import REPO_ROOT
+
 PKG = pathlib.Path(fisheradaptune.__file__).parent
 
 # Imports the package recording warnings, exercises one op through its wrapper and reports
@@ -210,11 +212,11 @@ def test_a_fallback_kernel_for_an_unknown_op_is_refused():
 
 def test_no_module_reads_the_compiled_library_but_the_loader():
     offenders = []
-    for path in [p for d in (PKG, PKG.parent / "tests", PKG.parent / "tools",
-                           PKG.parent / "benchmarks") for p in d.rglob("*.py")]:
+    for path in [p for d in ("fisheradaptune", "tests", "tools", "benchmarks")
+                 for p in (REPO_ROOT / d).rglob("*.py")]:
         if path.name in ("_loader.py", "test_fallback.py"):
             continue
         text = path.read_text()
         if "fisheradaptune._C" in text or "from . import _C" in text or "from .. import _C" in text:
-            offenders.append(str(path.relative_to(PKG.parent)))
+            offenders.append(str(path.relative_to(REPO_ROOT)))
     assert offenders == []

@@ -9,12 +9,16 @@ import sys
 
 import fisheradaptune
 
+from helpers import REPO_ROOT
+
+# The package as imported (the source tree, or an installed wheel) and the repository's files
+# (README, csrc/, tests/, ...), which an installed wheel does not carry.
 PKG = pathlib.Path(fisheradaptune.__file__).parent
-ROOT = PKG.parent
+ROOT = REPO_ROOT
 
 
 def _module_name(path: pathlib.Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -136,7 +140,7 @@ def test_no_pointer_outside_the_repository():
     offenders = []
     # The package, the C++ sources, and everything a reader of the repository opens next to
     # them: tests, benchmarks, examples, tools and the docs.
-    files = list(PKG.rglob("*.py")) + list((ROOT / "csrc").rglob("*.*"))
+    files = list((ROOT / "fisheradaptune").rglob("*.py")) + list((ROOT / "csrc").rglob("*.*"))
     for folder in ("tests", "benchmarks", "examples", "tools", "docs"):
         files += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".md", ".sh")]
     files.append(ROOT / "README.md")
