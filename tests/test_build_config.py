@@ -130,3 +130,43 @@ def test_when_cuda_kernels_are_built(tmp_path, env, torch_cuda, gpus, on):
 def test_unforced_build_without_toolkit_falls_back_to_cpu(tmp_path):
     cfg = resolve({"CUDA_HOME": str(tmp_path / "none")}, gpus=1)
     assert not cfg.with_cuda and "FORCE_CUDA=1" in cfg.reason
+
+
+def _wheel_with_a_missing_compiler(tmp_path, required: bool):
+    """`pip wheel .` of a copy of the repository with CXX/CC pointing at no compiler."""
+    import shutil
+    import subprocess
+
+    if not os.path.exists(os.path.join(REPO_ROOT, ".git")):
+        pytest.skip("needs a git checkout of the repository (its tracked files are copied)")
+    tree = tmp_path / "tree"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.join(REPO_ROOT, rel), tree / rel)
+    env = {**os.environ, "CXX": "/nonexistent/c++", "CC": "/nonexistent/cc", "FORCE_CUDA": "0",
+           "FISHERADAPTUNE_BUILD_REQUIRED": "1" if required else "0"}
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation",
+                           "--no-deps", str(tree), "-w", str(tmp_path / "dist")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    return done, sorted((tmp_path / "dist").glob("*.whl"))
+
+
+@pytest.mark.slow
+def test_the_extension_is_optional_where_it_cannot_be_compiled(tmp_path):
+    import zipfile
+
+    done, wheels = _wheel_with_a_missing_compiler(tmp_path, required=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "fisheradaptune: WARNING: could not build fisheradaptune._C" in output
+    assert "pure-PyTorch fallback operators" in output
+    names = zipfile.ZipFile(wheels[0]).namelist()
+    assert "fisheradaptune/__init__.py" in names and not [n for n in names if n.endswith(".so")]
+
+
+@pytest.mark.slow
+def test_a_required_build_fails_where_it_cannot_be_compiled(tmp_path):
+    done, wheels = _wheel_with_a_missing_compiler(tmp_path, required=True)
+    assert done.returncode != 0 and not wheels
