@@ -339,3 +339,29 @@ def assert_same_refusal(fallback_call, compiled_call, live) -> BaseException:
     assert_unchanged(before, live)
     assert type(got) is type(want) and str(got) == str(want), (got, want)
     return got
+
+
+# A small FisherAdapTune run that freezes within a few steps (the checkpoint and fisher_dtype
+# tests of tests/adaptune share it).
+def tiny_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def tiny_adaptune(model: torch.nn.Module, **kwargs):
+    """FisherAdapTune over AdamW, checking every 2 steps, freezing eagerly by default."""
+    kwargs.setdefault("policy", fisheradaptune.Threshold(tau=10.0, patience=1,
+                                                         min_active_fraction=0.4))
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    return fisheradaptune.FisherAdapTune(inner, model, check_every=2, **kwargs)
+
+
+def tiny_train(model: torch.nn.Module, opt, steps: int) -> None:
+    """``steps`` optimizer steps on one fixed batch of 16 samples, 3 classes."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+    for _ in range(steps):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()

@@ -7,36 +7,17 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import fisheradaptune as fat
 
-
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
-def _make(model, **kwargs):
-    kwargs.setdefault("policy", fat.Threshold(tau=10.0, patience=1, min_active_fraction=0.4))
-    inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    return fat.FisherAdapTune(inner, model, check_every=2, **kwargs)
-
-
-def _train(model, opt, steps):
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
-    for _ in range(steps):
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+from helpers import tiny_adaptune, tiny_mlp, tiny_train
 
 
 def _saved(**kwargs):
     """A checkpoint at step 8: some groups frozen, tensors 1 and 3 frozen whole."""
-    model = _model()
-    opt = _make(model, **kwargs)
-    _train(model, opt, 8)
+    model = tiny_mlp()
+    opt = tiny_adaptune(model, **kwargs)
+    tiny_train(model, opt, 8)
     if not kwargs:
         assert opt.released and opt.freezer.partial.index and not opt.frozen.all()
     return opt.state_dict()
@@ -122,9 +103,9 @@ def test_a_corrupted_checkpoint_is_refused_and_changes_nothing(case):
     corrupt, match = CORRUPTIONS[case]
     sd = copy.deepcopy(_saved())
     corrupt(sd)
-    model = _model()
-    opt = _make(model)
-    _train(model, opt, 2)  # a wrapper with state of its own, at step 2
+    model = tiny_mlp()
+    opt = tiny_adaptune(model)
+    tiny_train(model, opt, 2)  # a wrapper with state of its own, at step 2
     before = _snapshot(model, opt)
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(sd)
@@ -133,14 +114,14 @@ def test_a_corrupted_checkpoint_is_refused_and_changes_nothing(case):
     assert _equal(before[1], after[1]), "the wrapped optimizer's state changed"
     assert _equal(before[2], after[2]), "parameters changed"
     assert opt.step_count == 2
-    _train(model, opt, 1)  # and it still works
+    tiny_train(model, opt, 1)  # and it still works
 
 
 def test_the_uncorrupted_checkpoint_loads():
     sd = _saved()
-    model = _model()
-    opt = _make(model)
-    _train(model, opt, 2)
+    model = tiny_mlp()
+    opt = tiny_adaptune(model)
+    tiny_train(model, opt, 2)
     opt.load_state_dict(copy.deepcopy(sd))
     assert _equal(opt.state_dict(), sd)
 
@@ -164,8 +145,8 @@ def test_the_uncorrupted_checkpoint_loads():
 ])
 def test_a_checkpoint_saved_under_other_settings_is_refused_naming_both(saved, now, match):
     sd = _saved(**saved)
-    model = _model()
-    opt = _make(model, **now)
+    model = tiny_mlp()
+    opt = tiny_adaptune(model, **now)
     before = _snapshot(model, opt)
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(sd)
@@ -176,8 +157,8 @@ def test_a_checkpoint_of_the_earlier_format_is_refused_clearly():
     sd = _saved()
     for k in ("format", "layout", "drift_mode", "policy_type"):
         del sd["adaptune"][k]
-    model = _model()
-    opt = _make(model)
+    model = tiny_mlp()
+    opt = tiny_adaptune(model)
     with pytest.raises(ValueError, match=r"saved by an earlier version of fisheradaptune \(no "
                                          r"'format' entry\).*refuses it"):
         opt.load_state_dict(sd)

@@ -7,29 +7,10 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import fisheradaptune as fat
 
-
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
-def _make(model, **kwargs):
-    kwargs.setdefault("policy", fat.Threshold(tau=10.0, patience=1, min_active_fraction=0.4))
-    inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    return fat.FisherAdapTune(inner, model, check_every=2, **kwargs)
-
-
-def _train(model, opt, steps):
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
-    for _ in range(steps):
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+from helpers import tiny_adaptune, tiny_mlp, tiny_train
 
 
 def _held(opt):
@@ -38,11 +19,11 @@ def _held(opt):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_buffers_and_references_are_kept_in_fisher_dtype(dtype):
-    model = _model()
-    opt = _make(model, fisher_dtype=dtype, policy=fat.Observe())
+    model = tiny_mlp()
+    opt = tiny_adaptune(model, fisher_dtype=dtype, policy=fat.Observe())
     assert opt.fisher_dtype is dtype
     assert opt.metrics()["adaptune/buffer_bytes"] == 0.0  # allocated at the first step
-    _train(model, opt, 4)  # two checks: references exist and were updated once
+    tiny_train(model, opt, 4)  # two checks: references exist and were updated once
     held = _held(opt)
     n = sum(p.numel() for p in model.parameters())
     assert len(held) == 2 * len(list(model.parameters()))
@@ -56,9 +37,9 @@ def test_buffers_and_references_are_kept_in_fisher_dtype(dtype):
 def test_bfloat16_halves_the_buffer_bytes_and_drift_stays_close():
     runs = {}
     for dtype in (torch.float32, torch.bfloat16):
-        model = _model()
-        opt = _make(model, fisher_dtype=dtype, policy=fat.Observe())
-        _train(model, opt, 6)
+        model = tiny_mlp()
+        opt = tiny_adaptune(model, fisher_dtype=dtype, policy=fat.Observe())
+        tiny_train(model, opt, 6)
         runs[dtype] = opt
     f32, bf16 = runs[torch.float32], runs[torch.bfloat16]
     assert bf16.buffer_bytes * 2 == f32.buffer_bytes > 0
@@ -71,9 +52,9 @@ def test_bfloat16_halves_the_buffer_bytes_and_drift_stays_close():
 
 
 def test_buffer_bytes_drop_when_a_tensor_is_frozen_whole():
-    model = _model()
-    opt = _make(model, fisher_dtype=torch.bfloat16, policy=fat.Observe())
-    _train(model, opt, 2)
+    model = tiny_mlp()
+    opt = tiny_adaptune(model, fisher_dtype=torch.bfloat16, policy=fat.Observe())
+    tiny_train(model, opt, 2)
     before = opt.buffer_bytes
     opt.freeze("0.weight")
     w = model[0].weight
@@ -81,9 +62,9 @@ def test_buffer_bytes_drop_when_a_tensor_is_frozen_whole():
 
 
 def test_summary_reports_the_dtype_and_the_bytes():
-    model = _model()
-    opt = _make(model, fisher_dtype=torch.bfloat16)
-    _train(model, opt, 2)
+    model = tiny_mlp()
+    opt = tiny_adaptune(model, fisher_dtype=torch.bfloat16)
+    tiny_train(model, opt, 2)
     line = opt.summary().splitlines()[1]
     mib = opt.buffer_bytes / 2 ** 20
     assert line == (f"buffers: Fisher and drift references in bfloat16, {mib:.2f} MiB held")
@@ -98,10 +79,10 @@ def test_summary_reports_the_dtype_and_the_bytes():
                  r"'bfloat16'"),
 ])
 def test_other_dtypes_are_refused(value, match):
-    model = _model()
+    model = tiny_mlp()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=match):
-        _make(model, fisher_dtype=value)
+        tiny_adaptune(model, fisher_dtype=value)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
@@ -109,7 +90,7 @@ def test_bfloat16_with_another_estimator_is_refused():
     with pytest.raises(ValueError, match=r"argument 'fisher_dtype': torch\.bfloat16 is supported "
                                          r"with estimator=\"empirical\" only, got estimator "
                                          r"'kfac'"):
-        _make(_model(), estimator="kfac", fisher_dtype=torch.bfloat16)
+        tiny_adaptune(tiny_mlp(), estimator="kfac", fisher_dtype=torch.bfloat16)
 
 
 def test_empirical_estimator_refuses_other_dtypes():
@@ -119,30 +100,30 @@ def test_empirical_estimator_refuses_other_dtypes():
 
 
 def test_bfloat16_checkpoint_round_trip():
-    model = _model()
-    opt = _make(model, fisher_dtype=torch.bfloat16)
-    _train(model, opt, 6)
+    model = tiny_mlp()
+    opt = tiny_adaptune(model, fisher_dtype=torch.bfloat16)
+    tiny_train(model, opt, 6)
     sd = copy.deepcopy(opt.state_dict())
     assert sd["adaptune"]["fisher_dtype"] == "bfloat16"
-    model2 = _model()
-    opt2 = _make(model2, fisher_dtype=torch.bfloat16)
+    model2 = tiny_mlp()
+    opt2 = tiny_adaptune(model2, fisher_dtype=torch.bfloat16)
     opt2.load_state_dict(copy.deepcopy(sd))
     assert all(torch.equal(a, b) and a.dtype == torch.bfloat16
                for a, b in zip(_held(opt), _held(opt2)))
     assert opt2.buffer_bytes == opt.buffer_bytes
-    _train(model2, opt2, 2)  # and it trains on
+    tiny_train(model2, opt2, 2)  # and it trains on
 
 
 def test_a_payload_saved_before_the_option_reads_as_float32():
-    model = _model()
-    opt = _make(model)
-    _train(model, opt, 4)
+    model = tiny_mlp()
+    opt = tiny_adaptune(model)
+    tiny_train(model, opt, 4)
     sd = copy.deepcopy(opt.state_dict())
     del sd["adaptune"]["fisher_dtype"]  # what a format-2 payload of an earlier version holds
-    fresh = _make(_model())
+    fresh = tiny_adaptune(tiny_mlp())
     fresh.load_state_dict(copy.deepcopy(sd))
     assert fresh.step_count == 4
-    bf16 = _make(_model(), fisher_dtype=torch.bfloat16)
+    bf16 = tiny_adaptune(tiny_mlp(), fisher_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"saved with fisher_dtype=torch\.float32, this wrapper "
                                          r"has fisher_dtype=torch\.bfloat16"):
         bf16.load_state_dict(sd)
@@ -150,13 +131,13 @@ def test_a_payload_saved_before_the_option_reads_as_float32():
 
 
 def test_a_bfloat16_buffer_in_a_float32_payload_is_refused_before_anything_changes():
-    model = _model()
-    opt = _make(model)
-    _train(model, opt, 4)
+    model = tiny_mlp()
+    opt = tiny_adaptune(model)
+    tiny_train(model, opt, 4)
     sd = copy.deepcopy(opt.state_dict())
     sd["adaptune"]["references"][0] = sd["adaptune"]["references"][0].to(torch.bfloat16)
-    other = _make(_model())
-    _train(other.model, other, 2)
+    other = tiny_adaptune(tiny_mlp())
+    tiny_train(other.model, other, 2)
     before = copy.deepcopy(other.state_dict())
     with pytest.raises(ValueError, match=r"the reference of '0\.weight' is torch\.bfloat16, this "
                                          r"wrapper keeps its buffers in torch\.float32"):
