@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/multi_tensor.cuh"
+#include "common/vec16.cuh"
 #include "drift/drift.h"
 
 namespace fisheradaptune {
@@ -34,43 +35,8 @@ struct DriftChunk {
 // Note [bfloat16 state] on CUDA: the kernels are written once over S = float or __nv_bfloat16;
 // values are read widened to float (exact), every computation is that of float32 state, and a
 // written reference is rounded once to bfloat16 (__float2bfloat16_rn, round to nearest even, as
-// the CPU's conversion). Vectors are 16 bytes: 4 floats or 8 bfloat16.
-__device__ __forceinline__ float state_to_float(float v) { return v; }
-__device__ __forceinline__ float state_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ void state_store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void state_store(__nv_bfloat16* p, float v) {
-  *p = __float2bfloat16_rn(v);
-}
-
-__device__ __forceinline__ void load_vec(const float* p, float (&v)[4]) {
-  const float4 x = *reinterpret_cast<const float4*>(p);
-  v[0] = x.x;
-  v[1] = x.y;
-  v[2] = x.z;
-  v[3] = x.w;
-}
-__device__ __forceinline__ void load_vec(const __nv_bfloat16* p, float (&v)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    // bfloat16 is the high half of a float32: widening is exact. Element 2k is the low half.
-    v[2 * k] = __uint_as_float(w[k] << 16);
-    v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
-  }
-}
-__device__ __forceinline__ void store_vec(float* p, const float (&v)[4]) {
-  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-}
-__device__ __forceinline__ void store_vec(__nv_bfloat16* p, const float (&v)[8]) {
-  unsigned w[4];  // packed in registers: element 2k is the low half of word k
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    w[k] = static_cast<unsigned>(__bfloat16_as_ushort(__float2bfloat16_rn(v[2 * k]))) |
-           (static_cast<unsigned>(__bfloat16_as_ushort(__float2bfloat16_rn(v[2 * k + 1]))) << 16);
-  }
-  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
-}
+// the CPU's conversion): to_float, store_rn, load16 and store16 (common/vec16.cuh). Vectors are 16
+// bytes: 4 floats or 8 bfloat16.
 
 // Visits the values of one array (histogram passes treat the two snapshots separately, so each
 // aligns on its own), widened to float.
@@ -79,10 +45,10 @@ __device__ __forceinline__ void for_values_of(const S* p, int64_t n, Body&& body
   constexpr int kVec = 16 / sizeof(S);
   const int64_t head = mt::aligned_head(n, kVec, p, sizeof(S));
   mt::split_loop<kVec>(
-      n, head, [&](int64_t i) { body(state_to_float(p[i])); },
+      n, head, [&](int64_t i) { body(to_float(p[i])); },
       [&](int64_t i) {
         float v[kVec];
-        load_vec(p + i, v);
+        load16(p + i, v);
 #pragma unroll
         for (int q = 0; q < kVec; ++q) body(v[q]);
       });

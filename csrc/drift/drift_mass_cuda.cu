@@ -23,7 +23,7 @@ namespace {
 // The reference EMA with the CPU's rounding: rho * ref + (1 - rho) * cur in float, no fma
 // (the CPU's ema_chunk, built with -ffp-contract=off; __fmul_rn / __fadd_rn are never
 // contracted by nvcc): bitwise the CPU's result, tested by tests/ops/test_cuda_contract.py.
-// bfloat16 state: this float result rounded once on store (state_store / store_vec).
+// bfloat16 state: this float result rounded once on store (store_rn / store16).
 __device__ __forceinline__ float ema(float ref, float cur, float rho, float one_minus_rho) {
   return __fadd_rn(__fmul_rn(rho, ref), __fmul_rn(one_minus_rho, cur));
 }
@@ -37,11 +37,11 @@ __device__ __forceinline__ void for_pairs_of(const DriftChunk& d, Body&& body) {
   const S* __restrict__ r = static_cast<const S*>(d.reference);
   const int64_t head = mt::aligned_head(d.n, kVec, c, sizeof(S), r, sizeof(S));
   mt::split_loop<kVec>(
-      d.n, head, [&](int64_t i) { body(state_to_float(c[i]), state_to_float(r[i])); },
+      d.n, head, [&](int64_t i) { body(to_float(c[i]), to_float(r[i])); },
       [&](int64_t i) {
         float x[kVec], y[kVec];
-        load_vec(c + i, x);
-        load_vec(r + i, y);
+        load16(c + i, x);
+        load16(r + i, y);
 #pragma unroll
         for (int q = 0; q < kVec; ++q) body(x[q], y[q]);
       });
@@ -66,16 +66,16 @@ __device__ __forceinline__ void rewrite_pairs_of(const DriftChunk& d, bool write
   mt::split_loop<kVec>(
       d.n, head,
       [&](int64_t i) {
-        const float y = f(state_to_float(c[i]), state_to_float(r[i]));
-        if (write) state_store(r + i, y);
+        const float y = f(to_float(c[i]), to_float(r[i]));
+        if (write) store_rn(r + i, y);
       },
       [&](int64_t i) {
         float x[kVec], y[kVec];
-        load_vec(c + i, x);
-        load_vec(r + i, y);
+        load16(c + i, x);
+        load16(r + i, y);
 #pragma unroll
         for (int q = 0; q < kVec; ++q) y[q] = f(x[q], y[q]);
-        if (write) store_vec(r + i, y);
+        if (write) store16(r + i, y);
       });
 }
 template <typename F>

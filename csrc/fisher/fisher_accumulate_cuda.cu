@@ -10,6 +10,7 @@
 #include <cfloat>
 
 #include "common/multi_tensor.cuh"
+#include "common/vec16.cuh"
 #include "common/plan.h"
 #include "fisher/fisher_accumulate.h"
 #include "common/state.h"
@@ -38,39 +39,6 @@ struct FisherChunk {
   int32_t kind;
   int32_t state;     // StateKind
 };
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-// 16 bytes of gradient as floats (kVec = 16 / sizeof(G) of them); p is 16-byte aligned.
-// Little-endian: element 2w is the low half of 32-bit word w.
-__device__ __forceinline__ void load16(const float* p, float (&out)[4]) {
-  const float4 v = *reinterpret_cast<const float4*>(p);
-  out[0] = v.x;
-  out[1] = v.y;
-  out[2] = v.z;
-  out[3] = v.w;
-}
-__device__ __forceinline__ void load16(const __nv_bfloat16* p, float (&out)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    // bfloat16 is the high half of a float32: widening is exact.
-    out[2 * k] = __uint_as_float(w[k] << 16);
-    out[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
-  }
-}
-__device__ __forceinline__ void load16(const __half* p, float (&out)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    out[2 * k] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[k] & 0xffffu)));
-    out[2 * k + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[k] >> 16)));
-  }
-}
 
 // One element, Note [Skipping] (fisher/fisher_accumulate_cpu.cpp): an update that is not finite
 // (NaN/Inf gradient, or a square that overflows) leaves the element as it was and is counted.
