@@ -174,6 +174,9 @@ def child_micro(pkg_root: str, out: str) -> None:
 def child_bench(pkg_root: str, script: str, args: Sequence[str]) -> None:
     import runpy
     _check_library(pkg_root)
+    # As `python script` would: its folder first on sys.path (bench_fisher imports `common`
+    # from there), not this driver's folder, whose results/ is the repository's.
+    sys.path[0] = os.path.dirname(os.path.abspath(script))
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")
 
@@ -371,6 +374,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--wait-until", default=None, help="HH:MM UTC: stop waiting for quiet then")
     ap.add_argument("--scratch", type=Path, default=None,
                     help="folder for the runs' own outputs (default: a new temporary one)")
+    ap.add_argument("--name", default="bench_stable_abi",
+                    help="results' file name: benchmarks/results/<name>-cpu.{json,md}")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--pkg", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -486,10 +491,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ]
     meta["children"] = children
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    jpath = RESULTS_DIR / "bench_stable_abi-cpu.json"
-    mpath = RESULTS_DIR / "bench_stable_abi-cpu.md"
+    jpath = RESULTS_DIR / f"{args.name}-cpu.json"
+    mpath = RESULTS_DIR / f"{args.name}-cpu.md"
     with open(jpath, "w") as f:
-        json.dump({"name": "bench_stable_abi", "env": meta, **s}, f, indent=1, default=str)
+        json.dump({"name": args.name, "env": meta, **s}, f, indent=1, default=str)
         f.write("\n")
     write_markdown(mpath, meta, s)
     print(mpath.read_text())
