@@ -160,7 +160,7 @@ def test_the_extension_is_optional_where_it_cannot_be_compiled(tmp_path):
     done, wheels = _wheel_with_a_missing_compiler(tmp_path, required=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     output = done.stdout + done.stderr
-    assert "fisheradaptune: WARNING: could not build fisheradaptune._C" in output
+    assert "fisheradaptune: WARNING: could not build" in output
     assert "pure-PyTorch fallback operators" in output
     names = zipfile.ZipFile(wheels[0]).namelist()
     assert "fisheradaptune/__init__.py" in names and not [n for n in names if n.endswith(".so")]
