@@ -136,14 +136,16 @@ def make_extensions():
 class OptionalBuildExtension(BuildExtension):
     """torch's builder, with the extension optional: a failed compile installs the pure-Python
     package (the fallback operators) with a message, unless FISHERADAPTUNE_BUILD_REQUIRED=1.
-    Every build also removes libraries of another ABI tag left in the source package by older
-    builds (``_C.cpython-*.so`` would shadow ``_C.abi3.so`` on import from the tree)."""
+    Every build also removes libraries of another ABI tag left by older builds in the source
+    package and in the build folder a wheel is packed from (``_C.cpython-*.so`` would shadow
+    ``_C.abi3.so`` on import)."""
 
     def build_extension(self, ext):
-        pkg = os.path.join(ROOT, "fisheradaptune")
         short = ext.name.rsplit(".", 1)[1]
-        for stale in glob.glob(os.path.join(pkg, f"{short}.cpython-*.so")):
-            os.remove(stale)
+        for pkg in (os.path.join(ROOT, "fisheradaptune"),
+                    os.path.join(self.build_lib, "fisheradaptune")):
+            for stale in glob.glob(os.path.join(pkg, f"{short}.cpython-*.so")):
+                os.remove(stale)
         try:
             super().build_extension(ext)
         except Exception as e:  # compiler missing, headers missing, compile or link error
