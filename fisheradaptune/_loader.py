@@ -29,7 +29,7 @@ import os
 import re
 import warnings
 from types import ModuleType
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
 
 import torch
 
@@ -85,20 +85,22 @@ def _torch_version() -> tuple:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
-def _load_cuda_kernels() -> Optional[str]:
-    """Load ``fisheradaptune._C_cuda`` (the CUDA kernels) into the dispatcher; None when they
-    are registered, else why not. It has no Python module of its own: it is loaded as a shared
-    library (torch.ops.load_library), which runs its registrations."""
+def _load_cuda_kernels() -> Tuple[Optional[str], bool]:
+    """Load ``fisheradaptune._C_cuda`` (the CUDA kernels) into the dispatcher. Returns (None,
+    False) when they are registered, else (why not, whether a library was there but failed to
+    load). It has no Python module of its own: it is loaded as a shared library
+    (torch.ops.load_library), which runs its registrations."""
     if torch.version.cuda is None:
-        return "this torch is built without CUDA"
+        return "this torch is built without CUDA", False
     spec = importlib.util.find_spec("fisheradaptune._C_cuda")
     if spec is None or spec.origin is None:
-        return "fisheradaptune was built without CUDA kernels (fisheradaptune._C_cuda is absent)"
+        return ("fisheradaptune was built without CUDA kernels (fisheradaptune._C_cuda is "
+                "absent)", False)
     try:
         torch.ops.load_library(spec.origin)
     except (OSError, RuntimeError) as e:
-        return f"fisheradaptune._C_cuda could not be loaded ({type(e).__name__}: {e})"
-    return None
+        return f"fisheradaptune._C_cuda could not be loaded ({type(e).__name__}: {e})", True
+    return None, False
 
 
 def load(namespace: str, schemas: Mapping[str, str]) -> None:
@@ -131,8 +133,7 @@ def load(namespace: str, schemas: Mapping[str, str]) -> None:
         _reason = reason
         warnings.warn(_message(reason), FallbackWarning, stacklevel=2)
     else:
-        _cuda_reason = _load_cuda_kernels()
-        failed = _cuda_reason is not None and "could not be loaded" in _cuda_reason
+        _cuda_reason, failed = _load_cuda_kernels()
         if _cuda_reason is not None and (failed or torch.cuda.is_available()):
             warnings.warn(
                 f"fisheradaptune runs its compiled CPU kernels, but its pure-PyTorch fallback "
