@@ -97,6 +97,18 @@ inline void check_token_count(const char* op, const char* where, int64_t n) {
                   "got N = ", n);
 }
 
+// The token tensor of a token op: x [B, N, C] of a token dtype, N within the int32 index range.
+// Fills args.batch, args.tokens and args.channels.
+template <typename Args>
+void read_token_input(const char* op, const Tensor& x, Args& args) {
+  FAT_CHECK_VALUE(x.dim() == 3, op, "x", "expected [B, N, C], got shape ", x.sizes());
+  check_token_dtype(op, "x", x);
+  args.batch = x.size(0);
+  args.tokens = x.size(1);
+  args.channels = x.size(2);
+  check_token_count(op, "x", args.tokens);
+}
+
 // Token sizes: float32 [B, N] on x's device, or absent (all ones). Returns them contiguous.
 inline Tensor check_token_sizes(const char* op, const std::optional<Tensor>& sizes,
                                     int64_t batch, int64_t tokens, const Device& device) {

@@ -11,13 +11,8 @@ BipartiteMergeArgs validate_bipartite_merge(const Tensor& x, const Tensor& metri
                                             const std::optional<Tensor>& sizes,
                                             int64_t num_protected, int64_t r) {
   constexpr const char* op = "bipartite_merge";
-  FAT_CHECK_VALUE(x.dim() == 3, op, "x", "expected [B, N, C], got shape ", x.sizes());
-  check_token_dtype(op, "x", x);
   BipartiteMergeArgs a;
-  a.batch = x.size(0);
-  a.tokens = x.size(1);
-  a.channels = x.size(2);
-  check_token_count(op, "x", a.tokens);
+  read_token_input(op, x, a);
   check_device(op, "metric", metric, x.device());
   FAT_CHECK_VALUE(metric.dim() == 3 && metric.size(0) == a.batch && metric.size(1) == a.tokens,
                   op, "metric", "expected shape [B, N, D] with [B, N] = [", a.batch, ", ",

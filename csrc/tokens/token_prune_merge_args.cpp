@@ -12,13 +12,8 @@ namespace {
 TokenPruneMergeArgs check_common(const char* op, const Tensor& x, const Tensor& scores,
                                  const std::optional<Tensor>& sizes,
                                  int64_t num_protected) {
-  FAT_CHECK_VALUE(x.dim() == 3, op, "x", "expected [B, N, C], got shape ", x.sizes());
-  check_token_dtype(op, "x", x);
   TokenPruneMergeArgs a;
-  a.batch = x.size(0);
-  a.tokens = x.size(1);
-  a.channels = x.size(2);
-  check_token_count(op, "x", a.tokens);
+  read_token_input(op, x, a);
   FAT_CHECK_VALUE(num_protected >= 0 && num_protected < a.tokens, op, "num_protected",
                   "expected 0 <= num_protected < N = ", a.tokens, " (at least one token that ",
                   "can be pruned), got ", num_protected);
